@@ -1,0 +1,91 @@
+"""Argument checks shared by schedules, criteria and callbacks.
+
+Every check names the argument and echoes the bad value, so a typo in a config fails at construction
+with a message that says what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from numbers import Integral, Real
+from typing import Any
+
+
+def check_fraction(name: str, value: Any, *, allow_one: bool = False) -> float:
+    """Return ``value`` as a float in ``[0, 1)`` (or ``[0, 1]``), else raise ``ValueError`` naming it.
+
+    Example:
+        >>> check_fraction("final_sparsity", 0.9)
+        0.9
+        >>> check_fraction("final_sparsity", 1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `final_sparsity` to be a float in [0, 1), but got 1.0
+    """
+    interval = "[0, 1]" if allow_one else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)):
+        raise ValueError(f"Expected `{name}` to be a float in {interval}, but got {value!r}")
+    value = float(value)
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if not (value >= 0.0 and upper_ok):
+        raise ValueError(f"Expected `{name}` to be a float in {interval}, but got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
+    """Return ``value`` as an int ``>= minimum``, else raise ``ValueError`` naming it.
+
+    Example:
+        >>> check_int("update_every", 100, minimum=1)
+        100
+        >>> check_int("update_every", 0, minimum=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `update_every` to be an integer >= 1, but got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an integer >= {minimum}, but got {value!r}")
+    return int(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Return ``value`` as a float ``> 0``, else raise ``ValueError`` naming it.
+
+    Example:
+        >>> check_positive("power", 3)
+        3.0
+    """
+    if isinstance(value, bool) or not isinstance(value, Real) or not float(value) > 0 or math.isinf(float(value)):
+        raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them.
+
+    Example:
+        >>> check_choice("allocation", "global", ["uniform", "global"])
+        'global'
+        >>> check_choice("allocation", "best", ["uniform", "global"])
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `allocation` 'best'; expected one of: 'global', 'uniform'
+    """
+    choices = sorted(choices)
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Unknown `{name}` {value!r}; expected one of: {allowed}")
+    return value
+
+
+def check_number(name: str, value: Any, *, minimum: float = 0.0) -> float:
+    """Return ``value`` as a finite float ``>= minimum``, else raise ``ValueError`` naming it.
+
+    Example:
+        >>> check_number("start_epoch", 1.5)
+        1.5
+    """
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be a number >= {minimum:g}, but got {value!r}")
+    return float(value)

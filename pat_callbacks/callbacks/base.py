@@ -1,0 +1,257 @@
+"""Lightning wiring shared by the pruning callbacks.
+
+A subclass decides *when* and *how much* (:meth:`PruningCallback._plan`); this class owns the hooks:
+
+- ``setup("fit")``: resolve the pruned parameters and build the :class:`~pat_callbacks.masks.MaskStore`
+  (a bad pattern or a model with nothing to prune fails here, before the first step);
+- ``on_before_optimizer_step``: at update steps, score the weights with the *dense* gradients of this step,
+  allocate, build masks, zero the newly pruned weights and their optimizer state; then, every step,
+  zero the gradients of pruned weights;
+- ``on_train_batch_end``: re-mask weights if the optimizer is not known to keep zeros at zero, and log
+  overall / per-layer sparsity (progress bar too);
+- ``state_dict`` / ``load_state_dict``: masks and position, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from pat_callbacks._validation import check_choice
+from pat_callbacks.allocation import ALLOCATIONS, allocate
+from pat_callbacks.criteria import Criterion, get_criterion
+from pat_callbacks.masks import MaskStore
+from pat_callbacks.patterns import unstructured_mask
+from pat_callbacks.targets import normalize_patterns, select_parameters
+
+__all__ = ["ZERO_PRESERVING_OPTIMIZERS", "PruningCallback"]
+
+# Optimizers for which "masked gradients + zeroed state for newly pruned entries" keeps pruned weights exactly
+# zero, so weights need masking only at mask updates (checked for each in tests/callbacks/test_gradual.py).
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
+
+
+class PruningCallback(Callback):
+    """Base class: masks, their enforcement, logging and checkpoint state.
+
+    Args:
+        criterion: importance score name (``"magnitude"``) or a :class:`~pat_callbacks.criteria.Criterion`.
+        allocation: how a global target is split over layers: ``"uniform"`` or ``"global"``.
+        include: glob patterns of parameter names to prune (default: weights of Linear/Conv layers).
+        exclude: glob patterns of parameter names to keep dense.
+        remask_weights: re-zero pruned weights after every optimizer step. ``"auto"`` does it only when an
+            optimizer is not one of :data:`ZERO_PRESERVING_OPTIMIZERS` (or under manual optimization).
+        log_per_layer: log ``pruning/sparsity/<parameter>`` for each pruned parameter.
+        prog_bar: show the overall sparsity in the progress bar.
+    """
+
+    def __init__(
+        self,
+        *,
+        criterion: str | Criterion = "magnitude",
+        allocation: str = "uniform",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        remask_weights: bool | Literal["auto"] = "auto",
+        log_per_layer: bool = True,
+        prog_bar: bool = True,
+    ) -> None:
+        super().__init__()
+        self.criterion = get_criterion(criterion)
+        self.allocation = check_choice("allocation", allocation, ALLOCATIONS)
+        self.include = normalize_patterns("include", include)
+        self.exclude = normalize_patterns("exclude", exclude)
+        if remask_weights not in (True, False, "auto"):
+            raise ValueError(f"Expected `remask_weights` to be True, False or 'auto', but got {remask_weights!r}")
+        self.remask_weights = remask_weights
+        self.log_per_layer = bool(log_per_layer)
+        self.prog_bar = bool(prog_bar)
+
+        self.store: MaskStore | None = None
+        self.target_sparsity = 0.0
+        self.last_update_step = -1
+        self._last_seen_step = -1
+        self._pending_state: dict[str, Any] | None = None
+        self._remask_after_step = True
+        self._stepped = False
+        self._layer_sparsity: dict[str, float] = {}
+        self._sparsity = 0.0
+        self._log_pending = True
+
+    # ------------------------------------------------------------- subclass API
+    @abstractmethod
+    def _resolve(self, trainer: pl.Trainer) -> None:
+        """Turn epoch/fraction arguments into steps once the trainer knows the epoch length."""
+
+    @abstractmethod
+    def _plan(self, step: int) -> float | None:
+        """Target sparsity to impose at ``step``, or ``None`` when masks stay as they are."""
+
+    # -------------------------------------------------------------- Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        params = select_parameters(pl_module, include=self.include, exclude=self.exclude)
+        self.store = MaskStore(params)
+        if self.criterion.needs_grad and not pl_module.automatic_optimization:
+            raise ValueError(
+                f"criterion={self.criterion.name!r} reads gradients in on_before_optimizer_step, which manual "
+                "optimization must reach through `self.optimizers().step()`; use automatic optimization"
+            )
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resolve(trainer)
+        auto_ok = pl_module.automatic_optimization and all(
+            type(opt) in ZERO_PRESERVING_OPTIMIZERS for opt in trainer.optimizers
+        )
+        self._remask_after_step = self.remask_weights is True or (self.remask_weights == "auto" and not auto_ok)
+        store = self._require_store()
+        store.apply()
+        self._refresh_sparsity()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        store = self._require_store()
+        step = trainer.global_step
+        if step != self._last_seen_step:  # once per step, also with several optimizers
+            self._last_seen_step = step
+            target = self._plan(step)
+            if target is not None:
+                self._update_masks(trainer, target)
+                self.last_update_step = step
+        store.mask_grads()
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        store = self._require_store()
+        if self._remask_after_step and (self._stepped or not pl_module.automatic_optimization):
+            store.apply()
+        self._stepped = False
+        if self._log_pending:
+            self._log_sparsity(trainer, pl_module)
+            self._log_pending = False
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require_store().apply()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"last_update_step": self.last_update_step, "target_sparsity": self.target_sparsity}
+        if self.store is not None:
+            state.update(self.store.state_dict())
+        elif self._pending_state is not None:
+            state.update(self._pending_state)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.store is None:
+            self._pending_state = dict(state_dict)
+        else:
+            self._restore(state_dict)
+
+    # ---------------------------------------------------------------- internals
+    def _restore(self, state: dict[str, Any]) -> None:
+        store = self._require_store()
+        store.load_state_dict(state)
+        self.last_update_step = int(state.get("last_update_step", -1))
+        self.target_sparsity = float(state.get("target_sparsity", store.sparsity()))
+        self._refresh_sparsity()
+
+    def _update_masks(self, trainer: pl.Trainer, target: float) -> None:
+        store = self._require_store()
+        self.target_sparsity = target
+        if target == 0.0:
+            store.clear()
+        else:
+            scores = self._scores()
+            sparsities = allocate(self.allocation, scores, target)
+            masks = {name: unstructured_mask(scores[name], sparsities[name]) for name in scores}
+            masks = _broadcast_masks(masks)
+            newly_pruned = store.set_masks(masks)
+            store.apply()
+            store.reset_optimizer_state(trainer.optimizers, newly_pruned)
+        self._refresh_sparsity()
+
+    def _scores(self) -> dict[str, Tensor]:
+        store = self._require_store()
+        scores = {}
+        for name, param in store.params.items():
+            if self.criterion.needs_grad and param.grad is None:
+                raise RuntimeError(f"criterion={self.criterion.name!r} needs a gradient, but {name!r} has none")
+            scores[name] = self.criterion.score(param, param.grad, {})
+        return scores
+
+    def _refresh_sparsity(self) -> None:
+        store = self._require_store()
+        self._layer_sparsity = store.layer_sparsity()
+        self._sparsity = store.sparsity()
+        self._log_pending = True
+
+    def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log after each mask change only: sparsity is constant in between, and a ``self.log`` call costs
+        ~0.1 ms, which per layer and per step would cost more than the masking itself.
+
+        The overall sparsity goes through ``pl_module.log`` (progress bar, which keeps the last value); the full
+        set (overall, target, per layer) goes to every attached logger at this exact step.
+        """
+        pl_module.log("pruning/sparsity", self._sparsity, prog_bar=self.prog_bar, on_step=True, on_epoch=False)
+        metrics = {"pruning/sparsity": self._sparsity, "pruning/target": self.target_sparsity}
+        if self.log_per_layer:
+            metrics.update({f"pruning/sparsity/{name}": value for name, value in self._layer_sparsity.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=max(self.last_update_step, 0))
+
+    def _require_store(self) -> MaskStore:
+        if self.store is None:
+            raise RuntimeError(
+                f"{type(self).__name__} is used before `setup('fit')`: pass it to Trainer(callbacks=...)"
+            )
+        return self.store
+
+    def _warn_if_unreached(self, trainer: pl.Trainer, end_step: int) -> None:
+        total = trainer.estimated_stepping_batches
+        if isinstance(total, (int, float)) and total != float("inf") and end_step >= total:
+            rank_zero_warn(
+                f"{type(self).__name__}: the schedule ends at step {end_step} but training has {int(total)} "
+                "optimizer steps; the final sparsity will not be reached"
+            )
+
+
+def _broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Under torch.distributed, make every rank hold rank 0's masks (ranks may score differently)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return masks
+    if torch.distributed.get_world_size() == 1:
+        return masks
+    synced = {}
+    for name, mask in masks.items():
+        as_bytes = mask.to(torch.uint8)
+        torch.distributed.broadcast(as_bytes, src=0)
+        synced[name] = as_bytes.bool()
+    return synced

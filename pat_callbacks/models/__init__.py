@@ -1,0 +1,6 @@
+"""Example networks and the LightningModule used by ``train.py``, ``conf/`` and ``recipes/``."""
+
+from pat_callbacks.models.classifier import Classifier
+from pat_callbacks.models.nets import MLP, ConvBase
+
+__all__ = ["MLP", "Classifier", "ConvBase"]

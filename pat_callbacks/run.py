@@ -1,0 +1,77 @@
+"""The training job behind ``train.py``: instantiate what the Hydra config names, fit, test, report.
+
+Kept out of ``train.py`` so tests and notebooks can call it with a composed config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pat_callbacks.callbacks.base import PruningCallback
+from pat_callbacks.report import weight_sparsity
+from pat_callbacks.targets import select_parameters
+
+__all__ = ["run_training"]
+
+
+def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Fit and test the configured model; write ``metrics.json`` and return its content.
+
+    Everything named in the config is instantiated (so a bad pruning value fails here, before training).
+    """
+    output_dir = Path(output_dir if output_dir is not None else _hydra_output_dir())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(cfg.get("num_threads") or torch.get_num_threads())
+
+    datamodule = instantiate(cfg.datamodule)
+    model = instantiate(cfg.model)
+    pruning = instantiate(cfg.pruning) if cfg.get("pruning") else None
+    callbacks: list[pl.Callback] = [pruning] if pruning is not None else []
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    logger = instantiate(cfg.logger, save_dir=str(output_dir)) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir))
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - start
+    test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+
+    params = (
+        pruning.store.params if isinstance(pruning, PruningCallback) and pruning.store else select_parameters(model)
+    )
+    overall, per_layer = weight_sparsity(params)
+    metrics = {
+        "test_acc": float(test_metrics["test/acc"]),
+        "test_loss": float(test_metrics["test/loss"]),
+        "sparsity": overall,
+        "layer_sparsity": per_layer,
+        "target_sparsity": float(pruning.final_sparsity) if pruning is not None else 0.0,
+        "method": cfg.pruning.get("schedule", "custom") if cfg.get("pruning") else "dense",
+        "global_step": int(trainer.global_step),
+        "fit_seconds": round(fit_seconds, 2),
+        "seed": int(cfg.seed),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if trainer.is_global_zero:
+        print(
+            f"[pat-callbacks] {metrics['method']}: test accuracy {metrics['test_acc']:.4f}, "
+            f"sparsity {overall:.4f} (target {metrics['target_sparsity']:.4f}), "
+            f"{metrics['global_step']} steps in {fit_seconds:.1f}s -> {output_dir / 'metrics.json'}"
+        )
+    return metrics
+
+
+def _hydra_output_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir

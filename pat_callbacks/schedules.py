@@ -1,0 +1,332 @@
+"""Sparsity schedules: pure functions from an optimizer step to a target sparsity.
+
+A schedule never sees weights and keeps no counter: ``schedule(step)`` is the target sparsity at
+``step`` and ``schedule.is_update_step(step)`` says whether masks are recomputed there. A target of
+``0.0`` means "no mask" (dense), which is how the recover phases of :class:`OddEvenSchedule` lift
+their masks.
+
+All steps are optimizer steps (Lightning's ``trainer.global_step``). Before ``start_step`` every
+schedule is dense; after ``end_step`` it holds its final sparsity.
+
+Example:
+    >>> s = CubicSchedule(final_sparsity=0.9, start_step=0, end_step=1000, update_every=100)
+    >>> [round(s(t), 4) for t in (0, 500, 1000, 5000)]
+    [0.0, 0.7875, 0.9, 0.9]
+    >>> s.is_update_step(200), s.is_update_step(250)
+    (True, False)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pat_callbacks._validation import check_choice, check_fraction, check_int, check_positive
+
+__all__ = [
+    "SCHEDULES",
+    "ConstantSchedule",
+    "CubicSchedule",
+    "ExponentialSchedule",
+    "LinearSchedule",
+    "OddEvenSchedule",
+    "OneShotSchedule",
+    "PolynomialSchedule",
+    "Schedule",
+    "make_schedule",
+]
+
+
+@dataclass(frozen=True)
+class Schedule(ABC):
+    """Base class: a target sparsity for every optimizer step, recomputed every ``update_every`` steps.
+
+    Subclasses implement :meth:`__call__`. Masks are updated at ``start_step``, then every
+    ``update_every`` steps, and always at ``end_step`` so the final target is reached exactly.
+    """
+
+    final_sparsity: float
+    start_step: int = 0
+    end_step: int = 0
+    update_every: int = 100
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "final_sparsity", check_fraction("final_sparsity", self.final_sparsity))
+        object.__setattr__(self, "start_step", check_int("start_step", self.start_step, minimum=0))
+        object.__setattr__(self, "end_step", check_int("end_step", self.end_step, minimum=0))
+        object.__setattr__(self, "update_every", check_int("update_every", self.update_every, minimum=1))
+        if self.end_step < self.start_step:
+            raise ValueError(
+                f"Expected `end_step` >= `start_step`, but got end_step={self.end_step} < start_step={self.start_step}"
+            )
+
+    @abstractmethod
+    def __call__(self, step: int) -> float:
+        """Target sparsity at optimizer step ``step``."""
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether masks are recomputed at ``step``: ``start_step + k * update_every`` and ``end_step``."""
+        if step < self.start_step or step > self.end_step:
+            return False
+        return (step - self.start_step) % self.update_every == 0 or step == self.end_step
+
+    def update_steps(self) -> list[int]:
+        """All update steps, in order (for plots and tests).
+
+        Example:
+            >>> LinearSchedule(final_sparsity=0.5, start_step=10, end_step=35, update_every=10).update_steps()
+            [10, 20, 30, 35]
+        """
+        steps = list(range(self.start_step, self.end_step + 1, self.update_every))
+        if steps[-1] != self.end_step:
+            steps.append(self.end_step)
+        return steps
+
+    def progress(self, step: int) -> float:
+        """Fraction of the pruning window elapsed at ``step``, clamped to ``[0, 1]``."""
+        if step <= self.start_step:
+            return 0.0
+        if step >= self.end_step:
+            return 1.0
+        return (step - self.start_step) / (self.end_step - self.start_step)
+
+
+@dataclass(frozen=True)
+class _RampSchedule(Schedule):
+    """A schedule that moves from ``initial_sparsity`` at ``start_step`` to ``final_sparsity`` at ``end_step``."""
+
+    initial_sparsity: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        initial = check_fraction("initial_sparsity", self.initial_sparsity)
+        object.__setattr__(self, "initial_sparsity", initial)
+        if initial > self.final_sparsity:
+            raise ValueError(
+                f"Expected `initial_sparsity` <= `final_sparsity`, but got initial_sparsity={initial} "
+                f"> final_sparsity={self.final_sparsity}"
+            )
+        if self.end_step <= self.start_step:
+            raise ValueError(
+                f"Expected `end_step` > `start_step` for schedule {self.name!r}, but got "
+                f"start_step={self.start_step}, end_step={self.end_step}"
+            )
+
+    def __call__(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
+        return self._ramp(self.progress(step))
+
+    @abstractmethod
+    def _ramp(self, progress: float) -> float:
+        """Sparsity at a fraction ``progress`` in [0, 1] of the window."""
+
+
+@dataclass(frozen=True)
+class PolynomialSchedule(_RampSchedule):
+    """Zhu & Gupta (2017): ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (end - t0)) ** power``.
+
+    Prunes fast early, while the network is most redundant, and slowly near the end.
+
+    Example:
+        >>> s = PolynomialSchedule(final_sparsity=0.8, start_step=0, end_step=100, update_every=10, power=2)
+        >>> round(s(50), 6)
+        0.6
+    """
+
+    power: float = 3.0
+    name: ClassVar[str] = "polynomial"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "power", check_positive("power", self.power))
+
+    def _ramp(self, progress: float) -> float:
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - progress) ** self.power
+
+
+@dataclass(frozen=True)
+class CubicSchedule(PolynomialSchedule):
+    """The polynomial schedule with ``power=3``, as in Zhu & Gupta (2017).
+
+    Example:
+        >>> CubicSchedule(final_sparsity=0.9, initial_sparsity=0.1, start_step=100, end_step=300)(200)
+        0.8
+    """
+
+    name: ClassVar[str] = "cubic"
+
+    def __post_init__(self) -> None:
+        if self.power != 3.0:
+            raise ValueError(f"CubicSchedule has power 3; use PolynomialSchedule for power={self.power!r}")
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class LinearSchedule(_RampSchedule):
+    """Sparsity grows linearly from ``initial_sparsity`` to ``final_sparsity``.
+
+    Example:
+        >>> LinearSchedule(final_sparsity=0.8, start_step=0, end_step=100)(25)
+        0.2
+    """
+
+    name: ClassVar[str] = "linear"
+
+    def _ramp(self, progress: float) -> float:
+        return self.initial_sparsity + (self.final_sparsity - self.initial_sparsity) * progress
+
+
+@dataclass(frozen=True)
+class ExponentialSchedule(_RampSchedule):
+    """Density (1 - sparsity) decays geometrically: each equal slice of the window removes the same *fraction*
+    of the remaining weights, as in iterative pruning (Han et al. 2015).
+
+    Example:
+        >>> s = ExponentialSchedule(final_sparsity=0.99, start_step=0, end_step=100)
+        >>> round(s(50), 4)  # density sqrt(0.01) = 0.1 halfway
+        0.9
+    """
+
+    name: ClassVar[str] = "exponential"
+
+    def _ramp(self, progress: float) -> float:
+        initial_density = 1.0 - self.initial_sparsity
+        final_density = 1.0 - self.final_sparsity
+        return 1.0 - initial_density * (final_density / initial_density) ** progress
+
+
+@dataclass(frozen=True)
+class ConstantSchedule(Schedule):
+    """``final_sparsity`` from ``start_step`` on; masks are recomputed every ``update_every`` steps until
+    ``end_step`` (defaults to ``start_step``: one update).
+
+    Example:
+        >>> s = ConstantSchedule(final_sparsity=0.5, start_step=10, end_step=30, update_every=10)
+        >>> s(9), s(10), s(1000), s.update_steps()
+        (0.0, 0.5, 0.5, [10, 20, 30])
+    """
+
+    name: ClassVar[str] = "constant"
+
+    def __call__(self, step: int) -> float:
+        return self.final_sparsity if step >= self.start_step else 0.0
+
+
+@dataclass(frozen=True)
+class OneShotSchedule(ConstantSchedule):
+    """Prune once, at ``start_step``, to ``final_sparsity``; the mask is then fixed.
+
+    Example:
+        >>> s = OneShotSchedule(final_sparsity=0.7, start_step=50)
+        >>> s(49), s(50), s.update_steps()
+        (0.0, 0.7, [50])
+    """
+
+    name: ClassVar[str] = "one_shot"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end_step", self.start_step)
+        super().__post_init__()
+
+
+@dataclass(frozen=True)
+class OddEvenSchedule(Schedule):
+    """Alternating prune and recover phases (AC/DC, Peste et al. 2021).
+
+    From ``start_step`` the window is cut into phases of ``phase_steps``: even phases prune (masks recomputed
+    at ``final_sparsity``, weights held at zero), odd phases recover (target 0: masks lifted, all weights
+    train densely). From ``end_step`` on the schedule is always in a prune phase, so training ends sparse.
+    Masks change only at phase boundaries, hence ``update_every == phase_steps``.
+
+    Example:
+        >>> s = OddEvenSchedule(final_sparsity=0.9, start_step=100, end_step=500, phase_steps=100)
+        >>> [s(t) for t in (0, 100, 199, 200, 300, 400, 500, 900)]
+        [0.0, 0.9, 0.9, 0.0, 0.9, 0.0, 0.9, 0.9]
+        >>> s.update_steps()
+        [100, 200, 300, 400, 500]
+    """
+
+    phase_steps: int = 100
+    update_every: int = field(default=0, repr=False)
+    name: ClassVar[str] = "odd_even"
+
+    def __post_init__(self) -> None:
+        phase = check_int("phase_steps", self.phase_steps, minimum=1)
+        object.__setattr__(self, "phase_steps", phase)
+        object.__setattr__(self, "update_every", phase)
+        super().__post_init__()
+        if self.end_step <= self.start_step:
+            raise ValueError(
+                f"Expected `end_step` > `start_step` for schedule 'odd_even', but got "
+                f"start_step={self.start_step}, end_step={self.end_step}"
+            )
+
+    def is_recovering(self, step: int) -> bool:
+        """Whether ``step`` lies in a recover (dense) phase."""
+        if step < self.start_step or step >= self.end_step:
+            return False
+        return ((step - self.start_step) // self.phase_steps) % 2 == 1
+
+    def __call__(self, step: int) -> float:
+        if step < self.start_step or self.is_recovering(step):
+            return 0.0
+        return self.final_sparsity
+
+
+SCHEDULES: dict[str, type[Schedule]] = {
+    cls.name: cls
+    for cls in (
+        ConstantSchedule,
+        OneShotSchedule,
+        LinearSchedule,
+        PolynomialSchedule,
+        CubicSchedule,
+        ExponentialSchedule,
+        OddEvenSchedule,
+    )
+}
+
+# Arguments each schedule takes beyond final_sparsity / start_step / end_step.
+_EXTRA_ARGS: dict[str, tuple[str, ...]] = {
+    "constant": ("update_every",),
+    "one_shot": (),
+    "linear": ("update_every", "initial_sparsity"),
+    "polynomial": ("update_every", "initial_sparsity", "power"),
+    "cubic": ("update_every", "initial_sparsity"),
+    "exponential": ("update_every", "initial_sparsity"),
+    "odd_even": ("phase_steps",),
+}
+
+
+def make_schedule(
+    name: str, *, final_sparsity: float, start_step: int, end_step: int | None = None, **kwargs: Any
+) -> Schedule:
+    """Build a schedule by its registered name; arguments that do not apply to it are refused by name.
+
+    Example:
+        >>> make_schedule("cubic", final_sparsity=0.5, start_step=0, end_step=10, update_every=2)
+        CubicSchedule(final_sparsity=0.5, start_step=0, end_step=10, update_every=2, initial_sparsity=0.0, power=3.0)
+        >>> make_schedule("cubical", final_sparsity=0.5, start_step=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `schedule` 'cubical'; expected one of: 'constant', 'cubic', 'exponential', 'linear', \
+'odd_even', 'one_shot', 'polynomial'
+    """
+    check_choice("schedule", name, SCHEDULES)
+    given = {key: value for key, value in kwargs.items() if value is not None}
+    allowed = _EXTRA_ARGS[name]
+    for key in given:
+        if key not in allowed:
+            raise ValueError(
+                f"`{key}` does not apply to schedule {name!r}; it takes: final_sparsity, start, end"
+                + "".join(f", {a}" for a in allowed)
+            )
+    if end_step is None:
+        if name not in ("constant", "one_shot"):
+            raise ValueError(f"Schedule {name!r} needs an end (end_step, end_epoch or end_fraction), but got None")
+        end_step = start_step
+    return SCHEDULES[name](final_sparsity=final_sparsity, start_step=start_step, end_step=end_step, **given)

@@ -1,0 +1,290 @@
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from pat_callbacks import CubicSchedule, GradualPruning
+from pat_callbacks.models import MLP, Classifier
+from pat_callbacks.patterns import prune_count
+from tests.conftest import make_module, make_trainer
+
+
+class ZeroChecker(Callback):
+    """After every batch (so after every optimizer step), pruned weights must be exactly zero."""
+
+    def __init__(self, pruning: GradualPruning) -> None:
+        self.pruning = pruning
+        self.checked_steps: set[int] = set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name, mask in self.pruning.store.masks.items():
+            leaked = self.pruning.store.params[name].detach()[~mask]
+            assert (leaked == 0).all(), f"{name}: {int((leaked != 0).sum())} pruned weights non-zero"
+        if self.pruning.store.masks:
+            self.checked_steps.add(trainer.global_step)
+
+
+class AnyOptimizer(Classifier):
+    def __init__(self, make_optimizer, **kwargs):
+        super().__init__(MLP(64, (32, 32), 10), **kwargs)
+        self.make_optimizer = make_optimizer
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.parameters())
+
+
+OPTIMIZERS = {
+    "sgd_momentum_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adam_amsgrad_l2": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3, amsgrad=True),
+    "adamw_wd": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+}
+
+
+def _pruning(**kwargs) -> GradualPruning:
+    options = {"final_sparsity": 0.8, "schedule": "cubic", "start_step": 0, "end_step": 40, "update_every": 10}
+    options.update(kwargs)
+    return GradualPruning(**options)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_pruned_weights_stay_zero_without_remasking(fit, optimizer):
+    """The invariant the default relies on: masked gradients + reset state keep zeros at zero."""
+    pl.seed_everything(0, verbose=False)
+    pruning = _pruning(remask_weights=False)
+    checker = ZeroChecker(pruning)
+    _trainer, _ = fit([pruning, checker], module=AnyOptimizer(OPTIMIZERS[optimizer]))
+    assert pruning._remask_after_step is False
+    assert len(checker.checked_steps) >= 50
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [
+        {"gradient_clip_val": 0.1},
+        {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"},
+        {"accumulate_grad_batches": 4, "max_steps": 20},
+        {"precision": "bf16-mixed", "max_steps": 45},
+    ],
+    ids=["clip_norm", "clip_value", "accumulate_4", "bf16_mixed"],
+)
+def test_pruned_weights_stay_zero_under_training_modes(fit, trainer_kwargs):
+    pruning = _pruning(end_step=15, update_every=5)
+    checker = ZeroChecker(pruning)
+    _trainer, _module = fit(
+        [pruning, checker], module=make_module(optimizer="adamw", weight_decay=0.05), **trainer_kwargs
+    )
+    assert checker.checked_steps
+    assert pruning.store.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+def test_unknown_optimizer_falls_back_to_remasking(fit):
+    pl.seed_everything(0, verbose=False)
+    pruning = _pruning()
+    checker = ZeroChecker(pruning)
+    fit([pruning, checker], module=AnyOptimizer(lambda p: torch.optim.NAdam(p, lr=1e-2)))
+    assert pruning._remask_after_step is True
+    assert checker.checked_steps
+
+
+def test_uniform_reaches_the_target_in_every_layer(fit):
+    pruning = _pruning(final_sparsity=0.75)
+    _trainer, _module = fit([pruning])
+    for name, param in pruning.store.params.items():
+        assert int((param == 0).sum()) == prune_count(param.numel(), 0.75), name
+    assert pruning.target_sparsity == 0.75
+
+
+def test_global_reaches_the_target_overall_with_uneven_layers(fit):
+    pruning = _pruning(final_sparsity=0.9, allocation="global")
+    fit([pruning])
+    params = pruning.store.params
+    total = sum(p.numel() for p in params.values())
+    zeros = sum(int((p == 0).sum()) for p in params.values())
+    assert zeros == prune_count(total, 0.9)
+    per_layer = pruning.store.layer_sparsity()
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.01  # not uniform
+
+
+def test_masks_follow_the_schedule_at_every_update(fit):
+    seen: dict[int, float] = {}
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen[trainer.global_step - 1] = pruning.store.sparsity()
+
+    pruning = _pruning(final_sparsity=0.8, start_step=5, end_step=45, update_every=10)
+    fit([pruning, Recorder()])
+    schedule = pruning.schedule
+    numel = pruning.store.numel()
+    for step in (4, 5, 15, 24, 25, 45, 59):
+        target = schedule(max(t for t in [*schedule.update_steps(), -1] if t <= step)) if step >= 5 else 0.0
+        assert seen[step] == pytest.approx(target, abs=3 / numel + 1e-3), step
+
+
+def test_odd_even_weights_regrow_in_recover_phases_and_are_zero_in_prune_phases(fit):
+    zeros: dict[int, float] = {}
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            params = pruning.store.params.values()
+            zeros[trainer.global_step - 1] = sum(int((p == 0).sum()) for p in params) / pruning.store.numel()
+
+    pruning = GradualPruning(final_sparsity=0.8, schedule="odd_even", start_step=10, end_step=50, phase_steps=10)
+    checker = ZeroChecker(pruning)
+    fit([pruning, checker, Recorder()])
+    for step in (10, 19, 30, 39, 50, 59):  # prune phases (and the final one)
+        assert zeros[step] >= 0.79, step
+    for step in (25, 29, 45, 49):  # recover phases: pruned weights train again from zero
+        # (some stay zero: digits' border pixels are always 0, so their input weights get no gradient)
+        assert zeros[step] < 0.5, step
+
+
+def test_epochs_are_converted_once_the_epoch_length_is_known(fit):
+    pruning = GradualPruning(final_sparsity=0.5, schedule="linear", start_epoch=1, end_epoch=2, update_every=5)
+    assert pruning.schedule is None
+    trainer, _ = fit([pruning], accumulate_grad_batches=2, max_steps=30)
+    steps_per_epoch = -(-trainer.num_training_batches // 2)
+    assert (pruning.schedule.start_step, pruning.schedule.end_step) == (steps_per_epoch, 2 * steps_per_epoch)
+
+
+def test_default_window_is_a_fraction_of_training(fit):
+    pruning = GradualPruning(final_sparsity=0.5)
+    fit([pruning], max_steps=101)
+    assert (pruning.schedule.start_step, pruning.schedule.end_step) == (10, 70)
+    assert pruning.store.sparsity() == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_schedule_object_is_accepted(fit):
+    schedule = CubicSchedule(final_sparsity=0.6, start_step=0, end_step=20, update_every=5)
+    pruning = GradualPruning(schedule=schedule)
+    fit([pruning], max_steps=25)
+    assert pruning.schedule is schedule and pruning.store.sparsity() == pytest.approx(0.6, abs=0.01)
+    with pytest.raises(ValueError, match=r"carries its own sparsity and steps; do not also pass end_step"):
+        GradualPruning(schedule=schedule, end_step=10)
+
+
+def test_warns_when_training_ends_before_the_schedule(fit):
+    with pytest.warns(UserWarning, match="schedule ends at step 500 but training has 60 optimizer steps"):
+        fit([_pruning(end_step=500)])
+
+
+def test_sparsity_is_logged_per_layer_and_in_the_progress_bar(tmp_path, digits):
+    pruning = _pruning(end_step=20, update_every=10)
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = make_trainer(tmp_path, [pruning], logger=logger, max_steps=30)
+    trainer.fit(make_module(), datamodule=digits)
+    assert trainer.progress_bar_metrics["pruning/sparsity"] == pytest.approx(0.8, abs=0.01)
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    column = "pruning/sparsity/net.layers.0.weight"
+    logged = {int(r["step"]): float(r[column]) for r in rows if r.get(column)}
+    assert set(logged) >= {0, 10, 20}  # one row per mask update, at its step
+    assert logged[20] == pytest.approx(0.8, abs=0.01)
+    assert "pruning/target" in rows[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"final_sparsity": 1.0}, "`final_sparsity` to be a float in [0, 1), but got 1.0"),
+        ({"final_sparsity": -0.1}, "`final_sparsity` to be a float in [0, 1), but got -0.1"),
+        ({"final_sparsity": "abc"}, "`final_sparsity` to be a float in [0, 1), but got 'abc'"),
+        ({"end_step": 0, "start_step": 10}, "Expected `end_step` > `start_step`"),
+        ({"update_every": 0}, "`update_every` to be an integer >= 1, but got 0"),
+        ({"schedule": "cubical"}, "Unknown `schedule` 'cubical'"),
+        ({"criterion": "l3"}, "Unknown `criterion` 'l3'"),
+        ({"allocation": "erk9"}, "Unknown `allocation` 'erk9'"),
+        ({"start_step": None, "start_fraction": 1.5}, "`start_fraction` to be a float in [0, 1], but got 1.5"),
+        (
+            {"start_step": None, "end_step": None, "end_epoch": 1, "start_epoch": 3},
+            "Expected `end_epoch` > `start_epoch`",
+        ),
+        ({"end_step": 5, "end_epoch": 3}, "Give the end of the pruning window once"),
+        ({"schedule": "odd_even"}, "needs `phase_steps` or `phase_epochs`"),
+        ({"power": 2}, "`power` does not apply to schedule 'cubic'"),
+        ({"remask_weights": "sometimes"}, "`remask_weights` to be True, False or 'auto'"),
+        ({"exclude": 5}, "Expected `exclude` to be a glob pattern or a list of them, but got 5"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    options = {"final_sparsity": 0.5, "start_step": 0, "end_step": 100} | kwargs
+    with pytest.raises(ValueError) as excinfo:
+        GradualPruning(**options)
+    assert message in str(excinfo.value)
+
+
+def test_pattern_matching_nothing_fails_before_the_first_step(fit):
+    class NoStep(Callback):
+        def on_train_batch_start(self, *args):
+            raise AssertionError("a training step ran")
+
+    with pytest.raises(ValueError, match=r"`exclude` pattern 'head\.\*' matches no parameter"):
+        fit([_pruning(exclude=["head.*"]), NoStep()])
+
+
+def _state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_resume_from_checkpoint_continues_bit_for_bit(tmp_path, digits):
+    """Checkpoints written at every epoch end by the uninterrupted run; resume from the middle one
+    (step 46 of 69, between two mask updates) and finish with identical weights and masks."""
+    schedule_kwargs = {"final_sparsity": 0.8, "start_step": 5, "end_step": 60, "update_every": 10}
+    full = GradualPruning(**schedule_kwargs)
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{step}")
+    trainer = make_trainer(tmp_path, [full, every_epoch], max_steps=69, enable_checkpointing=True)
+    module = make_module(seed=3)
+    trainer.fit(module, datamodule=digits)
+    expected, expected_masks = _state(module), copy.deepcopy(full.store.masks)
+
+    resumed = GradualPruning(**schedule_kwargs)
+    trainer = make_trainer(tmp_path, [resumed], max_steps=69)
+    module = make_module(seed=99)  # different init: everything must come from the checkpoint
+    trainer.fit(module, datamodule=digits, ckpt_path=tmp_path / "ckpt" / "step=46.ckpt")
+    assert resumed.last_update_step == 60 and trainer.global_step == 69
+    got = _state(module)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(torch.equal(resumed.store.masks[k], expected_masks[k]) for k in expected_masks)
+
+
+def test_resume_restores_masks_before_the_first_step(tmp_path, digits):
+    first = GradualPruning(final_sparsity=0.8, start_step=0, end_step=20, update_every=10)
+    trainer = make_trainer(tmp_path, [first], max_steps=23)
+    trainer.fit(make_module(), datamodule=digits)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    state = torch.load(tmp_path / "a.ckpt", weights_only=True)["callbacks"][first.state_key]
+    assert state["last_update_step"] == 20 and set(state["masks"]) == set(first.store.params)
+
+    seen = {}
+
+    class FirstStep(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault("sparsity", resumed.store.sparsity())
+
+    resumed = GradualPruning(final_sparsity=0.8, start_step=0, end_step=20, update_every=10)
+    trainer = make_trainer(tmp_path, [resumed, FirstStep()], max_steps=30)
+    trainer.fit(make_module(seed=1), datamodule=digits, ckpt_path=tmp_path / "a.ckpt")
+    assert seen["sparsity"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_pruned_checkpoint_loads_into_a_plain_model(tmp_path, fit):
+    pruning = _pruning()
+    trainer, module = fit([pruning])
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw["state_dict"]) == set(module.state_dict())  # no weight_orig / weight_mask keys
+    plain = Classifier.load_from_checkpoint(path, net=MLP(64, (32, 32), 10))
+    zeros = (plain.net.layers[0].weight == 0).float().mean().item()
+    assert zeros == pytest.approx(0.8, abs=0.01)

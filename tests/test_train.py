@@ -1,0 +1,100 @@
+"""train.py end to end: Hydra composition, the job itself, and a -m sweep (tiny limits)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pat_callbacks.run import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["trainer=tiny", "trainer.max_steps=30", "num_threads=1"]
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=False)
+
+
+def _without_hydra_paths(cfg, tmp_path):
+    cfg.callbacks.checkpoint.dirpath = str(tmp_path / "checkpoints")
+    return cfg
+
+
+@pytest.mark.parametrize("pruning", ["cubic", "linear", "exponential", "one_shot", "odd_even"])
+def test_every_pruning_config_runs_and_reaches_its_target(tmp_path, pruning):
+    overrides = [*TINY, f"+pruning={pruning}", "pruning.final_sparsity=0.8"]
+    if pruning == "odd_even":
+        overrides.append("pruning.phase_epochs=0.1")
+    cfg = _without_hydra_paths(_compose(overrides), tmp_path)
+    metrics = run_training(cfg, output_dir=tmp_path)
+    assert metrics["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert set(metrics["layer_sparsity"]) == {
+        "net.conv1.weight",
+        "net.conv2.weight",
+        "net.conv3.weight",
+        "net.linear.weight",
+    }
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["test_acc"] == metrics["test_acc"] and 0.0 <= written["test_acc"] <= 1.0
+    assert written["global_step"] == 30
+
+
+def test_dense_default_on_digits_with_mlp(tmp_path):
+    cfg = _compose([*TINY, "datamodule=digits", "model=mlp", "model.net.in_features=64"])
+    metrics = run_training(_without_hydra_paths(cfg, tmp_path), output_dir=tmp_path)
+    assert metrics["method"] == "dense" and metrics["sparsity"] == 0.0
+
+
+def test_bad_pruning_value_fails_before_training(tmp_path):
+    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "pruning.final_sparsity=1.5"]), tmp_path)
+    with pytest.raises(Exception, match=r"`final_sparsity` to be a float in \[0, 1\), but got 1.5"):
+        run_training(cfg, output_dir=tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_resume_from_last_checkpoint_reaches_the_target(tmp_path):
+    base = [*TINY, "+pruning=cubic", "pruning.final_sparsity=0.7"]
+    first = _compose([*base, "trainer.max_steps=20"])
+    first.callbacks.checkpoint.dirpath = str(tmp_path / "checkpoints")
+    run_training(first, output_dir=tmp_path / "a")
+    resumed = _compose([*base, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"])
+    resumed.callbacks.checkpoint.dirpath = str(tmp_path / "checkpoints")
+    metrics = run_training(resumed, output_dir=tmp_path / "b")
+    assert metrics["global_step"] == 30 and metrics["sparsity"] == pytest.approx(0.7, abs=0.01)
+
+
+def _train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_train_py_command_line(tmp_path):
+    run = _train_py([*TINY, "+pruning=cubic", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "[pat-callbacks] cubic: test accuracy" in run.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_train_py_multirun_sweep(tmp_path):
+    run = _train_py(
+        ["-m", *TINY, "+pruning=cubic", "pruning.final_sparsity=0.5,0.8", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    reached = sorted(json.loads(p.read_text())["sparsity"] for p in (tmp_path / "sweep").glob("*/metrics.json"))
+    assert reached == pytest.approx([0.5, 0.8], abs=0.01)
+
+
+def test_train_py_bad_override_fails_fast_with_the_value(tmp_path):
+    run = _train_py([*TINY, "+pruning=cubic", "pruning.schedule=cubical", f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert run.returncode != 0
+    assert "Unknown `schedule` 'cubical'" in run.stderr
+    assert not (tmp_path / "r" / "metrics.json").exists()

@@ -1,0 +1,23 @@
+"""Hydra entry point: compose ``conf/``, train, test, and write ``metrics.json`` into the run directory.
+
+python train.py                                   # dense ConvBase on MNIST-1D
+python train.py +pruning=cubic                    # + gradual magnitude pruning to 90%
+python train.py -m +pruning=cubic pruning.final_sparsity=0.5,0.8,0.9
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from pat_callbacks.run import run_training
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Train once; return the test accuracy (the value Hydra sweepers optimise)."""
+    return run_training(cfg)["test_acc"]
+
+
+if __name__ == "__main__":
+    main()
