@@ -6,7 +6,7 @@ Example:
     2000
 """
 
-from pat_callbacks.callbacks import GradualPruning, PruningCallback
+from pat_callbacks.callbacks import DynamicSparseTraining, GradualPruning, PruningCallback
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.schedules import (
     ConstantSchedule,
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConstantSchedule",
     "CubicSchedule",
+    "DynamicSparseTraining",
     "ExponentialSchedule",
     "GradualPruning",
     "LinearSchedule",

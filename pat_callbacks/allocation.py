@@ -3,6 +3,9 @@
 - ``uniform``: every layer gets the target (the simplest baseline; small first layers suffer most).
 - ``global``: one score threshold across all layers, so layers with many low scores are pruned more;
   the overall sparsity equals the target exactly (to the nearest weight).
+- ``erk`` / ``er``: Erdos-Renyi(-Kernel) (Mocanu et al. 2018; Evci et al. 2020): layer density proportional to
+  ``sum(shape) / prod(shape)`` (``er``: of the first two dimensions only), scaled to the global target; layers
+  that would exceed density 1 are kept dense and the rest rescaled. Depends on shapes only, not on scores.
 
 Example:
     >>> import torch
@@ -15,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -23,7 +28,7 @@ from torch import Tensor
 from pat_callbacks._validation import check_choice, check_fraction
 from pat_callbacks.patterns import prune_count
 
-__all__ = ["ALLOCATIONS", "allocate", "global_allocation", "uniform_allocation"]
+__all__ = ["ALLOCATIONS", "allocate", "erdos_renyi_allocation", "global_allocation", "uniform_allocation"]
 
 
 def uniform_allocation(scores_by_layer: dict[str, Tensor], target: float) -> dict[str, float]:
@@ -54,9 +59,67 @@ def global_allocation(scores_by_layer: dict[str, Tensor], target: float) -> dict
     return result
 
 
+def erdos_renyi_allocation(
+    scores_by_layer: dict[str, Tensor], target: float, *, kernel: bool = True
+) -> dict[str, float]:
+    """ERK (``kernel=True``) or ER densities for an overall ``target`` sparsity.
+
+    Kept counts are rounded with largest remainders, so the overall count is exact to the weight.
+
+    Example:
+        >>> import torch
+        >>> shapes = {"conv": torch.zeros(25, 1, 5), "fc": torch.zeros(10, 125)}
+        >>> {k: round(v, 4) for k, v in erdos_renyi_allocation(shapes, 0.5).items()}
+        {'conv': 0.0, 'fc': 0.5504}
+    """
+    shapes = {name: tuple(s.shape) for name, s in scores_by_layer.items()}
+    numel = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: _erdos_renyi_score(shape, kernel) for name, shape in shapes.items()}
+    density = 1.0 - target
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(numel.values()) - sum(numel[name] for name in dense)
+        divisor = sum(raw[name] * numel[name] for name in raw if name not in dense)
+        if divisor == 0:
+            break
+        epsilon = budget / divisor
+        over = [name for name in raw if name not in dense and epsilon * raw[name] > 1.0]
+        if not over:
+            break
+        dense.add(max(over, key=lambda name: raw[name]))
+    kept = {name: float(numel[name]) if name in dense else epsilon * raw[name] * numel[name] for name in shapes}
+    total = sum(numel.values())
+    counts = _largest_remainder(kept, total - prune_count(total, target), numel)
+    return {name: 1.0 - counts[name] / numel[name] for name in shapes}
+
+
+def _erdos_renyi_score(shape: tuple[int, ...], kernel: bool) -> float:
+    dims = shape if kernel or len(shape) < 2 else shape[:2]
+    return sum(dims) / math.prod(dims)
+
+
+def _largest_remainder(ideal: dict[str, float], total: int, capacity: dict[str, int]) -> dict[str, int]:
+    """Integer counts close to ``ideal`` that sum to ``total`` (each at most its capacity)."""
+    counts = {name: min(capacity[name], math.floor(value)) for name, value in ideal.items()}
+    order = sorted(ideal, key=lambda name: ideal[name] - math.floor(ideal[name]), reverse=True)
+    missing = total - sum(counts.values())
+    while missing > 0:
+        progressed = False
+        for name in order:
+            if missing and counts[name] < capacity[name]:
+                counts[name] += 1
+                missing -= 1
+                progressed = True
+        if not progressed:
+            break
+    return counts
+
+
 ALLOCATIONS: dict[str, Callable[[dict[str, Tensor], float], dict[str, float]]] = {
     "uniform": uniform_allocation,
     "global": global_allocation,
+    "erk": erdos_renyi_allocation,
+    "er": partial(erdos_renyi_allocation, kernel=False),
 }
 
 

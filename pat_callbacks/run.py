@@ -55,7 +55,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         "sparsity": overall,
         "layer_sparsity": per_layer,
         "target_sparsity": float(pruning.final_sparsity) if pruning is not None else 0.0,
-        "method": cfg.pruning.get("schedule", "custom") if cfg.get("pruning") else "dense",
+        "method": getattr(pruning, "method_name", type(pruning).__name__) if pruning is not None else "dense",
         "global_step": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 2),
         "seed": int(cfg.seed),

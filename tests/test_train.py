@@ -26,9 +26,12 @@ def _without_hydra_paths(cfg, tmp_path):
     return cfg
 
 
-@pytest.mark.parametrize("pruning", ["cubic", "linear", "exponential", "one_shot", "odd_even"])
+@pytest.mark.parametrize("pruning", ["cubic", "linear", "exponential", "one_shot", "odd_even", "rigl", "set", "static"])
 def test_every_pruning_config_runs_and_reaches_its_target(tmp_path, pruning):
-    overrides = [*TINY, f"+pruning={pruning}", "pruning.final_sparsity=0.8"]
+    key = "sparsity" if pruning in ("rigl", "set", "static") else "final_sparsity"
+    overrides = [*TINY, f"+pruning={pruning}", f"pruning.{key}=0.8", "pruning.update_every=10"]
+    if pruning in ("one_shot", "odd_even"):
+        overrides.pop()
     if pruning == "odd_even":
         overrides.append("pruning.phase_epochs=0.1")
     cfg = _without_hydra_paths(_compose(overrides), tmp_path)

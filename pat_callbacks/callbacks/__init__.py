@@ -1,6 +1,7 @@
 """Lightning callbacks: the wiring between schedules, criteria, allocation and the mask store."""
 
 from pat_callbacks.callbacks.base import PruningCallback
+from pat_callbacks.callbacks.dynamic import DynamicSparseTraining
 from pat_callbacks.callbacks.gradual import GradualPruning
 
-__all__ = ["GradualPruning", "PruningCallback"]
+__all__ = ["DynamicSparseTraining", "GradualPruning", "PruningCallback"]

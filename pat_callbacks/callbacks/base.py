@@ -91,6 +91,7 @@ class PruningCallback(Callback):
         self._layer_sparsity: dict[str, float] = {}
         self._sparsity = 0.0
         self._log_pending = True
+        self._extra_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------- subclass API
     @abstractmethod
@@ -98,8 +99,12 @@ class PruningCallback(Callback):
         """Turn epoch/fraction arguments into steps once the trainer knows the epoch length."""
 
     @abstractmethod
-    def _plan(self, step: int) -> float | None:
-        """Target sparsity to impose at ``step``, or ``None`` when masks stay as they are."""
+    def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
+        """Update masks before optimizer step ``step`` if the method says so; return whether it did.
+
+        Runs once per step, after backward (``p.grad`` holds this step's *dense* gradients) and before gradient
+        masking, so criteria and regrowth can read gradients of pruned weights too.
+        """
 
     # -------------------------------------------------------------- Lightning hooks
     @override
@@ -136,9 +141,7 @@ class PruningCallback(Callback):
         step = trainer.global_step
         if step != self._last_seen_step:  # once per step, also with several optimizers
             self._last_seen_step = step
-            target = self._plan(step)
-            if target is not None:
-                self._update_masks(trainer, target)
+            if self._on_step(trainer, step):
                 self.last_update_step = step
         store.mask_grads()
         self._stepped = True
@@ -183,20 +186,32 @@ class PruningCallback(Callback):
         self.target_sparsity = float(state.get("target_sparsity", store.sparsity()))
         self._refresh_sparsity()
 
-    def _update_masks(self, trainer: pl.Trainer, target: float) -> None:
+    def _prune_to(self, trainer: pl.Trainer, target: float) -> None:
+        """Score, allocate and mask to ``target`` overall sparsity (``0.0`` lifts every mask)."""
         store = self._require_store()
         self.target_sparsity = target
         if target == 0.0:
             store.clear()
-        else:
-            scores = self._scores()
-            sparsities = allocate(self.allocation, scores, target)
-            masks = {name: unstructured_mask(scores[name], sparsities[name]) for name in scores}
-            masks = _broadcast_masks(masks)
-            newly_pruned = store.set_masks(masks)
-            store.apply()
-            store.reset_optimizer_state(trainer.optimizers, newly_pruned)
+            self._refresh_sparsity()
+            return
+        scores = self._scores()
+        sparsities = allocate(self.allocation, scores, target)
+        self._commit_masks(trainer, {name: unstructured_mask(scores[name], sparsities[name]) for name in scores})
+
+    def _commit_masks(
+        self, trainer: pl.Trainer, masks: dict[str, Tensor], reset: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Make ``masks`` the same on every rank, store them, zero the pruned weights, and reset the optimizer
+        state of newly pruned entries (and of ``reset``, e.g. regrown ones). Returns the newly pruned entries."""
+        store = self._require_store()
+        newly_pruned = store.set_masks(_broadcast_masks(masks))
+        store.apply()
+        to_reset = dict(newly_pruned)
+        for name, entries in (reset or {}).items():
+            to_reset[name] = to_reset[name] | entries if name in to_reset else entries
+        store.reset_optimizer_state(trainer.optimizers, to_reset)
         self._refresh_sparsity()
+        return newly_pruned
 
     def _scores(self) -> dict[str, Tensor]:
         store = self._require_store()
@@ -221,7 +236,7 @@ class PruningCallback(Callback):
         set (overall, target, per layer) goes to every attached logger at this exact step.
         """
         pl_module.log("pruning/sparsity", self._sparsity, prog_bar=self.prog_bar, on_step=True, on_epoch=False)
-        metrics = {"pruning/sparsity": self._sparsity, "pruning/target": self.target_sparsity}
+        metrics = {"pruning/sparsity": self._sparsity, "pruning/target": self.target_sparsity, **self._extra_metrics}
         if self.log_per_layer:
             metrics.update({f"pruning/sparsity/{name}": value for name, value in self._layer_sparsity.items()})
         for logger in trainer.loggers:

@@ -19,6 +19,7 @@ from typing_extensions import override
 from pat_callbacks._validation import check_fraction, check_int, check_number, check_positive
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.criteria import Criterion
+from pat_callbacks.regrowth import drop_and_grow
 from pat_callbacks.schedules import SCHEDULES, Schedule, make_schedule
 
 __all__ = ["GradualPruning"]
@@ -51,6 +52,10 @@ class GradualPruning(PruningCallback):
         update_every: optimizer steps between mask updates (default 100; not for ``odd_even``/``one_shot``).
         phase_steps, phase_epochs: length of each prune / recover phase for ``odd_even``.
         power: exponent of the ``polynomial`` schedule.
+        regrow_fraction: pruning reversal. At each update, after masking to the target, this fraction of the
+            active weights with the lowest magnitude is swapped for as many pruned weights with the largest
+            dense-gradient magnitude (as in RigL), which re-enter at zero with zeroed optimizer state; the
+            target sparsity still holds per layer. ``0`` (default): a pruned weight never returns.
         criterion, allocation, include, exclude, remask_weights, log_per_layer, prog_bar:
             see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
@@ -77,6 +82,7 @@ class GradualPruning(PruningCallback):
         phase_steps: int | None = None,
         phase_epochs: float | None = None,
         power: float | None = None,
+        regrow_fraction: float = 0.0,
         criterion: str | Criterion = "magnitude",
         allocation: str = "uniform",
         include: str | Sequence[str] | None = None,
@@ -107,6 +113,7 @@ class GradualPruning(PruningCallback):
             "phase_epochs": phase_epochs,
             "power": power,
         }
+        self.regrow_fraction = check_fraction("regrow_fraction", regrow_fraction, allow_one=True)
         self._window = {key: value for key, value in window.items() if value is not None}
         if isinstance(schedule, Schedule):
             if self._window or final_sparsity is not None:
@@ -117,6 +124,7 @@ class GradualPruning(PruningCallback):
             self.schedule: Schedule | None = schedule
             self._fixed_schedule = True
             self.schedule_name = schedule.name or type(schedule).__name__
+            self.method_name = self.schedule_name
             self.final_sparsity = schedule.final_sparsity
             return
         if not isinstance(schedule, str) or schedule not in SCHEDULES:
@@ -126,6 +134,7 @@ class GradualPruning(PruningCallback):
             raise ValueError("`final_sparsity` is required with a named schedule, e.g. final_sparsity=0.9")
         self.final_sparsity = check_fraction("final_sparsity", final_sparsity)
         self.schedule_name = schedule
+        self.method_name = schedule
         self._validate_window()
         # A window given fully in steps is built now; epochs and fractions wait for the trainer.
         self._fixed_schedule = self._steps_only()
@@ -137,9 +146,28 @@ class GradualPruning(PruningCallback):
 
     # ------------------------------------------------------------- schedule
     @override
-    def _plan(self, step: int) -> float | None:
+    def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
         schedule = self._require_schedule()
-        return schedule(step) if schedule.is_update_step(step) else None
+        if not schedule.is_update_step(step):
+            return False
+        target = schedule(step)
+        self._prune_to(trainer, target)
+        if self.regrow_fraction > 0 and target > 0:
+            self._reverse_pruning(trainer)
+        return True
+
+    def _reverse_pruning(self, trainer: pl.Trainer) -> None:
+        store = self._require_store()
+        new_masks, regrown = {}, {}
+        for name, mask in store.masks.items():
+            param = store.params[name]
+            if param.grad is None:
+                continue
+            new_masks[name] = drop_and_grow(mask, param, param.grad, self.regrow_fraction, "rigl")
+            regrown[name] = new_masks[name] & ~mask
+        if new_masks:
+            self._commit_masks(trainer, new_masks, reset=regrown)
+            self._extra_metrics = {"pruning/regrown": float(sum(int(r.sum()) for r in regrown.values()))}
 
     @override
     def _resolve(self, trainer: pl.Trainer) -> None:

@@ -215,6 +215,7 @@ def test_sparsity_is_logged_per_layer_and_in_the_progress_bar(tmp_path, digits):
         ({"power": 2}, "`power` does not apply to schedule 'cubic'"),
         ({"remask_weights": "sometimes"}, "`remask_weights` to be True, False or 'auto'"),
         ({"exclude": 5}, "Expected `exclude` to be a glob pattern or a list of them, but got 5"),
+        ({"regrow_fraction": 2}, "`regrow_fraction` to be a float in [0, 1], but got 2"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):
@@ -288,3 +289,30 @@ def test_pruned_checkpoint_loads_into_a_plain_model(tmp_path, fit):
     plain = Classifier.load_from_checkpoint(path, net=MLP(64, (32, 32), 10))
     zeros = (plain.net.layers[0].weight == 0).float().mean().item()
     assert zeros == pytest.approx(0.8, abs=0.01)
+
+
+def test_pruning_reversal_regrows_high_gradient_weights_and_keeps_the_target(fit):
+    regrown_per_update: dict[int, int] = {}
+    previous: dict[str, torch.Tensor] = {}
+
+    class Recorder(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if pruning.last_update_step == trainer.global_step and previous:
+                count = 0
+                for name, mask in pruning.store.masks.items():
+                    back = mask & ~previous[name]  # pruned before, active now
+                    count += int(back.sum())
+                    param = pruning.store.params[name]
+                    assert (param.detach()[back] == 0).all()
+                    for value in optimizer.state[param].values():
+                        if torch.is_tensor(value) and value.shape == param.shape:
+                            assert (value[back] == 0).all()
+                regrown_per_update[trainer.global_step] = count
+            previous.update({k: v.clone() for k, v in pruning.store.masks.items()})
+
+    pruning = _pruning(final_sparsity=0.8, regrow_fraction=0.1)
+    fit([pruning, Recorder(), ZeroChecker(pruning)])
+    assert sum(regrown_per_update.values()) > 0
+    for name, param in pruning.store.params.items():
+        assert int((param == 0).sum()) >= prune_count(param.numel(), 0.8) - 0, name
+        assert int((~pruning.store.masks[name]).sum()) == prune_count(param.numel(), 0.8), name

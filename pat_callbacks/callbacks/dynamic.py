@@ -1,0 +1,161 @@
+"""DynamicSparseTraining: sparse from the first step, with connectivity that moves (RigL, SET) or not (static).
+
+Example:
+    >>> dst = DynamicSparseTraining(sparsity=0.9, method="rigl", update_every=100, drop_fraction=0.3,
+    ...                             stop_fraction=0.75, allocation="erk")
+    >>> dst.method_name, dst.final_sparsity
+    ('rigl', 0.9)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from pat_callbacks._validation import check_choice, check_fraction, check_int
+from pat_callbacks.allocation import allocate
+from pat_callbacks.callbacks.base import PruningCallback
+from pat_callbacks.patterns import unstructured_mask
+from pat_callbacks.regrowth import DECAYS, GROWTH_METHODS, drop_and_grow, update_fraction
+
+__all__ = ["DST_METHODS", "DynamicSparseTraining"]
+
+DST_METHODS = (*GROWTH_METHODS, "static")
+
+
+class DynamicSparseTraining(PruningCallback):
+    """Train at a fixed sparsity from step 0 while dropping and regrowing connections.
+
+    When training starts, each layer gets a random mask at the density chosen by ``allocation`` (ERK by default).
+    Every ``update_every`` steps until ``stop_fraction`` of training, ``f(t)`` of each layer's active weights with
+    the lowest magnitude are dropped and as many inactive ones regrown (see :mod:`pat_callbacks.regrowth`):
+    by dense-gradient magnitude (``rigl``, read at the update step only, before gradient masking: no extra
+    backward pass) or at random (``set``). ``static`` keeps the initial random mask (the baseline DST papers
+    compare against). Regrown weights start at exactly zero with zeroed optimizer state. Randomness comes from a
+    generator seeded by ``seed`` whose state is checkpointed, so a resumed run draws the same numbers.
+
+    Args:
+        sparsity: the constant overall sparsity, in [0, 1).
+        method: ``"rigl"``, ``"set"`` or ``"static"``.
+        update_every: optimizer steps between connectivity updates.
+        drop_fraction: ``f(0)``, the fraction of active weights swapped at the first update, in [0, 1].
+        decay: how ``f(t)`` decays to 0 at the stop step: ``"cosine"`` (RigL), ``"linear"``, ``"constant"``.
+        stop_fraction: fraction of training after which the mask is frozen.
+        stop_step: the same in optimizer steps (overrides ``stop_fraction``).
+        allocation: per-layer densities: ``"erk"``, ``"er"``, ``"uniform"``.
+        seed: seed of the mask generator.
+        include, exclude, remask_weights, log_per_layer, prog_bar: see
+            :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        method: str = "rigl",
+        *,
+        update_every: int = 100,
+        drop_fraction: float = 0.3,
+        decay: str = "cosine",
+        stop_fraction: float = 0.75,
+        stop_step: int | None = None,
+        allocation: str = "erk",
+        seed: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        remask_weights: bool | Literal["auto"] = "auto",
+        log_per_layer: bool = True,
+        prog_bar: bool = True,
+    ) -> None:
+        if allocation == "global":
+            raise ValueError(
+                "allocation='global' ranks scores, but DST's initial mask is random; use 'erk' or 'uniform'"
+            )
+        super().__init__(
+            criterion="magnitude",
+            allocation=allocation,
+            include=include,
+            exclude=exclude,
+            remask_weights=remask_weights,
+            log_per_layer=log_per_layer,
+            prog_bar=prog_bar,
+        )
+        self.final_sparsity = check_fraction("sparsity", sparsity)
+        self.method_name = check_choice("method", method, DST_METHODS)
+        self.update_every = check_int("update_every", update_every, minimum=1)
+        self.drop_fraction = check_fraction("drop_fraction", drop_fraction, allow_one=True)
+        self.decay = check_choice("decay", decay, DECAYS)
+        self.stop_fraction = check_fraction("stop_fraction", stop_fraction, allow_one=True)
+        self.stop_step = None if stop_step is None else check_int("stop_step", stop_step, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self._resolved_stop_step: int | None = self.stop_step
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(sparsity=self.final_sparsity, method=self.method_name)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def _resolve(self, trainer: pl.Trainer) -> None:
+        if self.stop_step is not None:
+            self._resolved_stop_step = self.stop_step
+            return
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError("`stop_fraction` needs a finite training length (max_steps or max_epochs); give stop_step")
+        self._resolved_stop_step = math.floor(self.stop_fraction * int(total))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        store = self._require_store()
+        if not store.is_active:  # a fresh run (a resumed one restored its masks)
+            scores = {
+                name: torch.rand(p.shape, generator=self.generator).to(p.device) for name, p in store.params.items()
+            }
+            sparsities = allocate(self.allocation, scores, self.final_sparsity)
+            masks = {name: unstructured_mask(scores[name], sparsities[name]) for name in scores}
+            self.target_sparsity = self.final_sparsity
+            self._commit_masks(trainer, masks)
+
+    @override
+    def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
+        if self.method_name == "static" or step == 0 or step % self.update_every:
+            return False
+        stop = self._resolved_stop_step if self._resolved_stop_step is not None else 0
+        fraction = update_fraction(step, self.drop_fraction, stop, self.decay)
+        if fraction == 0.0:
+            return False
+        store = self._require_store()
+        new_masks, regrown = {}, {}
+        n_changed, n_active = 0, 0
+        for name, old in store.masks.items():
+            param = store.params[name]
+            new = drop_and_grow(old, param, param.grad, fraction, self.method_name, self.generator)
+            new_masks[name] = new
+            regrown[name] = new & ~old
+            n_changed += int(regrown[name].sum())
+            n_active += int(old.sum())
+        self._commit_masks(trainer, new_masks, reset=regrown)
+        self._extra_metrics = {
+            "pruning/drop_fraction": fraction,
+            "pruning/regrown": float(n_changed),
+            "pruning/dropped": float(n_changed),
+            "pruning/mask_change_rate": n_changed / max(n_active, 1),
+        }
+        return True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "generator"})
