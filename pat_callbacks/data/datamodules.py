@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -87,12 +88,16 @@ class _TensorDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(x_train[n_train:], y_train[n_train:]) if self.val_size else None
         self.test_set = TensorDataset(x_test, y_test)
 
+    def _require_setup(self) -> None:
+        if self.train_set is None or self.test_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
+
     def _current_epoch(self) -> int:
         trainer = self.trainer
         return trainer.current_epoch if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None
+        self._require_setup()
         sampler = EpochSeededSampler(len(self.train_set), seed=self.seed, epoch_fn=self._current_epoch)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
@@ -103,7 +108,7 @@ class _TensorDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=1000, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
-        assert self.test_set is not None
+        self._require_setup()
         return DataLoader(self.test_set, batch_size=1000, num_workers=self.num_workers)
 
 
@@ -143,12 +148,7 @@ class MNIST1DDataModule(_TensorDataModule):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-        return (
-            torch.as_tensor(data["x"], dtype=torch.float32),
-            torch.as_tensor(data["y"], dtype=torch.long),
-            torch.as_tensor(data["x_test"], dtype=torch.float32),
-            torch.as_tensor(data["y_test"], dtype=torch.long),
-        )
+        return _as_tensors(data["x"], data["y"], data["x_test"], data["y_test"])
 
 
 class DigitsDataModule(_TensorDataModule):
@@ -176,9 +176,14 @@ class DigitsDataModule(_TensorDataModule):
         x_train, x_test, y_train, y_test = train_test_split(
             x / 16.0, y, test_size=self.test_fraction, random_state=self.data_seed, stratify=y
         )
-        return (
-            torch.as_tensor(x_train, dtype=torch.float32),
-            torch.as_tensor(y_train, dtype=torch.long),
-            torch.as_tensor(x_test, dtype=torch.float32),
-            torch.as_tensor(y_test, dtype=torch.long),
-        )
+        return _as_tensors(x_train, y_train, x_test, y_test)
+
+
+def _as_tensors(x_train: Any, y_train: Any, x_test: Any, y_test: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Arrays to float32 inputs and int64 labels."""
+    return (
+        torch.as_tensor(x_train, dtype=torch.float32),
+        torch.as_tensor(y_train, dtype=torch.long),
+        torch.as_tensor(x_test, dtype=torch.float32),
+        torch.as_tensor(y_test, dtype=torch.long),
+    )
