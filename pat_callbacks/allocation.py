@@ -1,66 +1,112 @@
-"""Split a global target sparsity over layers: ``allocate(scores_by_layer, target) -> {layer: sparsity}``.
+"""Split a global target sparsity over layers: ``allocate(method, scores_by_layer, target) -> {layer: sparsity}``.
 
 - ``uniform``: every layer gets the target (the simplest baseline; small first layers suffer most).
-- ``global``: one score threshold across all layers, so layers with many low scores are pruned more;
-  the overall sparsity equals the target exactly (to the nearest weight).
-- ``erk`` / ``er``: Erdos-Renyi(-Kernel) (Mocanu et al. 2018; Evci et al. 2020): layer density proportional to
-  ``sum(shape) / prod(shape)`` (``er``: of the first two dimensions only), scaled to the global target; layers
-  that would exceed density 1 are kept dense and the rest rescaled. Depends on shapes only, not on scores.
+- ``global``: one threshold over all layers' scores after dividing each layer's scores by their mean, so
+  criteria whose scale differs between layers stay comparable (raw global magnitude can wipe out a layer whose
+  weights are small). The overall count is exact to the weight.
+- ``global_raw``: the same threshold on raw scores (what most libraries call global pruning).
+- ``erk`` / ``er``: Erdos-Renyi(-Kernel) (Mocanu et al. 2018; Evci et al. 2020): density proportional to
+  ``sum(shape) / prod(shape)`` (``er``: of the first two dimensions only), scaled to the target; layers that
+  would exceed density 1 are kept dense and the rest rescaled. Shapes only, not scores.
+- ``sensitivity``: density proportional to each layer's measured sensitivity (loss increase when that layer
+  alone is pruned; see :func:`measure_sensitivity`), so the least sensitive layers are pruned most.
+
+``global``, ``global_raw`` and ``sensitivity`` honour per-layer ``min_sparsity`` / ``max_sparsity`` caps.
 
 Example:
     >>> import torch
     >>> scores = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([10.0, 20.0, 30.0, 40.0])}
     >>> allocate("uniform", scores, 0.5)
     {'a': 0.5, 'b': 0.5}
-    >>> allocate("global", scores, 0.5)
+    >>> allocate("global_raw", scores, 0.5)
     {'a': 1.0, 'b': 0.0}
+    >>> allocate("global", scores, 0.5)  # same shape of scores in both layers: pruned alike
+    {'a': 0.5, 'b': 0.5}
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pat_callbacks._validation import check_choice, check_fraction
-from pat_callbacks.patterns import prune_count
+from pat_callbacks.patterns import prune_count, unstructured_mask
 
-__all__ = ["ALLOCATIONS", "allocate", "erdos_renyi_allocation", "global_allocation", "uniform_allocation"]
+__all__ = [
+    "ALLOCATIONS",
+    "allocate",
+    "erdos_renyi_allocation",
+    "global_allocation",
+    "measure_sensitivity",
+    "sensitivity_allocation",
+    "uniform_allocation",
+]
+
+ALLOCATIONS = ("uniform", "global", "global_raw", "erk", "er", "sensitivity")
 
 
-def uniform_allocation(scores_by_layer: dict[str, Tensor], target: float) -> dict[str, float]:
+def uniform_allocation(scores_by_layer: Mapping[str, Tensor], target: float) -> dict[str, float]:
     """The same sparsity in every layer."""
     return dict.fromkeys(scores_by_layer, target)
 
 
-def global_allocation(scores_by_layer: dict[str, Tensor], target: float) -> dict[str, float]:
-    """One threshold over the concatenated scores of all layers (a k-th value selection, not a sort).
+def global_allocation(
+    scores_by_layer: Mapping[str, Tensor],
+    target: float,
+    *,
+    normalize: bool = True,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+) -> dict[str, float]:
+    """One threshold over all layers' (mean-normalised) scores, with per-layer caps.
 
-    Ties at the threshold are assigned in layer order so the total pruned count is exact.
+    Caps are met by water-filling: a layer that would pass a cap is fixed at it and the threshold is found again
+    over the other layers with what is left of the budget.
     """
     flat = {name: s.detach().reshape(-1).float() for name, s in scores_by_layer.items()}
-    total = sum(s.numel() for s in flat.values())
-    n_prune = prune_count(total, target)
-    if n_prune == 0:
-        return dict.fromkeys(flat, 0.0)
-    device = next(iter(flat.values())).device
-    everything = torch.cat([s.to(device) for s in flat.values()])
-    threshold = torch.kthvalue(everything, n_prune).values
+    if normalize:
+        flat = {name: s / s.mean() if float(s.mean()) > 0 else s for name, s in flat.items()}
+    numel = {name: s.numel() for name, s in flat.items()}
+    budget = prune_count(sum(numel.values()), target)
+    fixed: dict[str, int] = {}
+    while True:
+        free = {name: s for name, s in flat.items() if name not in fixed}
+        remaining = max(0, budget - sum(fixed.values()))
+        counts = _threshold_counts(free, min(remaining, sum(numel[n] for n in free)))
+        over = {n for n, c in counts.items() if c > prune_count(numel[n], max_sparsity)}
+        under = {n for n, c in counts.items() if c < prune_count(numel[n], min_sparsity)}
+        if not free or not (over or under):
+            counts.update(fixed)
+            return {name: counts[name] / numel[name] for name in flat}
+        for name in over:
+            fixed[name] = prune_count(numel[name], max_sparsity)
+        if not over:  # raise the layers below their floor only once no layer is over its ceiling
+            for name in under:
+                fixed[name] = prune_count(numel[name], min_sparsity)
+
+
+def _threshold_counts(flat: Mapping[str, Tensor], n_prune: int) -> dict[str, int]:
+    """Per-layer counts of the ``n_prune`` lowest scores overall (k-th value selection; ties in layer order)."""
+    if n_prune <= 0 or not flat:
+        return dict.fromkeys(flat, 0)
+    everything = torch.cat(list(flat.values()))
+    threshold = torch.kthvalue(everything, n_prune).values.to(everything.device)
     below = {name: int((s < threshold).sum()) for name, s in flat.items()}
     remaining = n_prune - sum(below.values())
-    result = {}
+    counts = {}
     for name, s in flat.items():
         ties = min(remaining, int((s == threshold).sum())) if remaining > 0 else 0
         remaining -= ties
-        result[name] = (below[name] + ties) / s.numel()
-    return result
+        counts[name] = below[name] + ties
+    return counts
 
 
 def erdos_renyi_allocation(
-    scores_by_layer: dict[str, Tensor], target: float, *, kernel: bool = True
+    scores_by_layer: Mapping[str, Tensor], target: float, *, kernel: bool = True
 ) -> dict[str, float]:
     """ERK (``kernel=True``) or ER densities for an overall ``target`` sparsity.
 
@@ -77,6 +123,7 @@ def erdos_renyi_allocation(
     raw = {name: _erdos_renyi_score(shape, kernel) for name, shape in shapes.items()}
     density = 1.0 - target
     dense: set[str] = set()
+    epsilon = 0.0
     while True:
         budget = density * sum(numel.values()) - sum(numel[name] for name in dense)
         divisor = sum(raw[name] * numel[name] for name in raw if name not in dense)
@@ -98,7 +145,79 @@ def _erdos_renyi_score(shape: tuple[int, ...], kernel: bool) -> float:
     return sum(dims) / math.prod(dims)
 
 
-def _largest_remainder(ideal: dict[str, float], total: int, capacity: dict[str, int]) -> dict[str, int]:
+def sensitivity_allocation(
+    sensitivities: Mapping[str, float],
+    numel: Mapping[str, int],
+    target: float,
+    *,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+) -> dict[str, float]:
+    """Densities proportional to sensitivity (clipped to the caps), scaled so the overall count is exact.
+
+    Example:
+        >>> s = sensitivity_allocation({"robust": 0.01, "fragile": 1.0}, {"robust": 100, "fragile": 100}, 0.5)
+        >>> s["robust"] > 0.5 > s["fragile"]
+        True
+    """
+    names = list(sensitivities)
+    values = {name: max(float(sensitivities[name]), 0.0) for name in names}
+    mean = sum(values.values()) / len(values) if values else 0.0
+    weight = {name: (values[name] + 1e-3 * mean + 1e-12) for name in names}
+    low = {name: 1.0 - max_sparsity for name in names}
+    high = {name: 1.0 - min_sparsity for name in names}
+    total = sum(numel[name] for name in names)
+    keep_total = total - prune_count(total, target)
+
+    def kept(scale: float) -> float:
+        return sum(min(high[n], max(low[n], scale * weight[n])) * numel[n] for n in names)
+
+    lo, hi = 0.0, 1.0
+    while kept(hi) < keep_total and hi < 1e12:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kept(mid) < keep_total else (lo, mid)
+    ideal = {n: min(high[n], max(low[n], hi * weight[n])) * numel[n] for n in names}
+    capacity = {n: numel[n] - prune_count(numel[n], min_sparsity) for n in names}
+    counts = _largest_remainder(ideal, keep_total, capacity)
+    return {name: 1.0 - counts[name] / numel[name] for name in names}
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    scores: Mapping[str, Tensor],
+    probe_sparsity: float,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+) -> dict[str, float]:
+    """Loss increase when each layer alone is pruned to ``probe_sparsity`` by ``scores`` (Li et al. 2016).
+
+    The model is evaluated in eval mode on ``batches``; every weight is restored afterwards.
+    """
+    batches = list(batches)
+    was_training = model.training
+    model.eval()
+    try:
+        base = _mean_loss(model, batches, loss_fn)
+        result = {}
+        for name, param in params.items():
+            original = param.detach().clone()
+            param.mul_(unstructured_mask(scores[name], probe_sparsity).to(param.dtype))
+            result[name] = _mean_loss(model, batches, loss_fn) - base
+            param.copy_(original)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _mean_loss(model: nn.Module, batches: list[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> float:
+    return sum(float(loss_fn(model, batch)) for batch in batches) / max(len(batches), 1)
+
+
+def _largest_remainder(ideal: Mapping[str, float], total: int, capacity: Mapping[str, int]) -> dict[str, int]:
     """Integer counts close to ``ideal`` that sum to ``total`` (each at most its capacity)."""
     counts = {name: min(capacity[name], math.floor(value)) for name, value in ideal.items()}
     order = sorted(ideal, key=lambda name: ideal[name] - math.floor(ideal[name]), reverse=True)
@@ -115,16 +234,37 @@ def _largest_remainder(ideal: dict[str, float], total: int, capacity: dict[str, 
     return counts
 
 
-ALLOCATIONS: dict[str, Callable[[dict[str, Tensor], float], dict[str, float]]] = {
-    "uniform": uniform_allocation,
-    "global": global_allocation,
-    "erk": erdos_renyi_allocation,
-    "er": partial(erdos_renyi_allocation, kernel=False),
-}
-
-
-def allocate(method: str, scores_by_layer: dict[str, Tensor], target: float) -> dict[str, float]:
-    """Per-layer sparsities for ``target`` by the named method (see module docstring)."""
+def allocate(
+    method: str,
+    scores_by_layer: Mapping[str, Tensor],
+    target: float,
+    *,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+    sensitivities: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Per-layer sparsities for ``target`` by the named method (see the module docstring)."""
     check_choice("allocation", method, ALLOCATIONS)
-    target = check_fraction("target", target, allow_one=False)
-    return ALLOCATIONS[method](scores_by_layer, target)
+    target = check_fraction("target", target)
+    if method == "uniform":
+        return uniform_allocation(scores_by_layer, target)
+    if method in ("global", "global_raw"):
+        return global_allocation(
+            scores_by_layer,
+            target,
+            normalize=method == "global",
+            min_sparsity=min_sparsity,
+            max_sparsity=max_sparsity,
+        )
+    if method in ("erk", "er"):
+        return erdos_renyi_allocation(scores_by_layer, target, kernel=method == "erk")
+    if sensitivities is None:
+        raise ValueError("allocation='sensitivity' needs measured `sensitivities`, but got None")
+    numel = {name: s.numel() for name, s in scores_by_layer.items()}
+    return sensitivity_allocation(
+        {name: sensitivities[name] for name in scores_by_layer},
+        numel,
+        target,
+        min_sparsity=min_sparsity,
+        max_sparsity=max_sparsity,
+    )

@@ -17,7 +17,7 @@ def test_uniform_gives_each_layer_the_target():
 @pytest.mark.parametrize("target", [0.0, 0.3, 0.5, 0.9, 0.99])
 def test_global_threshold_hits_the_overall_target_exactly(target):
     scores = _scores()
-    sparsities = allocate("global", scores, target)
+    sparsities = allocate("global_raw", scores, target)
     total = sum(s.numel() for s in scores.values())
     pruned = sum(prune_count(scores[n].numel(), s) for n, s in sparsities.items())
     assert pruned == prune_count(total, target)
@@ -30,12 +30,13 @@ def test_global_threshold_hits_the_overall_target_exactly(target):
 
 def test_global_assigns_ties_exactly():
     scores = {"a": torch.zeros(4), "b": torch.zeros(4)}
-    assert allocate("global", scores, 0.25) == {"a": 0.5, "b": 0.0}
+    assert allocate("global_raw", scores, 0.25) == {"a": 0.5, "b": 0.0}
 
 
 def test_unknown_allocation_is_refused():
     with pytest.raises(
-        ValueError, match="Unknown `allocation` 'erk2'; expected one of: 'er', 'erk', 'global', 'uniform'"
+        ValueError,
+        match="Unknown `allocation` 'erk2'; expected one of: 'er', 'erk', 'global', 'global_raw', 'sensitivity'",
     ):
         allocate("erk2", _scores(), 0.5)
 
@@ -71,3 +72,78 @@ def test_er_ignores_kernel_dimensions():
     scores = {"conv": torch.zeros(20, 10, 3, 3), "fc": torch.zeros(20, 10)}
     sparsities = allocate("er", scores, 0.8)
     assert sparsities["conv"] == pytest.approx(sparsities["fc"], abs=0.01)
+
+
+def test_normalised_global_does_not_wipe_out_a_small_scale_layer():
+    """Raw global magnitude prunes a layer whose weights are 100x smaller entirely; normalised global does not."""
+    torch.manual_seed(0)
+    scores = {"tiny_scale": torch.rand(40, 40) * 0.01, "large_scale": torch.rand(40, 40)}
+    raw = allocate("global_raw", scores, 0.5)
+    assert raw["tiny_scale"] > 0.95
+    normalised = allocate("global", scores, 0.5)
+    assert 0.3 < normalised["tiny_scale"] < 0.7
+    pruned = sum(prune_count(1600, s) for s in normalised.values())
+    assert pruned == prune_count(3200, 0.5)
+
+
+@pytest.mark.parametrize("method", ["global", "global_raw"])
+def test_global_honours_caps_and_keeps_the_total(method):
+    torch.manual_seed(1)
+    scores = {"a": torch.rand(30, 30) * 0.01, "b": torch.rand(30, 30), "c": torch.rand(10, 90) * 3}
+    sparsities = allocate(method, scores, 0.6, min_sparsity=0.3, max_sparsity=0.8)
+    assert all(0.3 - 1e-9 <= s <= 0.8 + 1e-9 for s in sparsities.values())
+    pruned = sum(prune_count(900, s) for s in sparsities.values())
+    assert pruned == prune_count(2700, 0.6)
+
+
+def test_sensitivity_gives_the_less_sensitive_layer_more_sparsity_within_caps():
+    numel = {"robust": 1000, "fragile": 1000, "middle": 500}
+    sens = {"robust": 0.001, "fragile": 2.0, "middle": 0.5}
+    sparsities = allocate(
+        "sensitivity",
+        {n: torch.zeros(k) for n, k in numel.items()},
+        0.7,
+        min_sparsity=0.2,
+        max_sparsity=0.95,
+        sensitivities=sens,
+    )
+    assert sparsities["robust"] > sparsities["middle"] > sparsities["fragile"]
+    assert all(0.2 - 1e-9 <= s <= 0.95 + 1e-9 for s in sparsities.values())
+    pruned = sum(prune_count(numel[n], s) for n, s in sparsities.items())
+    assert pruned == prune_count(2500, 0.7)
+
+
+def test_measure_sensitivity_finds_the_redundant_layer():
+    """Layer `b` is a duplicate of `a` whose outputs are averaged: pruning one copy hurts less than pruning
+    the layer everything goes through (`head`)."""
+    from torch import nn
+
+    from pat_callbacks.allocation import measure_sensitivity
+    from pat_callbacks.criteria import MagnitudeCriterion
+
+    torch.manual_seed(0)
+
+    class Redundant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.b = nn.Linear(8, 16)
+            self.b.load_state_dict(self.a.state_dict())
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu((self.a(x) + self.b(x)) / 2))
+
+    model = Redundant()
+    x = torch.randn(256, 8)
+    y = model(x).argmax(1)  # the model's own labels: loss is low and every layer matters
+    params = {"a": model.a.weight, "b": model.b.weight, "head": model.head.weight}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    scores = {n: MagnitudeCriterion().score(p, None, {}) for n, p in params.items()}
+    sens = measure_sensitivity(
+        model, params, scores, 0.9, [(x, y)], lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+    )
+    assert sens["head"] > sens["a"] > 0 and sens["head"] > sens["b"] > 0
+    assert all(torch.equal(before[n], p) for n, p in params.items())  # weights restored
+    sparsities = allocate("sensitivity", scores, 0.5, sensitivities=sens)
+    assert sparsities["a"] > sparsities["head"] and sparsities["b"] > sparsities["head"]

@@ -48,6 +48,22 @@ def test_every_pruning_config_runs_and_reaches_its_target(tmp_path, pruning):
     assert written["global_step"] == 30
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "movement", "fisher", "random"])
+def test_every_criterion_runs_through_train_py_config(tmp_path, criterion):
+    overrides = [*TINY, "+pruning=cubic", f"pruning.criterion={criterion}", "pruning.update_every=5"]
+    cfg = _without_hydra_paths(_compose(overrides), tmp_path)
+    metrics = run_training(cfg, output_dir=tmp_path)
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_sensitivity_allocation_through_train_py_config(tmp_path):
+    overrides = [*TINY, "+pruning=cubic", "pruning.allocation=sensitivity", "pruning.max_sparsity=0.97"]
+    cfg = _without_hydra_paths(_compose(overrides), tmp_path)
+    metrics = run_training(cfg, output_dir=tmp_path)
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert max(metrics["layer_sparsity"].values()) <= 0.97 + 1e-6
+
+
 def test_dense_default_on_digits_with_mlp(tmp_path):
     cfg = _compose([*TINY, "datamodule=digits", "model=mlp", "model.net.in_features=64"])
     metrics = run_training(_without_hydra_paths(cfg, tmp_path), output_dir=tmp_path)

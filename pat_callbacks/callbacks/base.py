@@ -15,7 +15,8 @@ A subclass decides *when* and *how much* (:meth:`PruningCallback._plan`); this c
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -25,11 +26,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pat_callbacks._validation import check_choice
-from pat_callbacks.allocation import ALLOCATIONS, allocate
+from pat_callbacks._validation import check_choice, check_fraction, check_int
+from pat_callbacks.allocation import ALLOCATIONS, allocate, measure_sensitivity
 from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
-from pat_callbacks.patterns import unstructured_mask
+from pat_callbacks.patterns import prune_count, unstructured_mask
 from pat_callbacks.targets import normalize_patterns, select_parameters
 
 __all__ = ["ZERO_PRESERVING_OPTIMIZERS", "PruningCallback"]
@@ -49,10 +50,21 @@ class PruningCallback(Callback):
     """Base class: masks, their enforcement, logging and checkpoint state.
 
     Args:
-        criterion: importance score name (``"magnitude"``) or a :class:`~pat_callbacks.criteria.Criterion`.
-        allocation: how a global target is split over layers: ``"uniform"`` or ``"global"``.
+        criterion: importance score: ``"magnitude"``, ``"taylor"``, ``"movement"``, ``"fisher"``, ``"random"``
+            or a :class:`~pat_callbacks.criteria.Criterion`.
+        allocation: how a global target is split over layers: ``"uniform"``, ``"global"`` (mean-normalised
+            scores), ``"global_raw"``, ``"erk"``, ``"er"``, ``"sensitivity"`` (see :mod:`pat_callbacks.allocation`).
         include: glob patterns of parameter names to prune (default: weights of Linear/Conv layers).
         exclude: glob patterns of parameter names to keep dense.
+        keep_first, keep_last: keep the first / last pruned parameter (in model order) dense, as many papers do.
+        layer_sparsity: ``{glob pattern: final sparsity}`` for layers you want at a given sparsity; they follow
+            the schedule proportionally, and the other layers share what is left of the budget.
+        min_sparsity, max_sparsity: per-layer caps for ``global``, ``global_raw`` and ``sensitivity``.
+        probe_sparsity: the sparsity each layer is pruned to, alone, to measure its sensitivity.
+        sensitivity_batches: batches (validation batches if the run has any, else training batches) the
+            sensitivity probe evaluates; measured once, at the first mask update.
+        loss_fn: ``loss_fn(pl_module, batch) -> loss`` for the sensitivity probe; default: cross-entropy of
+            ``pl_module(x)`` against ``y`` for ``(x, y)`` batches.
         remask_weights: re-zero pruned weights after every optimizer step. ``"auto"`` does it only when an
             optimizer is not one of :data:`ZERO_PRESERVING_OPTIMIZERS` (or under manual optimization).
         log_per_layer: log ``pruning/sparsity/<parameter>`` for each pruned parameter.
@@ -66,6 +78,14 @@ class PruningCallback(Callback):
         allocation: str = "uniform",
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        keep_first: bool = False,
+        keep_last: bool = False,
+        layer_sparsity: Mapping[str, float] | None = None,
+        min_sparsity: float = 0.0,
+        max_sparsity: float = 1.0,
+        probe_sparsity: float = 0.9,
+        sensitivity_batches: int = 4,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
@@ -75,6 +95,27 @@ class PruningCallback(Callback):
         self.allocation = check_choice("allocation", allocation, ALLOCATIONS)
         self.include = normalize_patterns("include", include)
         self.exclude = normalize_patterns("exclude", exclude)
+        self.keep_first = bool(keep_first)
+        self.keep_last = bool(keep_last)
+        if layer_sparsity is not None and not isinstance(layer_sparsity, Mapping):
+            raise ValueError(
+                f"Expected `layer_sparsity` to be a mapping of pattern -> sparsity, got {layer_sparsity!r}"
+            )
+        self.layer_sparsity = {
+            str(pattern): check_fraction(f"layer_sparsity[{pattern!r}]", value)
+            for pattern, value in (layer_sparsity or {}).items()
+        }
+        self.min_sparsity = check_fraction("min_sparsity", min_sparsity, allow_one=True)
+        self.max_sparsity = check_fraction("max_sparsity", max_sparsity, allow_one=True)
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(
+                f"Expected `min_sparsity` <= `max_sparsity`, but got {self.min_sparsity} > {self.max_sparsity}"
+            )
+        self.probe_sparsity = check_fraction("probe_sparsity", probe_sparsity)
+        self.sensitivity_batches = check_int("sensitivity_batches", sensitivity_batches, minimum=1)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"Expected `loss_fn` to be callable, but got {loss_fn!r}")
+        self.loss_fn = loss_fn or _cross_entropy
         if remask_weights not in (True, False, "auto"):
             raise ValueError(f"Expected `remask_weights` to be True, False or 'auto', but got {remask_weights!r}")
         self.remask_weights = remask_weights
@@ -92,11 +133,17 @@ class PruningCallback(Callback):
         self._sparsity = 0.0
         self._log_pending = True
         self._extra_metrics: dict[str, float] = {}
+        self.criterion_state: dict[str, dict[str, Tensor]] = {}
+        self.sensitivities: dict[str, float] | None = None
 
     # ------------------------------------------------------------- subclass API
     @abstractmethod
     def _resolve(self, trainer: pl.Trainer) -> None:
         """Turn epoch/fraction arguments into steps once the trainer knows the epoch length."""
+
+    def _accumulating(self, step: int) -> bool:
+        """Whether criteria with history accumulate at ``step`` (only while pruning is under way)."""
+        return False
 
     @abstractmethod
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
@@ -112,6 +159,16 @@ class PruningCallback(Callback):
         if stage != "fit":
             return
         params = select_parameters(pl_module, include=self.include, exclude=self.exclude)
+        names = list(params)
+        dense = ({names[0]} if self.keep_first else set()) | ({names[-1]} if self.keep_last else set())
+        params = {name: p for name, p in params.items() if name not in dense}
+        if not params:
+            raise ValueError(f"keep_first/keep_last leave no parameter to prune (targets were {names})")
+        for pattern in self.layer_sparsity:
+            if not any(fnmatchcase(name, pattern) for name in params):
+                raise ValueError(
+                    f"`layer_sparsity` pattern {pattern!r} matches no pruned parameter; pruned: {sorted(params)}"
+                )
         self.store = MaskStore(params)
         if self.criterion.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(
@@ -141,8 +198,13 @@ class PruningCallback(Callback):
         step = trainer.global_step
         if step != self._last_seen_step:  # once per step, also with several optimizers
             self._last_seen_step = step
+            if self.criterion.needs_history and self._accumulating(step):
+                self._accumulate()
             if self._on_step(trainer, step):
                 self.last_update_step = step
+                if self.criterion.resets_after_update:  # history is "since the last update"
+                    for values in self.criterion_state.values():
+                        self.criterion.reset(values)
         store.mask_grads()
         self._stepped = True
 
@@ -164,7 +226,14 @@ class PruningCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"last_update_step": self.last_update_step, "target_sparsity": self.target_sparsity}
+        state: dict[str, Any] = {
+            "last_update_step": self.last_update_step,
+            "target_sparsity": self.target_sparsity,
+            "criterion_state": {name: dict(values) for name, values in self.criterion_state.items()},
+            "criterion": self.criterion.state_dict(),
+        }
+        if self.sensitivities is not None:
+            state["sensitivities"] = dict(self.sensitivities)
         if self.store is not None:
             state.update(self.store.state_dict())
         elif self._pending_state is not None:
@@ -183,6 +252,13 @@ class PruningCallback(Callback):
         store = self._require_store()
         store.load_state_dict(state)
         self.last_update_step = int(state.get("last_update_step", -1))
+        self.criterion_state = {
+            name: {key: value.to(store.params[name].device) for key, value in values.items()}
+            for name, values in state.get("criterion_state", {}).items()
+        }
+        self.criterion.load_state_dict(state.get("criterion", {}))
+        sensitivities = state.get("sensitivities")
+        self.sensitivities = None if sensitivities is None else {k: float(v) for k, v in sensitivities.items()}
         self.target_sparsity = float(state.get("target_sparsity", store.sparsity()))
         self._refresh_sparsity()
 
@@ -195,8 +271,61 @@ class PruningCallback(Callback):
             self._refresh_sparsity()
             return
         scores = self._scores()
-        sparsities = allocate(self.allocation, scores, target)
+        sparsities = self._allocate(trainer, scores, target)
         self._commit_masks(trainer, {name: unstructured_mask(scores[name], sparsities[name]) for name in scores})
+
+    def _allocate(self, trainer: pl.Trainer, scores: dict[str, Tensor], target: float) -> dict[str, float]:
+        """Per-layer sparsities: ``layer_sparsity`` overrides first, the allocation method for the rest."""
+        final = float(getattr(self, "final_sparsity", target)) or target
+        fixed = {}
+        for name in scores:
+            for pattern, value in self.layer_sparsity.items():
+                if fnmatchcase(name, pattern):
+                    fixed[name] = min(value * target / final, value) if final > 0 else value
+                    break
+        rest = {name: s for name, s in scores.items() if name not in fixed}
+        if not rest:
+            return fixed
+        rest_target = target
+        if fixed:
+            numel = {name: s.numel() for name, s in scores.items()}
+            pruned_fixed = sum(prune_count(numel[n], s) for n, s in fixed.items())
+            rest_total = sum(numel[n] for n in rest)
+            rest_target = (prune_count(sum(numel.values()), target) - pruned_fixed) / rest_total
+            rest_target = min(max(rest_target, 0.0), 1.0 - 1.0 / rest_total)
+        if self.allocation == "sensitivity" and self.sensitivities is None:
+            self.sensitivities = self._measure_sensitivity(trainer, scores)
+            self._extra_metrics.update({f"pruning/sensitivity/{n}": v for n, v in self.sensitivities.items()})
+        return {
+            **fixed,
+            **allocate(
+                self.allocation,
+                rest,
+                rest_target,
+                min_sparsity=self.min_sparsity,
+                max_sparsity=self.max_sparsity,
+                sensitivities=self.sensitivities,
+            ),
+        }
+
+    def _measure_sensitivity(self, trainer: pl.Trainer, scores: dict[str, Tensor]) -> dict[str, float]:
+        store = self._require_store()
+        loader = _first_nonempty(trainer.val_dataloaders, trainer.train_dataloader)
+        if loader is None:
+            raise RuntimeError("allocation='sensitivity' needs a validation or training dataloader to probe")
+        pl_module = trainer.lightning_module
+        batches = []
+        for batch in loader:
+            batches.append(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+            if len(batches) == self.sensitivity_batches:
+                break
+        return measure_sensitivity(pl_module, store.params, scores, self.probe_sparsity, batches, self.loss_fn)
+
+    def _accumulate(self) -> None:
+        store = self._require_store()
+        for name, param in store.params.items():
+            if param.grad is not None:
+                self.criterion.accumulate(param, param.grad, self.criterion_state.setdefault(name, {}))
 
     def _commit_masks(
         self, trainer: pl.Trainer, masks: dict[str, Tensor], reset: dict[str, Tensor] | None = None
@@ -219,7 +348,7 @@ class PruningCallback(Callback):
         for name, param in store.params.items():
             if self.criterion.needs_grad and param.grad is None:
                 raise RuntimeError(f"criterion={self.criterion.name!r} needs a gradient, but {name!r} has none")
-            scores[name] = self.criterion.score(param, param.grad, {})
+            scores[name] = self.criterion.score(param, param.grad, self.criterion_state.get(name, {}))
         return scores
 
     def _refresh_sparsity(self) -> None:
@@ -270,3 +399,22 @@ def _broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
         torch.distributed.broadcast(as_bytes, src=0)
         synced[name] = as_bytes.bool()
     return synced
+
+
+def _cross_entropy(pl_module: pl.LightningModule, batch: Any) -> Tensor:
+    inputs, targets = batch[0], batch[1]
+    return torch.nn.functional.cross_entropy(pl_module(inputs), targets)
+
+
+def _first_nonempty(*loaders: Any) -> Any:
+    for loader in loaders:
+        if isinstance(loader, (list, tuple)):
+            loader = next((item for item in loader if item is not None), None)
+        if loader is not None:
+            try:
+                if len(loader) == 0:
+                    continue
+            except TypeError:
+                pass
+            return loader
+    return None

@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,7 +18,6 @@ import torch
 from typing_extensions import override
 
 from pat_callbacks._validation import check_choice, check_fraction, check_int
-from pat_callbacks.allocation import allocate
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.patterns import unstructured_mask
 from pat_callbacks.regrowth import DECAYS, GROWTH_METHODS, drop_and_grow, update_fraction
@@ -49,7 +48,7 @@ class DynamicSparseTraining(PruningCallback):
         stop_step: the same in optimizer steps (overrides ``stop_fraction``).
         allocation: per-layer densities: ``"erk"``, ``"er"``, ``"uniform"``.
         seed: seed of the mask generator.
-        include, exclude, remask_weights, log_per_layer, prog_bar: see
+        include, exclude, keep_first, keep_last, layer_sparsity, remask_weights, log_per_layer, prog_bar: see
             :class:`~pat_callbacks.callbacks.base.PruningCallback`.
     """
 
@@ -67,6 +66,9 @@ class DynamicSparseTraining(PruningCallback):
         seed: int = 0,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        keep_first: bool = False,
+        keep_last: bool = False,
+        layer_sparsity: Mapping[str, float] | None = None,
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
@@ -80,6 +82,9 @@ class DynamicSparseTraining(PruningCallback):
             allocation=allocation,
             include=include,
             exclude=exclude,
+            keep_first=keep_first,
+            keep_last=keep_last,
+            layer_sparsity=layer_sparsity,
             remask_weights=remask_weights,
             log_per_layer=log_per_layer,
             prog_bar=prog_bar,
@@ -118,7 +123,7 @@ class DynamicSparseTraining(PruningCallback):
             scores = {
                 name: torch.rand(p.shape, generator=self.generator).to(p.device) for name, p in store.params.items()
             }
-            sparsities = allocate(self.allocation, scores, self.final_sparsity)
+            sparsities = self._allocate(trainer, scores, self.final_sparsity)
             masks = {name: unstructured_mask(scores[name], sparsities[name]) for name in scores}
             self.target_sparsity = self.final_sparsity
             self._commit_masks(trainer, masks)

@@ -10,10 +10,11 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from torch import Tensor
 from typing_extensions import override
 
 from pat_callbacks._validation import check_fraction, check_int, check_number, check_positive
@@ -56,7 +57,8 @@ class GradualPruning(PruningCallback):
             active weights with the lowest magnitude is swapped for as many pruned weights with the largest
             dense-gradient magnitude (as in RigL), which re-enter at zero with zeroed optimizer state; the
             target sparsity still holds per layer. ``0`` (default): a pruned weight never returns.
-        criterion, allocation, include, exclude, remask_weights, log_per_layer, prog_bar:
+        criterion, allocation, include, exclude, keep_first, keep_last, layer_sparsity, min_sparsity,
+            max_sparsity, probe_sparsity, sensitivity_batches, loss_fn, remask_weights, log_per_layer, prog_bar:
             see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
@@ -87,6 +89,14 @@ class GradualPruning(PruningCallback):
         allocation: str = "uniform",
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
+        keep_first: bool = False,
+        keep_last: bool = False,
+        layer_sparsity: Mapping[str, float] | None = None,
+        min_sparsity: float = 0.0,
+        max_sparsity: float = 1.0,
+        probe_sparsity: float = 0.9,
+        sensitivity_batches: int = 4,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
@@ -96,6 +106,14 @@ class GradualPruning(PruningCallback):
             allocation=allocation,
             include=include,
             exclude=exclude,
+            keep_first=keep_first,
+            keep_last=keep_last,
+            layer_sparsity=layer_sparsity,
+            min_sparsity=min_sparsity,
+            max_sparsity=max_sparsity,
+            probe_sparsity=probe_sparsity,
+            sensitivity_batches=sensitivity_batches,
+            loss_fn=loss_fn,
             remask_weights=remask_weights,
             log_per_layer=log_per_layer,
             prog_bar=prog_bar,
@@ -145,6 +163,11 @@ class GradualPruning(PruningCallback):
         return self._generate_state_key(final_sparsity=self.final_sparsity, schedule=self.schedule_name)
 
     # ------------------------------------------------------------- schedule
+    @override
+    def _accumulating(self, step: int) -> bool:
+        schedule = self._require_schedule()
+        return schedule.start_step - schedule.update_every <= step <= schedule.end_step
+
     @override
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
         schedule = self._require_schedule()

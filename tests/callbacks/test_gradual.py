@@ -103,15 +103,17 @@ def test_uniform_reaches_the_target_in_every_layer(fit):
     assert pruning.target_sparsity == 0.75
 
 
-def test_global_reaches_the_target_overall_with_uneven_layers(fit):
-    pruning = _pruning(final_sparsity=0.9, allocation="global")
+@pytest.mark.parametrize("allocation", ["global", "global_raw"])
+def test_global_reaches_the_target_overall(fit, allocation):
+    pruning = _pruning(final_sparsity=0.9, allocation=allocation)
     fit([pruning])
     params = pruning.store.params
     total = sum(p.numel() for p in params.values())
     zeros = sum(int((p == 0).sum()) for p in params.values())
     assert zeros == prune_count(total, 0.9)
     per_layer = pruning.store.layer_sparsity()
-    assert max(per_layer.values()) - min(per_layer.values()) > 0.01  # not uniform
+    if allocation == "global_raw":  # raw magnitudes differ by layer size at init: far from uniform
+        assert max(per_layer.values()) - min(per_layer.values()) > 0.01
 
 
 def test_masks_follow_the_schedule_at_every_update(fit):
@@ -216,6 +218,11 @@ def test_sparsity_is_logged_per_layer_and_in_the_progress_bar(tmp_path, digits):
         ({"remask_weights": "sometimes"}, "`remask_weights` to be True, False or 'auto'"),
         ({"exclude": 5}, "Expected `exclude` to be a glob pattern or a list of them, but got 5"),
         ({"regrow_fraction": 2}, "`regrow_fraction` to be a float in [0, 1], but got 2"),
+        ({"min_sparsity": 0.9, "max_sparsity": 0.5}, "Expected `min_sparsity` <= `max_sparsity`, but got 0.9 > 0.5"),
+        ({"layer_sparsity": {"fc.*": 1.5}}, "Expected `layer_sparsity['fc.*']` to be a float in [0, 1), but got 1.5"),
+        ({"layer_sparsity": [0.5]}, "Expected `layer_sparsity` to be a mapping of pattern -> sparsity"),
+        ({"sensitivity_batches": 0}, "`sensitivity_batches` to be an integer >= 1, but got 0"),
+        ({"probe_sparsity": 1.0}, "`probe_sparsity` to be a float in [0, 1), but got 1.0"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):
@@ -316,3 +323,83 @@ def test_pruning_reversal_regrows_high_gradient_weights_and_keeps_the_target(fit
     for name, param in pruning.store.params.items():
         assert int((param == 0).sum()) >= prune_count(param.numel(), 0.8) - 0, name
         assert int((~pruning.store.masks[name]).sum()) == prune_count(param.numel(), 0.8), name
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "movement", "fisher", "random"])
+def test_every_criterion_reaches_the_target_with_zero_leaks(fit, criterion):
+    pruning = _pruning(criterion=criterion, start_step=10, end_step=40)
+    checker = ZeroChecker(pruning)
+    fit([pruning, checker])
+    for name, param in pruning.store.params.items():
+        assert int((~pruning.store.masks[name]).sum()) == prune_count(param.numel(), 0.8)
+    assert checker.checked_steps
+
+
+def test_gradient_criteria_accumulate_real_gradients_only_inside_the_window(fit):
+    counts: dict[int, float] = {}
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            state = pruning.criterion_state.get("net.layers.0.weight", {})
+            counts[trainer.global_step - 1] = float(state["count"]) if "count" in state else 0.0
+
+    pruning = _pruning(criterion="fisher", start_step=20, end_step=40, update_every=10)
+    fit([pruning, Recorder()])
+    assert counts[5] == 0.0  # before start - update_every: nothing accumulated
+    assert counts[15] == 6.0  # steps 10..15 accumulated
+    assert counts[20] == 0.0  # reset right after the update at step 20
+    assert counts[25] == 5.0
+    assert counts[55] == 0.0  # after the end: reset and nothing more
+
+
+def test_criterion_history_is_checkpointed_and_restored(tmp_path, digits):
+    kwargs = {"criterion": "taylor", "start_step": 0, "end_step": 60, "update_every": 20}
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{step}")
+    full = _pruning(**kwargs)
+    trainer = make_trainer(tmp_path, [full, every_epoch], max_steps=69, enable_checkpointing=True)
+    module = make_module(seed=4)
+    trainer.fit(module, datamodule=digits)
+    state = torch.load(tmp_path / "ckpt" / "step=46.ckpt", weights_only=True)["callbacks"][full.state_key]
+    assert float(state["criterion_state"]["net.layers.0.weight"]["count"]) == 5.0  # steps 41..45, after update 40
+
+    resumed = _pruning(**kwargs)
+    trainer = make_trainer(tmp_path, [resumed], max_steps=69)
+    other = make_module(seed=8)
+    trainer.fit(other, datamodule=digits, ckpt_path=tmp_path / "ckpt" / "step=46.ckpt")
+    assert all(torch.equal(resumed.store.masks[k], full.store.masks[k]) for k in full.store.masks)
+    assert all(
+        torch.equal(a, b) for a, b in zip(module.state_dict().values(), other.state_dict().values(), strict=True)
+    )
+
+
+def test_sensitivity_allocation_measures_once_and_saves_the_ratios(fit):
+    pruning = _pruning(final_sparsity=0.8, allocation="sensitivity", start_step=20, min_sparsity=0.3, max_sparsity=0.95)
+    fit([pruning])
+    assert pruning.sensitivities is not None and set(pruning.sensitivities) == set(pruning.store.params)
+    per_layer = pruning.store.layer_sparsity()
+    assert all(0.3 - 1e-9 <= s <= 0.95 + 1e-9 for s in per_layer.values())
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # not uniform
+    total = pruning.store.numel()
+    assert sum(int((~m).sum()) for m in pruning.store.masks.values()) == prune_count(total, 0.8)
+    assert pruning.state_dict()["sensitivities"] == pruning.sensitivities
+    # the least sensitive layer is the most pruned
+    least = min(pruning.sensitivities, key=pruning.sensitivities.get)
+    assert per_layer[least] == max(per_layer.values())
+
+
+def test_layer_sparsity_overrides_and_keep_first_last(fit):
+    pruning = _pruning(final_sparsity=0.8, keep_first=True, layer_sparsity={"net.layers.4.*": 0.5})
+    fit([pruning])
+    assert "net.layers.0.weight" not in pruning.store.params  # kept dense
+    per_layer = pruning.store.layer_sparsity()
+    assert per_layer["net.layers.4.weight"] == pytest.approx(0.5)
+    total = pruning.store.numel()
+    assert sum(int((~m).sum()) for m in pruning.store.masks.values()) == prune_count(total, 0.8)
+    pruning = _pruning(keep_last=True)
+    fit([pruning])
+    assert list(pruning.store.params) == ["net.layers.0.weight", "net.layers.2.weight"]
+
+
+def test_layer_sparsity_pattern_matching_nothing_fails_in_setup(fit):
+    with pytest.raises(ValueError, match=r"`layer_sparsity` pattern 'head\.\*' matches no pruned parameter"):
+        fit([_pruning(layer_sparsity={"head.*": 0.5})])
