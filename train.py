@@ -10,7 +10,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from pat_callbacks.config import register_configs
 from pat_callbacks.run import run_training
+
+register_configs()
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

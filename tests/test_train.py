@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from pat_callbacks.config import register_configs
 from pat_callbacks.run import run_training
+
+register_configs()
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["trainer=tiny", "trainer.max_steps=30", "num_threads=1"]
@@ -117,3 +120,28 @@ def test_train_py_bad_override_fails_fast_with_the_value(tmp_path):
     assert run.returncode != 0
     assert "Unknown `schedule` 'cubical'" in run.stderr
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pruning.final_sparsty=0.5", "final_sparsty"),
+        ("pruning.final_sparsity=abc", "Value 'abc' of type 'str' could not be converted to Float"),
+        ("pruning.update_every=often", "Value 'often' of type 'str' could not be converted to Integer"),
+        ("pruning.keep_first=maybe", "Value 'maybe' is not a valid bool"),
+    ],
+)
+def test_wrong_keys_and_types_fail_at_composition(override, message):
+    with pytest.raises(Exception) as excinfo:
+        _compose([*TINY, "+pruning=cubic", override])
+    text = f"{excinfo.value} {excinfo.value.__cause__}"
+    assert override.split("=")[0] in text and message in text
+
+
+def test_dynamic_configs_are_checked_against_their_schema():
+    with pytest.raises(Exception, match="drop_fractoin"):
+        _compose([*TINY, "+pruning=rigl", "pruning.drop_fractoin=0.5"])
+    with pytest.raises(Exception) as excinfo:
+        _compose([*TINY, "+pruning=set", "pruning.sparsity=high"])
+    assert "pruning.sparsity=high" in str(excinfo.value)
+    assert "could not be converted to Float" in str(excinfo.value.__cause__)

@@ -262,17 +262,37 @@ class PruningCallback(Callback):
         self.target_sparsity = float(state.get("target_sparsity", store.sparsity()))
         self._refresh_sparsity()
 
-    def _prune_to(self, trainer: pl.Trainer, target: float) -> None:
-        """Score, allocate and mask to ``target`` overall sparsity (``0.0`` lifts every mask)."""
+    def _prune_to(self, trainer: pl.Trainer, target: float) -> bool:
+        """Score, allocate and mask to ``target`` overall sparsity (``0.0`` lifts every mask).
+
+        Returns ``False`` (masks untouched) when a score is NaN or infinite: the update is skipped with a warning
+        and the criterion's history restarts, so the next update step tries again on clean numbers.
+        """
         store = self._require_store()
-        self.target_sparsity = target
         if target == 0.0:
+            self.target_sparsity = target
             store.clear()
             self._refresh_sparsity()
-            return
+            return True
         scores = self._scores()
+        if not self._all_finite(trainer, scores):
+            return False
+        self.target_sparsity = target
         sparsities = self._allocate(trainer, scores, target)
         self._commit_masks(trainer, {name: unstructured_mask(scores[name], sparsities[name]) for name in scores})
+        return True
+
+    def _all_finite(self, trainer: pl.Trainer, tensors: Mapping[str, Tensor | None]) -> bool:
+        bad = sorted(name for name, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all()))
+        if not bad:
+            return True
+        rank_zero_warn(
+            f"{type(self).__name__}: NaN or Inf in the scores of {bad} at step {trainer.global_step}; the mask "
+            "update is skipped (masks unchanged) and retried at the next update step"
+        )
+        for values in self.criterion_state.values():
+            values.clear()
+        return False
 
     def _allocate(self, trainer: pl.Trainer, scores: dict[str, Tensor], target: float) -> dict[str, float]:
         """Per-layer sparsities: ``layer_sparsity`` overrides first, the allocation method for the rest."""

@@ -137,6 +137,11 @@ class DynamicSparseTraining(PruningCallback):
         if fraction == 0.0:
             return False
         store = self._require_store()
+        inputs = {name: p for name, p in store.params.items()}
+        if self.method_name == "rigl":
+            inputs.update({f"{name} (grad)": p.grad for name, p in store.params.items()})
+        if not self._all_finite(trainer, inputs):
+            return False
         new_masks, regrown = {}, {}
         n_changed, n_active = 0, 0
         for name, old in store.masks.items():

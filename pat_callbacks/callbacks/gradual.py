@@ -174,7 +174,8 @@ class GradualPruning(PruningCallback):
         if not schedule.is_update_step(step):
             return False
         target = schedule(step)
-        self._prune_to(trainer, target)
+        if not self._prune_to(trainer, target):
+            return False
         if self.regrow_fraction > 0 and target > 0:
             self._reverse_pruning(trainer)
         return True

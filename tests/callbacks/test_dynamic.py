@@ -138,3 +138,14 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError) as excinfo:
         _dst(**kwargs)
     assert message in str(excinfo.value)
+
+
+def test_non_finite_gradients_skip_the_rigl_update(fit):
+    from tests.callbacks.test_gradual import GradientCorruptor, GradientRepair
+
+    dst = _dst(method="rigl")
+    history = MaskHistory(dst)
+    with pytest.warns(UserWarning, match="mask update is skipped"):
+        fit([GradientCorruptor({20}, float("nan")), dst, GradientRepair(), history])
+    assert all(torch.equal(history.masks[20][n], history.masks[19][n]) for n in history.masks[19])
+    assert any(not torch.equal(history.masks[30][n], history.masks[29][n]) for n in history.masks[29])

@@ -403,3 +403,39 @@ def test_layer_sparsity_overrides_and_keep_first_last(fit):
 def test_layer_sparsity_pattern_matching_nothing_fails_in_setup(fit):
     with pytest.raises(ValueError, match=r"`layer_sparsity` pattern 'head\.\*' matches no pruned parameter"):
         fit([_pruning(layer_sparsity={"head.*": 0.5})])
+
+
+class GradientCorruptor(Callback):
+    """Puts NaN / Inf into one gradient before the pruning callback reads it, at the given steps."""
+
+    def __init__(self, steps: set[int], value: float) -> None:
+        self.steps, self.value = steps, value
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step in self.steps:
+            pl_module.net.layers[0].weight.grad[0, 0] = self.value
+
+
+class GradientRepair(Callback):
+    """After the pruning callback: keep the injected value out of the optimizer (the test is about masks)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grad = pl_module.net.layers[0].weight.grad
+        grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_scores_skip_the_update_and_retry_at_the_next(fit, value):
+    pruning = _pruning(criterion="taylor", start_step=10, end_step=40, update_every=10)
+    seen: dict[int, float] = {}
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen[trainer.global_step - 1] = pruning.store.sparsity()
+
+    with pytest.warns(UserWarning, match=r"NaN or Inf in the scores of \['net.layers.0.weight'\] at step 20"):
+        fit([GradientCorruptor({20}, value), pruning, GradientRepair(), Recorder()])
+    assert seen[20] == seen[19]  # skipped: masks unchanged
+    assert seen[30] > seen[20]  # retried at the next update step
+    assert pruning.store.sparsity() == pytest.approx(0.8, abs=0.01)
+    assert all(torch.isfinite(m.float()).all() for m in pruning.store.masks.values())

@@ -1,0 +1,91 @@
+"""Hydra structured-config schemas for the pruning configs in ``conf/pruning/``.
+
+Registered in Hydra's ConfigStore under ``schema/pruning/{gradual,dynamic}``; each YAML of ``conf/pruning/``
+starts from one (``defaults: [/schema/pruning/gradual@_here_, _self_]``), so a misspelled key or a value of
+the wrong type fails when the config is composed, before anything is built. Range checks (a sparsity of 1.5,
+an end before the start) are the callbacks' own and run when the config is instantiated, still before training.
+
+Example:
+    >>> from omegaconf import OmegaConf
+    >>> schema = OmegaConf.structured(GradualPruningConf)
+    >>> schema.final_sparsity = "abc"
+    Traceback (most recent call last):
+    ...
+    omegaconf.errors.ValidationError: Value 'abc' of type 'str' could not be converted to Float
+        full_key: final_sparsity
+        object_type=GradualPruningConf
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+__all__ = ["DynamicSparseTrainingConf", "GradualPruningConf", "register_configs"]
+
+# OmegaConf 2.3 reads these annotations at runtime and knows typing.Optional/Dict/List, not `X | None`.
+
+
+@dataclass
+class _CommonPruningConf:
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    keep_first: bool = False
+    keep_last: bool = False
+    layer_sparsity: Optional[Dict[str, float]] = None
+    remask_weights: Any = "auto"
+    log_per_layer: bool = True
+    prog_bar: bool = True
+
+
+@dataclass
+class GradualPruningConf(_CommonPruningConf):
+    """Schema of :class:`pat_callbacks.GradualPruning` configs."""
+
+    _target_: str = "pat_callbacks.GradualPruning"
+    final_sparsity: Optional[float] = None
+    schedule: str = "cubic"
+    initial_sparsity: Optional[float] = None
+    start_step: Optional[int] = None
+    end_step: Optional[int] = None
+    start_epoch: Optional[float] = None
+    end_epoch: Optional[float] = None
+    start_fraction: Optional[float] = None
+    end_fraction: Optional[float] = None
+    update_every: Optional[int] = None
+    phase_steps: Optional[int] = None
+    phase_epochs: Optional[float] = None
+    power: Optional[float] = None
+    regrow_fraction: float = 0.0
+    criterion: str = "magnitude"
+    allocation: str = "uniform"
+    min_sparsity: float = 0.0
+    max_sparsity: float = 1.0
+    probe_sparsity: float = 0.9
+    sensitivity_batches: int = 4
+
+
+@dataclass
+class DynamicSparseTrainingConf(_CommonPruningConf):
+    """Schema of :class:`pat_callbacks.DynamicSparseTraining` configs."""
+
+    _target_: str = "pat_callbacks.DynamicSparseTraining"
+    sparsity: float = 0.9
+    method: str = "rigl"
+    update_every: int = 100
+    drop_fraction: float = 0.3
+    decay: str = "cosine"
+    stop_fraction: float = 0.75
+    stop_step: Optional[int] = None
+    allocation: str = "erk"
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent; ``train.py`` calls it before composing)."""
+    store = ConfigStore.instance()
+    store.store(group="schema/pruning", name="gradual", node=GradualPruningConf)
+    store.store(group="schema/pruning", name="dynamic", node=DynamicSparseTrainingConf)
+
+
+register_configs()
