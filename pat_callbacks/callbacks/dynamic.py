@@ -73,9 +73,10 @@ class DynamicSparseTraining(PruningCallback):
         log_per_layer: bool = True,
         prog_bar: bool = True,
     ) -> None:
-        if allocation == "global":
+        if allocation not in ("erk", "er", "uniform"):
             raise ValueError(
-                "allocation='global' ranks scores, but DST's initial mask is random; use 'erk' or 'uniform'"
+                f"Expected `allocation` to be one of 'erk', 'er', 'uniform' (DST's initial mask is random, so "
+                f"score-based allocations do not apply), but got {allocation!r}"
             )
         super().__init__(
             criterion="magnitude",

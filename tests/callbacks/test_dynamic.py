@@ -129,8 +129,8 @@ def test_resume_between_updates_gives_the_same_masks(tmp_path, digits, method):
         ({"drop_fraction": 1.5}, "`drop_fraction` to be a float in [0, 1], but got 1.5"),
         ({"update_every": 0}, "`update_every` to be an integer >= 1, but got 0"),
         ({"decay": "cos"}, "Unknown `decay` 'cos'"),
-        ({"allocation": "global"}, "allocation='global' ranks scores"),
-        ({"allocation": "erk2"}, "Unknown `allocation` 'erk2'"),
+        ({"allocation": "global"}, "`allocation` to be one of 'erk', 'er', 'uniform' (DST's initial mask is random"),
+        ({"allocation": "erk2"}, "but got 'erk2'"),
         ({"stop_fraction": -0.5}, "`stop_fraction` to be a float in [0, 1], but got -0.5"),
     ],
 )

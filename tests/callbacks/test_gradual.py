@@ -7,6 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from pat_callbacks import CubicSchedule, GradualPruning
 from pat_callbacks.models import MLP, Classifier
@@ -73,10 +74,14 @@ def test_pruned_weights_stay_zero_without_remasking(fit, optimizer):
         {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"},
         {"accumulate_grad_batches": 4, "max_steps": 20},
         {"precision": "bf16-mixed", "max_steps": 45},
+        "fp16_grad_scaler",
     ],
-    ids=["clip_norm", "clip_value", "accumulate_4", "bf16_mixed"],
+    ids=["clip_norm", "clip_value", "accumulate_4", "bf16_mixed", "fp16_mixed_grad_scaler"],
 )
 def test_pruned_weights_stay_zero_under_training_modes(fit, trainer_kwargs):
+    if trainer_kwargs == "fp16_grad_scaler":  # Lightning maps '16-mixed' to bf16 on CPU: build the fp16 path
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        trainer_kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)], "max_steps": 45}
     pruning = _pruning(end_step=15, update_every=5)
     checker = ZeroChecker(pruning)
     _trainer, _module = fit(
@@ -439,3 +444,69 @@ def test_non_finite_scores_skip_the_update_and_retry_at_the_next(fit, value):
     assert seen[30] > seen[20]  # retried at the next update step
     assert pruning.store.sparsity() == pytest.approx(0.8, abs=0.01)
     assert all(torch.isfinite(m.float()).all() for m in pruning.store.masks.values())
+
+
+class GroupsAndScheduler(Classifier):
+    """Two parameter groups (no weight decay on biases) and a per-step LR scheduler."""
+
+    def __init__(self):
+        super().__init__(MLP(64, (32, 32), 10))
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.named_parameters() if n.endswith("weight")]
+        no_decay = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2
+        )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-2, total_steps=60)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_param_groups_and_lr_scheduler(fit):
+    pl.seed_everything(0, verbose=False)
+    pruning = _pruning()
+    checker = ZeroChecker(pruning)
+    fit([pruning, checker], module=GroupsAndScheduler())
+    assert len(checker.checked_steps) >= 50 and pruning._remask_after_step is False
+
+
+class ManualOptimization(Classifier):
+    def __init__(self):
+        super().__init__(MLP(64, (32, 32), 10))
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def test_manual_optimization_is_supported_by_remasking(fit):
+    pl.seed_everything(0, verbose=False)
+    pruning = _pruning()
+    checker = ZeroChecker(pruning)
+    fit([pruning, checker], module=ManualOptimization())
+    assert pruning._remask_after_step is True  # no guarantee about what a manual loop does: re-mask
+    assert len(checker.checked_steps) >= 50
+    assert pruning.store.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+def test_manual_optimization_with_a_gradient_criterion_is_refused_before_training(fit):
+    with pytest.raises(ValueError, match="criterion='taylor' reads gradients"):
+        fit([_pruning(criterion="taylor")], module=ManualOptimization())
+
+
+def test_torch_compile_of_the_network(fit):
+    """No hooks and no reparametrisation: a compiled network trains and prunes like an eager one."""
+    module = make_module()
+    module.net = torch.compile(module.net, backend="aot_eager")
+    pruning = _pruning()
+    checker = ZeroChecker(pruning)
+    fit([pruning, checker], module=module, max_steps=45)
+    assert next(iter(pruning.store.params)) == "net._orig_mod.layers.0.weight"
+    assert pruning.store.sparsity() == pytest.approx(0.8, abs=0.01)
+    assert checker.checked_steps
