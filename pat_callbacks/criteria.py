@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from pat_callbacks._rng import SeededGenerator
 from pat_callbacks._validation import check_choice, check_int
 
 __all__ = [
@@ -217,18 +218,18 @@ class RandomCriterion(Criterion):
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = check_int("seed", seed, minimum=0)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.rng = SeededGenerator(self.seed)
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
-        noise = torch.rand(param.shape, generator=self.generator).to(param.device)
+        noise = torch.rand(param.shape, generator=self.rng.generator).to(param.device)
         return noise.clamp_min_(1e-12) * (param.detach() != 0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "generator" in state:
-            self.generator.set_state(state["generator"])
+            self.rng.set_state(state["generator"])
 
     def __repr__(self) -> str:
         return f"RandomCriterion(seed={self.seed})"

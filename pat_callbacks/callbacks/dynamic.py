@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from pat_callbacks._rng import SeededGenerator
 from pat_callbacks._validation import check_choice, check_fraction, check_int
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.patterns import unstructured_mask
@@ -98,7 +99,7 @@ class DynamicSparseTraining(PruningCallback):
         self.stop_fraction = check_fraction("stop_fraction", stop_fraction, allow_one=True)
         self.stop_step = None if stop_step is None else check_int("stop_step", stop_step, minimum=0)
         self.seed = check_int("seed", seed, minimum=0)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.rng = SeededGenerator(self.seed)
         self._resolved_stop_step: int | None = self.stop_step
 
     @property
@@ -122,7 +123,7 @@ class DynamicSparseTraining(PruningCallback):
         store = self._require_store()
         if not store.is_active:  # a fresh run (a resumed one restored its masks)
             scores = {
-                name: torch.rand(p.shape, generator=self.generator).to(p.device) for name, p in store.params.items()
+                name: torch.rand(p.shape, generator=self.rng.generator).to(p.device) for name, p in store.params.items()
             }
             sparsities = self._allocate(trainer, scores, self.final_sparsity)
             masks = {name: unstructured_mask(scores[name], sparsities[name]) for name in scores}
@@ -147,7 +148,7 @@ class DynamicSparseTraining(PruningCallback):
         n_changed, n_active = 0, 0
         for name, old in store.masks.items():
             param = store.params[name]
-            new = drop_and_grow(old, param, param.grad, fraction, self.method_name, self.generator)
+            new = drop_and_grow(old, param, param.grad, fraction, self.method_name, self.rng.generator)
             new_masks[name] = new
             regrown[name] = new & ~old
             n_changed += int(regrown[name].sum())
@@ -163,10 +164,10 @@ class DynamicSparseTraining(PruningCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator": self.generator.get_state()}
+        return {**super().state_dict(), "generator": self.rng.get_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "generator" in state_dict:
-            self.generator.set_state(state_dict["generator"])
+            self.rng.set_state(state_dict["generator"])
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "generator"})
