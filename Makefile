@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python train.py hydra.run.dir=outputs/demo/dense
 	$(BIN)/python train.py +pruning=cubic hydra.run.dir=outputs/demo/cubic
-	$(BIN)/python -m pat_callbacks.report outputs/demo/dense outputs/demo/cubic
+	$(BIN)/pat-report outputs/demo/dense outputs/demo/cubic --out outputs/demo/report
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -18,8 +18,9 @@ register_configs()
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Train once; return the test accuracy (the value Hydra sweepers optimise)."""
-    return run_training(cfg)["test_acc"]
+    """Train once; return ``optimized_metric`` (default: test accuracy), the value Hydra sweepers optimise."""
+    metrics = run_training(cfg)
+    return metrics[cfg.get("optimized_metric") or "test_acc"]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,12 @@ __all__ = ["SeededGenerator"]
 
 
 class SeededGenerator:
-    """Holds ``generator`` (a CPU ``torch.Generator`` seeded with ``seed``); checkpoint with ``get_state``."""
+    """Holds ``generator`` (a CPU ``torch.Generator`` seeded with ``seed``); checkpoint with ``get_state``.
+
+    Example:
+        >>> rng = SeededGenerator(0)
+        >>> torch.rand(1, generator=rng.generator).item() == torch.rand(1, generator=SeededGenerator(0).generator).item()
+        True"""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed

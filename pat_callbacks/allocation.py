@@ -50,7 +50,12 @@ ALLOCATIONS = ("uniform", "global", "global_raw", "erk", "er", "sensitivity")
 
 
 def uniform_allocation(scores_by_layer: Mapping[str, Tensor], target: float) -> dict[str, float]:
-    """The same sparsity in every layer."""
+    """The same sparsity in every layer.
+
+    Example:
+        >>> import torch
+        >>> uniform_allocation({"a": torch.zeros(3), "b": torch.zeros(5)}, 0.6)
+        {'a': 0.6, 'b': 0.6}"""
     return dict.fromkeys(scores_by_layer, target)
 
 
@@ -66,6 +71,12 @@ def global_allocation(
 
     Caps are met by water-filling: a layer that would pass a cap is fixed at it and the threshold is found again
     over the other layers with what is left of the budget.
+
+    Example:
+        >>> import torch
+        >>> scores = {"a": torch.arange(1.0, 5.0), "b": torch.arange(10.0, 50.0, 10.0)}
+        >>> global_allocation(scores, 0.5, normalize=False, max_sparsity=0.75)
+        {'a': 0.75, 'b': 0.25}
     """
     flat = {name: s.detach().reshape(-1).float() for name, s in scores_by_layer.items()}
     if normalize:
@@ -196,6 +207,17 @@ def measure_sensitivity(
     """Loss increase when each layer alone is pruned to ``probe_sparsity`` by ``scores`` (Li et al. 2016).
 
     The model is evaluated in eval mode on ``batches``; every weight is restored afterwards.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> params = {"0.weight": model[0].weight, "2.weight": model[2].weight}
+        >>> scores = {name: p.abs() for name, p in params.items()}
+        >>> batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+        >>> loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+        >>> sorted(measure_sensitivity(model, params, scores, 0.5, [batch], loss))
+        ['0.weight', '2.weight']
     """
     batches = list(batches)
     was_training = model.training
@@ -243,7 +265,12 @@ def allocate(
     max_sparsity: float = 1.0,
     sensitivities: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Per-layer sparsities for ``target`` by the named method (see the module docstring)."""
+    """Per-layer sparsities for ``target`` by the named method (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> allocate("erk", {"a": torch.zeros(10, 10), "b": torch.zeros(100, 100)}, 0.9)["a"] < 0.9
+        True"""
     check_choice("allocation", method, ALLOCATIONS)
     target = check_fraction("target", target)
     if method == "uniform":

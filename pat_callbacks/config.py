@@ -40,7 +40,12 @@ class _CommonPruningConf:
 
 @dataclass
 class GradualPruningConf(_CommonPruningConf):
-    """Schema of :class:`pat_callbacks.GradualPruning` configs."""
+    """Schema of :class:`pat_callbacks.GradualPruning` configs.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(GradualPruningConf).schedule
+        'cubic'"""
 
     _target_: str = "pat_callbacks.GradualPruning"
     final_sparsity: Optional[float] = None
@@ -67,7 +72,12 @@ class GradualPruningConf(_CommonPruningConf):
 
 @dataclass
 class DynamicSparseTrainingConf(_CommonPruningConf):
-    """Schema of :class:`pat_callbacks.DynamicSparseTraining` configs."""
+    """Schema of :class:`pat_callbacks.DynamicSparseTraining` configs.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(DynamicSparseTrainingConf).method
+        'rigl'"""
 
     _target_: str = "pat_callbacks.DynamicSparseTraining"
     sparsity: float = 0.9
@@ -82,7 +92,12 @@ class DynamicSparseTrainingConf(_CommonPruningConf):
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent; ``train.py`` calls it before composing)."""
+    """Register the schemas with Hydra's ConfigStore (idempotent; ``train.py`` calls it before composing).
+
+    Example:
+        >>> register_configs()
+        >>> "gradual.yaml" in ConfigStore.instance().list("schema/pruning")
+        True"""
     store = ConfigStore.instance()
     store.store(group="schema/pruning", name="gradual", node=GradualPruningConf)
     store.store(group="schema/pruning", name="dynamic", node=DynamicSparseTrainingConf)

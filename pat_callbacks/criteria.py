@@ -54,6 +54,15 @@ __all__ = [
 class Criterion(ABC):
     """Base class for importance scores.
 
+    Example:
+        >>> import torch
+        >>> class Squared(Criterion):
+        ...     name = "squared"
+        ...     def score(self, param, grad, state):
+        ...         return param.detach() ** 2
+        >>> Squared().score(torch.tensor([-2.0, 1.0]), None, {})
+        tensor([4., 1.])
+
     Attributes:
         name: the name used in configs (``criterion=magnitude``).
         needs_grad: whether :meth:`score` or :meth:`accumulate` read gradients; checked before the first step.
@@ -121,6 +130,11 @@ class MagnitudeCriterion(Criterion):
 class TaylorCriterion(Criterion):
     """First-order Taylor saliency ``|w * g|`` (Molchanov et al. 2017), averaged over the steps since the last
     mask update rather than taken from one noisy batch. Falls back to the current gradient with no history.
+
+    Example:
+        >>> import torch
+        >>> TaylorCriterion().score(torch.tensor([2.0, -1.0]), torch.tensor([0.5, 3.0]), {})
+        tensor([1., 3.])
     """
 
     name: ClassVar[str] = "taylor"

@@ -33,6 +33,15 @@ class MaskStore:
 
     Args:
         params: ``{name: parameter}`` of every parameter that may be masked (see :mod:`pat_callbacks.targets`).
+
+    Example:
+        >>> import torch
+        >>> weight = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, -4.0]))
+        >>> store = MaskStore({"w": weight})
+        >>> _ = store.set_masks({"w": torch.tensor([True, False, True, False])})
+        >>> store.apply()
+        >>> (weight == 0).tolist()
+        [False, True, False, True]
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter]) -> None:

@@ -28,6 +28,12 @@ def unstructured_mask(scores: Tensor, sparsity: float) -> Tensor:
     """Keep-mask (``True`` = kept) that prunes the ``prune_count`` lowest-scoring entries of ``scores``.
 
     Entries are chosen with ``torch.topk`` over the smaller side (pruned or kept), never a full sort.
+
+    Example:
+        >>> import torch
+        >>> unstructured_mask(torch.tensor([[0.3, 0.1], [0.2, 0.4]]), 0.5)
+        tensor([[ True, False],
+                [False,  True]])
     """
     flat = scores.detach().reshape(-1)
     numel = flat.numel()

@@ -65,6 +65,14 @@ def drop_and_grow(
 
     The count regrown equals the count dropped (capped by the entries inactive before the update), so the
     number of active entries is unchanged.
+
+    Example:
+        >>> import torch
+        >>> mask = torch.tensor([True, True, False, False])
+        >>> new = drop_and_grow(mask, torch.tensor([0.9, 0.1, 0.0, 0.0]), None, 0.5, "set",
+        ...                     torch.Generator().manual_seed(0))
+        >>> int(new.sum()), bool(new[0]), bool(new[1])
+        (2, True, False)
     """
     check_choice("method", method, GROWTH_METHODS)
     if method == "rigl" and grad is None:

@@ -19,14 +19,30 @@ from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.report import weight_sparsity
 from pat_callbacks.targets import select_parameters
 
-__all__ = ["run_training"]
+__all__ = ["CONF_DIR", "run_training"]
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's Hydra configs
 
 
 def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Fit and test the configured model; write ``metrics.json`` and return its content.
 
     Everything named in the config is instantiated (so a bad pruning value fails here, before training).
+
+    Example:
+        >>> import tempfile
+        >>> from hydra import compose, initialize_config_dir
+        >>> from pat_callbacks.config import register_configs
+        >>> register_configs()
+        >>> with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        ...     cfg = compose("train", overrides=["trainer=tiny", "trainer.max_steps=5", "+pruning=cubic",
+        ...                                       "~callbacks.checkpoint", "~logger"])
+        >>> metrics = run_training(cfg, output_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        [pat-callbacks] cubic/magnitude/uniform: test accuracy ...
+        >>> metrics["global_step"], round(metrics["sparsity"], 2)
+        (5, 0.9)
     """
+    _check_optimized_metric(cfg)
     output_dir = Path(output_dir if output_dir is not None else _hydra_output_dir())
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -43,6 +59,9 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
+    val_acc = None
+    if cfg.datamodule.get("val_size"):  # the final model's validation accuracy (what sweeps optimise)
+        val_acc = trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/acc"]
     test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
 
     params = (
@@ -52,6 +71,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     metrics = {
         "test_acc": float(test_metrics["test/acc"]),
         "test_loss": float(test_metrics["test/loss"]),
+        "val_acc": float(val_acc) if val_acc is not None else None,
         "sparsity": overall,
         "layer_sparsity": per_layer,
         "target_sparsity": float(pruning.final_sparsity) if pruning is not None else 0.0,
@@ -69,6 +89,20 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
             f"{metrics['global_step']} steps in {fit_seconds:.1f}s -> {output_dir / 'metrics.json'}"
         )
     return metrics
+
+
+SWEEPABLE_METRICS = ("test_acc", "val_acc", "test_loss", "sparsity", "fit_seconds")
+
+
+def _check_optimized_metric(cfg: DictConfig) -> None:
+    """Refuse, before training, a metric a sweeper cannot get back from this run."""
+    metric = cfg.get("optimized_metric")
+    if metric is None:
+        return
+    if metric not in SWEEPABLE_METRICS:
+        raise ValueError(f"Unknown `optimized_metric` {metric!r}; expected one of: {', '.join(SWEEPABLE_METRICS)}")
+    if metric == "val_acc" and not cfg.datamodule.get("val_size"):
+        raise ValueError("optimized_metric='val_acc' needs a validation split: set datamodule.val_size > 0")
 
 
 def _hydra_output_dir() -> str:

@@ -44,6 +44,15 @@ class Schedule(ABC):
 
     Subclasses implement :meth:`__call__`. Masks are updated at ``start_step``, then every
     ``update_every`` steps, and always at ``end_step`` so the final target is reached exactly.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Half(Schedule):
+        ...     def __call__(self, step):
+        ...         return self.final_sparsity / 2 if step >= self.start_step else 0.0
+        >>> Half(final_sparsity=0.8, start_step=0, end_step=10)(5)
+        0.4
     """
 
     final_sparsity: float

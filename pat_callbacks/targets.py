@@ -71,6 +71,11 @@ def select_parameters(
 
     Raises:
         ValueError: a pattern matches no parameter, or nothing is left to prune.
+
+    Example:
+        >>> from torch import nn
+        >>> list(select_parameters(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), include=["1.*"]))
+        ['1.weight', '1.bias']
     """
     include = normalize_patterns("include", include)
     exclude = normalize_patterns("exclude", exclude)

@@ -100,7 +100,7 @@ def _train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_train_py_command_line(tmp_path):
     run = _train_py([*TINY, "+pruning=cubic", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "[pat-callbacks] cubic: test accuracy" in run.stdout
+    assert "[pat-callbacks] cubic/magnitude/uniform: test accuracy" in run.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
@@ -145,3 +145,62 @@ def test_dynamic_configs_are_checked_against_their_schema():
         _compose([*TINY, "+pruning=set", "pruning.sparsity=high"])
     assert "pruning.sparsity=high" in str(excinfo.value)
     assert "could not be converted to Float" in str(excinfo.value.__cause__)
+
+
+RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_recipes_are_reachable_from_train_py():
+    assert {"gmp_cubic_90", "odd_even_90", "rigl_90", "set_90"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_runs_a_few_steps(tmp_path, recipe):
+    cfg = _compose([f"+recipe={recipe}", "trainer.max_steps=20", "trainer.enable_progress_bar=false", "num_threads=1"])
+    assert cfg.trainer.max_steps == 20 and cfg.model.net._target_.endswith("ConvBase")
+    metrics = run_training(_without_hydra_paths(cfg, tmp_path), output_dir=tmp_path)
+    assert metrics["global_step"] == 20
+    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_optuna_sweep_runs_two_trials_and_optimises_validation_accuracy(tmp_path):
+    run = _train_py(
+        [
+            "-m",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            *TINY,
+            "datamodule.val_size=200",
+            f"hydra.sweep.dir={tmp_path}/optuna",
+        ],
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in (tmp_path / "optuna").glob("*/metrics.json")]
+    assert len(trials) == 2 and all(t["val_acc"] is not None for t in trials)
+    assert all(t["sparsity"] == pytest.approx(0.9, abs=0.01) for t in trials)
+    best = (tmp_path / "optuna" / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "pruning." in best
+
+
+def test_launcher_configs_compose():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        local = compose(config_name="train", overrides=["hydra/launcher=local_parallel"], return_hydra_config=True)
+        slurm = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.timeout_min == 120
+
+
+def test_unknown_optimized_metric_fails_before_training(tmp_path):
+    cfg = _without_hydra_paths(_compose([*TINY, "optimized_metric=val_accuracy"]), tmp_path)
+    with pytest.raises(ValueError, match="Unknown `optimized_metric` 'val_accuracy'; expected one of: test_acc"):
+        run_training(cfg, output_dir=tmp_path)
+    cfg = _without_hydra_paths(_compose([*TINY, "optimized_metric=val_acc"]), tmp_path)
+    with pytest.raises(ValueError, match="needs a validation split: set datamodule.val_size > 0"):
+        run_training(cfg, output_dir=tmp_path)
+
+
+def test_tensorboard_logger_config(tmp_path):
+    cfg = _without_hydra_paths(_compose([*TINY, "logger=tensorboard", "+pruning=cubic"]), tmp_path)
+    run_training(cfg, output_dir=tmp_path)
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))

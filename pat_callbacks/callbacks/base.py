@@ -49,6 +49,14 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 class PruningCallback(Callback):
     """Base class: masks, their enforcement, logging and checkpoint state.
 
+    Subclasses say when masks change (:meth:`_on_step`); see :class:`~pat_callbacks.GradualPruning` and
+    :class:`~pat_callbacks.DynamicSparseTraining`.
+
+    Example:
+        >>> from pat_callbacks import GradualPruning
+        >>> isinstance(GradualPruning(final_sparsity=0.5, start_step=0, end_step=10), PruningCallback)
+        True
+
     Args:
         criterion: importance score: ``"magnitude"``, ``"taylor"``, ``"movement"``, ``"fisher"``, ``"random"``
             or a :class:`~pat_callbacks.criteria.Criterion`.

@@ -4,7 +4,7 @@ Example:
     >>> dst = DynamicSparseTraining(sparsity=0.9, method="rigl", update_every=100, drop_fraction=0.3,
     ...                             stop_fraction=0.75, allocation="erk")
     >>> dst.method_name, dst.final_sparsity
-    ('rigl', 0.9)
+    ('rigl/erk', 0.9)
 """
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ class DynamicSparseTraining(PruningCallback):
         seed: seed of the mask generator.
         include, exclude, keep_first, keep_last, layer_sparsity, remask_weights, log_per_layer, prog_bar: see
             :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+
+    Example:
+        >>> DynamicSparseTraining(sparsity=0.8, method="set", stop_step=1000).method_name
+        'set/erk'
+        >>> DynamicSparseTraining(sparsity=0.8, method="deepr")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `method` 'deepr'; expected one of: 'rigl', 'set', 'static'
     """
 
     def __init__(
@@ -92,7 +100,7 @@ class DynamicSparseTraining(PruningCallback):
             prog_bar=prog_bar,
         )
         self.final_sparsity = check_fraction("sparsity", sparsity)
-        self.method_name = check_choice("method", method, DST_METHODS)
+        self.method = check_choice("method", method, DST_METHODS)
         self.update_every = check_int("update_every", update_every, minimum=1)
         self.drop_fraction = check_fraction("drop_fraction", drop_fraction, allow_one=True)
         self.decay = check_choice("decay", decay, DECAYS)
@@ -103,8 +111,13 @@ class DynamicSparseTraining(PruningCallback):
         self._resolved_stop_step: int | None = self.stop_step
 
     @property
+    def method_name(self) -> str:
+        """``method/allocation``, e.g. ``rigl/erk`` (for reports and metrics.json)."""
+        return f"{self.method}/{self.allocation}"
+
+    @property
     def state_key(self) -> str:
-        return self._generate_state_key(sparsity=self.final_sparsity, method=self.method_name)
+        return self._generate_state_key(sparsity=self.final_sparsity, method=self.method)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -132,7 +145,7 @@ class DynamicSparseTraining(PruningCallback):
 
     @override
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
-        if self.method_name == "static" or step == 0 or step % self.update_every:
+        if self.method == "static" or step == 0 or step % self.update_every:
             return False
         stop = self._resolved_stop_step if self._resolved_stop_step is not None else 0
         fraction = update_fraction(step, self.drop_fraction, stop, self.decay)
@@ -140,7 +153,7 @@ class DynamicSparseTraining(PruningCallback):
             return False
         store = self._require_store()
         inputs = {name: p for name, p in store.params.items()}
-        if self.method_name == "rigl":
+        if self.method == "rigl":
             inputs.update({f"{name} (grad)": p.grad for name, p in store.params.items()})
         if not self._all_finite(trainer, inputs):
             return False
@@ -148,7 +161,7 @@ class DynamicSparseTraining(PruningCallback):
         n_changed, n_active = 0, 0
         for name, old in store.masks.items():
             param = store.params[name]
-            new = drop_and_grow(old, param, param.grad, fraction, self.method_name, self.rng.generator)
+            new = drop_and_grow(old, param, param.grad, fraction, self.method, self.rng.generator)
             new_masks[name] = new
             regrown[name] = new & ~old
             n_changed += int(regrown[name].sum())

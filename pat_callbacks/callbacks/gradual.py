@@ -142,7 +142,6 @@ class GradualPruning(PruningCallback):
             self.schedule: Schedule | None = schedule
             self._fixed_schedule = True
             self.schedule_name = schedule.name or type(schedule).__name__
-            self.method_name = self.schedule_name
             self.final_sparsity = schedule.final_sparsity
             return
         if not isinstance(schedule, str) or schedule not in SCHEDULES:
@@ -152,11 +151,15 @@ class GradualPruning(PruningCallback):
             raise ValueError("`final_sparsity` is required with a named schedule, e.g. final_sparsity=0.9")
         self.final_sparsity = check_fraction("final_sparsity", final_sparsity)
         self.schedule_name = schedule
-        self.method_name = schedule
         self._validate_window()
         # A window given fully in steps is built now; epochs and fractions wait for the trainer.
         self._fixed_schedule = self._steps_only()
         self.schedule = self._build_schedule(steps_per_epoch=0, total_steps=0) if self._fixed_schedule else None
+
+    @property
+    def method_name(self) -> str:
+        """``schedule/criterion/allocation``, e.g. ``cubic/taylor/sensitivity`` (for reports and metrics.json)."""
+        return f"{self.schedule_name}/{self.criterion.name or type(self.criterion).__name__}/{self.allocation}"
 
     @property
     def state_key(self) -> str:

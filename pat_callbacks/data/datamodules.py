@@ -117,6 +117,12 @@ class MNIST1DDataModule(_TensorDataModule):
 
     Defaults give the paper's split: 4,000 training and 1,000 test sequences of length 40. ``val_size`` takes
     that many training sequences out for validation (0: the paper's protocol, no validation set).
+
+    Example:
+        >>> dm = MNIST1DDataModule(val_size=500)
+        >>> dm.setup("fit")
+        >>> len(dm.train_set), len(dm.val_set), len(dm.test_set)
+        (3500, 500, 1000)
     """
 
     def __init__(
@@ -153,7 +159,13 @@ class MNIST1DDataModule(_TensorDataModule):
 
 class DigitsDataModule(_TensorDataModule):
     """scikit-learn's bundled 8x8 digits (1,797 images, shipped with the package), flattened to 64 features
-    scaled to [0, 1]; a seeded stratified split holds out ``test_fraction`` for testing."""
+    scaled to [0, 1]; a seeded stratified split holds out ``test_fraction`` for testing.
+
+    Example:
+        >>> dm = DigitsDataModule()
+        >>> dm.setup("fit")
+        >>> len(dm.train_set), len(dm.test_set)
+        (1437, 360)"""
 
     def __init__(
         self,

@@ -38,6 +38,12 @@ class Classifier(pl.LightningModule):
         lr: learning rate.
         weight_decay: L2 (SGD, Adam) or decoupled (AdamW) weight decay.
         momentum: SGD momentum.
+
+    Example:
+        >>> import torch
+        >>> from pat_callbacks.models import MLP
+        >>> Classifier(MLP(64, (16,), 10))(torch.zeros(2, 64)).shape
+        torch.Size([2, 10])
     """
 
     def __init__(
