@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import platform
 import resource
@@ -55,7 +56,7 @@ def cnn() -> nn.Module:
     """~6.0M parameters, small spatial size: a CNN of the MLP's size that still trains fast on a CPU."""
     layers: list[nn.Module] = []
     channels = [3, 64, 256, 512, 1024]
-    for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+    for c_in, c_out in itertools.pairwise(channels):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.ReLU()]
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(1024, 10))
 

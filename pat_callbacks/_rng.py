@@ -25,8 +25,8 @@ class SeededGenerator:
     """Holds ``generator`` (a CPU ``torch.Generator`` seeded with ``seed``); checkpoint with ``get_state``.
 
     Example:
-        >>> rng = SeededGenerator(0)
-        >>> torch.rand(1, generator=rng.generator).item() == torch.rand(1, generator=SeededGenerator(0).generator).item()
+        >>> a, b = SeededGenerator(0), SeededGenerator(0)
+        >>> torch.equal(torch.rand(2, generator=a.generator), torch.rand(2, generator=b.generator))
         True"""
 
     def __init__(self, seed: int) -> None:

@@ -49,5 +49,5 @@ def test_pat_report_writes_tables_and_plots(sweep, tmp_path, capsys):
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No metrics.json at or below"):
+    with pytest.raises(FileNotFoundError, match=r"No metrics\.json at or below"):
         collect_runs([tmp_path])

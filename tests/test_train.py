@@ -196,7 +196,7 @@ def test_unknown_optimized_metric_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="Unknown `optimized_metric` 'val_accuracy'; expected one of: test_acc"):
         run_training(cfg, output_dir=tmp_path)
     cfg = _without_hydra_paths(_compose([*TINY, "optimized_metric=val_acc"]), tmp_path)
-    with pytest.raises(ValueError, match="needs a validation split: set datamodule.val_size > 0"):
+    with pytest.raises(ValueError, match=r"needs a validation split: set datamodule\.val_size > 0"):
         run_training(cfg, output_dir=tmp_path)
 
 
