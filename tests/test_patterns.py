@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from pat_callbacks.patterns import prune_count, unstructured_mask
+from pat_callbacks.patterns import lowest_k, prune_count, unstructured_mask
 
 
 def test_unstructured_mask_prunes_exactly_the_lowest_scores():
@@ -19,3 +20,32 @@ def test_already_zero_weights_stay_pruned_when_sparsity_grows():
     weights = torch.tensor([0.0, 0.0, 0.5, -0.1, 2.0, 0.3])
     mask = unstructured_mask(weights.abs(), 0.5)
     assert mask.tolist() == [False, False, True, False, True, True]
+
+
+@pytest.mark.parametrize("n", [1000, 300_000])
+@pytest.mark.parametrize("fraction", [0.0001, 0.1, 0.5, 0.9, 0.98, 0.9999])
+def test_lowest_k_is_exact_on_large_tensors(n, fraction):
+    torch.manual_seed(n)
+    values = torch.randn(n)
+    k = round(fraction * n)
+    mask = lowest_k(values, k)
+    assert int(mask.sum()) == k
+    if 0 < k < n:
+        assert values[mask].max() <= values[~mask].min()
+
+
+def test_lowest_k_with_heavy_ties_and_zeros():
+    values = torch.cat([torch.zeros(200_000), torch.rand(100_000) + 1, torch.full((50_000,), 5.0)])
+    for k in (1, 150_000, 200_000, 250_000, 320_000):
+        mask = lowest_k(values, k)
+        assert int(mask.sum()) == k
+        assert values[mask].max() <= values[~mask].min()
+    assert lowest_k(values, 200_000)[:200_000].all()  # all zeros pruned first
+
+
+def test_already_pruned_weights_stay_pruned_in_a_large_layer():
+    torch.manual_seed(0)
+    weights = torch.randn(400_000)
+    weights[:300_000] = 0.0
+    mask = unstructured_mask(weights.abs(), 0.8)
+    assert not mask[:300_000].any() and int((~mask).sum()) == 320_000
