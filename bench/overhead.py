@@ -3,8 +3,8 @@
 Variants run interleaved (round-robin, fresh seeded model each time) in one process, so machine noise hits them
 alike; each reports the median step time (forward + backward + optimizer step + callback hooks) as a ratio to
 dense, the extra time of a mask-update step as a fraction of a step, the extra memory held for pruning
-(masks, criterion state, reparametrised copies) as a ratio of the dense parameter bytes, and the peak RSS of a
-separate short process per variant.
+(masks, criterion state, reparametrised copies) as a ratio of the dense parameter bytes, and the resident memory
+of a separate short process per variant at its last training step.
 
     python bench/overhead.py                    # full: MLP 784-2048-2048-10 and a 6M-param CNN
     python bench/overhead.py --quick            # fewer steps and rounds
@@ -136,6 +136,7 @@ class StepTimer(Callback):
         self.times: list[float] = []
         self.update_times: list[float] = []
         self.extra_bytes = 0
+        self.rss_mib = 0.0
         self._start = 0.0
 
     def on_train_batch_start(self, *args: Any) -> None:
@@ -146,6 +147,7 @@ class StepTimer(Callback):
         step = trainer.global_step - 1
         if step == self.last_step:
             self.extra_bytes = extra_bytes(pl_module, self.callbacks)
+            self.rss_mib = current_rss_mib()
         if step < self.warmup:
             return
         (self.update_times if step % UPDATE_EVERY == 0 else self.times).append(elapsed)
@@ -192,8 +194,14 @@ def fit(model_name: str, variant: str, steps: int, warmup: int, seed: int) -> tu
     return timer, timer.extra_bytes
 
 
-def peak_rss(model_name: str, variant: str) -> float:
-    """Peak resident memory (MiB) of a separate process that trains this variant for a few steps."""
+def current_rss_mib() -> float:
+    """Resident memory of this process now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def end_rss(model_name: str, variant: str) -> float:
+    """Resident memory (MiB) at the last training step of a separate process that trains only this variant."""
     done = subprocess.run(
         [sys.executable, __file__, "--single", model_name, variant],
         capture_output=True,
@@ -217,8 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.single:
-        fit(args.single[0], args.single[1], steps=10, warmup=12, seed=0)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        timer, _ = fit(args.single[0], args.single[1], steps=10, warmup=12, seed=0)
+        print(timer.rss_mib)
         return
     if args.quick:
         args.rounds, args.steps = 2, 90
@@ -256,7 +264,7 @@ def main() -> None:
                     "ratio_to_dense": round(step / dense, 3),
                     "update_step_extra_fraction": round((update - step) / step, 2) if update == update else "",
                     "extra_memory_ratio": round(extra[variant] / param_bytes, 3),
-                    "peak_rss_mib": round(peak_rss(model_name, variant), 1),
+                    "rss_at_end_mib": round(end_rss(model_name, variant), 1),
                 }
             )
     write(rows, args)
@@ -275,14 +283,17 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"Command: `{command.strip()}` ({args.rounds} interleaved rounds x {args.steps} timed steps, batch {BATCH}, "
         f"SGD momentum, {args.threads} threads, torch {torch.__version__}, lightning {pl.__version__}, "
         f"{platform.processor() or platform.machine()}).",
-        "Ratios are measured side by side in one run; absolute times move with machine load.",
+        "Ratios are measured side by side in one run; absolute times move with machine load. "
+        f"'update step extra': the extra time of a mask-update step, in normal steps (updates every {UPDATE_EVERY} "
+        f"steps, so it adds that / {UPDATE_EVERY} to the average step). 'extra memory': masks, criterion state and "
+        "reparametrised copies over the dense parameter bytes.",
         "",
-        "| model | variant | step ms | x dense | update step extra | extra memory / param bytes | peak RSS MiB |",
+        "| model | variant | step ms | x dense | update step extra | extra memory / param bytes | RSS at end MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [r.get(k, "") for k in ("step_ms", "ratio_to_dense", "update_step_extra_fraction")]
-        cells += [r.get(k, "") for k in ("extra_memory_ratio", "peak_rss_mib")]
+        cells += [r.get(k, "") for k in ("extra_memory_ratio", "rss_at_end_mib")]
         lines.append(f"| {r['model']} | {r['variant']} | " + " | ".join(str(c) for c in cells) + " |")
     (args.out / "overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
