@@ -31,6 +31,7 @@ from pat_callbacks.allocation import ALLOCATIONS, allocate, measure_sensitivity
 from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.patterns import prune_count, unstructured_mask
+from pat_callbacks.regrowth import drop_and_grow
 from pat_callbacks.targets import normalize_patterns, select_parameters
 
 __all__ = ["ZERO_PRESERVING_OPTIMIZERS", "PruningCallback"]
@@ -301,6 +302,30 @@ class PruningCallback(Callback):
         for values in self.criterion_state.values():
             values.clear()
         return False
+
+    def _drop_and_regrow(
+        self, trainer: pl.Trainer, fraction: float, method: str, generator: torch.Generator | None = None
+    ) -> dict[str, float]:
+        """Swap ``fraction`` of each masked layer's active weights (see :func:`~pat_callbacks.regrowth.drop_and_grow`);
+        regrown entries restart at zero with zeroed optimizer state. Returns metrics for the loggers."""
+        store = self._require_store()
+        new_masks, regrown = {}, {}
+        for name, old in store.masks.items():
+            param = store.params[name]
+            if method == "rigl" and param.grad is None:
+                continue  # a layer without a gradient this step keeps its mask
+            new_masks[name] = drop_and_grow(old, param, param.grad, fraction, method, generator)
+            regrown[name] = new_masks[name] & ~old
+        n_active = sum(int(store.masks[name].sum()) for name in new_masks)
+        if new_masks:
+            self._commit_masks(trainer, new_masks, reset=regrown)
+        n_regrown = sum(int(r.sum()) for r in regrown.values())
+        return {
+            "pruning/drop_fraction": fraction,
+            "pruning/regrown": float(n_regrown),
+            "pruning/dropped": float(n_regrown),
+            "pruning/mask_change_rate": n_regrown / max(n_active, 1),
+        }
 
     def _allocate(self, trainer: pl.Trainer, scores: dict[str, Tensor], target: float) -> dict[str, float]:
         """Per-layer sparsities: ``layer_sparsity`` overrides first, the allocation method for the rest."""

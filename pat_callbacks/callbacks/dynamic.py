@@ -21,7 +21,7 @@ from pat_callbacks._rng import SeededGenerator
 from pat_callbacks._validation import check_choice, check_fraction, check_int
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.patterns import unstructured_mask
-from pat_callbacks.regrowth import DECAYS, GROWTH_METHODS, drop_and_grow, update_fraction
+from pat_callbacks.regrowth import DECAYS, GROWTH_METHODS, update_fraction
 
 __all__ = ["DST_METHODS", "DynamicSparseTraining"]
 
@@ -157,22 +157,7 @@ class DynamicSparseTraining(PruningCallback):
             inputs.update({f"{name} (grad)": p.grad for name, p in store.params.items()})
         if not self._all_finite(trainer, inputs):
             return False
-        new_masks, regrown = {}, {}
-        n_changed, n_active = 0, 0
-        for name, old in store.masks.items():
-            param = store.params[name]
-            new = drop_and_grow(old, param, param.grad, fraction, self.method, self.rng.generator)
-            new_masks[name] = new
-            regrown[name] = new & ~old
-            n_changed += int(regrown[name].sum())
-            n_active += int(old.sum())
-        self._commit_masks(trainer, new_masks, reset=regrown)
-        self._extra_metrics = {
-            "pruning/drop_fraction": fraction,
-            "pruning/regrown": float(n_changed),
-            "pruning/dropped": float(n_changed),
-            "pruning/mask_change_rate": n_changed / max(n_active, 1),
-        }
+        self._extra_metrics = self._drop_and_regrow(trainer, fraction, self.method, self.rng.generator)
         return True
 
     @override

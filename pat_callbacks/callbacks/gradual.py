@@ -20,7 +20,6 @@ from typing_extensions import override
 from pat_callbacks._validation import check_fraction, check_int, check_number, check_positive
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.criteria import Criterion
-from pat_callbacks.regrowth import drop_and_grow
 from pat_callbacks.schedules import SCHEDULES, Schedule, make_schedule
 
 __all__ = ["GradualPruning"]
@@ -180,21 +179,8 @@ class GradualPruning(PruningCallback):
         if not self._prune_to(trainer, target):
             return False
         if self.regrow_fraction > 0 and target > 0:
-            self._reverse_pruning(trainer)
+            self._extra_metrics = self._drop_and_regrow(trainer, self.regrow_fraction, "rigl")
         return True
-
-    def _reverse_pruning(self, trainer: pl.Trainer) -> None:
-        store = self._require_store()
-        new_masks, regrown = {}, {}
-        for name, mask in store.masks.items():
-            param = store.params[name]
-            if param.grad is None:
-                continue
-            new_masks[name] = drop_and_grow(mask, param, param.grad, self.regrow_fraction, "rigl")
-            regrown[name] = new_masks[name] & ~mask
-        if new_masks:
-            self._commit_masks(trainer, new_masks, reset=regrown)
-            self._extra_metrics = {"pruning/regrown": float(sum(int(r.sum()) for r in regrown.values()))}
 
     @override
     def _resolve(self, trainer: pl.Trainer) -> None:
