@@ -80,6 +80,18 @@ class MaskStore:
             self.masks[name] = mask
         return newly_pruned
 
+    def sync_devices(self) -> None:
+        """Move each mask to its parameter's current device (call after the model moved, e.g. to a GPU).
+
+        Example:
+            >>> import torch
+            >>> store = MaskStore({"w": torch.nn.Parameter(torch.ones(2))})
+            >>> _ = store.set_masks({"w": torch.tensor([True, False])})
+            >>> store.sync_devices(); store.masks["w"].device.type
+            'cpu'
+        """
+        self.masks = {name: mask.to(self.params[name].device) for name, mask in self.masks.items()}
+
     def clear(self) -> None:
         """Lift every mask: all parameters train densely (pruned weights restart from zero)."""
         self.masks = {}

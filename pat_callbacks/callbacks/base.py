@@ -196,6 +196,12 @@ class PruningCallback(Callback):
         )
         self._remask_after_step = self.remask_weights is True or (self.remask_weights == "auto" and not auto_ok)
         store = self._require_store()
+        # setup() (and a checkpoint restore) ran before the strategy moved the model to its device.
+        store.sync_devices()
+        self.criterion_state = {
+            name: {key: value.to(store.params[name].device) for key, value in values.items()}
+            for name, values in self.criterion_state.items()
+        }
         store.apply()
         self._refresh_sparsity()
 
@@ -261,10 +267,7 @@ class PruningCallback(Callback):
         store = self._require_store()
         store.load_state_dict(state)
         self.last_update_step = int(state.get("last_update_step", -1))
-        self.criterion_state = {
-            name: {key: value.to(store.params[name].device) for key, value in values.items()}
-            for name, values in state.get("criterion_state", {}).items()
-        }
+        self.criterion_state = {name: dict(values) for name, values in state.get("criterion_state", {}).items()}
         self.criterion.load_state_dict(state.get("criterion", {}))
         sensitivities = state.get("sensitivities")
         self.sensitivities = None if sensitivities is None else {k: float(v) for k, v in sensitivities.items()}
