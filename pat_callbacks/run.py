@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         (5, 0.9)
     """
     _check_optimized_metric(cfg)
+    # Noise from Lightning internals: an absent validation split is intended, and LeafSpec is its own deprecation.
+    warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     output_dir = Path(output_dir if output_dir is not None else _hydra_output_dir())
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
