@@ -410,7 +410,9 @@ class PruningCallback(Callback):
     def _refresh_sparsity(self) -> None:
         store = self._require_store()
         self._layer_sparsity = store.layer_sparsity()
-        self._sparsity = store.sparsity()
+        numel = {name: p.numel() for name, p in store.params.items()}
+        pruned = sum(round(self._layer_sparsity[name] * n) for name, n in numel.items())
+        self._sparsity = pruned / sum(numel.values())  # from the per-layer counts: no second pass over masks
         self._log_pending = True
 
     def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
