@@ -62,6 +62,7 @@ class GradualPruningConf(_CommonPruningConf):
     phase_epochs: Optional[float] = None
     power: Optional[float] = None
     regrow_fraction: float = 0.0
+    pattern: str = "unstructured"
     criterion: str = "magnitude"
     allocation: str = "uniform"
     min_sparsity: float = 0.0

@@ -8,10 +8,12 @@ Example:
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
-__all__ = ["lowest_k", "prune_count", "unstructured_mask"]
+__all__ = ["lowest_k", "nm_mask", "parse_nm", "prune_count", "unstructured_mask"]
 
 
 def prune_count(numel: int, sparsity: float) -> int:
@@ -63,3 +65,60 @@ def lowest_k(values: Tensor, k: int) -> Tensor:
         if k < n:
             mask[torch.topk(values, n - k, largest=True, sorted=False).indices] = False
     return mask
+
+
+def parse_nm(pattern: str | tuple[int, int]) -> tuple[int, int]:
+    """``"N:M"`` (keep N of every M consecutive weights, NVIDIA's 2:4 convention) as ``(N, M)``.
+
+    ``"M:N"`` written the other way round (``"4:2"``) is refused with a pointer to the convention.
+
+    Example:
+        >>> parse_nm("2:4"), parse_nm((1, 4))
+        ((2, 4), (1, 4))
+        >>> parse_nm("4:2")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `pattern` 'N:M' with 0 < N < M (keep N of every M weights, e.g. '2:4'), but got '4:2'; \
+did you mean '2:4'?
+    """
+    if isinstance(pattern, str):
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+        n, m = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    elif isinstance(pattern, (tuple, list)) and len(pattern) == 2 and all(isinstance(v, int) for v in pattern):
+        n, m = int(pattern[0]), int(pattern[1])
+    else:
+        n, m = 0, 0
+    if not 0 < n < m:
+        hint = f"; did you mean '{m}:{n}'?" if 0 < m < n else ""
+        raise ValueError(
+            "Expected `pattern` 'N:M' with 0 < N < M (keep N of every M weights, e.g. '2:4'), "
+            f"but got {pattern!r}{hint}"
+        )
+    return n, m
+
+
+def nm_mask(scores: Tensor, n: int, m: int, pruned_per_group: int | None = None) -> Tensor:
+    """Keep-mask with the ``m - pruned_per_group`` highest scores of every group of ``m`` consecutive entries
+    along each output row (default: keep exactly ``n`` of every ``m``).
+
+    Rows are the first dimension; the remaining dimensions are flattened (for a conv, in-channels x kernel), and
+    their size must be a multiple of ``m``.
+
+    Example:
+        >>> import torch
+        >>> nm_mask(torch.tensor([[0.1, 0.9, 0.5, 0.3, 4.0, 3.0, 2.0, 1.0]]), 2, 4).int().tolist()
+        [[0, 1, 1, 0, 1, 1, 0, 0]]
+    """
+    rows = scores.detach().reshape(scores.shape[0], -1)
+    if rows.shape[1] % m:
+        raise ValueError(
+            f"An N:M pattern with M={m} needs each row's size to be a multiple of {m}, but a tensor of shape "
+            f"{tuple(scores.shape)} has rows of {rows.shape[1]}"
+        )
+    pruned = m - n if pruned_per_group is None else pruned_per_group
+    groups = rows.reshape(rows.shape[0], -1, m)
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    if pruned > 0:
+        lowest = torch.topk(groups, pruned, dim=-1, largest=False, sorted=False).indices
+        mask.scatter_(-1, lowest, False)
+    return mask.reshape(scores.shape)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pat_callbacks.patterns import lowest_k, prune_count, unstructured_mask
+from pat_callbacks.patterns import lowest_k, nm_mask, parse_nm, prune_count, unstructured_mask
 
 
 def test_unstructured_mask_prunes_exactly_the_lowest_scores():
@@ -49,3 +49,27 @@ def test_already_pruned_weights_stay_pruned_in_a_large_layer():
     weights[:300_000] = 0.0
     mask = unstructured_mask(weights.abs(), 0.8)
     assert not mask[:300_000].any() and int((~mask).sum()) == 320_000
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_nm_mask_keeps_exactly_n_of_every_m(n, m):
+    torch.manual_seed(0)
+    scores = torch.rand(6, 3, 8)  # a conv-shaped weight: rows of 24
+    mask = nm_mask(scores, n, m)
+    groups = mask.reshape(6, -1, m)
+    assert (groups.sum(-1) == n).all()
+    kept, dropped = scores.reshape(6, -1, m), scores.reshape(6, -1, m)
+    assert (torch.where(groups, kept, torch.inf).amin(-1) >= torch.where(groups, -torch.inf, dropped).amax(-1)).all()
+
+
+def test_nm_mask_with_fewer_pruned_per_group_and_bad_rows():
+    scores = torch.arange(8.0).reshape(1, 8)
+    assert nm_mask(scores, 2, 4, pruned_per_group=1).int().tolist() == [[0, 1, 1, 1, 0, 1, 1, 1]]
+    with pytest.raises(ValueError, match=r"multiple of 4, but a tensor of shape \(2, 5\) has rows of 5"):
+        nm_mask(torch.rand(2, 5), 2, 4)
+
+
+@pytest.mark.parametrize("bad", ["4:2", "2:2", "0:4", "two:four", (2,), "2-4"])
+def test_parse_nm_refuses_bad_patterns(bad):
+    with pytest.raises(ValueError, match="Expected `pattern` 'N:M' with 0 < N < M"):
+        parse_nm(bad)

@@ -59,6 +59,15 @@ def test_every_criterion_runs_through_train_py_config(tmp_path, criterion):
     assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
+def test_two_four_pattern_through_train_py_config(tmp_path):
+    overrides = [*TINY, "model=mlp", "+pruning=two_four", "pruning.update_every=5"]
+    metrics = run_training(_without_hydra_paths(_compose(overrides), tmp_path), output_dir=tmp_path)
+    assert set(metrics["layer_sparsity"]) == {"net.layers.0.weight", "net.layers.2.weight", "net.layers.4.weight"}
+    assert all(s == pytest.approx(0.5, abs=0.01) for s in metrics["layer_sparsity"].values())
+    with pytest.raises(ValueError, match=r"'net\.conv1\.weight' has shape \(25, 1, 5\)"):
+        run_training(_without_hydra_paths(_compose([*TINY, "+pruning=two_four"]), tmp_path), output_dir=tmp_path)
+
+
 def test_sensitivity_allocation_through_train_py_config(tmp_path):
     overrides = [*TINY, "+pruning=cubic", "pruning.allocation=sensitivity", "pruning.max_sparsity=0.97"]
     cfg = _without_hydra_paths(_compose(overrides), tmp_path)

@@ -291,8 +291,12 @@ class PruningCallback(Callback):
             return False
         self.target_sparsity = target
         sparsities = self._allocate(trainer, scores, target)
-        self._commit_masks(trainer, {name: unstructured_mask(scores[name], sparsities[name]) for name in scores})
+        self._commit_masks(trainer, {name: self._make_mask(scores[name], sparsities[name]) for name in scores})
         return True
+
+    def _make_mask(self, scores: Tensor, sparsity: float) -> Tensor:
+        """Keep-mask for one layer at ``sparsity`` (unstructured; subclasses may impose a pattern)."""
+        return unstructured_mask(scores, sparsity)
 
     def _all_finite(self, trainer: pl.Trainer, tensors: Mapping[str, Tensor | None]) -> bool:
         bad = sorted(name for name, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all()))

@@ -20,6 +20,7 @@ from typing_extensions import override
 from pat_callbacks._validation import check_fraction, check_int, check_number, check_positive
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.criteria import Criterion
+from pat_callbacks.patterns import nm_mask, parse_nm
 from pat_callbacks.schedules import SCHEDULES, Schedule, make_schedule
 
 __all__ = ["GradualPruning"]
@@ -52,6 +53,10 @@ class GradualPruning(PruningCallback):
         update_every: optimizer steps between mask updates (default 100; not for ``odd_even``/``one_shot``).
         phase_steps, phase_epochs: length of each prune / recover phase for ``odd_even``.
         power: exponent of the ``polynomial`` schedule.
+        pattern: ``"unstructured"`` (default) or ``"N:M"``: keep N of every M consecutive weights of each output
+            row (NVIDIA's convention: ``"2:4"`` keeps 2 of 4, 50% sparsity). With N:M, ``final_sparsity`` defaults
+            to ``1 - N/M`` (any other value is refused), the schedule's intermediate targets round down to whole
+            weights per group, and allocation is per layer (``"uniform"``).
         regrow_fraction: pruning reversal. At each update, after masking to the target, this fraction of the
             active weights with the lowest magnitude is swapped for as many pruned weights with the largest
             dense-gradient magnitude (as in RigL), which re-enter at zero with zeroed optimizer state; the
@@ -84,6 +89,7 @@ class GradualPruning(PruningCallback):
         phase_epochs: float | None = None,
         power: float | None = None,
         regrow_fraction: float = 0.0,
+        pattern: str = "unstructured",
         criterion: str | Criterion = "magnitude",
         allocation: str = "uniform",
         include: str | Sequence[str] | None = None,
@@ -131,6 +137,23 @@ class GradualPruning(PruningCallback):
             "power": power,
         }
         self.regrow_fraction = check_fraction("regrow_fraction", regrow_fraction, allow_one=True)
+        self.nm: tuple[int, int] | None = None
+        if pattern != "unstructured":
+            self.nm = parse_nm(pattern)
+            n, m = self.nm
+            if self.allocation != "uniform":
+                raise ValueError(
+                    f"pattern={pattern!r} fixes the sparsity of every layer: use allocation='uniform', "
+                    f"not {self.allocation!r}"
+                )
+            if self.regrow_fraction > 0:
+                raise ValueError(f"regrow_fraction={self.regrow_fraction} would break the {pattern!r} pattern; use 0")
+            if final_sparsity is None and not isinstance(schedule, Schedule):
+                final_sparsity = 1 - n / m
+            if final_sparsity is not None and abs(final_sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"pattern={pattern!r} reaches sparsity {1 - n / m:g}, but got final_sparsity={final_sparsity!r}"
+                )
         self._window = {key: value for key, value in window.items() if value is not None}
         if isinstance(schedule, Schedule):
             if self._window or final_sparsity is not None:
@@ -165,6 +188,26 @@ class GradualPruning(PruningCallback):
         return self._generate_state_key(final_sparsity=self.final_sparsity, schedule=self.schedule_name)
 
     # ------------------------------------------------------------- schedule
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or self.nm is None or self.store is None:
+            return
+        m = self.nm[1]
+        for name, param in self.store.params.items():
+            if (param.numel() // param.shape[0]) % m:
+                raise ValueError(
+                    f"pattern '{self.nm[0]}:{m}' needs rows whose size is a multiple of {m}, but {name!r} has shape "
+                    f"{tuple(param.shape)}; exclude it (exclude=[{name!r}])"
+                )
+
+    @override
+    def _make_mask(self, scores: Tensor, sparsity: float) -> Tensor:
+        if self.nm is None:
+            return super()._make_mask(scores, sparsity)
+        n, m = self.nm
+        return nm_mask(scores, n, m, pruned_per_group=min(m - n, int(sparsity * m + 1e-9)))
+
     @override
     def _accumulating(self, step: int) -> bool:
         schedule = self._require_schedule()

@@ -510,3 +510,46 @@ def test_torch_compile_of_the_network(fit):
     assert next(iter(pruning.store.params)) == "net._orig_mod.layers.0.weight"
     assert pruning.store.sparsity() == pytest.approx(0.8, abs=0.01)
     assert checker.checked_steps
+
+
+def test_two_four_pattern_ends_with_exactly_two_of_every_four(fit):
+    seen: dict[int, float] = {}
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen[trainer.global_step - 1] = pruning.store.sparsity()
+
+    pruning = GradualPruning(pattern="2:4", schedule="linear", start_step=0, end_step=40, update_every=10)
+    assert pruning.final_sparsity == 0.5
+    checker = ZeroChecker(pruning)
+    fit([pruning, checker, Recorder()])
+    for name, param in pruning.store.params.items():
+        groups = (param.detach() != 0).reshape(param.shape[0], -1, 4).sum(-1)
+        assert (groups <= 2).all(), name
+        assert (pruning.store.masks[name].reshape(param.shape[0], -1, 4).sum(-1) == 2).all(), name
+    assert seen[10] == pytest.approx(0.0) and seen[20] == pytest.approx(0.25) and seen[40] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pattern": "4:2"}, "did you mean '2:4'?"),
+        ({"pattern": "2:4", "final_sparsity": 0.9}, "pattern='2:4' reaches sparsity 0.5, but got final_sparsity=0.9"),
+        ({"pattern": "2:4", "allocation": "global"}, "use allocation='uniform', not 'global'"),
+        ({"pattern": "2:4", "regrow_fraction": 0.1}, "would break the '2:4' pattern"),
+    ],
+)
+def test_bad_nm_arguments_fail_at_construction(kwargs, message):
+    options = {"start_step": 0, "end_step": 100} | kwargs
+    with pytest.raises(ValueError) as excinfo:
+        GradualPruning(**options)
+    assert message in str(excinfo.value)
+
+
+def test_nm_pattern_on_a_layer_with_incompatible_rows_fails_in_setup(tmp_path, digits):
+    from pat_callbacks.models import ConvBase
+
+    with pytest.raises(ValueError, match=r"'net\.conv1\.weight' has shape \(25, 1, 5\); exclude it"):
+        make_trainer(tmp_path, [GradualPruning(pattern="2:4", start_step=0, end_step=10)]).fit(
+            Classifier(ConvBase()), datamodule=digits
+        )
