@@ -1,0 +1,60 @@
+"""Compressed sparse checkpoints: exact round trips, size targets, and the CLI on a real pruned checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pat_callbacks import GradualPruning
+from pat_callbacks.export import compress_state_dict, decompress_state_dict, load_sparse, main, save_sparse
+
+
+def _sparse(shape, sparsity, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(shape, generator=generator).to(dtype)
+    return values * (torch.rand(shape, generator=generator) >= sparsity)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 1.0])
+@pytest.mark.parametrize("shape", [(300, 200), (16, 8, 3, 3), (1000,), (1, 5)])
+def test_round_trip_is_exact(shape, sparsity):
+    state = {
+        "w": _sparse(shape, sparsity),
+        "steps": torch.tensor(7),
+        "half": _sparse(shape, sparsity, dtype=torch.bfloat16),
+    }
+    restored = decompress_state_dict(compress_state_dict(state, min_sparsity=0.0))
+    assert restored.keys() == state.keys()
+    for key in state:
+        assert restored[key].dtype == state[key].dtype and torch.equal(restored[key], state[key]), key
+
+
+def test_csr_is_chosen_when_it_is_smaller():
+    very_sparse = torch.zeros(50, 4000)
+    very_sparse[3, 17] = 1.0
+    assert compress_state_dict({"w": very_sparse})["tensors"]["w"]["format"] == "csr"
+    assert compress_state_dict({"w": _sparse((100, 100), 0.7)})["tensors"]["w"]["format"] == "bitmask"
+
+
+@pytest.mark.parametrize(("sparsity", "limit"), [(0.5, 0.6), (0.8, 0.25), (0.9, 0.15), (0.95, 0.1), (0.98, 0.06)])
+def test_file_size_against_dense(tmp_path, sparsity, limit):
+    report = save_sparse({"w": _sparse((512, 512), sparsity)}, tmp_path / "w.pt")
+    assert report.ratio <= limit, report
+
+
+def test_pat_export_cli_on_a_pruned_lightning_checkpoint(tmp_path, fit, capsys):
+    pruning = GradualPruning(final_sparsity=0.9, start_step=0, end_step=20, update_every=10)
+    trainer, module = fit([pruning], max_steps=25)
+    trainer.save_checkpoint(tmp_path / "pruned.ckpt")
+    main([str(tmp_path / "pruned.ckpt"), str(tmp_path / "pruned.sparse.pt")])
+    assert "of the dense" in capsys.readouterr().out
+    restored = load_sparse(tmp_path / "pruned.sparse.pt")
+    assert all(torch.equal(restored[k], v) for k, v in module.state_dict().items())
+    fresh = type(module)(type(module.net)(64, (32, 32), 10))
+    fresh.load_state_dict(restored)
+    assert float((fresh.net.layers[0].weight == 0).float().mean()) == pytest.approx(0.9, abs=0.01)
+
+
+def test_not_a_sparse_checkpoint_is_refused():
+    with pytest.raises(ValueError, match="Not a pat-callbacks sparse checkpoint"):
+        decompress_state_dict({"w": torch.ones(1)})
