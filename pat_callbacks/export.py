@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,15 @@ from torch import Tensor, nn
 
 __all__ = [
     "SizeReport",
+    "SparseLinear",
     "compress_state_dict",
     "decompress_state_dict",
     "load_sparse",
     "main",
     "make_permanent",
     "save_sparse",
+    "to_semi_structured",
+    "to_sparse_inference",
 ]
 
 FORMAT_VERSION = 1
@@ -61,6 +65,96 @@ def make_permanent(model: nn.Module, masks: Mapping[str, Tensor] | None = None) 
             if name not in params:
                 raise ValueError(f"Mask for {name!r}, which is not a parameter of {type(model).__name__}")
             params[name].mul_(mask.to(params[name].device, torch.bool).to(params[name].dtype))
+    return model
+
+
+class SparseLinear(nn.Module):
+    """Inference-only ``nn.Linear`` whose weight is a CSR tensor: ``y = x W^T + b`` by a sparse x dense product.
+
+    On a CPU it beats the dense product above roughly 75% sparsity (3x at 90% for 2048x2048, batch 64; see
+    ``bench/export.py``). Built from a trained layer with :func:`to_sparse_inference`.
+
+    Example:
+        >>> dense = nn.Linear(8, 4)
+        >>> with torch.no_grad():
+        ...     _ = dense.weight.mul_(torch.rand(4, 8) > 0.8)
+        >>> x = torch.randn(3, 8)
+        >>> torch.allclose(SparseLinear(dense)(x), dense(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            self.register_buffer("weight", linear.weight.detach().to_sparse_csr())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = (self.weight @ flat.t()).t()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        nnz = self.weight.values().numel()
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
+
+
+def to_sparse_inference(model: nn.Module, min_sparsity: float = 0.75) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` at least ``min_sparsity`` sparse by a :class:`SparseLinear` with the
+    same outputs; return the model (for CPU inference; call ``model.eval()`` first).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.mul_(torch.rand(16, 16) > 0.9)
+        >>> [type(m).__name__ for m in to_sparse_inference(model)]
+        ['SparseLinear', 'ReLU', 'Linear']
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            if float((child.weight == 0).float().mean()) >= min_sparsity:
+                setattr(model, name, SparseLinear(child))
+        else:
+            to_sparse_inference(child, min_sparsity)
+    return model
+
+
+def to_semi_structured(model: nn.Module) -> nn.Module:
+    """Hand 2:4-sparse ``nn.Linear`` weights to PyTorch's semi-structured kernels (``to_sparse_semi_structured``),
+    in place, for GPU inference: CUDA with compute capability >= 8.0 (Ampere, Hopper) and fp16/bf16 weights.
+
+    Train with ``GradualPruning(pattern="2:4")`` first. Layers whose weights are not exactly 2:4 along rows are
+    left dense. Elsewhere (CPU, older GPUs) it raises, naming what is missing, rather than silently doing nothing.
+
+    Example:
+        >>> to_semi_structured(nn.Linear(8, 8))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        RuntimeError: to_semi_structured needs CUDA with compute capability >= 8.0; ...
+    """
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        found = (
+            "no CUDA device" if not torch.cuda.is_available() else f"capability {torch.cuda.get_device_capability()}"
+        )
+        raise RuntimeError(
+            f"to_semi_structured needs CUDA with compute capability >= 8.0; found {found}. "
+            "On a CPU use to_sparse_inference (CSR) instead"
+        )
+    from torch.sparse import to_sparse_semi_structured
+
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module.weight.device.type != "cuda":
+            continue
+        weight = module.weight.detach()
+        groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) if weight.shape[1] % 4 == 0 else None
+        if groups is None or bool((groups > 2).any()):
+            continue
+        module.weight = nn.Parameter(to_sparse_semi_structured(weight), requires_grad=False)
     return model
 
 

@@ -58,3 +58,32 @@ def test_pat_export_cli_on_a_pruned_lightning_checkpoint(tmp_path, fit, capsys):
 def test_not_a_sparse_checkpoint_is_refused():
     with pytest.raises(ValueError, match="Not a pat-callbacks sparse checkpoint"):
         decompress_state_dict({"w": torch.ones(1)})
+
+
+def test_sparse_inference_matches_the_dense_model_and_replaces_only_sparse_layers():
+    from torch import nn
+
+    from pat_callbacks.export import SparseLinear, to_sparse_inference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 64), nn.ReLU()), nn.Linear(64, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand(64, 32) > 0.9)
+        model[2][0].weight.mul_(torch.rand(64, 64) > 0.8)
+        model[3].weight.mul_(torch.rand(5, 64) > 0.5)  # 50%: below the crossover, stays dense
+    x = torch.randn(7, 3, 32)
+    expected = model(x)
+    to_sparse_inference(model.eval())
+    assert isinstance(model[0], SparseLinear) and isinstance(model[2][0], SparseLinear)
+    assert isinstance(model[3], nn.Linear)
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal path of a machine without CUDA")
+def test_semi_structured_export_refuses_clearly_without_cuda():
+    from torch import nn
+
+    from pat_callbacks.export import to_semi_structured
+
+    with pytest.raises(RuntimeError, match=r"needs CUDA with compute capability >= 8\.0; found no CUDA device"):
+        to_semi_structured(nn.Linear(8, 8))

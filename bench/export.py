@@ -1,0 +1,113 @@
+"""What export buys: checkpoint size and CPU inference latency of pruned weights.
+
+    python bench/export.py            # sparsities 0.5 0.8 0.9 0.95 0.98
+    python bench/export.py --quick    # fewer repeats
+
+- Checkpoint size: a 3x2048x2048 Linear stack pruned (random unstructured mask) to each sparsity, saved with
+  `pat_callbacks.export.save_sparse`, as a ratio of the same state dict saved densely with `torch.save`.
+- Latency: the same stack, batch 64, dense `nn.Linear` vs `to_sparse_inference` (CSR), interleaved repeats,
+  median. Writes bench/results/export.{md,csv}.
+
+Not measured yet (issue #5, still open): a shrunk CNN (structured pruning + physical removal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pat_callbacks.export import save_sparse, to_sparse_inference  # noqa: E402
+
+
+def stack(sparsity: float, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(*(nn.Linear(2048, 2048) for _ in range(3)))
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(torch.rand_like(layer.weight) >= sparsity)
+    return model.eval()
+
+
+def median_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.98])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.rounds = 10, 1
+    torch.set_num_threads(args.threads)
+    x = torch.randn(64, 2048)
+    rows = []
+    for sparsity in args.sparsities:
+        dense = stack(sparsity)
+        sparse = to_sparse_inference(stack(sparsity))
+        assert torch.allclose(dense(x), sparse(x), atol=1e-3)
+        with tempfile.TemporaryDirectory() as tmp:
+            report = save_sparse(dense.state_dict(), Path(tmp) / "w.pt")
+        dense_ms, sparse_ms = [], []
+        for _ in range(args.rounds):  # interleaved
+            dense_ms.append(median_ms(dense, x, args.repeats))
+            sparse_ms.append(median_ms(sparse, x, args.repeats))
+        d, s = statistics.median(dense_ms), statistics.median(sparse_ms)
+        rows.append(
+            {
+                "sparsity": sparsity,
+                "checkpoint_ratio": round(report.ratio, 3),
+                "dense_ms": round(d, 2),
+                "csr_ms": round(s, 2),
+                "speedup": round(d / s, 2),
+            }
+        )
+        print(rows[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "export.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "# Export: checkpoint size and CPU inference latency",
+        "",
+        f"Command: `{' '.join(['python bench/export.py', *sys.argv[1:]])}` (3x Linear 2048x2048, batch 64, "
+        f"{args.threads} threads, median of {args.repeats} x {args.rounds} interleaved, torch {torch.__version__}).",
+        "",
+        "| sparsity | sparse checkpoint / dense | dense ms | CSR ms | CSR speed-up |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['sparsity']} | {r['checkpoint_ratio']} | {r['dense_ms']} | {r['csr_ms']} | {r['speedup']}x |"
+            for r in rows
+        ),
+        "",
+        "Not measured yet: a structurally pruned and physically shrunk CNN (issue #5).",
+    ]
+    (args.out / "export.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
