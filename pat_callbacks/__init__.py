@@ -6,7 +6,7 @@ Example:
     2000
 """
 
-from pat_callbacks.callbacks import DynamicSparseTraining, GradualPruning, PruningCallback
+from pat_callbacks.callbacks import DynamicSparseTraining, GradualPruning, PruningCallback, StructuredPruning
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.schedules import (
     ConstantSchedule,
@@ -36,6 +36,7 @@ __all__ = [
     "PolynomialSchedule",
     "PruningCallback",
     "Schedule",
+    "StructuredPruning",
     "make_schedule",
     "select_parameters",
 ]

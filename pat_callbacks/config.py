@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-__all__ = ["DynamicSparseTrainingConf", "GradualPruningConf", "register_configs"]
+__all__ = ["DynamicSparseTrainingConf", "GradualPruningConf", "StructuredPruningConf", "register_configs"]
 
 # OmegaConf 2.3 reads these annotations at runtime and knows typing.Optional/Dict/List, not `X | None`.
 
@@ -92,6 +92,35 @@ class DynamicSparseTrainingConf(_CommonPruningConf):
     seed: int = 0
 
 
+@dataclass
+class StructuredPruningConf:
+    """Schema of :class:`pat_callbacks.StructuredPruning` configs.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(StructuredPruningConf).importance
+        'l2'
+    """
+
+    _target_: str = "pat_callbacks.StructuredPruning"
+    final_sparsity: Optional[float] = None
+    schedule: str = "cubic"
+    importance: str = "l2"
+    ignore: Optional[List[str]] = None
+    initial_sparsity: Optional[float] = None
+    start_step: Optional[int] = None
+    end_step: Optional[int] = None
+    start_epoch: Optional[float] = None
+    end_epoch: Optional[float] = None
+    start_fraction: Optional[float] = None
+    end_fraction: Optional[float] = None
+    update_every: Optional[int] = None
+    power: Optional[float] = None
+    remask_weights: Any = "auto"
+    log_per_layer: bool = True
+    prog_bar: bool = True
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent; ``train.py`` calls it before composing).
 
@@ -102,6 +131,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="schema/pruning", name="gradual", node=GradualPruningConf)
     store.store(group="schema/pruning", name="dynamic", node=DynamicSparseTrainingConf)
+    store.store(group="schema/pruning", name="structured", node=StructuredPruningConf)
 
 
 register_configs()

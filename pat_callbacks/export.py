@@ -249,7 +249,11 @@ def decompress_state_dict(compressed: Mapping[str, Any]) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class SizeReport:
-    """Bytes of the sparse file and of the same state dict saved densely with ``torch.save``."""
+    """Bytes of the sparse file and of the same state dict saved densely with ``torch.save``.
+
+    Example:
+        >>> SizeReport(sparse_bytes=13, dense_bytes=100)
+        SizeReport(sparse_bytes=13, dense_bytes=100)"""
 
     sparse_bytes: int
     dense_bytes: int

@@ -169,7 +169,10 @@ def test_every_recipe_composes_and_runs_a_few_steps(tmp_path, recipe):
     assert cfg.trainer.max_steps == 20 and cfg.model.net._target_.endswith("ConvBase")
     metrics = run_training(_without_hydra_paths(cfg, tmp_path), output_dir=tmp_path)
     assert metrics["global_step"] == 20
-    assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
+    if recipe.startswith("structured"):  # half the filters of each conv, with their coupled weights
+        assert metrics["layer_sparsity"]["net.conv1.weight"] == pytest.approx(12 / 25)  # 12 of 25 filters
+    else:
+        assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
 def test_optuna_sweep_runs_two_trials_and_optimises_validation_accuracy(tmp_path):

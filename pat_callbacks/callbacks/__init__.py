@@ -3,5 +3,6 @@
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.callbacks.dynamic import DynamicSparseTraining
 from pat_callbacks.callbacks.gradual import GradualPruning
+from pat_callbacks.callbacks.structured import StructuredPruning
 
-__all__ = ["DynamicSparseTraining", "GradualPruning", "PruningCallback"]
+__all__ = ["DynamicSparseTraining", "GradualPruning", "PruningCallback", "StructuredPruning"]

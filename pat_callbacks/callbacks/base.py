@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from pat_callbacks._validation import check_choice, check_fraction, check_int
@@ -150,6 +150,10 @@ class PruningCallback(Callback):
     def _resolve(self, trainer: pl.Trainer) -> None:
         """Turn epoch/fraction arguments into steps once the trainer knows the epoch length."""
 
+    def _select_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
+        """The parameters the mask store owns (default: :func:`~pat_callbacks.targets.select_parameters`)."""
+        return select_parameters(pl_module, include=self.include, exclude=self.exclude)
+
     def _accumulating(self, step: int) -> bool:
         """Whether criteria with history accumulate at ``step`` (only while pruning is under way)."""
         return False
@@ -167,7 +171,7 @@ class PruningCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        params = select_parameters(pl_module, include=self.include, exclude=self.exclude)
+        params = self._select_params(trainer, pl_module)
         names = list(params)
         dense = ({names[0]} if self.keep_first else set()) | ({names[-1]} if self.keep_last else set())
         params = {name: p for name, p in params.items() if name not in dense}

@@ -1,0 +1,84 @@
+"""Structured pruning: whole channels with their coupled parameters, then a physically smaller model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from pat_callbacks import StructuredPruning
+from pat_callbacks.models import Classifier
+from pat_callbacks.structured import shrink
+
+
+class SmallCNN(nn.Module):
+    """Digits as 1x8x8 images: conv-BN-ReLU, conv-ReLU, flatten, linear (BatchNorm and flatten couplings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1, stride=2)
+        self.fc = nn.Linear(12 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x.view(-1, 1, 8, 8))))
+        h = torch.relu(self.conv2(h))
+        return self.fc(h.flatten(1))
+
+
+class LeakChecker(Callback):
+    def __init__(self, pruning):
+        self.pruning, self.checked = pruning, 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        for name, mask in self.pruning.store.masks.items():
+            assert (self.pruning.store.params[name].detach()[~mask] == 0).all(), name
+            self.checked += 1
+
+
+@pytest.mark.parametrize("importance", ["l2", "l1", "taylor"])
+def test_whole_channels_and_their_coupled_parameters_are_zero(fit, importance):
+    pruning = StructuredPruning(final_sparsity=0.5, importance=importance, start_step=0, end_step=20, update_every=5)
+    checker = LeakChecker(pruning)
+    _trainer, module = fit([pruning, checker], module=Classifier(SmallCNN()), max_steps=30)
+    assert checker.checked > 0
+    net = module.net
+    pruned = pruning.pruned_channels()
+    assert sorted(pruned) == ["net.conv1.weight", "net.conv2.weight"]  # fc (the classifier) kept whole
+    assert len(pruned["net.conv1.weight"]) == 4 and len(pruned["net.conv2.weight"]) == 6
+    c1 = pruned["net.conv1.weight"]
+    assert (net.conv1.weight[c1] == 0).all() and (net.conv1.bias[c1] == 0).all()
+    assert (net.bn1.weight[c1] == 0).all() and (net.bn1.bias[c1] == 0).all()  # BatchNorm follows
+    assert (net.conv2.weight[:, c1] == 0).all()  # and the next layer's input channels
+    kept = [c for c in range(8) if c not in c1]
+    assert (net.conv1.weight[kept].abs().sum((1, 2, 3)) > 0).all()
+    c2 = pruned["net.conv2.weight"]
+    fc_columns = torch.tensor([c * 16 + p for c in c2 for p in range(16)])
+    assert (net.fc.weight[:, fc_columns] == 0).all()  # through the flatten
+
+
+def test_shrunk_model_matches_the_masked_one_and_round_trips_weights_only(tmp_path, fit):
+    pruning = StructuredPruning(final_sparsity=0.5, start_step=0, end_step=20, update_every=5)
+    _trainer, module = fit([pruning], module=Classifier(SmallCNN()), max_steps=30)
+    net = module.net.eval()
+    x = torch.rand(5, 64)
+    expected = net(x)
+    pruned = {name.removeprefix("net."): channels for name, channels in pruning.pruned_channels().items()}
+    small = shrink(net, torch.rand(1, 64), pruned)
+    assert small.conv1.out_channels == 4 and small.conv2.out_channels == 6 and small.fc.in_features == 96
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in SmallCNN().parameters()) / 2
+    assert torch.allclose(small(x), expected, atol=1e-5)
+    torch.save({"pruned": pruned, "state_dict": small.state_dict()}, tmp_path / "small.pt")
+    saved = torch.load(tmp_path / "small.pt", weights_only=True)
+    rebuilt = shrink(SmallCNN().eval(), torch.rand(1, 64), saved["pruned"])
+    rebuilt.load_state_dict(saved["state_dict"])
+    assert torch.allclose(rebuilt(x), expected, atol=1e-5)
+
+
+def test_bad_structured_arguments():
+    with pytest.raises(ValueError, match="Unknown `importance` 'l3'"):
+        StructuredPruning(final_sparsity=0.5, importance="l3", start_step=0, end_step=10)
+    with pytest.raises(ValueError, match=r"`final_sparsity` to be a float in \[0, 1\), but got 1.0"):
+        StructuredPruning(final_sparsity=1.0, start_step=0, end_step=10)
