@@ -82,3 +82,32 @@ def test_bad_structured_arguments():
         StructuredPruning(final_sparsity=0.5, importance="l3", start_step=0, end_step=10)
     with pytest.raises(ValueError, match=r"`final_sparsity` to be a float in \[0, 1\), but got 1.0"):
         StructuredPruning(final_sparsity=1.0, start_step=0, end_step=10)
+
+
+def test_residual_couplings_masked_model_equals_shrunk_model():
+    import copy
+
+    from bench.export import ResidualCNN
+    from pat_callbacks.structured import channel_groups, channel_masks, channel_scores
+
+    torch.manual_seed(0)
+    model = ResidualCNN(width=8).eval()
+    example = torch.randn(1, 3, 16, 16)
+    params = dict(model.named_parameters())
+    groups = channel_groups(model, example, ignore=["head.weight"])
+    roots = sorted(g.root for g in groups)
+    assert roots == ["block.0.weight", "block.3.weight", "down.0.weight"]
+    residual = next(g for g in groups if g.root == "block.3.weight")
+    assert {"stem.0.weight", "stem.1.weight", "block.4.weight"} <= residual.params()  # coupled by the add
+    pruned = {}
+    for group in groups:
+        lowest = torch.topk(channel_scores(group, params, "l1"), group.n_channels // 2, largest=False).indices
+        pruned[group.root] = torch.zeros(group.n_channels, dtype=torch.bool).index_fill_(0, lowest, True)
+    masks = channel_masks(groups, pruned, params)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+    x = torch.randn(4, 3, 16, 16)
+    small = shrink(copy.deepcopy(model), example, {k: torch.nonzero(v).flatten().tolist() for k, v in pruned.items()})
+    assert small.stem[0].out_channels == 4 and small.block[3].out_channels == 4
+    assert torch.allclose(small(x), model(x), atol=1e-5)
