@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelGroup", "channel_groups", "channel_masks", "channel_scores", "shrink"]
+__all__ = ["ChannelGroup", "channel_groups", "channel_masks", "channel_scores", "head_groups", "shrink"]
 
 
 @dataclass
@@ -42,6 +42,22 @@ class ChannelGroup:
     root: str
     n_channels: int
     slices: list[list[tuple[str, int, Tensor]]] = field(default_factory=list)
+    # Slices whose joint scaling scales the channel's output (its "gate"); default: the root layer's out slices.
+    gate_slices: list[list[tuple[str, int, Tensor]]] = field(default_factory=list)
+
+    def gates(self) -> list[list[tuple[str, int, Tensor]]]:
+        """Per channel, the slices that scale its output (for the ``gate`` importance).
+
+        Example:
+            >>> channel = [("fc.weight", 0, torch.tensor([0])), ("next.weight", 1, torch.tensor([0]))]
+            >>> g = ChannelGroup("fc.weight", 1, [channel])
+            >>> [name for name, _, _ in g.gates()[0]]
+            ['fc.weight']
+        """
+        if self.gate_slices:
+            return self.gate_slices
+        root_bias = self.root.removesuffix("weight") + "bias"
+        return [[sl for sl in channel if sl[1] == 0 and sl[0] in (self.root, root_bias)] for channel in self.slices]
 
     def params(self) -> set[str]:
         """Names of every parameter this group touches.
@@ -82,6 +98,40 @@ def channel_groups(model: nn.Module, example_inputs: Any, ignore: Sequence[str] 
     return groups
 
 
+def head_groups(model: nn.Module) -> list[ChannelGroup]:
+    """One group per ``nn.MultiheadAttention`` (packed q/k/v projection): per head, its q, k and v rows of
+    ``in_proj_weight`` / ``in_proj_bias`` and its columns of ``out_proj.weight``; the gate is the head's v rows
+    (scaling them scales the head's output, so ``gate`` importance is Michel et al. 2019's head importance).
+
+    Example:
+        >>> attention = nn.MultiheadAttention(8, 2)
+        >>> [(g.root, g.n_channels) for g in head_groups(nn.ModuleDict({"attn": attention}))]
+        [('attn.in_proj_weight', 2)]
+    """
+    groups = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        if not module._qkv_same_embed_dim:
+            raise ValueError(f"{name!r}: only MultiheadAttention with a packed in_proj_weight is supported")
+        prefix = f"{name}." if name else ""
+        embed, heads = module.embed_dim, module.num_heads
+        width = embed // heads
+        group = ChannelGroup(root=f"{prefix}in_proj_weight", n_channels=heads)
+        for head in range(heads):
+            block = torch.arange(head * width, (head + 1) * width)
+            rows = torch.cat([block + k * embed for k in range(3)])
+            slices = [(f"{prefix}in_proj_weight", 0, rows), (f"{prefix}out_proj.weight", 1, block)]
+            gate = [(f"{prefix}in_proj_weight", 0, block + 2 * embed)]
+            if module.in_proj_bias is not None:
+                slices.append((f"{prefix}in_proj_bias", 0, rows))
+                gate.append((f"{prefix}in_proj_bias", 0, block + 2 * embed))
+            group.slices.append(slices)
+            group.gate_slices.append(gate)
+        groups.append(group)
+    return groups
+
+
 def _slices(group: Any, module_names: dict[nn.Module, str]) -> list[tuple[str, int, Tensor]]:
     slices = []
     for dep, idxs in group:
@@ -108,8 +158,9 @@ def _slices(group: Any, module_names: dict[nn.Module, str]) -> list[tuple[str, i
 def channel_scores(
     group: ChannelGroup, params: dict[str, Tensor], criterion: str = "l2", grads: dict[str, Tensor] | None = None
 ) -> Tensor:
-    """One score per channel over all its coupled slices: ``l1`` / ``l2`` norm (Li et al. 2016) or ``taylor``
-    ``(sum g * w)^2`` (Molchanov et al. 2019).
+    """One score per channel over all its coupled slices: ``l1`` / ``l2`` norm (Li et al. 2016), ``taylor``
+    ``(sum g * w)^2`` (Molchanov et al. 2019), or ``gate``: ``|sum g * w|`` over the slices that scale the
+    channel's output, which is ``|dL/d gate|`` for a gate multiplying it (Michel et al. 2019 for heads).
 
     Example:
         >>> w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
@@ -118,7 +169,8 @@ def channel_scores(
         tensor([5., 1.])
     """
     scores = []
-    for channel in group.slices:
+    per_channel = group.gates() if criterion == "gate" else group.slices
+    for channel in per_channel:
         total = torch.zeros((), dtype=torch.float32)
         for name, dim, index in channel:
             values = params[name].detach().index_select(dim, index.to(params[name].device)).float().cpu()
@@ -126,16 +178,22 @@ def channel_scores(
                 total = total + values.abs().sum()
             elif criterion == "l2":
                 total = total + values.square().sum()
-            elif criterion == "taylor":
+            elif criterion in ("taylor", "gate"):
                 if grads is None or grads.get(name) is None:
-                    raise ValueError("structured criterion 'taylor' needs gradients, but got none")
+                    raise ValueError(f"structured criterion {criterion!r} needs gradients, but got none")
                 grad = grads[name].detach().index_select(dim, index.to(grads[name].device)).float().cpu()
                 total = total + (values * grad).sum()
             else:
-                raise ValueError(f"Unknown structured `criterion` {criterion!r}; expected one of: 'l1', 'l2', 'taylor'")
+                raise ValueError(
+                    f"Unknown structured `criterion` {criterion!r}; expected one of: 'gate', 'l1', 'l2', 'taylor'"
+                )
         scores.append(total)
     stacked = torch.stack(scores)
-    return stacked.sqrt() if criterion == "l2" else stacked.square() if criterion == "taylor" else stacked
+    if criterion == "l2":
+        return stacked.sqrt()
+    if criterion == "taylor":
+        return stacked.square()
+    return stacked.abs() if criterion == "gate" else stacked
 
 
 def channel_masks(

@@ -20,26 +20,29 @@ from pat_callbacks._validation import check_choice
 from pat_callbacks.callbacks.gradual import GradualPruning
 from pat_callbacks.patterns import prune_count
 from pat_callbacks.schedules import Schedule
-from pat_callbacks.structured import ChannelGroup, channel_groups, channel_masks, channel_scores
+from pat_callbacks.structured import ChannelGroup, channel_groups, channel_masks, channel_scores, head_groups
 from pat_callbacks.targets import DEFAULT_MODULE_TYPES, normalize_patterns
 
 __all__ = ["StructuredPruning"]
 
-IMPORTANCES = ("l1", "l2", "taylor")
+IMPORTANCES = ("l1", "l2", "taylor", "gate")
 
 
 class StructuredPruning(GradualPruning):
-    """Prune ``final_sparsity`` of the output channels of every Conv/Linear layer (uniformly per layer), following
-    a schedule; each pruned channel's coupled parameters (bias, BatchNorm scale/shift, the next layers' input
-    columns) are masked with it, so :func:`pat_callbacks.structured.shrink` can later remove them for real.
+    """Prune ``final_sparsity`` of the output channels of every Conv/Linear layer and of the heads of every
+    ``nn.MultiheadAttention`` (uniformly per layer), following a schedule. Each pruned channel's coupled
+    parameters (bias, BatchNorm scale/shift, the next layers' input columns) are masked with it, so
+    :func:`pat_callbacks.structured.shrink` can later remove conv/linear channels for real; a pruned head's q/k/v
+    rows and output-projection columns are masked (heads are not physically removed yet).
 
     Couplings come from Torch-Pruning's dependency graph, traced once in ``setup`` on ``example_inputs`` (default:
     ``pl_module.example_input_array``, else the first training batch's inputs).
 
     Args:
         final_sparsity: fraction of each layer's channels removed at the end of the window.
-        importance: channel score over all coupled slices: ``"l2"`` / ``"l1"`` norm (Li et al. 2016) or
-            ``"taylor"`` ``(sum g * w)^2`` with this step's dense gradients (Molchanov et al. 2019).
+        importance: channel score over all coupled slices: ``"l2"`` / ``"l1"`` norm (Li et al. 2016),
+            ``"taylor"`` ``(sum g * w)^2`` with this step's dense gradients (Molchanov et al. 2019), or ``"gate"``:
+            ``|dL/d gate|`` of a gate scaling the channel's (or attention head's) output (Michel et al. 2019).
         ignore: weight names of layers whose channels are never removed; default: the last Conv/Linear layer
             (its outputs are the model's outputs, e.g. the classes).
         example_inputs: a batch of inputs for tracing the dependency graph.
@@ -53,7 +56,7 @@ class StructuredPruning(GradualPruning):
         >>> StructuredPruning(final_sparsity=0.5, importance="l3", start_step=0, end_step=10)
         Traceback (most recent call last):
         ...
-        ValueError: Unknown `importance` 'l3'; expected one of: 'l1', 'l2', 'taylor'
+        ValueError: Unknown `importance` 'l3'; expected one of: 'gate', 'l1', 'l2', 'taylor'
     """
 
     def __init__(
@@ -112,8 +115,11 @@ class StructuredPruning(GradualPruning):
             ignore = (f"{layers[-1]}.weight",) if layers else ()
         was_training = pl_module.training
         pl_module.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
+        heads = head_groups(pl_module)
+        # Attention internals are pruned by head, never by embedding dimension.
+        internal = [f"{g.root.removesuffix('in_proj_weight')}out_proj.weight" for g in heads]
         try:
-            self.groups = channel_groups(pl_module, example, ignore=ignore)
+            self.groups = channel_groups(pl_module, example, ignore=[*ignore, *internal]) + heads
         finally:
             pl_module.train(was_training)
         if not self.groups:
@@ -141,7 +147,7 @@ class StructuredPruning(GradualPruning):
             self._refresh_sparsity()
             return True
         params = dict(store.params)
-        grads = {name: p.grad for name, p in params.items()} if self.importance == "taylor" else None
+        grads = {name: p.grad for name, p in params.items()} if self.importance in ("taylor", "gate") else None
         scores = {g.root: channel_scores(g, params, self.importance, grads) for g in self.groups}
         if not self._all_finite(trainer, scores):
             return False
@@ -165,6 +171,13 @@ class StructuredPruning(GradualPruning):
         result = {}
         for group in self.groups:
             mask = self.store.masks[group.root]
-            dead = ~mask.reshape(mask.shape[0], -1).any(dim=1)
-            result[group.root] = torch.nonzero(dead).flatten().tolist()
+            result[group.root] = [
+                channel
+                for channel, slices in enumerate(group.slices)
+                if not any(
+                    bool(mask.index_select(dim, index.to(mask.device)).any())
+                    for name, dim, index in slices
+                    if name == group.root
+                )
+            ]
         return result

@@ -111,3 +111,53 @@ def test_residual_couplings_masked_model_equals_shrunk_model():
     small = shrink(copy.deepcopy(model), example, {k: torch.nonzero(v).flatten().tolist() for k, v in pruned.items()})
     assert small.stem[0].out_channels == 4 and small.block[3].out_channels == 4
     assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+class TinyAttention(nn.Module):
+    """Digits as 8 tokens of 8 features: linear embedding, 4-head self-attention, mean-pool, classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.view(-1, 8, 8))
+        mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.fc(mixed.mean(1))
+
+
+def test_gate_importance_is_the_head_gate_gradient():
+    """Scaling a head's output by a gate g scales its v rows, or equally its out_proj columns, so dL/dg must come
+    out the same from both parameter sets (Michel et al. 2019's head importance)."""
+    from pat_callbacks.structured import channel_scores, head_groups
+
+    torch.manual_seed(0)
+    model = TinyAttention()
+    nn.functional.cross_entropy(model(torch.rand(6, 64)), torch.randint(0, 10, (6,))).backward()
+    params = dict(model.named_parameters())
+    grads = {name: p.grad for name, p in params.items()}
+    (group,) = head_groups(model)
+    via_v_rows = channel_scores(group, params, "gate", grads)
+    out_w, out_g = model.attn.out_proj.weight, model.attn.out_proj.weight.grad
+    via_out_columns = torch.stack(
+        [(out_w[:, h * 4 : (h + 1) * 4] * out_g[:, h * 4 : (h + 1) * 4]).sum() for h in range(4)]
+    )
+    assert torch.allclose(via_v_rows, via_out_columns.abs(), atol=1e-6)
+
+
+@pytest.mark.parametrize("importance", ["gate", "l2"])
+def test_attention_heads_are_pruned_whole(fit, importance):
+    pruning = StructuredPruning(final_sparsity=0.5, importance=importance, start_step=0, end_step=20, update_every=5)
+    checker = LeakChecker(pruning)
+    _, module = fit([pruning, checker], module=Classifier(TinyAttention()), max_steps=30)
+    attn = module.net.attn
+    heads = pruning.pruned_channels()["net.attn.in_proj_weight"]
+    assert len(heads) == 2 and checker.checked > 0
+    for head in heads:
+        block = torch.arange(head * 4, (head + 1) * 4)
+        rows = torch.cat([block, block + 16, block + 32])
+        assert (attn.in_proj_weight[rows] == 0).all() and (attn.in_proj_bias[rows] == 0).all()
+        assert (attn.out_proj.weight[:, block] == 0).all()
+    assert "net.attn.out_proj.weight" not in [g.root for g in pruning.groups]  # never pruned by embedding dim
