@@ -107,6 +107,7 @@ class StructuredPruningConf:
     schedule: str = "cubic"
     importance: str = "l2"
     ignore: Optional[List[str]] = None
+    attention: Optional[List[Any]] = None
     initial_sparsity: Optional[float] = None
     start_step: Optional[int] = None
     end_step: Optional[int] = None

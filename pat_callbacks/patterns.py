@@ -13,7 +13,7 @@ import re
 import torch
 from torch import Tensor
 
-__all__ = ["lowest_k", "nm_mask", "parse_nm", "prune_count", "unstructured_mask"]
+__all__ = ["block_mask", "lowest_k", "nm_mask", "parse_block", "parse_nm", "prune_count", "unstructured_mask"]
 
 
 def prune_count(numel: int, sparsity: float) -> int:
@@ -122,3 +122,40 @@ def nm_mask(scores: Tensor, n: int, m: int, pruned_per_group: int | None = None)
         lowest = torch.topk(groups, pruned, dim=-1, largest=False, sorted=False).indices
         mask.scatter_(-1, lowest, False)
     return mask.reshape(scores.shape)
+
+
+def parse_block(pattern: str) -> tuple[int, int]:
+    """``"block:RxC"`` as ``(R, C)``: prune whole R x C blocks of each weight (rows x flattened inputs).
+
+    Example:
+        >>> parse_block("block:4x8")
+        (4, 8)
+    """
+    match = re.fullmatch(r"block:(\d+)x(\d+)", pattern.strip()) if isinstance(pattern, str) else None
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ValueError(f"Expected `pattern` 'block:RxC' with R, C >= 1 (e.g. 'block:4x4'), but got {pattern!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def block_mask(scores: Tensor, sparsity: float, block: tuple[int, int]) -> Tensor:
+    """Keep-mask pruning the lowest-scoring ``R x C`` blocks (block score: sum of its entries' scores) until
+    ``sparsity`` is reached to the nearest block. The weight is viewed as rows x flattened inputs; both sizes must
+    be multiples of the block.
+
+    Example:
+        >>> import torch
+        >>> scores = torch.tensor([[1.0, 1.0, 9.0, 9.0], [1.0, 1.0, 9.0, 9.0]])
+        >>> block_mask(scores, 0.5, (2, 2)).int().tolist()
+        [[0, 0, 1, 1], [0, 0, 1, 1]]
+    """
+    r, c = block
+    rows = scores.detach().reshape(scores.shape[0], -1)
+    if rows.shape[0] % r or rows.shape[1] % c:
+        raise ValueError(
+            f"A block pattern of {r}x{c} needs a weight whose rows x inputs ({rows.shape[0]}x{rows.shape[1]}, "
+            f"from shape {tuple(scores.shape)}) divide into whole blocks"
+        )
+    blocks = rows.reshape(rows.shape[0] // r, r, rows.shape[1] // c, c).sum(dim=(1, 3))
+    pruned = lowest_k(blocks.reshape(-1), prune_count(blocks.numel(), sparsity)).reshape(blocks.shape)
+    keep = (~pruned).repeat_interleave(r, 0).repeat_interleave(c, 1)
+    return keep.reshape(scores.shape)

@@ -19,14 +19,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelGroup", "channel_groups", "channel_masks", "channel_scores", "head_groups", "shrink"]
+__all__ = [
+    "ChannelGroup",
+    "channel_groups",
+    "channel_masks",
+    "channel_scores",
+    "head_groups",
+    "projection_head_groups",
+    "shrink",
+]
 
 
 @dataclass
@@ -126,6 +134,49 @@ def head_groups(model: nn.Module) -> list[ChannelGroup]:
             if module.in_proj_bias is not None:
                 slices.append((f"{prefix}in_proj_bias", 0, rows))
                 gate.append((f"{prefix}in_proj_bias", 0, block + 2 * embed))
+            group.slices.append(slices)
+            group.gate_slices.append(gate)
+        groups.append(group)
+    return groups
+
+
+def projection_head_groups(model: nn.Module, layouts: Sequence[Mapping[str, Any]]) -> list[ChannelGroup]:
+    """Head groups for attention written as separate projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``
+    Linear layers, as in most transformer code). Each layout names the four modules and ``num_heads``; per head,
+    its rows of q/k/v (and their biases) and its columns of the output projection; the gate is its v rows.
+
+    Example:
+        >>> attn = nn.ModuleDict({n: nn.Linear(8, 8) for n in ("q", "k", "v", "o")})
+        >>> layout = {"q": "q", "k": "k", "v": "v", "out": "o", "num_heads": 2}
+        >>> [(g.root, g.n_channels) for g in projection_head_groups(attn, [layout])]
+        [('q.weight', 2)]
+    """
+    modules = dict(model.named_modules())
+    groups = []
+    for layout in layouts:
+        missing = [key for key in ("q", "k", "v", "out", "num_heads") if key not in layout]
+        if missing:
+            raise ValueError(f"Attention layout {dict(layout)!r} lacks {missing}; it needs q, k, v, out, num_heads")
+        for key in ("q", "k", "v", "out"):
+            if not isinstance(modules.get(layout[key]), nn.Linear):
+                raise ValueError(f"Attention layout `{key}`={layout[key]!r} is not a Linear module of the model")
+        heads = int(layout["num_heads"])
+        width, remainder = divmod(modules[layout["q"]].out_features, heads)
+        if remainder or heads < 1:
+            raise ValueError(f"num_heads={heads} does not divide {layout['q']!r}'s {width * heads + remainder} outputs")
+        group = ChannelGroup(root=f"{layout['q']}.weight", n_channels=heads)
+        for head in range(heads):
+            block = torch.arange(head * width, (head + 1) * width)
+            slices, gate = [], []
+            for key in ("q", "k", "v"):
+                module = modules[layout[key]]
+                part = [(f"{layout[key]}.weight", 0, block)]
+                if module.bias is not None:
+                    part.append((f"{layout[key]}.bias", 0, block))
+                slices += part
+                if key == "v":
+                    gate = part
+            slices.append((f"{layout['out']}.weight", 1, block))
             group.slices.append(slices)
             group.gate_slices.append(gate)
         groups.append(group)

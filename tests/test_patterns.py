@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pat_callbacks.patterns import lowest_k, nm_mask, parse_nm, prune_count, unstructured_mask
+from pat_callbacks.patterns import block_mask, lowest_k, nm_mask, parse_block, parse_nm, prune_count, unstructured_mask
 
 
 def test_unstructured_mask_prunes_exactly_the_lowest_scores():
@@ -73,3 +73,19 @@ def test_nm_mask_with_fewer_pruned_per_group_and_bad_rows():
 def test_parse_nm_refuses_bad_patterns(bad):
     with pytest.raises(ValueError, match="Expected `pattern` 'N:M' with 0 < N < M"):
         parse_nm(bad)
+
+
+def test_block_mask_prunes_whole_blocks_by_summed_score():
+    torch.manual_seed(0)
+    scores = torch.rand(8, 2, 6)  # rows of 12
+    mask = block_mask(scores, 0.5, (2, 4))
+    blocks = mask.reshape(4, 2, 3, 4)
+    per_block = blocks.sum(dim=(1, 3))
+    assert set(per_block.flatten().tolist()) <= {0, 8}  # every block all kept or all pruned
+    assert int((per_block == 0).sum()) == 6  # half of the 12 blocks
+    summed = scores.reshape(4, 2, 3, 4).sum(dim=(1, 3))
+    assert summed[per_block == 0].max() <= summed[per_block == 8].min()
+    with pytest.raises(ValueError, match="divide into whole blocks"):
+        block_mask(torch.rand(5, 4), 0.5, (2, 2))
+    with pytest.raises(ValueError, match="Expected `pattern` 'block:RxC'"):
+        parse_block("block:4")

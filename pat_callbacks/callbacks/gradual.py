@@ -20,7 +20,7 @@ from typing_extensions import override
 from pat_callbacks._validation import check_fraction, check_int, check_number, check_positive
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.criteria import Criterion
-from pat_callbacks.patterns import nm_mask, parse_nm
+from pat_callbacks.patterns import block_mask, nm_mask, parse_block, parse_nm
 from pat_callbacks.schedules import SCHEDULES, Schedule, make_schedule
 
 __all__ = ["GradualPruning"]
@@ -53,7 +53,8 @@ class GradualPruning(PruningCallback):
         update_every: optimizer steps between mask updates (default 100; not for ``odd_even``/``one_shot``).
         phase_steps, phase_epochs: length of each prune / recover phase for ``odd_even``.
         power: exponent of the ``polynomial`` schedule.
-        pattern: ``"unstructured"`` (default) or ``"N:M"``: keep N of every M consecutive weights of each output
+        pattern: ``"unstructured"`` (default), ``"block:RxC"`` (prune whole R x C blocks of rows x inputs, by
+            their summed scores) or ``"N:M"``: keep N of every M consecutive weights of each output
             row (NVIDIA's convention: ``"2:4"`` keeps 2 of 4, 50% sparsity). With N:M, ``final_sparsity`` defaults
             to ``1 - N/M`` (any other value is refused), the schedule's intermediate targets round down to whole
             weights per group, and allocation is per layer (``"uniform"``).
@@ -138,7 +139,10 @@ class GradualPruning(PruningCallback):
         }
         self.regrow_fraction = check_fraction("regrow_fraction", regrow_fraction, allow_one=True)
         self.nm: tuple[int, int] | None = None
-        if pattern != "unstructured":
+        self.block: tuple[int, int] | None = None
+        if isinstance(pattern, str) and pattern.startswith("block:"):
+            self.block = parse_block(pattern)
+        elif pattern != "unstructured":
             self.nm = parse_nm(pattern)
             n, m = self.nm
             if self.allocation != "uniform":
@@ -191,7 +195,17 @@ class GradualPruning(PruningCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit" or self.nm is None or self.store is None:
+        if stage != "fit" or self.store is None:
+            return
+        if self.block is not None:
+            r, c = self.block
+            for name, param in self.store.params.items():
+                if param.shape[0] % r or (param.numel() // param.shape[0]) % c:
+                    raise ValueError(
+                        f"pattern 'block:{r}x{c}' needs rows x inputs divisible into blocks, but {name!r} has shape "
+                        f"{tuple(param.shape)}; exclude it (exclude=[{name!r}])"
+                    )
+        if self.nm is None:
             return
         m = self.nm[1]
         for name, param in self.store.params.items():
@@ -203,6 +217,8 @@ class GradualPruning(PruningCallback):
 
     @override
     def _make_mask(self, scores: Tensor, sparsity: float) -> Tensor:
+        if self.block is not None:
+            return block_mask(scores, sparsity, self.block)
         if self.nm is None:
             return super()._make_mask(scores, sparsity)
         n, m = self.nm

@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -20,7 +20,14 @@ from pat_callbacks._validation import check_choice
 from pat_callbacks.callbacks.gradual import GradualPruning
 from pat_callbacks.patterns import prune_count
 from pat_callbacks.schedules import Schedule
-from pat_callbacks.structured import ChannelGroup, channel_groups, channel_masks, channel_scores, head_groups
+from pat_callbacks.structured import (
+    ChannelGroup,
+    channel_groups,
+    channel_masks,
+    channel_scores,
+    head_groups,
+    projection_head_groups,
+)
 from pat_callbacks.targets import DEFAULT_MODULE_TYPES, normalize_patterns
 
 __all__ = ["StructuredPruning"]
@@ -45,6 +52,9 @@ class StructuredPruning(GradualPruning):
             ``|dL/d gate|`` of a gate scaling the channel's (or attention head's) output (Michel et al. 2019).
         ignore: weight names of layers whose channels are never removed; default: the last Conv/Linear layer
             (its outputs are the model's outputs, e.g. the classes).
+        attention: attention blocks written as separate projections, each
+            ``{"q": name, "k": name, "v": name, "out": name, "num_heads": H}`` (module names): pruned by head.
+            ``nn.MultiheadAttention`` modules are found without it.
         example_inputs: a batch of inputs for tracing the dependency graph.
         schedule, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction, update_every,
             initial_sparsity, power, remask_weights, log_per_layer, prog_bar: as for
@@ -66,6 +76,7 @@ class StructuredPruning(GradualPruning):
         *,
         importance: str = "l2",
         ignore: str | Sequence[str] | None = None,
+        attention: Sequence[Mapping[str, Any]] | None = None,
         example_inputs: Any = None,
         initial_sparsity: float | None = None,
         start_step: int | None = None,
@@ -99,6 +110,11 @@ class StructuredPruning(GradualPruning):
         self.importance = check_choice("importance", importance, IMPORTANCES)
         self.ignore = normalize_patterns("ignore", ignore)
         self.example_inputs = example_inputs
+        if attention is not None and not all(isinstance(layout, Mapping) for layout in attention):
+            raise ValueError(
+                f"Expected `attention` to be a list of q/k/v/out/num_heads mappings, but got {attention!r}"
+            )
+        self.attention = [dict(layout) for layout in attention or []]
         self.groups: list[ChannelGroup] = []
 
     @property
@@ -115,9 +131,10 @@ class StructuredPruning(GradualPruning):
             ignore = (f"{layers[-1]}.weight",) if layers else ()
         was_training = pl_module.training
         pl_module.eval()  # tracing runs a forward pass: keep BatchNorm statistics untouched
-        heads = head_groups(pl_module)
+        heads = head_groups(pl_module) + projection_head_groups(pl_module, self.attention)
         # Attention internals are pruned by head, never by embedding dimension.
-        internal = [f"{g.root.removesuffix('in_proj_weight')}out_proj.weight" for g in heads]
+        internal = [f"{g.root.removesuffix('in_proj_weight')}out_proj.weight" for g in heads if "in_proj" in g.root]
+        internal += [f"{layout[key]}.weight" for layout in self.attention for key in ("q", "k", "v", "out")]
         try:
             self.groups = channel_groups(pl_module, example, ignore=[*ignore, *internal]) + heads
         finally:

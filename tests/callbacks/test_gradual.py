@@ -553,3 +553,16 @@ def test_nm_pattern_on_a_layer_with_incompatible_rows_fails_in_setup(tmp_path, d
         make_trainer(tmp_path, [GradualPruning(pattern="2:4", start_step=0, end_step=10)]).fit(
             Classifier(ConvBase()), datamodule=digits
         )
+
+
+def test_block_pattern_reaches_the_target_in_whole_blocks(fit):
+    pruning = GradualPruning(
+        final_sparsity=0.75, pattern="block:4x4", start_step=0, end_step=20, update_every=10, exclude=["net.layers.4.*"]
+    )
+    checker = ZeroChecker(pruning)
+    fit([pruning, checker])
+    for name, mask in pruning.store.masks.items():
+        rows = mask.reshape(mask.shape[0], -1)
+        blocks = rows.reshape(rows.shape[0] // 4, 4, rows.shape[1] // 4, 4).sum(dim=(1, 3))
+        assert set(blocks.flatten().tolist()) <= {0, 16}, name
+        assert float((blocks == 0).float().mean()) == pytest.approx(0.75, abs=1 / blocks.numel()), name

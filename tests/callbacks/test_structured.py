@@ -161,3 +161,52 @@ def test_attention_heads_are_pruned_whole(fit, importance):
         assert (attn.in_proj_weight[rows] == 0).all() and (attn.in_proj_bias[rows] == 0).all()
         assert (attn.out_proj.weight[:, block] == 0).all()
     assert "net.attn.out_proj.weight" not in [g.root for g in pruning.groups]  # never pruned by embedding dim
+
+
+class ProjectionAttention(nn.Module):
+    """Self-attention written with separate q/k/v/o Linear layers (the common transformer layout)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.heads, self.fc = heads, nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.view(-1, 8, 8))
+        b, t, d = tokens.shape
+
+        def split(h):
+            return h.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(tokens)), split(self.k_proj(tokens)), split(self.v_proj(tokens))
+        mixed = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.fc(self.o_proj(mixed).mean(1))
+
+
+def test_heads_of_separate_qkv_projections(fit):
+    layout = {"q": "net.q_proj", "k": "net.k_proj", "v": "net.v_proj", "out": "net.o_proj", "num_heads": 4}
+    pruning = StructuredPruning(
+        final_sparsity=0.5, importance="gate", attention=[layout], start_step=0, end_step=20, update_every=5
+    )
+    checker = LeakChecker(pruning)
+    _, module = fit([pruning, checker], module=Classifier(ProjectionAttention()), max_steps=30)
+    heads = pruning.pruned_channels()["net.q_proj.weight"]
+    assert len(heads) == 2
+    net = module.net
+    for head in heads:
+        block = torch.arange(head * 4, (head + 1) * 4)
+        for proj in (net.q_proj, net.k_proj, net.v_proj):
+            assert (proj.weight[block] == 0).all() and (proj.bias[block] == 0).all()
+        assert (net.o_proj.weight[:, block] == 0).all()
+    roots = [g.root for g in pruning.groups]
+    assert not {"net.k_proj.weight", "net.v_proj.weight", "net.o_proj.weight"} & set(roots)
+
+
+def test_bad_attention_layout_fails_in_setup(fit):
+    layout = {"q": "net.q_proj", "k": "net.k_proj", "v": "net.nope", "out": "net.o_proj", "num_heads": 4}
+    with pytest.raises(ValueError, match=r"Attention layout `v`='net.nope' is not a Linear module"):
+        fit(
+            [StructuredPruning(final_sparsity=0.5, attention=[layout], start_step=0, end_step=5)],
+            module=Classifier(ProjectionAttention()),
+        )
