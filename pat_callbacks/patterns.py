@@ -68,19 +68,22 @@ def lowest_k(values: Tensor, k: int) -> Tensor:
 
 
 def parse_nm(pattern: str | tuple[int, int]) -> tuple[int, int]:
-    """``"N:M"`` (keep N of every M consecutive weights, NVIDIA's 2:4 convention) as ``(N, M)``.
+    """``"N:M"`` (keep N of every M consecutive weights, NVIDIA's 2:4 convention) as ``(N, M)``; the literal
+    ``"N:M"`` means the default, 2:4.
 
     ``"M:N"`` written the other way round (``"4:2"``) is refused with a pointer to the convention.
 
     Example:
-        >>> parse_nm("2:4"), parse_nm((1, 4))
-        ((2, 4), (1, 4))
+        >>> parse_nm("2:4"), parse_nm((1, 4)), parse_nm("N:M")
+        ((2, 4), (1, 4), (2, 4))
         >>> parse_nm("4:2")
         Traceback (most recent call last):
         ...
         ValueError: Expected `pattern` 'N:M' with 0 < N < M (keep N of every M weights, e.g. '2:4'), but got '4:2'; \
 did you mean '2:4'?
     """
+    if isinstance(pattern, str) and pattern.strip().upper() == "N:M":
+        return 2, 4
     if isinstance(pattern, str):
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
         n, m = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
