@@ -284,12 +284,8 @@ class PruningCallback(Callback):
         Returns ``False`` (masks untouched) when a score is NaN or infinite: the update is skipped with a warning
         and the criterion's history restarts, so the next update step tries again on clean numbers.
         """
-        store = self._require_store()
         if target == 0.0:
-            self.target_sparsity = target
-            store.clear()
-            self._refresh_sparsity()
-            return True
+            return self._lift_masks()
         scores = self._scores()
         if not self._all_finite(trainer, scores):
             return False
@@ -301,6 +297,13 @@ class PruningCallback(Callback):
     def _make_mask(self, scores: Tensor, sparsity: float) -> Tensor:
         """Keep-mask for one layer at ``sparsity`` (unstructured; subclasses may impose a pattern)."""
         return unstructured_mask(scores, sparsity)
+
+    def _lift_masks(self) -> bool:
+        """Target 0: every parameter trains densely again (pruned weights restart from zero)."""
+        self.target_sparsity = 0.0
+        self._require_store().clear()
+        self._refresh_sparsity()
+        return True
 
     def _all_finite(self, trainer: pl.Trainer, tensors: Mapping[str, Tensor | None]) -> bool:
         bad = sorted(name for name, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all()))

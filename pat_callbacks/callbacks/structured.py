@@ -157,13 +157,9 @@ class StructuredPruning(GradualPruning):
 
     @override
     def _prune_to(self, trainer: pl.Trainer, target: float) -> bool:
-        store = self._require_store()
         if target == 0.0:
-            self.target_sparsity = target
-            store.clear()
-            self._refresh_sparsity()
-            return True
-        params = dict(store.params)
+            return self._lift_masks()
+        params = dict(self._require_store().params)
         grads = {name: p.grad for name, p in params.items()} if self.importance in ("taylor", "gate") else None
         scores = {g.root: channel_scores(g, params, self.importance, grads) for g in self.groups}
         if not self._all_finite(trainer, scores):
