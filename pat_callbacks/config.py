@@ -27,27 +27,23 @@ __all__ = ["DynamicSparseTrainingConf", "GradualPruningConf", "StructuredPruning
 
 
 @dataclass
-class _CommonPruningConf:
-    include: Optional[List[str]] = None
-    exclude: Optional[List[str]] = None
-    keep_first: bool = False
-    keep_last: bool = False
-    layer_sparsity: Optional[Dict[str, float]] = None
+class _LoggingConf:
     remask_weights: Any = "auto"
     log_per_layer: bool = True
     prog_bar: bool = True
 
 
 @dataclass
-class GradualPruningConf(_CommonPruningConf):
-    """Schema of :class:`pat_callbacks.GradualPruning` configs.
+class _CommonPruningConf(_LoggingConf):
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    keep_first: bool = False
+    keep_last: bool = False
+    layer_sparsity: Optional[Dict[str, float]] = None
 
-    Example:
-        >>> from omegaconf import OmegaConf
-        >>> OmegaConf.structured(GradualPruningConf).schedule
-        'cubic'"""
 
-    _target_: str = "pat_callbacks.GradualPruning"
+@dataclass
+class _ScheduleWindowConf:
     final_sparsity: Optional[float] = None
     schedule: str = "cubic"
     initial_sparsity: Optional[float] = None
@@ -58,9 +54,21 @@ class GradualPruningConf(_CommonPruningConf):
     start_fraction: Optional[float] = None
     end_fraction: Optional[float] = None
     update_every: Optional[int] = None
+    power: Optional[float] = None
+
+
+@dataclass
+class GradualPruningConf(_CommonPruningConf, _ScheduleWindowConf):
+    """Schema of :class:`pat_callbacks.GradualPruning` configs.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(GradualPruningConf).schedule
+        'cubic'"""
+
+    _target_: str = "pat_callbacks.GradualPruning"
     phase_steps: Optional[int] = None
     phase_epochs: Optional[float] = None
-    power: Optional[float] = None
     regrow_fraction: float = 0.0
     pattern: str = "unstructured"
     criterion: str = "magnitude"
@@ -93,7 +101,7 @@ class DynamicSparseTrainingConf(_CommonPruningConf):
 
 
 @dataclass
-class StructuredPruningConf:
+class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
     """Schema of :class:`pat_callbacks.StructuredPruning` configs.
 
     Example:
@@ -103,23 +111,9 @@ class StructuredPruningConf:
     """
 
     _target_: str = "pat_callbacks.StructuredPruning"
-    final_sparsity: Optional[float] = None
-    schedule: str = "cubic"
     importance: str = "l2"
     ignore: Optional[List[str]] = None
     attention: Optional[List[Any]] = None
-    initial_sparsity: Optional[float] = None
-    start_step: Optional[int] = None
-    end_step: Optional[int] = None
-    start_epoch: Optional[float] = None
-    end_epoch: Optional[float] = None
-    start_fraction: Optional[float] = None
-    end_fraction: Optional[float] = None
-    update_every: Optional[int] = None
-    power: Optional[float] = None
-    remask_weights: Any = "auto"
-    log_per_layer: bool = True
-    prog_bar: bool = True
 
 
 def register_configs() -> None:

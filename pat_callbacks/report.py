@@ -132,6 +132,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_accuracy_vs_sparsity(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Accuracy (mean ± std over runs) against reached sparsity, one line per method; dense as a line.
 
@@ -168,10 +175,7 @@ def plot_accuracy_vs_sparsity(runs: Sequence[Mapping[str, Any]], path: str | Pat
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def _logged_sparsity(run_dir: str | Path) -> list[tuple[int, float, float]]:
@@ -213,10 +217,7 @@ def plot_schedule(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path |
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_layer_sparsity(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
@@ -247,10 +248,7 @@ def plot_layer_sparsity(runs: Sequence[Mapping[str, Any]], path: str | Path) -> 
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
