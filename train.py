@@ -1,4 +1,4 @@
-"""Hydra entry point: compose ``conf/``, train, test, and write ``metrics.json`` into the run directory.
+"""Hydra entry point: compose the packaged configs (``pat_callbacks/conf/``), train, test, write ``metrics.json``.
 
 python train.py                                   # dense ConvBase on MNIST-1D
 python train.py +pruning=cubic                    # + gradual magnitude pruning to 90%
@@ -16,7 +16,7 @@ from pat_callbacks.run import run_training
 register_configs()
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="pkg://pat_callbacks.conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Train once; return ``optimized_metric`` (default: test accuracy), the value Hydra sweepers optimise."""
     metrics = run_training(cfg)

@@ -54,7 +54,7 @@ def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict
     from hydra import compose, initialize_config_dir
 
     from pat_callbacks.config import register_configs
-    from pat_callbacks.run import run_training
+    from pat_callbacks.run import CONF_DIR, run_training
 
     register_configs()
     overrides = [f"seed={seed}", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false", "~logger"]
@@ -73,7 +73,7 @@ def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict
             f"+callbacks.peer.start_epoch={round(0.1 * epochs)}",
             f"+callbacks.peer.end_epoch={round(0.7 * epochs)}",
         ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:
         if method == "rigl-torch RigL":

@@ -22,7 +22,7 @@ from pat_callbacks.targets import select_parameters
 
 __all__ = ["CONF_DIR", "run_training"]
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's Hydra configs
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # the Hydra configs shipped in the package
 
 
 def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from pat_callbacks.config import register_configs
 from pat_callbacks.report import collect_runs, main, summary_table
-from pat_callbacks.run import run_training
+from pat_callbacks.run import CONF_DIR, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -20,7 +20,7 @@ def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     runs = {"0": [], "1": ["+pruning=cubic", "pruning.final_sparsity=0.5"], "2": ["+pruning=cubic"]}
     for name, extra in runs.items():
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(
                 config_name="train",
                 overrides=["trainer=tiny", "trainer.max_steps=30", "num_threads=1", *extra]

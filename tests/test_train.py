@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pat_callbacks.config import register_configs
-from pat_callbacks.run import run_training
+from pat_callbacks.run import CONF_DIR, run_training
 
 register_configs()
 
@@ -20,7 +20,7 @@ TINY = ["trainer=tiny", "trainer.max_steps=30", "num_threads=1"]
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=overrides, return_hydra_config=False)
 
 
@@ -196,7 +196,7 @@ def test_optuna_sweep_runs_two_trials_and_optimises_validation_accuracy(tmp_path
 
 
 def test_launcher_configs_compose():
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         local = compose(config_name="train", overrides=["hydra/launcher=local_parallel"], return_hydra_config=True)
         slurm = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
