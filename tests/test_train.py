@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,32 @@ def test_tensorboard_logger_config(tmp_path):
     cfg = _without_hydra_paths(_compose([*TINY, "logger=tensorboard", "+pruning=cubic"]), tmp_path)
     run_training(cfg, output_dir=tmp_path)
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_app_help_names_every_shipped_option_and_not_the_schema_group(tmp_path):
+    run = _train_py(["--help"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "schema" not in run.stdout and "== Examples ==" in run.stdout
+    listed: dict[str, str] = {}  # "group:" -> its line and continuation lines
+    label = None
+    for line in run.stdout.split("== Config groups")[1].split("== Examples ==")[0].splitlines()[1:]:
+        if line and not line[0].isspace():
+            label, _, line = line.partition(":")
+        if label is not None:
+            listed[label] = listed.get(label, "") + " " + line
+    conf = Path(CONF_DIR)
+    for group in ("model", "datamodule", "trainer", "logger", "pruning", "recipe", "hparams_search", "hydra/launcher"):
+        options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        text = listed[f"+{group}" if group in ("pruning", "recipe") else group]
+        missing = [o for o in options if re.search(rf"\b{o}\b", text) is None]
+        assert options and not missing, f"{group}: {missing} not in --help"
+    assert set(listed) == {
+        "model",
+        "datamodule",
+        "trainer",
+        "logger",
+        "+pruning",
+        "+recipe",
+        "hparams_search",
+        "hydra/launcher",
+    }
