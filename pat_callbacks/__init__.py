@@ -6,20 +6,42 @@ Example:
     2000
 """
 
-from pat_callbacks.callbacks import DynamicSparseTraining, GradualPruning, PruningCallback, StructuredPruning
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pat_callbacks.masks import MaskStore
+from pat_callbacks.pruner import Pruner, PruningOptions
 from pat_callbacks.schedules import (
     ConstantSchedule,
     CubicSchedule,
     ExponentialSchedule,
+    FunctionSchedule,
     LinearSchedule,
     OddEvenSchedule,
     OneShotSchedule,
     PolynomialSchedule,
     Schedule,
     make_schedule,
+    register_schedule,
 )
+from pat_callbacks.structured import StructuredPruner
 from pat_callbacks.targets import select_parameters
+from pat_callbacks.windows import ScheduleSpec
+
+if TYPE_CHECKING:
+    from pat_callbacks.callbacks import DynamicSparseTraining, GradualPruning, PruningCallback, StructuredPruning
+
+# The Lightning callbacks load on first use, so the core (Pruner, schedules, ...) imports without Lightning.
+_CALLBACKS = ("DynamicSparseTraining", "GradualPruning", "PruningCallback", "StructuredPruning")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        return getattr(importlib.import_module("pat_callbacks.callbacks"), name)
+    raise AttributeError(f"module 'pat_callbacks' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -28,15 +50,21 @@ __all__ = [
     "CubicSchedule",
     "DynamicSparseTraining",
     "ExponentialSchedule",
+    "FunctionSchedule",
     "GradualPruning",
     "LinearSchedule",
     "MaskStore",
     "OddEvenSchedule",
     "OneShotSchedule",
     "PolynomialSchedule",
+    "Pruner",
     "PruningCallback",
+    "PruningOptions",
     "Schedule",
+    "ScheduleSpec",
+    "StructuredPruner",
     "StructuredPruning",
     "make_schedule",
+    "register_schedule",
     "select_parameters",
 ]

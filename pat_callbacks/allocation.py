@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ __all__ = [
     "erdos_renyi_allocation",
     "global_allocation",
     "measure_sensitivity",
+    "plan_sparsities",
     "sensitivity_allocation",
     "uniform_allocation",
 ]
@@ -295,3 +297,56 @@ def allocate(
         min_sparsity=min_sparsity,
         max_sparsity=max_sparsity,
     )
+
+
+def plan_sparsities(
+    method: str,
+    scores_by_layer: Mapping[str, Tensor],
+    target: float,
+    *,
+    final_target: float | None = None,
+    layer_sparsity: Mapping[str, float] | None = None,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+    sensitivities: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Per-layer sparsities for an overall ``target``: ``layer_sparsity`` overrides first, ``method`` for the rest.
+
+    A layer matched by a ``layer_sparsity`` glob is pinned at its value at the ``final_target`` and follows the
+    schedule proportionally before (``value * target / final_target``); the other layers share what is left of
+    the budget, so the overall count still meets ``target`` (as far as the pinned layers allow).
+
+    Example:
+        >>> import torch
+        >>> scores = {"fc1.weight": torch.rand(100), "fc2.weight": torch.rand(100)}
+        >>> plan_sparsities("uniform", scores, 0.7, layer_sparsity={"fc1.*": 0.6})
+        {'fc1.weight': 0.6, 'fc2.weight': 0.8}
+        >>> plan_sparsities("uniform", scores, 0.35, final_target=0.7, layer_sparsity={"fc1.*": 0.6})
+        {'fc1.weight': 0.3, 'fc2.weight': 0.4}
+    """
+    final = final_target or target
+    fixed = {}
+    for name in scores_by_layer:
+        for pattern, value in (layer_sparsity or {}).items():
+            if fnmatchcase(name, pattern):
+                fixed[name] = min(value * target / final, value) if final > 0 else value
+                break
+    rest = {name: s for name, s in scores_by_layer.items() if name not in fixed}
+    if not rest:
+        return fixed
+    rest_target = target
+    if fixed:
+        numel = {name: s.numel() for name, s in scores_by_layer.items()}
+        pruned_fixed = sum(prune_count(numel[n], s) for n, s in fixed.items())
+        rest_total = sum(numel[n] for n in rest)
+        rest_target = (prune_count(sum(numel.values()), target) - pruned_fixed) / rest_total
+        rest_target = min(max(rest_target, 0.0), 1.0 - 1.0 / rest_total)
+    planned = allocate(
+        method,
+        rest,
+        rest_target,
+        min_sparsity=min_sparsity,
+        max_sparsity=max_sparsity,
+        sensitivities=sensitivities,
+    )
+    return {**fixed, **planned}

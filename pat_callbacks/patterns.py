@@ -8,12 +8,29 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
+from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["block_mask", "lowest_k", "nm_mask", "parse_block", "parse_nm", "prune_count", "unstructured_mask"]
+__all__ = [
+    "PATTERNS",
+    "BlockPattern",
+    "NMPattern",
+    "Pattern",
+    "UnstructuredPattern",
+    "block_mask",
+    "lowest_k",
+    "make_pattern",
+    "nm_mask",
+    "parse_block",
+    "parse_nm",
+    "prune_count",
+    "unstructured_mask",
+]
 
 
 def prune_count(numel: int, sparsity: float) -> int:
@@ -162,3 +179,131 @@ def block_mask(scores: Tensor, sparsity: float, block: tuple[int, int]) -> Tenso
     pruned = lowest_k(blocks.reshape(-1), prune_count(blocks.numel(), sparsity)).reshape(blocks.shape)
     keep = (~pruned).repeat_interleave(r, 0).repeat_interleave(c, 1)
     return keep.reshape(scores.shape)
+
+
+class Pattern(ABC):
+    """The shape of a layer's mask: turns scores and a sparsity into a keep-mask.
+
+    Attributes:
+        fixed_sparsity: the sparsity the pattern imposes on every layer (N:M), or ``None``.
+        allows_regrowth: whether single entries may be swapped in and out (pruning reversal) without breaking it.
+
+    Example:
+        >>> import torch
+        >>> make_pattern("2:4").mask(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), 0.5).tolist()
+        [[False, True, True, False]]
+    """
+
+    name: ClassVar[str] = ""
+    fixed_sparsity: float | None = None
+    allows_regrowth: ClassVar[bool] = True
+
+    @abstractmethod
+    def mask(self, scores: Tensor, sparsity: float) -> Tensor:
+        """Keep-mask with ``scores``' shape pruning ``sparsity`` of it (``True`` = kept)."""
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` naming ``name`` if a parameter of ``shape`` cannot take this pattern (any shape can,
+        unless a subclass says otherwise)."""
+        del name, shape
+
+    def __repr__(self) -> str:
+        return repr(self.name)
+
+
+class UnstructuredPattern(Pattern):
+    """Any entries: the lowest-scoring ones, exact count (:func:`unstructured_mask`).
+
+    Example:
+        >>> import torch
+        >>> UnstructuredPattern().mask(torch.tensor([0.3, 0.1, 0.2]), 0.34).tolist()
+        [True, False, True]
+    """
+
+    name: ClassVar[str] = "unstructured"
+
+    def mask(self, scores: Tensor, sparsity: float) -> Tensor:
+        return unstructured_mask(scores, sparsity)
+
+
+class NMPattern(Pattern):
+    """Keep ``n`` of every ``m`` consecutive weights of each output row (:func:`nm_mask`); intermediate targets
+    of a schedule round down to whole weights per group.
+
+    Example:
+        >>> NMPattern(2, 4).fixed_sparsity, NMPattern(2, 4).check("w", (3, 6))
+        Traceback (most recent call last):
+        ...
+        ValueError: pattern '2:4' needs rows whose size is a multiple of 4, but 'w' has shape (3, 6); exclude it \
+(exclude=['w'])
+    """
+
+    allows_regrowth: ClassVar[bool] = False
+
+    def __init__(self, n: int, m: int) -> None:
+        self.n, self.m = parse_nm((n, m))
+        self.name = f"{self.n}:{self.m}"  # type: ignore[misc]
+        self.fixed_sparsity = 1 - self.n / self.m
+
+    def mask(self, scores: Tensor, sparsity: float) -> Tensor:
+        return nm_mask(scores, self.n, self.m, pruned_per_group=min(self.m - self.n, int(sparsity * self.m + 1e-9)))
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        if len(shape) < 2 or math.prod(shape[1:]) % self.m:
+            raise ValueError(
+                f"pattern '{self.name}' needs rows whose size is a multiple of {self.m}, but {name!r} has shape "
+                f"{tuple(shape)}; exclude it (exclude=[{name!r}])"
+            )
+
+
+class BlockPattern(Pattern):
+    """Whole ``r x c`` blocks of rows x flattened inputs (:func:`block_mask`).
+
+    Example:
+        >>> import torch
+        >>> BlockPattern(1, 2).mask(torch.tensor([[1.0, 1.0, 5.0, 5.0]]), 0.5).tolist()
+        [[False, False, True, True]]
+    """
+
+    allows_regrowth: ClassVar[bool] = False  # single regrown entries would leave blocks partly masked
+
+    def __init__(self, r: int, c: int) -> None:
+        self.block = (r, c)
+        self.name = f"block:{r}x{c}"  # type: ignore[misc]
+
+    def mask(self, scores: Tensor, sparsity: float) -> Tensor:
+        return block_mask(scores, sparsity, self.block)
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        r, c = self.block
+        if len(shape) < 2 or shape[0] % r or math.prod(shape[1:]) % c:
+            raise ValueError(
+                f"pattern '{self.name}' needs rows x inputs divisible into blocks, but {name!r} has shape "
+                f"{tuple(shape)}; exclude it (exclude=[{name!r}])"
+            )
+
+
+PATTERNS = ("unstructured", "N:M (e.g. '2:4')", "block:RxC (e.g. 'block:4x4')")
+
+
+def make_pattern(pattern: str | Pattern) -> Pattern:
+    """A :class:`Pattern` from its config name: ``"unstructured"``, ``"N:M"`` or ``"block:RxC"``.
+
+    Example:
+        >>> make_pattern("block:2x2"), make_pattern("N:M")
+        ('block:2x2', '2:4')
+        >>> make_pattern("Unstructured")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `pattern` 'Unstructured'; expected one of: unstructured, N:M (e.g. '2:4'), \
+block:RxC (e.g. 'block:4x4')
+    """
+    if isinstance(pattern, Pattern):
+        return pattern
+    if pattern == "unstructured":
+        return UnstructuredPattern()
+    if isinstance(pattern, str) and pattern.startswith("block:"):
+        return BlockPattern(*parse_block(pattern))
+    if isinstance(pattern, str) and ":" in pattern:
+        return NMPattern(*parse_nm(pattern))
+    raise ValueError(f"Unknown `pattern` {pattern!r}; expected one of: {', '.join(PATTERNS)}")

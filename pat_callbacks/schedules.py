@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,12 +30,15 @@ __all__ = [
     "ConstantSchedule",
     "CubicSchedule",
     "ExponentialSchedule",
+    "FunctionSchedule",
     "LinearSchedule",
     "OddEvenSchedule",
     "OneShotSchedule",
     "PolynomialSchedule",
     "Schedule",
+    "as_schedule",
     "make_schedule",
+    "register_schedule",
 ]
 
 
@@ -44,6 +48,12 @@ class Schedule(ABC):
 
     Subclasses implement :meth:`__call__`. Masks are updated at ``start_step``, then every
     ``update_every`` steps, and always at ``end_step`` so the final target is reached exactly.
+
+    Class attributes declare what a schedule takes, so windows and callbacks never switch on names:
+    ``single_bound`` (the window may be one step; ``end`` optional), ``takes_update_every``,
+    ``phased`` (prune / recover phases of ``phase_steps``), and ``extra_args`` (arguments beyond
+    ``final_sparsity``, ``start_step``, ``end_step``). A new schedule is one class plus one
+    :func:`register_schedule` line.
 
     Example:
         >>> from dataclasses import dataclass
@@ -61,6 +71,10 @@ class Schedule(ABC):
     update_every: int = 100
 
     name: ClassVar[str] = ""
+    single_bound: ClassVar[bool] = False
+    takes_update_every: ClassVar[bool] = True
+    phased: ClassVar[bool] = False
+    extra_args: ClassVar[tuple[str, ...]] = ("update_every",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "final_sparsity", check_fraction("final_sparsity", self.final_sparsity))
@@ -108,6 +122,7 @@ class _RampSchedule(Schedule):
     """A schedule that moves from ``initial_sparsity`` at ``start_step`` to ``final_sparsity`` at ``end_step``."""
 
     initial_sparsity: float = 0.0
+    extra_args: ClassVar[tuple[str, ...]] = ("update_every", "initial_sparsity")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,6 +163,7 @@ class PolynomialSchedule(_RampSchedule):
 
     power: float = 3.0
     name: ClassVar[str] = "polynomial"
+    extra_args: ClassVar[tuple[str, ...]] = ("update_every", "initial_sparsity", "power")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,6 +183,7 @@ class CubicSchedule(PolynomialSchedule):
     """
 
     name: ClassVar[str] = "cubic"
+    extra_args: ClassVar[tuple[str, ...]] = ("update_every", "initial_sparsity")
 
     def __post_init__(self) -> None:
         if self.power != 3.0:
@@ -220,6 +237,7 @@ class ConstantSchedule(Schedule):
     """
 
     name: ClassVar[str] = "constant"
+    single_bound: ClassVar[bool] = True
 
     def __call__(self, step: int) -> float:
         return self.final_sparsity if step >= self.start_step else 0.0
@@ -236,6 +254,8 @@ class OneShotSchedule(ConstantSchedule):
     """
 
     name: ClassVar[str] = "one_shot"
+    takes_update_every: ClassVar[bool] = False
+    extra_args: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "end_step", self.start_step)
@@ -262,6 +282,9 @@ class OddEvenSchedule(Schedule):
     phase_steps: int = 100
     update_every: int = field(default=0, repr=False)
     name: ClassVar[str] = "odd_even"
+    takes_update_every: ClassVar[bool] = False
+    phased: ClassVar[bool] = True
+    extra_args: ClassVar[tuple[str, ...]] = ("phase_steps",)
 
     def __post_init__(self) -> None:
         phase = check_int("phase_steps", self.phase_steps, minimum=1)
@@ -286,29 +309,73 @@ class OddEvenSchedule(Schedule):
         return self.final_sparsity
 
 
-SCHEDULES: dict[str, type[Schedule]] = {
-    cls.name: cls
-    for cls in (
-        ConstantSchedule,
-        OneShotSchedule,
-        LinearSchedule,
-        PolynomialSchedule,
-        CubicSchedule,
-        ExponentialSchedule,
-        OddEvenSchedule,
-    )
-}
+@dataclass(frozen=True)
+class FunctionSchedule(Schedule):
+    """A plain callable ``step -> sparsity`` as a schedule (as Lightning's ``ModelPruning`` takes a callable
+    amount): masks are recomputed every ``update_every`` steps from ``start_step`` to ``end_step`` at
+    ``fn(step)``; ``final_sparsity`` is ``fn(end_step)``. Every value is checked to lie in [0, 1).
 
-# Arguments each schedule takes beyond final_sparsity / start_step / end_step.
-_EXTRA_ARGS: dict[str, tuple[str, ...]] = {
-    "constant": ("update_every",),
-    "one_shot": (),
-    "linear": ("update_every", "initial_sparsity"),
-    "polynomial": ("update_every", "initial_sparsity", "power"),
-    "cubic": ("update_every", "initial_sparsity"),
-    "exponential": ("update_every", "initial_sparsity"),
-    "odd_even": ("phase_steps",),
-}
+    Example:
+        >>> s = FunctionSchedule(fn=lambda step: min(step / 1000, 0.8), start_step=0, end_step=800, update_every=200)
+        >>> s.final_sparsity, s(400), s.update_steps()
+        (0.8, 0.4, [0, 200, 400, 600, 800])
+        >>> FunctionSchedule(fn=lambda step: step / 5, end_step=10)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `schedule(10)` to be a float in [0, 1), but got 2.0
+    """
+
+    fn: Callable[[int], float] | None = field(default=None, compare=False)
+    final_sparsity: float = field(default=-1.0)
+    name: ClassVar[str] = "function"
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ValueError(f"Expected `schedule` to be a callable step -> sparsity, but got {self.fn!r}")
+        end = check_int("end_step", self.end_step, minimum=0)
+        object.__setattr__(self, "final_sparsity", self(end, check_window=False))
+        super().__post_init__()
+
+    def __call__(self, step: int, check_window: bool = True) -> float:
+        if check_window and step < self.start_step:
+            return 0.0
+        return check_fraction(f"schedule({step})", self.fn(min(step, self.end_step)))  # type: ignore[misc]
+
+
+SCHEDULES: dict[str, type[Schedule]] = {}
+
+
+def register_schedule(cls: type[Schedule]) -> type[Schedule]:
+    """Register a schedule class under its ``name`` (usable as ``schedule="NAME"`` in callbacks and configs).
+
+    Example:
+        >>> @register_schedule
+        ... @dataclass(frozen=True)
+        ... class Step(Schedule):
+        ...     name: ClassVar[str] = "step_half"
+        ...     def __call__(self, step):
+        ...         return self.final_sparsity if step >= self.end_step else self.final_sparsity / 2 * (
+        ...             step >= self.start_step)
+        >>> make_schedule("step_half", final_sparsity=0.8, start_step=0, end_step=10, update_every=5)(5)
+        0.4
+        >>> del SCHEDULES["step_half"]
+    """
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` class attribute to be registered")
+    SCHEDULES[cls.name] = cls
+    return cls
+
+
+for _cls in (
+    ConstantSchedule,
+    OneShotSchedule,
+    LinearSchedule,
+    PolynomialSchedule,
+    CubicSchedule,
+    ExponentialSchedule,
+    OddEvenSchedule,
+):
+    register_schedule(_cls)
 
 
 def make_schedule(
@@ -325,17 +392,37 @@ def make_schedule(
         ValueError: Unknown `schedule` 'cubical'; expected one of: 'constant', 'cubic', 'exponential', 'linear', \
 'odd_even', 'one_shot', 'polynomial'
     """
-    check_choice("schedule", name, SCHEDULES)
+    cls = SCHEDULES[check_choice("schedule", name, SCHEDULES)]
     given = {key: value for key, value in kwargs.items() if value is not None}
-    allowed = _EXTRA_ARGS[name]
     for key in given:
-        if key not in allowed:
+        if key not in cls.extra_args:
             raise ValueError(
                 f"`{key}` does not apply to schedule {name!r}; it takes: final_sparsity, start, end"
-                + "".join(f", {a}" for a in allowed)
+                + "".join(f", {a}" for a in cls.extra_args)
             )
     if end_step is None:
-        if name not in ("constant", "one_shot"):
+        if not cls.single_bound:
             raise ValueError(f"Schedule {name!r} needs an end (end_step, end_epoch or end_fraction), but got None")
         end_step = start_step
-    return SCHEDULES[name](final_sparsity=final_sparsity, start_step=start_step, end_step=end_step, **given)
+    return cls(final_sparsity=final_sparsity, start_step=start_step, end_step=end_step, **given)
+
+
+def as_schedule(schedule: str | Schedule | Callable[[int], float]) -> str | Schedule | Callable[[int], float]:
+    """Check that ``schedule`` is a registered name, a :class:`Schedule` or a plain callable; return it.
+
+    Example:
+        >>> as_schedule("cubic")
+        'cubic'
+        >>> as_schedule(3)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `schedule` to be a schedule name, a Schedule or a callable step -> sparsity, but got 3
+    """
+    if isinstance(schedule, str):
+        check_choice("schedule", schedule, SCHEDULES)
+        return schedule
+    if isinstance(schedule, Schedule) or callable(schedule):
+        return schedule
+    raise ValueError(
+        f"Expected `schedule` to be a schedule name, a Schedule or a callable step -> sparsity, but got {schedule!r}"
+    )

@@ -19,20 +19,36 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from pat_callbacks._validation import check_choice, check_fraction
+from pat_callbacks.patterns import lowest_k, prune_count
+from pat_callbacks.pruner import Pruner
+from pat_callbacks.targets import DEFAULT_MODULE_TYPES
+
 __all__ = [
+    "STRUCTURED_IMPORTANCES",
     "ChannelGroup",
+    "GateImportance",
+    "GroupTaylorImportance",
+    "L1Importance",
+    "L2Importance",
+    "StructuredImportance",
+    "StructuredPruner",
     "channel_groups",
     "channel_masks",
     "channel_scores",
+    "get_structured_importance",
     "head_groups",
     "projection_head_groups",
+    "register_importance",
     "shrink",
 ]
 
@@ -52,6 +68,7 @@ class ChannelGroup:
     slices: list[list[tuple[str, int, Tensor]]] = field(default_factory=list)
     # Slices whose joint scaling scales the channel's output (its "gate"); default: the root layer's out slices.
     gate_slices: list[list[tuple[str, int, Tensor]]] = field(default_factory=list)
+    _flat: dict[tuple[str, str], dict[tuple[str, int], Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def gates(self) -> list[list[tuple[str, int, Tensor]]]:
         """Per channel, the slices that scale its output (for the ``gate`` importance).
@@ -66,6 +83,56 @@ class ChannelGroup:
             return self.gate_slices
         root_bias = self.root.removesuffix("weight") + "bias"
         return [[sl for sl in channel if sl[1] == 0 and sl[0] in (self.root, root_bias)] for channel in self.slices]
+
+    def flat_slices(self, gates: bool = False, device: torch.device | str = "cpu") -> dict[tuple[str, int], Any]:
+        """Per ``(parameter, dim)``, all channels' indices concatenated and the channel each index belongs to:
+        what vectorised reductions over channels need (cached per device).
+
+        Example:
+            >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0, 1]))], [("w", 0, torch.tensor([2]))]])
+            >>> g.flat_slices()[("w", 0)]
+            (tensor([0, 1, 2]), tensor([0, 0, 1]))
+        """
+        key = ("gates" if gates else "slices", str(device))
+        if key not in self._flat:
+            parts: dict[tuple[str, int], tuple[list[Tensor], list[Tensor]]] = {}
+            for channel, slices in enumerate(self.gates() if gates else self.slices):
+                for name, dim, index in slices:
+                    indices, owners = parts.setdefault((name, dim), ([], []))
+                    indices.append(index)
+                    owners.append(torch.full((len(index),), channel, dtype=torch.long))
+            self._flat[key] = {k: (torch.cat(i).to(device), torch.cat(o).to(device)) for k, (i, o) in parts.items()}
+        return self._flat[key]
+
+    def channel_sums(
+        self, values: Callable[[str, int, Tensor], Tensor], gates: bool = False, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """Per channel, the sum of ``values(name, dim, index)`` (a tensor selected along ``dim``, on ``device``)
+        over its slices: one selection and one ``index_add_`` per coupled parameter.
+
+        Example:
+            >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0]))], [("w", 1, torch.tensor([1]))]])
+            >>> w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+            >>> g.channel_sums(lambda name, dim, index: w.index_select(dim, index))
+            tensor([3., 6.])
+        """
+        total = torch.zeros(self.n_channels, device=device)
+        for (name, dim), (index, owner) in self.flat_slices(gates, device).items():
+            selected = values(name, dim, index)
+            total.index_add_(0, owner, selected.movedim(dim, 0).reshape(len(index), -1).sum(1, dtype=torch.float32))
+        return total
+
+    def channel_sizes(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Per channel, the number of parameter entries in its slices.
+
+        Example:
+            >>> g = ChannelGroup("w", 1, [[("w", 0, torch.tensor([0]))]])
+            >>> g.channel_sizes({"w": torch.zeros(2, 3)})
+            tensor([3.])
+        """
+        ones = {name: torch.ones_like(params[name]) for name in self.params()}
+        device = params[self.root].device
+        return self.channel_sums(lambda name, dim, index: ones[name].index_select(dim, index), device=device)
 
     def params(self) -> set[str]:
         """Names of every parameter this group touches.
@@ -206,12 +273,181 @@ def _slices(group: Any, module_names: dict[nn.Module, str]) -> list[tuple[str, i
     return slices
 
 
+class StructuredImportance(ABC):
+    """One score per channel of a :class:`ChannelGroup` (higher = keep), over all its coupled slices.
+
+    Subclasses reduce over the group with :meth:`ChannelGroup.channel_sums` (one ``index_select`` and one
+    ``index_add_`` per coupled parameter: no per-channel loop, no host copy). A new importance is one class plus
+    one :func:`register_importance` line.
+
+    Example:
+        >>> class MaxAbs(StructuredImportance):
+        ...     name = "l1_mean"
+        ...     def __call__(self, group, params, grads=None):
+        ...         sums = group.channel_sums(lambda name, dim, idx: params[name].index_select(dim, idx).abs())
+        ...         return sums / group.channel_sizes(params)
+        >>> _ = register_importance(MaxAbs)
+        >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0]))], [("w", 0, torch.tensor([1]))]])
+        >>> channel_scores(g, {"w": torch.tensor([[3.0, -1.0], [0.0, 1.0]])}, "l1_mean")
+        tensor([2.0000, 0.5000])
+        >>> del STRUCTURED_IMPORTANCES["l1_mean"]
+
+    Attributes:
+        name: the name used in configs (``importance=l2``).
+        needs_grad: whether scores read this step's dense gradients.
+    """
+
+    name: ClassVar[str] = ""
+    needs_grad: ClassVar[bool] = False
+
+    @abstractmethod
+    def __call__(
+        self, group: ChannelGroup, params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None] | None = None
+    ) -> Tensor:
+        """A float tensor of ``group.n_channels`` scores."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _selected(tensors: Mapping[str, Tensor | None], what: str) -> Callable[[str, int, Tensor], Tensor]:
+    def select(name: str, dim: int, index: Tensor) -> Tensor:
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise ValueError(f"structured importance needs the {what} of {name!r}, but got none")
+        return tensor.detach().index_select(dim, index).float()
+
+    return select
+
+
+def _products(
+    params: Mapping[str, Tensor], grads: Mapping[str, Tensor | None] | None
+) -> Callable[[str, int, Tensor], Tensor]:
+    weights, gradients = _selected(params, "weights"), _selected(grads or {}, "gradient")
+    return lambda name, dim, index: weights(name, dim, index) * gradients(name, dim, index)
+
+
+class L1Importance(StructuredImportance):
+    """Sum of ``|w|`` over the channel's coupled slices (Li et al. 2016).
+
+    Example:
+        >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0]))], [("w", 0, torch.tensor([1]))]])
+        >>> L1Importance()(g, {"w": torch.tensor([[3.0, -4.0], [0.0, 1.0]])})
+        tensor([7., 1.])
+    """
+
+    name: ClassVar[str] = "l1"
+
+    def __call__(self, group, params, grads=None):
+        select = _selected(params, "weights")
+        return group.channel_sums(lambda n, d, i: select(n, d, i).abs(), device=params[group.root].device)
+
+
+class L2Importance(StructuredImportance):
+    """Euclidean norm of the channel's coupled slices.
+
+    Example:
+        >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0]))], [("w", 0, torch.tensor([1]))]])
+        >>> L2Importance()(g, {"w": torch.tensor([[3.0, 4.0], [0.0, 1.0]])})
+        tensor([5., 1.])
+    """
+
+    name: ClassVar[str] = "l2"
+
+    def __call__(self, group, params, grads=None):
+        select = _selected(params, "weights")
+        return group.channel_sums(lambda n, d, i: select(n, d, i).square(), device=params[group.root].device).sqrt()
+
+
+class GroupTaylorImportance(StructuredImportance):
+    """``(sum g * w)^2`` over the channel's coupled slices with this step's dense gradients (Molchanov et al.
+    2019): the squared first-order change in loss if the whole channel were removed. (Unstructured
+    ``criterion="taylor"`` is another quantity: the mean of ``|w * g|`` per weight since the last update.)
+
+    Example:
+        >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0]))], [("w", 0, torch.tensor([1]))]])
+        >>> w, grad = torch.tensor([[1.0, 2.0], [1.0, 1.0]]), torch.tensor([[1.0, -1.0], [0.5, 0.5]])
+        >>> GroupTaylorImportance()(g, {"w": w}, {"w": grad})
+        tensor([1., 1.])
+    """
+
+    name: ClassVar[str] = "group_taylor"
+    needs_grad: ClassVar[bool] = True
+
+    def __call__(self, group, params, grads=None):
+        return group.channel_sums(_products(params, grads), device=params[group.root].device).square()
+
+
+class GateImportance(StructuredImportance):
+    """``|sum g * w|`` over the slices that scale the channel's output: ``|dL/d gate|`` for a gate multiplying it
+    (Michel et al. 2019's head importance).
+
+    Example:
+        >>> channel = [("w", 0, torch.tensor([0])), ("next", 1, torch.tensor([0]))]
+        >>> g = ChannelGroup("w", 1, [channel])
+        >>> GateImportance()(g, {"w": torch.ones(1, 2)}, {"w": -torch.ones(1, 2)})
+        tensor([2.])
+    """
+
+    name: ClassVar[str] = "gate"
+    needs_grad: ClassVar[bool] = True
+
+    def __call__(self, group, params, grads=None):
+        return group.channel_sums(_products(params, grads), gates=True, device=params[group.root].device).abs()
+
+
+STRUCTURED_IMPORTANCES: dict[str, type[StructuredImportance]] = {}
+_RENAMED = {"taylor": "group_taylor"}
+
+
+def register_importance(cls: type[StructuredImportance]) -> type[StructuredImportance]:
+    """Register a structured importance under its ``name`` (usable as ``importance="NAME"``).
+
+    Example:
+        >>> register_importance(L2Importance) is L2Importance
+        True
+    """
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` class attribute to be registered")
+    STRUCTURED_IMPORTANCES[cls.name] = cls
+    return cls
+
+
+for _cls in (L1Importance, L2Importance, GroupTaylorImportance, GateImportance):
+    register_importance(_cls)
+
+
+def get_structured_importance(importance: str | StructuredImportance) -> StructuredImportance:
+    """An importance instance from a registered name (``"taylor"`` is the former name of ``"group_taylor"``).
+
+    Example:
+        >>> get_structured_importance("gate")
+        GateImportance()
+        >>> get_structured_importance("l3")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `importance` 'l3'; expected one of: 'gate', 'group_taylor', 'l1', 'l2'
+    """
+    if isinstance(importance, StructuredImportance):
+        return importance
+    if importance in _RENAMED:
+        warnings.warn(
+            f"importance={importance!r} is now called {_RENAMED[importance]!r} (it is (sum g*w)^2 of the whole "
+            "channel, not the per-weight criterion 'taylor')",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        importance = _RENAMED[importance]
+    return STRUCTURED_IMPORTANCES[check_choice("importance", importance, STRUCTURED_IMPORTANCES)]()
+
+
 def channel_scores(
-    group: ChannelGroup, params: dict[str, Tensor], criterion: str = "l2", grads: dict[str, Tensor] | None = None
+    group: ChannelGroup,
+    params: Mapping[str, Tensor],
+    importance: str | StructuredImportance = "l2",
+    grads: Mapping[str, Tensor | None] | None = None,
 ) -> Tensor:
-    """One score per channel over all its coupled slices: ``l1`` / ``l2`` norm (Li et al. 2016), ``taylor``
-    ``(sum g * w)^2`` (Molchanov et al. 2019), or ``gate``: ``|sum g * w|`` over the slices that scale the
-    channel's output, which is ``|dL/d gate|`` for a gate multiplying it (Michel et al. 2019 for heads).
+    """One score per channel of ``group`` by a structured importance (see :data:`STRUCTURED_IMPORTANCES`).
 
     Example:
         >>> w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
@@ -219,36 +455,11 @@ def channel_scores(
         >>> channel_scores(g, {"w": w})
         tensor([5., 1.])
     """
-    scores = []
-    per_channel = group.gates() if criterion == "gate" else group.slices
-    for channel in per_channel:
-        total = torch.zeros((), dtype=torch.float32)
-        for name, dim, index in channel:
-            values = params[name].detach().index_select(dim, index.to(params[name].device)).float().cpu()
-            if criterion == "l1":
-                total = total + values.abs().sum()
-            elif criterion == "l2":
-                total = total + values.square().sum()
-            elif criterion in ("taylor", "gate"):
-                if grads is None or grads.get(name) is None:
-                    raise ValueError(f"structured criterion {criterion!r} needs gradients, but got none")
-                grad = grads[name].detach().index_select(dim, index.to(grads[name].device)).float().cpu()
-                total = total + (values * grad).sum()
-            else:
-                raise ValueError(
-                    f"Unknown structured `criterion` {criterion!r}; expected one of: 'gate', 'l1', 'l2', 'taylor'"
-                )
-        scores.append(total)
-    stacked = torch.stack(scores)
-    if criterion == "l2":
-        return stacked.sqrt()
-    if criterion == "taylor":
-        return stacked.square()
-    return stacked.abs() if criterion == "gate" else stacked
+    return get_structured_importance(importance)(group, params, grads)
 
 
 def channel_masks(
-    groups: Sequence[ChannelGroup], pruned: dict[str, Tensor], params: dict[str, Tensor]
+    groups: Sequence[ChannelGroup], pruned: Mapping[str, Tensor], params: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
     """Bool masks for every coupled parameter, ``False`` on the slices of each pruned channel.
 
@@ -261,9 +472,9 @@ def channel_masks(
     """
     masks = {name: torch.ones_like(params[name], dtype=torch.bool) for g in groups for name in g.params()}
     for group in groups:
-        for channel in torch.nonzero(pruned[group.root]).flatten().tolist():
-            for name, dim, index in group.slices[channel]:
-                masks[name].index_fill_(dim, index.to(masks[name].device), False)
+        for (name, dim), (index, owner) in group.flat_slices(device=masks[next(iter(group.params()))].device).items():
+            hit = pruned[group.root].to(owner.device)[owner]
+            masks[name].index_fill_(dim, index[hit], False)
     return masks
 
 
@@ -294,3 +505,106 @@ def shrink(model: nn.Module, example_inputs: Any, pruned: dict[str, Sequence[int
         if graph.check_pruning_group(group):
             group.prune()
     return model
+
+
+class StructuredPruner(Pruner):
+    """The Trainer-free core of structured pruning: whole channels (conv filters, linear neurons) and attention
+    heads, each with its coupled slices, the lowest-scoring ``sparsity`` of every group pruned.
+
+    Couplings are traced once, at construction, on ``example_inputs`` (in eval mode: BatchNorm statistics stay
+    untouched).
+
+    Args:
+        model: the network.
+        example_inputs: a batch of inputs for tracing.
+        importance: a name in :data:`STRUCTURED_IMPORTANCES` or a :class:`StructuredImportance`.
+        ignore: weight names whose channels are never removed; default: the last Conv/Linear layer (the outputs).
+        attention: separate q/k/v/out projection layouts (see :func:`projection_head_groups`).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> pruner = StructuredPruner(model, torch.zeros(1, 4), importance="l1")
+        >>> pruner.prune_to(0.5)
+        True
+        >>> {root: len(channels) for root, channels in pruner.pruned_channels().items()}
+        {'0.weight': 3}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        *,
+        importance: str | StructuredImportance = "l2",
+        ignore: Sequence[str] = (),
+        attention: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        self.importance = get_structured_importance(importance)
+        if not ignore:
+            layers = [name for name, m in model.named_modules() if isinstance(m, DEFAULT_MODULE_TYPES)]
+            ignore = (f"{layers[-1]}.weight",) if layers else ()
+        self.ignore = tuple(ignore)
+        was_training = model.training
+        model.eval()
+        try:
+            heads = head_groups(model) + projection_head_groups(model, attention)
+            # Attention internals are pruned by head, never by embedding dimension.
+            internal = [f"{g.root.removesuffix('in_proj_weight')}out_proj.weight" for g in heads if "in_proj" in g.root]
+            internal += [f"{layout[key]}.weight" for layout in attention for key in ("q", "k", "v", "out")]
+            self.groups = channel_groups(model, example_inputs, ignore=[*self.ignore, *internal]) + heads
+        finally:
+            model.train(was_training)
+        if not self.groups:
+            raise ValueError(f"No prunable channel group in {type(model).__name__} (ignored: {list(self.ignore)})")
+        named = dict(model.named_parameters())
+        super().__init__({name: named[name] for name in sorted({n for g in self.groups for n in g.params()})})
+        self.model = model
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.importance.needs_grad
+
+    @property
+    def scorer_name(self) -> str:
+        return self.importance.name or type(self.importance).__name__
+
+    def channel_scores(self) -> dict[str, Tensor]:
+        """Per group root, one score per channel (this step's gradients where the importance needs them)."""
+        grads = {name: p.grad for name, p in self.params.items()} if self.importance.needs_grad else None
+        return {group.root: self.importance(group, self.params, grads) for group in self.groups}
+
+    def prune_to(
+        self,
+        sparsity: float,
+        *,
+        final_sparsity: float | None = None,
+        scores: Mapping[str, Tensor] | None = None,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+        step: int | None = None,
+    ) -> bool:
+        """Prune ``sparsity`` of every group's channels (``0.0`` lifts every mask); ``scores`` (per root, one per
+        channel) replace the importance's. Returns ``False`` (masks untouched) on NaN/Inf scores."""
+        sparsity = check_fraction("sparsity", sparsity)
+        if sparsity == 0.0:
+            self.clear()
+            return True
+        scores = dict(scores) if scores is not None else self.channel_scores()
+        if not self._all_finite(scores, step):
+            return False
+        pruned = {g.root: lowest_k(scores[g.root], prune_count(g.n_channels, sparsity)) for g in self.groups}
+        self.target_sparsity = sparsity
+        self.set_masks(channel_masks(self.groups, pruned, self.params), optimizers=optimizers)
+        return True
+
+    def pruned_channels(self) -> dict[str, list[int]]:
+        """Per root weight, the indices of the channels currently pruned (input to :func:`shrink`)."""
+        if not self.masks:
+            return {}
+        result = {}
+        for group in self.groups:
+            mask = self.masks[group.root]
+            index, owner = group.flat_slices(device=mask.device)[(group.root, 0)]
+            kept = mask.index_select(0, index).reshape(len(index), -1).any(1).to(torch.float32)
+            alive = torch.zeros(group.n_channels, device=mask.device).index_add_(0, owner, kept)
+            result[group.root] = torch.nonzero(alive == 0).flatten().tolist()
+        return result

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pat_callbacks.allocation import allocate
+from pat_callbacks.allocation import allocate, plan_sparsities
 from pat_callbacks.patterns import prune_count
 
 
@@ -147,3 +147,15 @@ def test_measure_sensitivity_finds_the_redundant_layer():
     assert all(torch.equal(before[n], p) for n, p in params.items())  # weights restored
     sparsities = allocate("sensitivity", scores, 0.5, sensitivities=sens)
     assert sparsities["a"] > sparsities["head"] and sparsities["b"] > sparsities["head"]
+
+
+def test_plan_pins_layer_overrides_and_splits_the_rest_without_a_trainer():
+    scores = {"a.weight": torch.rand(100), "b.weight": torch.rand(300), "c.weight": torch.rand(600)}
+    final = plan_sparsities("uniform", scores, 0.8, layer_sparsity={"a.*": 0.2})
+    assert final["a.weight"] == 0.2
+    pruned = sum(prune_count(s.numel(), final[n]) for n, s in scores.items())
+    assert pruned == 800  # the others take what the pinned layer leaves: the overall count is exact
+    halfway = plan_sparsities("uniform", scores, 0.4, final_target=0.8, layer_sparsity={"a.*": 0.2})
+    assert halfway["a.weight"] == pytest.approx(0.1)  # pinned layers follow the schedule proportionally
+    capped = plan_sparsities("global_raw", scores, 0.5, max_sparsity=0.6)
+    assert max(capped.values()) <= 0.6 + 1e-9

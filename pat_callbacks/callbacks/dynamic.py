@@ -20,7 +20,7 @@ from typing_extensions import override
 from pat_callbacks._rng import SeededGenerator
 from pat_callbacks._validation import check_choice, check_fraction, check_int
 from pat_callbacks.callbacks.base import PruningCallback
-from pat_callbacks.patterns import unstructured_mask
+from pat_callbacks.pruner import Pruner, PruningOptions
 from pat_callbacks.regrowth import DECAYS, GROWTH_METHODS, update_fraction
 
 __all__ = ["DST_METHODS", "DynamicSparseTraining"]
@@ -49,8 +49,8 @@ class DynamicSparseTraining(PruningCallback):
         stop_step: the same in optimizer steps (overrides ``stop_fraction``).
         allocation: per-layer densities: ``"erk"``, ``"er"``, ``"uniform"``.
         seed: seed of the mask generator.
-        include, exclude, keep_first, keep_last, layer_sparsity, remask_weights, log_per_layer, prog_bar: see
-            :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+        include, exclude, keep_first, keep_last, layer_sparsity: see :class:`~pat_callbacks.pruner.PruningOptions`.
+        remask_weights, log_per_layer, prog_bar: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
         >>> DynamicSparseTraining(sparsity=0.8, method="set", stop_step=1000).method_name
@@ -87,18 +87,16 @@ class DynamicSparseTraining(PruningCallback):
                 f"Expected `allocation` to be one of 'erk', 'er', 'uniform' (DST's initial mask is random, so "
                 f"score-based allocations do not apply), but got {allocation!r}"
             )
-        super().__init__(
-            criterion="magnitude",
+        super().__init__(remask_weights=remask_weights, log_per_layer=log_per_layer, prog_bar=prog_bar)
+        self.options = PruningOptions(
             allocation=allocation,
             include=include,
             exclude=exclude,
             keep_first=keep_first,
             keep_last=keep_last,
             layer_sparsity=layer_sparsity,
-            remask_weights=remask_weights,
-            log_per_layer=log_per_layer,
-            prog_bar=prog_bar,
         )
+        self.allocation = allocation
         self.final_sparsity = check_fraction("sparsity", sparsity)
         self.method = check_choice("method", method, DST_METHODS)
         self.update_every = check_int("update_every", update_every, minimum=1)
@@ -121,6 +119,10 @@ class DynamicSparseTraining(PruningCallback):
 
     # ------------------------------------------------------------------ hooks
     @override
+    def _build_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Pruner:
+        return Pruner(pl_module, self.options)
+
+    @override
     def _resolve(self, trainer: pl.Trainer) -> None:
         if self.stop_step is not None:
             self._resolved_stop_step = self.stop_step
@@ -133,15 +135,12 @@ class DynamicSparseTraining(PruningCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        store = self._require_store()
-        if not store.is_active:  # a fresh run (a resumed one restored its masks)
-            scores = {
-                name: torch.rand(p.shape, generator=self.rng.generator).to(p.device) for name, p in store.params.items()
-            }
-            sparsities = self._allocate(trainer, scores, self.final_sparsity)
-            masks = {name: unstructured_mask(scores[name], sparsities[name]) for name in scores}
-            self.target_sparsity = self.final_sparsity
-            self._commit_masks(trainer, masks)
+        pruner = self._require_pruner()
+        if not pruner.masks:  # a fresh run (a resumed one restored its masks)
+            generator = self.rng.generator
+            scores = {name: torch.rand(p.shape, generator=generator).to(p.device) for name, p in pruner.params.items()}
+            pruner.prune_to(self.final_sparsity, scores=scores, optimizers=trainer.optimizers)
+            self._refresh_sparsity()
 
     @override
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
@@ -151,13 +150,12 @@ class DynamicSparseTraining(PruningCallback):
         fraction = update_fraction(step, self.drop_fraction, stop, self.decay)
         if fraction == 0.0:
             return False
-        store = self._require_store()
-        inputs = {name: p for name, p in store.params.items()}
-        if self.method == "rigl":
-            inputs.update({f"{name} (grad)": p.grad for name, p in store.params.items()})
-        if not self._all_finite(trainer, inputs):
+        metrics = self._require_pruner().regrow(
+            fraction, self.method, generator=self.rng.generator, optimizers=trainer.optimizers, step=step
+        )
+        if metrics is None:
             return False
-        self._extra_metrics = self._drop_and_regrow(trainer, fraction, self.method, self.rng.generator)
+        self._extra_metrics = metrics
         return True
 
     @override

@@ -179,6 +179,22 @@ def test_a_schedule_object_is_accepted(fit):
         GradualPruning(schedule=schedule, end_step=10)
 
 
+def test_a_plain_callable_is_a_schedule(fit):
+    """Like Lightning's ModelPruning `amount`: a callable step -> sparsity, updated every `update_every` steps."""
+    seen: list[tuple[int, float]] = []
+
+    class Recorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            weights = [p for n, p in pl_module.named_parameters() if n.endswith("weight")]
+            zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+            seen.append((trainer.global_step - 1, zeros))
+
+    pruning = GradualPruning(schedule=lambda step: 0.3 if step < 20 else 0.6, update_every=10)
+    fit([pruning, Recorder()], max_steps=41)
+    assert pruning.schedule.end_step == 40 and pruning.final_sparsity == 0.6
+    assert dict(seen)[5] == pytest.approx(0.3, abs=1e-3) and dict(seen)[25] == pytest.approx(0.6, abs=1e-3)
+
+
 def test_warns_when_training_ends_before_the_schedule(fit):
     with pytest.warns(UserWarning, match="schedule ends at step 500 but training has 60 optimizer steps"):
         fit([_pruning(end_step=500)])

@@ -38,7 +38,7 @@ class LeakChecker(Callback):
             self.checked += 1
 
 
-@pytest.mark.parametrize("importance", ["l2", "l1", "taylor"])
+@pytest.mark.parametrize("importance", ["l2", "l1", "group_taylor"])
 def test_whole_channels_and_their_coupled_parameters_are_zero(fit, importance):
     pruning = StructuredPruning(final_sparsity=0.5, importance=importance, start_step=0, end_step=20, update_every=5)
     checker = LeakChecker(pruning)

@@ -1,0 +1,130 @@
+"""The schedule-driven base of GradualPruning and StructuredPruning: a schedule and its window, resolved once the
+trainer knows the run's length, masks updated at the schedule's update steps.
+
+Example:
+    >>> from pat_callbacks import GradualPruning
+    >>> pruning = GradualPruning(final_sparsity=0.9, start_step=100, end_step=2000, update_every=100)
+    >>> isinstance(pruning, ScheduledPruningCallback), pruning.schedule(2000)
+    (True, 0.9)
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Literal
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from pat_callbacks.callbacks.base import PruningCallback
+from pat_callbacks.schedules import Schedule
+from pat_callbacks.windows import ScheduleSpec
+
+__all__ = ["ScheduledPruningCallback"]
+
+
+class ScheduledPruningCallback(PruningCallback):
+    """Masks follow a sparsity schedule: at each of its update steps, :meth:`_update_masks` to ``schedule(step)``.
+
+    Args:
+        final_sparsity: sparsity reached at the end of the window, in [0, 1).
+        schedule: a registered name, a :class:`~pat_callbacks.schedules.Schedule` (which carries its own steps and
+            sparsity) or a plain callable ``step -> sparsity`` (see :class:`~pat_callbacks.windows.ScheduleSpec`).
+        initial_sparsity, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction,
+            update_every, phase_steps, phase_epochs, power: the window and the schedule's own arguments.
+        remask_weights, log_per_layer, prog_bar: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+
+    Example:
+        >>> from pat_callbacks.pruner import Pruner
+        >>> class MagnitudeOnly(ScheduledPruningCallback):  # a complete schedule-driven callback
+        ...     def _build_pruner(self, trainer, pl_module):
+        ...         return Pruner(pl_module)
+        ...     def _update_masks(self, trainer, target):
+        ...         return self.pruner.prune_to(target, optimizers=trainer.optimizers, step=trainer.global_step)
+        >>> MagnitudeOnly(final_sparsity=0.5, start_step=0, end_step=150).schedule.update_steps()
+        [0, 100, 150]
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float | None = None,
+        schedule: str | Schedule | Callable[[int], float] = "cubic",
+        *,
+        initial_sparsity: float | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        start_epoch: float | None = None,
+        end_epoch: float | None = None,
+        start_fraction: float | None = None,
+        end_fraction: float | None = None,
+        update_every: int | None = None,
+        phase_steps: int | None = None,
+        phase_epochs: float | None = None,
+        power: float | None = None,
+        remask_weights: bool | Literal["auto"] = "auto",
+        log_per_layer: bool = True,
+        prog_bar: bool = True,
+    ) -> None:
+        super().__init__(remask_weights=remask_weights, log_per_layer=log_per_layer, prog_bar=prog_bar)
+        self.spec = ScheduleSpec(
+            schedule,
+            final_sparsity,
+            start_step=start_step,
+            end_step=end_step,
+            start_epoch=start_epoch,
+            end_epoch=end_epoch,
+            start_fraction=start_fraction,
+            end_fraction=end_fraction,
+            phase_epochs=phase_epochs,
+            initial_sparsity=initial_sparsity,
+            update_every=update_every,
+            power=power,
+            phase_steps=phase_steps,
+        )
+        self.schedule: Schedule | None = self.spec.fixed
+        self.schedule_name = self.spec.name
+        # Part of the checkpoint key: known at construction (a callable's target is only known once resolved).
+        self._key_sparsity = None if math.isnan(self.spec.final_sparsity) else self.spec.final_sparsity
+
+    @property
+    def final_sparsity(self) -> float:
+        """The sparsity at the end of the window (a callable schedule's is known once the window is resolved)."""
+        return self.spec.final_sparsity
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(final_sparsity=self._key_sparsity, schedule=self.schedule_name)
+
+    @abstractmethod
+    def _update_masks(self, trainer: pl.Trainer, target: float) -> bool:
+        """Bring the masks to ``target`` overall sparsity; return ``False`` if the update was skipped."""
+
+    @override
+    def _accumulating(self, step: int) -> bool:
+        schedule = self._require_schedule()
+        return schedule.start_step - schedule.update_every <= step <= schedule.end_step
+
+    @override
+    def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
+        schedule = self._require_schedule()
+        return schedule.is_update_step(step) and self._update_masks(trainer, schedule(step))
+
+    @override
+    def _resolve(self, trainer: pl.Trainer) -> None:
+        self.schedule = self.spec.resolve(_optimizer_steps_per_epoch(trainer), trainer.estimated_stepping_batches)
+        self._warn_if_unreached(trainer, self.schedule.end_step)
+
+    def _require_schedule(self) -> Schedule:
+        if self.schedule is None:
+            raise RuntimeError(f"{type(self).__name__}'s schedule is resolved at on_train_start; use a Trainer")
+        return self.schedule
+
+
+def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps in one epoch: ceil(batches / accumulate_grad_batches), as Lightning steps at epoch end."""
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        return 0
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))

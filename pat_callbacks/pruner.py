@@ -1,0 +1,473 @@
+"""The Trainer-free pruning core: criterion -> allocation -> pattern -> mask store, over a model's parameters.
+
+:class:`Pruner` is what the Lightning callbacks drive, and what a plain PyTorch loop (or another trainer) can
+drive directly. It never imports ``lightning`` and keeps no notion of steps: the caller decides *when*
+(e.g. with a :mod:`~pat_callbacks.schedules` schedule) and the pruner does *which weights*.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from pat_callbacks.schedules import CubicSchedule
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    >>> x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    >>> pruner = Pruner(model, criterion="taylor", allocation="global")
+    >>> schedule = CubicSchedule(final_sparsity=0.8, start_step=10, end_step=50, update_every=10)
+    >>> optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    >>> for step in range(60):
+    ...     optimizer.zero_grad()
+    ...     nn.functional.cross_entropy(model(x), y).backward()
+    ...     pruner.accumulate()                      # gradient criteria keep a history; a no-op for magnitude
+    ...     if schedule.is_update_step(step):
+    ...         _ = pruner.prune_to(schedule(step), optimizers=[optimizer])  # False if scores were NaN/Inf
+    ...     pruner.mask_grads()                      # pruned weights get no update
+    ...     optimizer.step()
+    >>> round(pruner.sparsity(), 4), float((model[0].weight == 0).float().mean()) > 0.5
+    (0.8, True)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pat_callbacks._validation import check_choice, check_fraction
+from pat_callbacks.allocation import ALLOCATIONS, measure_sensitivity, plan_sparsities
+from pat_callbacks.criteria import Criterion, get_criterion
+from pat_callbacks.masks import MaskStore
+from pat_callbacks.patterns import Pattern, make_pattern
+from pat_callbacks.regrowth import GROWTH_METHODS, drop_and_grow
+from pat_callbacks.targets import normalize_patterns, select_parameters
+
+__all__ = ["Pruner", "PruningOptions", "broadcast_masks"]
+
+
+@dataclass
+class PruningOptions:
+    """What to prune and how, validated at construction (before any model is seen).
+
+    Args:
+        criterion: importance score: ``"magnitude"``, ``"taylor"``, ``"movement"``, ``"fisher"``, ``"random"``
+            or a :class:`~pat_callbacks.criteria.Criterion`.
+        allocation: how an overall target is split over layers: ``"uniform"``, ``"global"`` (mean-normalised
+            scores), ``"global_raw"``, ``"erk"``, ``"er"``, ``"sensitivity"`` (see :mod:`pat_callbacks.allocation`).
+        pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``) or ``"block:RxC"`` (see :mod:`pat_callbacks.patterns`).
+        include: glob patterns of parameter names to prune (default: see :mod:`pat_callbacks.targets`).
+        exclude: glob patterns of parameter names to keep dense.
+        keep_first, keep_last: keep the first / last pruned parameter (in model order) dense.
+        layer_sparsity: ``{glob pattern: final sparsity}`` for layers pinned at a given sparsity.
+        min_sparsity, max_sparsity: per-layer caps for ``global``, ``global_raw`` and ``sensitivity``.
+
+    Example:
+        >>> PruningOptions(allocation="global", max_sparsity=0.95).allocation
+        'global'
+        >>> PruningOptions(pattern="2:4", allocation="global")
+        Traceback (most recent call last):
+        ...
+        ValueError: pattern='2:4' fixes the sparsity of every layer: use allocation='uniform', not 'global'
+    """
+
+    criterion: str | Criterion = "magnitude"
+    allocation: str = "uniform"
+    pattern: str | Pattern = "unstructured"
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    keep_first: bool = False
+    keep_last: bool = False
+    layer_sparsity: Mapping[str, float] | None = field(default=None)
+    min_sparsity: float = 0.0
+    max_sparsity: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.criterion = get_criterion(self.criterion)
+        self.allocation = check_choice("allocation", self.allocation, ALLOCATIONS)
+        self.pattern = make_pattern(self.pattern)
+        self.include = normalize_patterns("include", self.include)
+        self.exclude = normalize_patterns("exclude", self.exclude)
+        self.keep_first, self.keep_last = bool(self.keep_first), bool(self.keep_last)
+        if self.layer_sparsity is not None and not isinstance(self.layer_sparsity, Mapping):
+            raise ValueError(
+                f"Expected `layer_sparsity` to be a mapping of pattern -> sparsity, got {self.layer_sparsity!r}"
+            )
+        self.layer_sparsity = {
+            str(pattern): check_fraction(f"layer_sparsity[{pattern!r}]", value)
+            for pattern, value in (self.layer_sparsity or {}).items()
+        }
+        self.min_sparsity = check_fraction("min_sparsity", self.min_sparsity, allow_one=True)
+        self.max_sparsity = check_fraction("max_sparsity", self.max_sparsity, allow_one=True)
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(
+                f"Expected `min_sparsity` <= `max_sparsity`, but got {self.min_sparsity} > {self.max_sparsity}"
+            )
+        if self.pattern.fixed_sparsity is not None and self.allocation != "uniform":
+            raise ValueError(
+                f"pattern={self.pattern.name!r} fixes the sparsity of every layer: use allocation='uniform', "
+                f"not {self.allocation!r}"
+            )
+
+
+class Pruner:
+    """Masks over a model's prunable parameters, scored by a criterion, split by an allocation, shaped by a pattern.
+
+    Args:
+        model_or_params: a module (its targets are chosen by ``include`` / ``exclude``, see
+            :func:`~pat_callbacks.targets.select_parameters`) or a ``{name: parameter}`` mapping used as given.
+        options: a :class:`PruningOptions`; or give its fields as keyword arguments.
+
+    The main calls, in the order a training step makes them: :meth:`accumulate` (after ``backward``, for
+    criteria with history), :meth:`prune_to` / :meth:`regrow` at update steps, :meth:`mask_grads` before
+    ``optimizer.step()``. Pass the optimizers to :meth:`prune_to` / :meth:`regrow` (or call
+    :meth:`reset_optimizer_state`) so momentum and Adam moments of newly pruned weights are zeroed.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+        >>> pruner = Pruner(model, allocation="global")
+        >>> pruner.prune_to(0.5)
+        True
+        >>> pruner.sparsity(), sorted(pruner.params)
+        (0.5, ['0.weight', '1.weight'])
+        >>> Pruner(model, criterion="snip")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `criterion` 'snip'; expected one of: 'fisher', 'magnitude', 'movement', 'random', 'taylor'
+    """
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Mapping[str, nn.Parameter],
+        options: PruningOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if options is not None and kwargs:
+            raise TypeError(f"Give either `options` or keyword options, not both (got {sorted(kwargs)})")
+        self.options = options if options is not None else PruningOptions(**kwargs)
+        self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
+        params = self._select(model_or_params)
+        for name, param in params.items():
+            self.options.pattern.check(name, tuple(param.shape))  # type: ignore[union-attr]
+        self.store = MaskStore(params)
+        self.criterion: Criterion = self.options.criterion  # type: ignore[assignment]
+        self.criterion_state: dict[str, dict[str, Tensor]] = {}
+        self.target_sparsity = 0.0
+        self.sensitivities: dict[str, float] | None = None
+        self.last_changed: dict[str, Tensor] = {}  # entries pruned or regrown at the last update
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self.params)} parameters, sparsity={self.sparsity():.4f})"
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """``{name: parameter}`` of the pruned parameters."""
+        return self.store.params
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """``{name: bool mask}`` of the currently masked parameters (``True`` = kept)."""
+        return self.store.masks
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether scoring reads gradients (then ``prune_to`` must run between ``backward`` and the step)."""
+        return self.criterion.needs_grad
+
+    @property
+    def scorer_name(self) -> str:
+        """The criterion's name, for messages and reports."""
+        return self.criterion.name or type(self.criterion).__name__
+
+    # ------------------------------------------------------------------ scoring
+    def accumulate(self) -> None:
+        """Add this step's weights and dense gradients to the criterion's history (no-op without history).
+
+        Call after ``backward`` and before :meth:`mask_grads`, while pruning is under way.
+        """
+        if not self.criterion.needs_history:
+            return
+        for name, param in self.params.items():
+            if param.grad is not None:
+                self.criterion.accumulate(param, param.grad, self.criterion_state.setdefault(name, {}))
+
+    def scores(self) -> dict[str, Tensor]:
+        """Importance of every entry of every pruned parameter (higher = keep)."""
+        scores = {}
+        for name, param in self.params.items():
+            if self.criterion.needs_grad and param.grad is None:
+                raise RuntimeError(f"criterion={self.scorer_name!r} needs a gradient, but {name!r} has none")
+            scores[name] = self.criterion.score(param, param.grad, self.criterion_state.get(name, {}))
+        return scores
+
+    def measure_sensitivity(
+        self,
+        batches: Iterable[Any],
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        probe_sparsity: float = 0.9,
+        model: nn.Module | None = None,
+    ) -> dict[str, float]:
+        """Measure (and keep, for ``allocation="sensitivity"``) each layer's loss increase when pruned alone.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+            >>> pruner = Pruner(model, allocation="sensitivity")
+            >>> batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+            >>> loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+            >>> sorted(pruner.measure_sensitivity([batch], loss, 0.5))
+            ['0.weight', '2.weight']
+        """
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError("measure_sensitivity needs the model: build the Pruner from it or pass `model`")
+        self.sensitivities = measure_sensitivity(model, self.params, self.scores(), probe_sparsity, batches, loss_fn)
+        return self.sensitivities
+
+    # ------------------------------------------------------------------ updates
+    def prune_to(
+        self,
+        sparsity: float,
+        *,
+        final_sparsity: float | None = None,
+        scores: Mapping[str, Tensor] | None = None,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+        step: int | None = None,
+    ) -> bool:
+        """Mask to ``sparsity`` overall (``0.0`` lifts every mask): score, allocate, shape, commit.
+
+        Args:
+            sparsity: the overall target now.
+            final_sparsity: the target at the end of the schedule (``layer_sparsity`` layers follow it
+                proportionally); default ``sparsity``.
+            scores: scores to use instead of the criterion's (e.g. random scores for a random initial mask).
+            optimizers: their state for newly pruned entries is zeroed.
+            step: only for the warning below.
+
+        Returns ``False`` (masks untouched, with a warning) when a score is NaN or infinite; the criterion's history
+        restarts, so the next call tries again on clean numbers.
+        """
+        sparsity = check_fraction("sparsity", sparsity)
+        if sparsity == 0.0:
+            self.clear()
+            return True
+        scores = dict(scores) if scores is not None else self.scores()
+        if not self._all_finite(scores, step):
+            return False
+        if self.options.allocation == "sensitivity" and self.sensitivities is None:
+            raise RuntimeError("allocation='sensitivity' needs measure_sensitivity(...) before the first prune_to")
+        sparsities = plan_sparsities(
+            self.options.allocation,
+            scores,
+            sparsity,
+            final_target=final_sparsity,
+            layer_sparsity=self.options.layer_sparsity,
+            min_sparsity=self.options.min_sparsity,
+            max_sparsity=self.options.max_sparsity,
+            sensitivities=self.sensitivities,
+        )
+        pattern: Pattern = self.options.pattern  # type: ignore[assignment]
+        self.target_sparsity = sparsity
+        self.set_masks({name: pattern.mask(scores[name], sparsities[name]) for name in scores}, optimizers=optimizers)
+        return True
+
+    def regrow(
+        self,
+        fraction: float,
+        method: str = "rigl",
+        *,
+        generator: torch.Generator | None = None,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+        step: int | None = None,
+    ) -> dict[str, float] | None:
+        """Swap ``fraction`` of each masked layer's active weights for inactive ones (see
+        :func:`~pat_callbacks.regrowth.drop_and_grow`): drop the lowest |w|, regrow by dense-gradient magnitude
+        (``"rigl"``) or at random (``"set"``). Regrown entries restart at zero with zeroed optimizer state; each
+        layer's count is unchanged. Returns metrics, or ``None`` (with a warning) if weights or gradients are not
+        finite.
+
+        Example:
+            >>> from torch import nn
+            >>> model = nn.Linear(8, 8)
+            >>> pruner = Pruner(model)
+            >>> _ = pruner.prune_to(0.5)
+            >>> metrics = pruner.regrow(0.25, "set", generator=torch.Generator().manual_seed(0))
+            >>> metrics["pruning/regrown"], metrics["pruning/dropped"], pruner.sparsity()
+            (8.0, 8.0, 0.5)
+        """
+        check_choice("method", method, GROWTH_METHODS)
+        if not self.options.pattern.allows_regrowth:  # type: ignore[union-attr]
+            raise ValueError(f"regrowth would break the {self.options.pattern!r} pattern")
+        inputs: dict[str, Tensor | None] = dict(self.params)
+        if method == "rigl":
+            inputs.update({f"{name} (grad)": p.grad for name, p in self.params.items()})
+        if not self._all_finite(inputs, step):
+            return None
+        new_masks, regrown, dropped = {}, {}, {}
+        for name, old in self.masks.items():
+            param = self.params[name]
+            if method == "rigl" and param.grad is None:
+                continue  # a layer without a gradient this step keeps its mask
+            new_masks[name] = drop_and_grow(old, param, param.grad, fraction, method, generator)
+            regrown[name] = new_masks[name] & ~old
+            dropped[name] = old & ~new_masks[name]
+        n_active = sum(int(self.masks[name].sum()) for name in new_masks)
+        if new_masks:
+            self.set_masks(new_masks, reset=regrown, optimizers=optimizers)
+        n_regrown = sum(int(r.sum()) for r in regrown.values())
+        return {
+            "pruning/drop_fraction": fraction,
+            "pruning/regrown": float(n_regrown),
+            "pruning/dropped": float(sum(int(d.sum()) for d in dropped.values())),
+            "pruning/mask_change_rate": n_regrown / max(n_active, 1),
+        }
+
+    def set_masks(
+        self,
+        masks: Mapping[str, Tensor],
+        *,
+        reset: Mapping[str, Tensor] | None = None,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+    ) -> dict[str, Tensor]:
+        """Make ``masks`` the same on every rank, store them, zero the pruned weights and the optimizer state of
+        newly pruned entries (and of ``reset``, e.g. regrown ones). Returns the newly pruned entries."""
+        newly_pruned = self.store.set_masks(broadcast_masks(dict(masks)))
+        self.store.apply()
+        changed = dict(newly_pruned)
+        for name, entries in (reset or {}).items():
+            changed[name] = changed[name] | entries if name in changed else entries
+        self.last_changed = changed
+        self.reset_optimizer_state(optimizers)
+        return newly_pruned
+
+    def clear(self) -> None:
+        """Lift every mask: all parameters train densely again (pruned weights restart from zero)."""
+        self.target_sparsity = 0.0
+        self.last_changed = {}
+        self.store.clear()
+
+    # -------------------------------------------------------------- enforcement
+    def mask_grads(self) -> None:
+        """Zero the gradients of pruned weights (call before ``optimizer.step()``)."""
+        self.store.mask_grads()
+
+    def apply(self) -> None:
+        """Zero the pruned weights in place."""
+        self.store.apply()
+
+    def reset_optimizer_state(
+        self, optimizers: Iterable[torch.optim.Optimizer], entries: Mapping[str, Tensor] | None = None
+    ) -> int:
+        """Zero the optimizer state of ``entries`` (default: those pruned or regrown at the last update)."""
+        optimizers = list(optimizers)
+        if not optimizers:
+            return 0
+        return self.store.reset_optimizer_state(optimizers, self.last_changed if entries is None else entries)
+
+    def to_devices(self) -> None:
+        """Move masks and criterion history to their parameters' devices (after the model moved)."""
+        self.store.sync_devices()
+        self.criterion_state = {
+            name: {key: value.to(self.params[name].device) for key, value in values.items()}
+            for name, values in self.criterion_state.items()
+        }
+
+    def reset_history(self) -> None:
+        """Forget the criterion's history (after an update, for criteria averaged since the last one)."""
+        for values in self.criterion_state.values():
+            self.criterion.reset(values)
+
+    # ----------------------------------------------------------------- reading
+    def sparsity(self) -> float:
+        """Fraction of pruned entries over all pruned parameters, from the masks."""
+        return self.store.sparsity()
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of pruned entries per parameter, from the masks."""
+        return self.store.layer_sparsity()
+
+    # --------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, criterion history and state, target and sensitivities (plain tensors and numbers)."""
+        state: dict[str, Any] = {
+            "target_sparsity": self.target_sparsity,
+            "criterion_state": {name: dict(values) for name, values in self.criterion_state.items()},
+            "criterion": self.criterion.state_dict(),
+            **self.store.state_dict(),
+        }
+        if self.sensitivities is not None:
+            state["sensitivities"] = dict(self.sensitivities)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.store.load_state_dict(state)
+        self.criterion_state = {name: dict(values) for name, values in state.get("criterion_state", {}).items()}
+        self.criterion.load_state_dict(state.get("criterion", {}))
+        sensitivities = state.get("sensitivities")
+        self.sensitivities = None if sensitivities is None else {k: float(v) for k, v in sensitivities.items()}
+        self.target_sparsity = float(state.get("target_sparsity", self.store.sparsity()))
+
+    # ---------------------------------------------------------------- internals
+    def _select(self, model_or_params: nn.Module | Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        opts = self.options
+        if isinstance(model_or_params, nn.Module):
+            params = select_parameters(model_or_params, include=opts.include, exclude=opts.exclude)
+        elif isinstance(model_or_params, Mapping):
+            params = dict(model_or_params)
+        else:
+            raise ValueError(
+                f"Expected a module or a mapping of name -> parameter to prune, but got {type(model_or_params)}"
+            )
+        names = list(params)
+        dense = ({names[0]} if opts.keep_first and names else set()) | (
+            {names[-1]} if opts.keep_last and names else set()
+        )
+        params = {name: p for name, p in params.items() if name not in dense}
+        if not params:
+            raise ValueError(f"keep_first/keep_last leave no parameter to prune (targets were {names})")
+        for pattern in opts.layer_sparsity or {}:
+            if not any(fnmatchcase(name, pattern) for name in params):
+                raise ValueError(
+                    f"`layer_sparsity` pattern {pattern!r} matches no pruned parameter; pruned: {sorted(params)}"
+                )
+        return params
+
+    def _all_finite(self, tensors: Mapping[str, Tensor | None], step: int | None) -> bool:
+        bad = sorted(name for name, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all()))
+        if not bad:
+            return True
+        where = f" at step {step}" if step is not None else ""
+        warnings.warn(
+            f"{type(self).__name__}: NaN or Inf in the scores of {bad}{where}; the mask update is skipped (masks "
+            "unchanged) and retried at the next update step",
+            UserWarning,
+            stacklevel=3,
+        )
+        for values in self.criterion_state.values():
+            values.clear()
+        return False
+
+
+def broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Under torch.distributed, make every rank hold rank 0's masks (ranks may score differently).
+
+    Example:
+        >>> import torch
+        >>> broadcast_masks({"w": torch.tensor([True, False])})  # one process: unchanged
+        {'w': tensor([ True, False])}
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return masks
+    if torch.distributed.get_world_size() == 1:
+        return masks
+    synced = {}
+    for name, mask in masks.items():
+        as_bytes = mask.to(torch.uint8)
+        torch.distributed.broadcast(as_bytes, src=0)
+        synced[name] = as_bytes.bool()
+    return synced

@@ -1,0 +1,106 @@
+"""Structured importances: vectorised over channels, equal to a naive per-channel reference; a registry of classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bench.export import ResidualCNN
+from pat_callbacks.structured import (
+    STRUCTURED_IMPORTANCES,
+    StructuredPruner,
+    channel_groups,
+    channel_masks,
+    channel_scores,
+    get_structured_importance,
+    head_groups,
+)
+
+
+def _reference(group, params, importance, grads):
+    """The naive form: a Python loop over channels and slices."""
+    scores = []
+    for channel in group.gates() if importance == "gate" else group.slices:
+        total = torch.zeros(())
+        for name, dim, index in channel:
+            values = params[name].detach().index_select(dim, index)
+            if importance == "l1":
+                total += values.abs().sum()
+            elif importance == "l2":
+                total += values.square().sum()
+            else:
+                total += (values * grads[name].index_select(dim, index)).sum()
+        scores.append(total)
+    stacked = torch.stack(scores)
+    return {"l1": stacked, "l2": stacked.sqrt(), "group_taylor": stacked.square(), "gate": stacked.abs()}[importance]
+
+
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.view(-1, 8, 8))
+        return self.fc(self.attn(tokens, tokens, tokens, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("importance", sorted(STRUCTURED_IMPORTANCES))
+def test_vectorised_importances_equal_the_per_channel_reference(importance):
+    torch.manual_seed(0)
+    cnn, attention = ResidualCNN(width=8), AttentionNet()
+    nn.functional.cross_entropy(cnn(torch.randn(4, 3, 16, 16)), torch.randint(0, 10, (4,))).backward()
+    nn.functional.cross_entropy(attention(torch.randn(4, 64)), torch.randint(0, 10, (4,))).backward()
+    cases = [
+        (cnn, channel_groups(cnn.eval(), torch.randn(1, 3, 16, 16), ignore=["head.weight"])),
+        (attention, head_groups(attention)),
+    ]
+    for model, groups in cases:
+        params = dict(model.named_parameters())
+        grads = {name: p.grad for name, p in params.items()}
+        for group in groups:
+            got = channel_scores(group, params, importance, grads)
+            assert got.shape == (group.n_channels,)
+            assert torch.allclose(got, _reference(group, params, importance, grads), rtol=1e-5, atol=1e-7)
+
+
+def test_masks_follow_the_pruned_channels_through_every_coupling():
+    torch.manual_seed(0)
+    model = ResidualCNN(width=8).eval()
+    params = dict(model.named_parameters())
+    groups = channel_groups(model, torch.randn(1, 3, 16, 16), ignore=["head.weight"])
+    pruned = {g.root: torch.arange(g.n_channels) % 3 == 0 for g in groups}
+    masks = channel_masks(groups, pruned, params)
+    for group in groups:
+        for channel, slices in enumerate(group.slices):
+            for name, dim, index in slices:
+                selected = masks[name].index_select(dim, index)
+                assert bool((~selected).all()) if pruned[group.root][channel] else bool(selected.any()), (name, channel)
+
+
+def test_group_taylor_is_not_the_unstructured_taylor_and_the_old_name_warns():
+    assert "taylor" not in STRUCTURED_IMPORTANCES
+    with pytest.warns(DeprecationWarning, match="now called 'group_taylor'"):
+        assert get_structured_importance("taylor").name == "group_taylor"
+
+
+def test_structured_pruner_runs_in_a_plain_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    pruner = StructuredPruner(model, torch.zeros(1, 8), importance="gate")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for step in range(12):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step in (4, 8):
+            assert pruner.prune_to(0.25 * step / 4, optimizers=[optimizer], step=step)
+        pruner.mask_grads()
+        optimizer.step()
+    channels = pruner.pruned_channels()
+    assert {root: len(c) for root, c in channels.items()} == {"0.weight": 8, "2.weight": 8}  # classifier kept
+    assert (model[0].weight[channels["0.weight"]] == 0).all() and (model[2].weight[:, channels["0.weight"]] == 0).all()
+    assert (model[2].weight[channels["2.weight"]] == 0).all() and (model[4].weight[:, channels["2.weight"]] == 0).all()
