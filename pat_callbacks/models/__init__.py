@@ -1,4 +1,4 @@
-"""Example networks and the LightningModule used by ``train.py``, ``conf/`` and ``recipes/``."""
+"""Example networks and the LightningModule used by ``train.py`` and the configs in ``pat_callbacks/conf/``."""
 
 from pat_callbacks.models.classifier import Classifier
 from pat_callbacks.models.nets import MLP, ConvBase
