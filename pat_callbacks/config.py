@@ -31,6 +31,7 @@ class _LoggingConf:
     remask_weights: Any = "auto"
     log_per_layer: bool = True
     prog_bar: bool = True
+    verbose: bool = True
 
 
 @dataclass
@@ -40,6 +41,7 @@ class _CommonPruningConf(_LoggingConf):
     keep_first: bool = False
     keep_last: bool = False
     layer_sparsity: Optional[Dict[str, float]] = None
+    allow_vectors: bool = False
 
 
 @dataclass

@@ -33,7 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pat_callbacks.targets import parameter_aliases
+
 __all__ = [
+    "FUSED_READERS",
     "SizeReport",
     "SparseLinear",
     "compress_state_dict",
@@ -52,6 +55,7 @@ FORMAT_VERSION = 1
 def make_permanent(model: nn.Module, masks: Mapping[str, Tensor] | None = None) -> nn.Module:
     """Zero the masked entries of ``model``'s parameters in place and return it: a plain module that needs no
     callback state (a pat-callbacks model already is one; pass ``pruning.store.masks`` to apply them again).
+    A tied parameter may be named by any of its names.
 
     Example:
         >>> layer = nn.Linear(2, 2)
@@ -60,11 +64,16 @@ def make_permanent(model: nn.Module, masks: Mapping[str, Tensor] | None = None) 
         [[False, True], [True, False]]
     """
     params = dict(model.named_parameters())
+    aliases = parameter_aliases(model)
     with torch.no_grad():
         for name, mask in (masks or {}).items():
-            if name not in params:
-                raise ValueError(f"Mask for {name!r}, which is not a parameter of {type(model).__name__}")
-            params[name].mul_(mask.to(params[name].device, torch.bool).to(params[name].dtype))
+            if name not in aliases:
+                sample = ", ".join(list(params)[:6]) + (", ..." if len(params) > 6 else "")
+                raise ValueError(
+                    f"Mask for {name!r}, which is not a parameter of {type(model).__name__} (parameters: {sample})"
+                )
+            param = params[aliases[name]]
+            param.mul_(mask.to(param.device, torch.bool).to(param.dtype))
     return model
 
 
@@ -104,24 +113,84 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
-def to_sparse_inference(model: nn.Module, min_sparsity: float = 0.75) -> nn.Module:
+# Modules whose forward (or fused fast path) reads their Linear children's weights directly: their Linear layers
+# are left dense, since a CSR weight there would break the kernel (e.g. aten::_transformer_encoder_layer_fwd).
+FUSED_READERS: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def to_sparse_inference(
+    model: nn.Module,
+    min_sparsity: float = 0.75,
+    example_inputs: Any = None,
+    atol: float = 1e-5,
+) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` at least ``min_sparsity`` sparse by a :class:`SparseLinear` with the
     same outputs; return the model (for CPU inference; call ``model.eval()`` first).
+
+    Linear layers inside :data:`FUSED_READERS` (attention, ``nn.Transformer*Layer``) are left as they are: their
+    fused kernels read the weights directly. With ``example_inputs``, the converted model's outputs are checked
+    against the original's (``RuntimeError`` naming the difference if they disagree).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
         >>> with torch.no_grad():
         ...     _ = model[0].weight.mul_(torch.rand(16, 16) > 0.9)
-        >>> [type(m).__name__ for m in to_sparse_inference(model)]
+        >>> [type(m).__name__ for m in to_sparse_inference(model, example_inputs=torch.randn(2, 16))]
         ['SparseLinear', 'ReLU', 'Linear']
     """
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
-            if float((child.weight == 0).float().mean()) >= min_sparsity:
-                setattr(model, name, SparseLinear(child))
-        else:
-            to_sparse_inference(child, min_sparsity)
+    with torch.no_grad():
+        expected = model(example_inputs) if example_inputs is not None else None
+        _replace_sparse_linears(model, min_sparsity)
+        if expected is not None:
+            got = model(example_inputs)
+            if not _allclose(got, expected, atol):
+                raise RuntimeError(
+                    f"to_sparse_inference changed the outputs of {type(model).__name__} (max abs difference "
+                    f"{_max_difference(got, expected):.3g} > atol={atol}); please report this model"
+                )
     return model
+
+
+def _replace_sparse_linears(module: nn.Module, min_sparsity: float) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, FUSED_READERS):
+            _replace_sparse_linears_below(child, min_sparsity)
+        elif isinstance(child, nn.Linear):
+            if float((child.weight == 0).float().mean()) >= min_sparsity:
+                setattr(module, name, SparseLinear(child))
+        else:
+            _replace_sparse_linears(child, min_sparsity)
+
+
+def _replace_sparse_linears_below(fused: nn.Module, min_sparsity: float) -> None:
+    """Inside a fused reader, only modules that are not its direct Linear children may be converted."""
+    for child in fused.children():
+        if not isinstance(child, (nn.Linear, *FUSED_READERS)):
+            _replace_sparse_linears(child, min_sparsity)
+
+
+def _outputs(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if hasattr(value, "logits"):
+        return [value.logits]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _outputs(item)]
+    return []
+
+
+def _allclose(got: Any, expected: Any, atol: float) -> bool:
+    pairs = list(zip(_outputs(got), _outputs(expected), strict=False))
+    return bool(pairs) and all(torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-4) for a, b in pairs)
+
+
+def _max_difference(got: Any, expected: Any) -> float:
+    pairs = zip(_outputs(got), _outputs(expected), strict=False)
+    return max((float((a.float() - b.float()).abs().max()) for a, b in pairs), default=float("nan"))
 
 
 def to_semi_structured(model: nn.Module) -> nn.Module:
@@ -190,7 +259,8 @@ def _nbytes(encoded: Mapping[str, Any]) -> int:
 
 
 def compress_state_dict(state_dict: Mapping[str, Tensor], min_sparsity: float = 0.3) -> dict[str, Any]:
-    """Encode every floating tensor with at least ``min_sparsity`` zeros in its smaller sparse format.
+    """Encode every floating tensor with at least ``min_sparsity`` zeros in its smaller sparse format; a tensor
+    that shares its storage with an earlier one (tied weights) is stored once.
 
     Example:
         >>> sd = {"w": torch.tensor([[0.0, 1.5, 0.0, 0.0]] * 8), "b": torch.ones(4)}
@@ -199,7 +269,18 @@ def compress_state_dict(state_dict: Mapping[str, Tensor], min_sparsity: float = 
         ('bitmask', 'dense')
     """
     tensors: dict[str, Any] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
     for name, tensor in state_dict.items():
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
+        if tensor.numel() > 0 and key in seen:  # a tied weight: stored once, the other names point to it
+            tensors[name] = {"format": "alias", "of": seen[key]}
+            continue
+        seen[key] = name
         tensor = tensor.detach().cpu()
         base = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
         sparse_enough = tensor.is_floating_point() and tensor.numel() > 0
@@ -227,6 +308,9 @@ def decompress_state_dict(compressed: Mapping[str, Any]) -> dict[str, Tensor]:
         raise ValueError(f"Not a pat-callbacks sparse checkpoint (format {compressed.get('pat_callbacks_sparse')!r})")
     out = {}
     for name, item in compressed["tensors"].items():
+        if item["format"] == "alias":
+            out[name] = out[item["of"]]
+            continue
         shape, dtype = tuple(item["shape"]), getattr(torch, item["dtype"])
         if item["format"] == "dense":
             out[name] = item["tensor"]
@@ -312,8 +396,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="where to write the compressed weights")
     parser.add_argument("--min-sparsity", type=float, default=0.3, help="store tensors at least this sparse sparsely")
     args = parser.parse_args(argv)
-    loaded = torch.load(args.checkpoint, weights_only=True, map_location="cpu")
+    try:
+        loaded = torch.load(args.checkpoint, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        parser.exit(1, f"pat-export: error: {args.checkpoint}: no such file\n")
+    except Exception as error:  # truncated, empty or not a torch file: one line, not a traceback
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        parser.exit(1, f"pat-export: error: {args.checkpoint} is not a readable checkpoint ({reason})\n")
     state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, Tensor) for v in state_dict.values()):
+        parser.exit(1, f"pat-export: error: {args.checkpoint} holds no state dict of tensors\n")
     report = save_sparse(state_dict, args.out, args.min_sparsity)
     print(f"wrote {args.out}: {report.sparse_bytes} bytes, {report.ratio:.3f} of the dense {report.dense_bytes}")
 

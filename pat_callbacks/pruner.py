@@ -43,7 +43,7 @@ from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.patterns import Pattern, make_pattern
 from pat_callbacks.regrowth import GROWTH_METHODS, drop_and_grow
-from pat_callbacks.targets import normalize_patterns, select_parameters
+from pat_callbacks.targets import normalize_patterns, select_parameters, target_roles
 
 __all__ = ["Pruner", "PruningOptions", "broadcast_masks"]
 
@@ -63,6 +63,7 @@ class PruningOptions:
         keep_first, keep_last: keep the first / last pruned parameter (in model order) dense.
         layer_sparsity: ``{glob pattern: final sparsity}`` for layers pinned at a given sparsity.
         min_sparsity, max_sparsity: per-layer caps for ``global``, ``global_raw`` and ``sensitivity``.
+        allow_vectors: let ``include`` select norm gains and biases (refused by default: rarely intended).
 
     Example:
         >>> PruningOptions(allocation="global", max_sparsity=0.95).allocation
@@ -83,6 +84,7 @@ class PruningOptions:
     layer_sparsity: Mapping[str, float] | None = field(default=None)
     min_sparsity: float = 0.0
     max_sparsity: float = 1.0
+    allow_vectors: bool = False
 
     def __post_init__(self) -> None:
         self.criterion = get_criterion(self.criterion)
@@ -91,6 +93,7 @@ class PruningOptions:
         self.include = normalize_patterns("include", self.include)
         self.exclude = normalize_patterns("exclude", self.exclude)
         self.keep_first, self.keep_last = bool(self.keep_first), bool(self.keep_last)
+        self.allow_vectors = bool(self.allow_vectors)
         if self.layer_sparsity is not None and not isinstance(self.layer_sparsity, Mapping):
             raise ValueError(
                 f"Expected `layer_sparsity` to be a mapping of pattern -> sparsity, got {self.layer_sparsity!r}"
@@ -150,10 +153,20 @@ class Pruner:
         self.options = options if options is not None else PruningOptions(**kwargs)
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
         params = self._select(model_or_params)
+        roles = target_roles(self.model) if self.model is not None else {}
+        # Matrices stored in x out (Hugging Face Conv1D): patterns run along their inputs, i.e. on the transpose.
+        self.transposed = {name for name in params if name in roles and roles[name].transposed}
         for name, param in params.items():
-            self.options.pattern.check(name, tuple(param.shape))  # type: ignore[union-attr]
-        self.store = MaskStore(params)
+            shape = tuple(param.shape)
+            self.options.pattern.check(name, shape[::-1] if name in self.transposed else shape)  # type: ignore[union-attr]
         self.criterion: Criterion = self.options.criterion  # type: ignore[assignment]
+        frozen = [name for name, param in params.items() if not param.requires_grad]
+        if frozen and self.criterion.needs_grad:
+            raise ValueError(
+                f"criterion={self.scorer_name!r} reads gradients, but {frozen} are frozen (requires_grad=False) and "
+                "get none: exclude them, or use criterion='magnitude'"
+            )
+        self.store = MaskStore(params)
         self.criterion_state: dict[str, dict[str, Tensor]] = {}
         self.target_sparsity = 0.0
         self.sensitivities: dict[str, float] | None = None
@@ -270,10 +283,17 @@ class Pruner:
             max_sparsity=self.options.max_sparsity,
             sensitivities=self.sensitivities,
         )
-        pattern: Pattern = self.options.pattern  # type: ignore[assignment]
         self.target_sparsity = sparsity
-        self.set_masks({name: pattern.mask(scores[name], sparsities[name]) for name in scores}, optimizers=optimizers)
+        self.set_masks(
+            {name: self._mask(name, scores[name], sparsities[name]) for name in scores}, optimizers=optimizers
+        )
         return True
+
+    def _mask(self, name: str, scores: Tensor, sparsity: float) -> Tensor:
+        pattern: Pattern = self.options.pattern  # type: ignore[assignment]
+        if name in self.transposed and scores.dim() == 2:
+            return pattern.mask(scores.t(), sparsity).t()
+        return pattern.mask(scores, sparsity)
 
     def regrow(
         self,
@@ -416,7 +436,9 @@ class Pruner:
     def _select(self, model_or_params: nn.Module | Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
         opts = self.options
         if isinstance(model_or_params, nn.Module):
-            params = select_parameters(model_or_params, include=opts.include, exclude=opts.exclude)
+            params = select_parameters(
+                model_or_params, include=opts.include, exclude=opts.exclude, allow_vectors=opts.allow_vectors
+            )
         elif isinstance(model_or_params, Mapping):
             params = dict(model_or_params)
         else:

@@ -1,8 +1,19 @@
-"""Which parameters are pruned.
+"""Which parameters are pruned: every weight matrix that a matmul or convolution consumes, found by role.
 
-By default: the ``weight`` of every ``Linear`` and ``Conv*`` layer; biases, norm layers and embeddings are
-left dense. ``include`` / ``exclude`` take glob patterns over parameter names (``"features.*.weight"``);
-a pattern that matches nothing is an error, since it is almost always a typo.
+By default a weight is a target because of what it does, not because its module is on a class list:
+
+- ``nn.Linear`` (incl. ``MultiheadAttention.out_proj``) and ``nn.Conv*`` / ``nn.ConvTranspose*`` ``weight``;
+- ``nn.MultiheadAttention``: ``in_proj_weight`` (packed q/k/v) or ``q/k/v_proj_weight``;
+- ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: ``weight_ih_l*``, ``weight_hh_l*`` (and LSTM's ``weight_hr_l*``);
+- Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections; its weight is stored ``in x out``);
+- any module type added with :func:`register_target`.
+
+Embeddings, norms, biases and frozen parameters (``requires_grad=False``) stay dense unless named in ``include``.
+An output head whose weight *is* an input embedding (weight tying, as in GPT-2 and BERT) counts as the embedding.
+A tied parameter is one parameter, known by its canonical name (the first in ``named_parameters()``); patterns
+match any of its names. ``include`` / ``exclude`` take glob patterns; a pattern that matches nothing is an error
+(almost always a typo), and so is an ``include`` that would prune vectors (norm gains, biases) without
+``allow_vectors=True``.
 
 Example:
     >>> from torch import nn
@@ -11,16 +22,30 @@ Example:
     ['0.weight', '2.weight']
     >>> list(select_parameters(model, exclude=["2.*"]))
     ['0.weight']
+    >>> list(select_parameters(nn.GRU(4, 8, num_layers=2)))
+    ['weight_ih_l0', 'weight_hh_l0', 'weight_ih_l1', 'weight_hh_l1']
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from torch import nn
 
-__all__ = ["DEFAULT_MODULE_TYPES", "normalize_patterns", "select_parameters"]
+__all__ = [
+    "DEFAULT_MODULE_TYPES",
+    "TargetRole",
+    "describe_targets",
+    "normalize_patterns",
+    "parameter_aliases",
+    "register_target",
+    "select_parameters",
+    "target_roles",
+    "weight_matrices",
+]
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -31,6 +56,115 @@ DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+
+_EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+_RNN_WEIGHT = re.compile(r"weight_(ih|hh|hr)_l\d+(_reverse)?")
+
+
+@dataclass(frozen=True)
+class TargetRole:
+    """Why a parameter is a target: its module type and whether its matrix is stored ``in x out`` (transposed
+    with respect to ``nn.Linear``'s ``out x in``; N:M groups and output channels then run along the other axis).
+
+    Example:
+        >>> TargetRole("Linear").transposed
+        False
+    """
+
+    module_type: str
+    transposed: bool = False
+
+
+# User-registered module types: {type: (parameter names, transposed)}.
+_REGISTERED: dict[type[nn.Module], tuple[tuple[str, ...], bool]] = {}
+
+
+def register_target(module_type: type[nn.Module], *param_names: str, transposed: bool = False) -> None:
+    """Make the named parameters of every ``module_type`` module default targets (e.g. a custom projection).
+
+    Example:
+        >>> import torch
+        >>> class Bilinear(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.core = nn.Parameter(torch.randn(4, 4))
+        >>> register_target(Bilinear, "core")
+        >>> list(select_parameters(nn.Sequential(Bilinear(), nn.Linear(4, 2))))
+        ['0.core', '1.weight']
+        >>> del _REGISTERED[Bilinear]
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise ValueError(f"Expected `module_type` to be an nn.Module subclass, but got {module_type!r}")
+    if not param_names or not all(isinstance(n, str) and n for n in param_names):
+        raise ValueError(f"Expected parameter names of {module_type.__name__} to register, but got {param_names!r}")
+    _REGISTERED[module_type] = (tuple(param_names), bool(transposed))
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _roles_of(module: nn.Module) -> dict[str, TargetRole]:
+    """``{local parameter name: role}`` of the weights ``module`` itself consumes in a matmul / convolution."""
+    kind = type(module).__name__
+    for registered, (names, transposed) in _REGISTERED.items():
+        if isinstance(module, registered):
+            return {name: TargetRole(kind, transposed) for name in names}
+    if isinstance(module, DEFAULT_MODULE_TYPES):
+        return {"weight": TargetRole(kind)}
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return {name: TargetRole(kind) for name in names if getattr(module, name, None) is not None}
+    if isinstance(module, nn.RNNBase):
+        return {
+            name: TargetRole(kind) for name, _ in module.named_parameters(recurse=False) if _RNN_WEIGHT.fullmatch(name)
+        }
+    if _is_hf_conv1d(module):
+        return {"weight": TargetRole(kind, transposed=True)}
+    return {}
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """``{any name: canonical name}`` for every parameter, tied ones included (canonical: first in
+    ``named_parameters()``).
+
+    Example:
+        >>> embed, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        >>> head.weight = embed.weight
+        >>> parameter_aliases(nn.ModuleDict({"embed": embed, "head": head}))
+        {'embed.weight': 'embed.weight', 'head.weight': 'embed.weight'}
+    """
+    canonical: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases[name] = canonical.setdefault(id(param), name)
+    return aliases
+
+
+def target_roles(model: nn.Module) -> dict[str, TargetRole]:
+    """``{canonical name: role}`` of every default target of ``model``, in model order (frozen ones included;
+    embeddings and output heads tied to them excluded).
+
+    Example:
+        >>> roles = target_roles(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16))
+        >>> list(roles)
+        ['self_attn.in_proj_weight', 'self_attn.out_proj.weight', 'linear1.weight', 'linear2.weight']
+    """
+    aliases = parameter_aliases(model)
+    embedding_ids = {
+        id(p) for m in model.modules() if isinstance(m, _EMBEDDING_TYPES) for p in m.parameters(recurse=False)
+    }
+    found: dict[str, TargetRole] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for local, role in _roles_of(module).items():
+            param = getattr(module, local, None)
+            if not isinstance(param, nn.Parameter) or id(param) in embedding_ids:
+                continue
+            full = f"{module_name}.{local}" if module_name else local
+            found.setdefault(aliases.get(full, full), role)
+    order = {name: i for i, name in enumerate(dict(model.named_parameters()))}
+    return dict(sorted(found.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def normalize_patterns(name: str, patterns: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -47,6 +181,8 @@ def normalize_patterns(name: str, patterns: str | Sequence[str] | None) -> tuple
     if patterns is None:
         return ()
     if isinstance(patterns, str):
+        if not patterns:
+            raise ValueError(f"Expected `{name}` to be a glob pattern or a list of them, but got ''")
         return (patterns,)
     items = tuple(patterns) if isinstance(patterns, Sequence) else None
     if items is None or not all(isinstance(p, str) and p for p in items):
@@ -58,55 +194,130 @@ def select_parameters(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    module_types: tuple[type[nn.Module], ...] = DEFAULT_MODULE_TYPES,
+    *,
+    allow_vectors: bool = False,
+    include_frozen: bool | None = None,
 ) -> dict[str, nn.Parameter]:
-    """Return ``{name: parameter}`` of the parameters to prune, in model order.
+    """Return ``{canonical name: parameter}`` of the parameters to prune, in model order.
 
     Args:
-        model: the module whose parameters are searched (``named_parameters`` names).
-        include: glob patterns; when given, every parameter whose name matches one is a target,
-            whatever its module type. When ``None``, the ``weight`` of each ``module_types`` layer is.
-        exclude: glob patterns removed from the targets.
-        module_types: layer types whose ``weight`` is a default target.
+        model: the module whose parameters are searched.
+        include: glob patterns; when given, every parameter one of whose names matches is a target, whatever
+            its role. When ``None``, the default targets by role (see the module docstring).
+        exclude: glob patterns removed from the targets (matched against every name of a tied parameter).
+        allow_vectors: let ``include`` select parameters with fewer than 2 dimensions (norm gains, biases).
+        include_frozen: keep parameters with ``requires_grad=False``; default: only those ``include`` names (by
+            role they are left dense: nothing trains them).
 
     Raises:
-        ValueError: a pattern matches no parameter, or nothing is left to prune.
+        ValueError: a pattern matches no parameter, an include selects vectors without ``allow_vectors``, or
+            nothing is left to prune.
 
     Example:
         >>> from torch import nn
         >>> list(select_parameters(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), include=["1.*"]))
-        ['1.weight', '1.bias']
+        Traceback (most recent call last):
+        ...
+        ValueError: `include` selects parameters with fewer than 2 dimensions (norm gains, biases): ['1.bias']; \
+pruning them is rarely intended: narrow the pattern (e.g. '*.weight') or pass allow_vectors=True
     """
     include = normalize_patterns("include", include)
     exclude = normalize_patterns("exclude", exclude)
+    aliases = parameter_aliases(model)
     named = dict(model.named_parameters())
+    names_of: dict[str, list[str]] = {}
+    for alias, canonical in aliases.items():
+        names_of.setdefault(canonical, []).append(alias)
+
+    def matches(canonical: str, patterns: Sequence[str]) -> bool:
+        return any(fnmatchcase(alias, pattern) for alias in names_of[canonical] for pattern in patterns)
+
+    for argument, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatchcase(alias, pattern) for alias in aliases):
+                raise ValueError(_no_match(argument, pattern, named))
     if include:
-        for pattern in include:
-            if not any(fnmatchcase(name, pattern) for name in named):
-                raise ValueError(_no_match("include", pattern, named))
-        candidates = {n: p for n, p in named.items() if any(fnmatchcase(n, pat) for pat in include)}
+        candidates = [name for name in named if matches(name, include)]
+        vectors = [name for name in candidates if named[name].dim() < 2]
+        if vectors and not allow_vectors:
+            raise ValueError(
+                f"`include` selects parameters with fewer than 2 dimensions (norm gains, biases): {vectors}; "
+                "pruning them is rarely intended: narrow the pattern (e.g. '*.weight') or pass allow_vectors=True"
+            )
     else:
-        candidates = {}
-        for module_name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(module, module_types) and isinstance(weight, nn.Parameter):
-                candidates[f"{module_name}.weight" if module_name else "weight"] = weight
-    for pattern in exclude:
-        if not any(fnmatchcase(name, pattern) for name in named):
-            raise ValueError(_no_match("exclude", pattern, named))
-    selected: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for name, param in candidates.items():
-        if any(fnmatchcase(name, pat) for pat in exclude) or id(param) in seen:
-            continue
-        seen.add(id(param))
-        selected[name] = param
+        candidates = list(target_roles(model))
+    keep_frozen = bool(include) if include_frozen is None else include_frozen
+    selected = {
+        name: named[name]
+        for name in candidates
+        if not matches(name, exclude) and (keep_frozen or named[name].requires_grad)
+    }
     if not selected:
         raise ValueError(
             f"No parameter to prune in {type(model).__name__} (include={list(include)}, exclude={list(exclude)}); "
-            f"by default the weights of {', '.join(t.__name__ for t in module_types)} layers are pruned"
+            "by default the weights that a Linear, Conv, MultiheadAttention, RNN/GRU/LSTM or Hugging Face Conv1D "
+            "layer multiplies are pruned (embeddings, norms, biases and frozen parameters stay dense)"
         )
     return selected
+
+
+def weight_matrices(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every distinct parameter with 2 or more dimensions (embeddings included): what ``sparsity_all`` counts.
+
+    Example:
+        >>> list(weight_matrices(nn.Sequential(nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 2))))
+        ['0.weight', '2.weight']
+    """
+    return {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+
+
+def describe_targets(model: nn.Module, targets: Mapping[str, nn.Parameter]) -> str:
+    """A table of the weight matrices (and any other target) of ``model``: pruned or left dense, and why.
+
+    Example:
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+        >>> print(describe_targets(model, select_parameters(model)))  # doctest: +NORMALIZE_WHITESPACE
+        parameter  shape    numel  pruned  role
+        0.weight   (10, 4)     40  no      embedding
+        1.weight   (4, 4)      16  yes     Linear
+        targets: 16 of 56 weight-matrix entries (28.6%) in 1 parameter; 1 left dense
+    """
+    roles = target_roles(model)
+    aliases = parameter_aliases(model)
+    tied = {canonical: [a for a, c in aliases.items() if c == canonical and a != canonical] for canonical in aliases}
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, _EMBEDDING_TYPES) for p in m.parameters()}
+    named = dict(model.named_parameters())
+    shown = {**weight_matrices(model), **{name: named[name] for name in targets if name in named}}
+    rows = [("parameter", "shape", "numel", "pruned", "role")]
+    for name, param in shown.items():
+        if id(param) in embedding_ids:
+            role = "embedding"
+        elif name in roles:
+            role = roles[name].module_type + (" (in x out)" if roles[name].transposed else "")
+        else:
+            role = "other"
+        if not param.requires_grad:
+            role += ", frozen"
+        if tied.get(name):
+            role += f", tied to {', '.join(tied[name])}"
+        rows.append((name, str(tuple(param.shape)), str(param.numel()), "yes" if name in targets else "no", role))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i == 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    total = sum(p.numel() for p in weight_matrices(model).values())
+    covered = sum(p.numel() for p in targets.values())
+    dense = len(shown) - len(targets)
+    share = 100 * covered / max(total, 1)
+    plural = "" if len(targets) == 1 else "s"
+    lines.append(
+        f"targets: {covered} of {total} weight-matrix entries ({share:.1f}%) in {len(targets)} parameter{plural}; "
+        f"{dense} left dense"
+    )
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _no_match(argument: str, pattern: str, named: dict[str, nn.Parameter]) -> str:

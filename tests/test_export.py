@@ -87,3 +87,31 @@ def test_semi_structured_export_refuses_clearly_without_cuda():
 
     with pytest.raises(RuntimeError, match=r"needs CUDA with compute capability >= 8\.0; found no CUDA device"):
         to_semi_structured(nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"", "is not a readable checkpoint"), (b"garbage" * 10, "is not a readable checkpoint"), (None, "no such file")],
+)
+def test_pat_export_names_a_bad_file_in_one_line(tmp_path, capsys, content, reason):
+    from pat_callbacks.export import main
+
+    path = tmp_path / "model.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as excinfo:
+        main([str(path), str(tmp_path / "out.pt")])
+    assert excinfo.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pat-export: error: {path}") and reason in err and len(err.splitlines()) == 1
+
+
+def test_pat_export_reads_a_truncated_checkpoint_as_an_error(tmp_path, capsys):
+    from pat_callbacks.export import main
+
+    torch.save({"state_dict": {"w": torch.randn(64, 64)}}, tmp_path / "full.ckpt")
+    data = (tmp_path / "full.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as excinfo:
+        main([str(tmp_path / "cut.ckpt"), str(tmp_path / "out.pt")])
+    assert excinfo.value.code == 1 and "cut.ckpt is not a readable checkpoint" in capsys.readouterr().err

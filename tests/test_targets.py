@@ -18,7 +18,7 @@ def test_biases_and_norms_are_excluded_by_default():
 def test_include_and_exclude_patterns():
     model = ConvBase()
     assert list(select_parameters(model, exclude=["conv1.*", "linear.*"])) == ["conv2.weight", "conv3.weight"]
-    assert list(select_parameters(model, include="*.bias")) == [
+    assert list(select_parameters(model, include="*.bias", allow_vectors=True)) == [
         "conv1.bias",
         "conv2.bias",
         "conv3.bias",

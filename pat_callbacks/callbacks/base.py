@@ -21,12 +21,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.pruner import Pruner
+from pat_callbacks.targets import describe_targets, weight_matrices
 
 __all__ = ["ZERO_PRESERVING_OPTIMIZERS", "PruningCallback"]
 
@@ -58,6 +59,10 @@ class PruningCallback(Callback):
             optimizer is not one of :data:`ZERO_PRESERVING_OPTIMIZERS` (or under manual optimization).
         log_per_layer: log ``pruning/sparsity/<parameter>`` for each pruned parameter.
         prog_bar: show the overall sparsity in the progress bar.
+        verbose: print, at setup (rank 0), a table of the model's weight matrices, pruned or left dense.
+
+    Logged at every mask change: ``pruning/sparsity`` (over the targets), ``pruning/sparsity_all`` (exact zeros
+    over every weight matrix of the model, embeddings included), ``pruning/target`` and per-layer values.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class PruningCallback(Callback):
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
+        verbose: bool = True,
     ) -> None:
         super().__init__()
         if remask_weights not in (True, False, "auto"):
@@ -73,6 +79,7 @@ class PruningCallback(Callback):
         self.remask_weights = remask_weights
         self.log_per_layer = bool(log_per_layer)
         self.prog_bar = bool(prog_bar)
+        self.verbose = bool(verbose)
 
         self.pruner: Pruner | None = None
         self.last_update_step = -1
@@ -82,6 +89,8 @@ class PruningCallback(Callback):
         self._stepped = False
         self._layer_sparsity: dict[str, float] = {}
         self._sparsity = 0.0
+        self._sparsity_all = 0.0
+        self._matrices: dict[str, torch.nn.Parameter] = {}
         self._log_pending = True
         self._extra_metrics: dict[str, float] = {}
 
@@ -133,6 +142,9 @@ class PruningCallback(Callback):
         if stage != "fit":
             return
         self.pruner = self._build_pruner(trainer, pl_module)
+        self._matrices = weight_matrices(pl_module)
+        if self.verbose:
+            rank_zero_info(f"{type(self).__name__}: what is pruned\n{describe_targets(pl_module, self.pruner.params)}")
         if self.pruner.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(
                 f"criterion={self.pruner.scorer_name!r} reads gradients in on_before_optimizer_step, which manual "
@@ -215,7 +227,25 @@ class PruningCallback(Callback):
         numel = {name: p.numel() for name, p in pruner.params.items()}
         pruned = sum(round(self._layer_sparsity[name] * n) for name, n in numel.items())
         self._sparsity = pruned / sum(numel.values())  # from the per-layer counts: no second pass over masks
+        self._sparsity_all = self._zeros_over_all_matrices()
         self._log_pending = True
+
+    @property
+    def sparsity_all(self) -> float:
+        """Exact zeros over every weight matrix of the model (embeddings included), as of the last mask change."""
+        return self._sparsity_all
+
+    def _zeros_over_all_matrices(self) -> float:
+        """Counted on the weights themselves (targets by their masks, which the weights match exactly)."""
+        pruner = self._require_pruner()
+        total = zeros = 0
+        for name, param in self._matrices.items():
+            total += param.numel()
+            if name in pruner.params:
+                zeros += round(self._layer_sparsity[name] * param.numel())
+            else:
+                zeros += int((param.detach() == 0).sum())
+        return zeros / total if total else 0.0
 
     def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log after each mask change only: sparsity is constant in between, and a ``self.log`` call costs
@@ -225,7 +255,12 @@ class PruningCallback(Callback):
         set (overall, target, per layer) goes to every attached logger at this exact step.
         """
         pl_module.log("pruning/sparsity", self._sparsity, prog_bar=self.prog_bar, on_step=True, on_epoch=False)
-        metrics = {"pruning/sparsity": self._sparsity, "pruning/target": self.target_sparsity, **self._extra_metrics}
+        metrics = {
+            "pruning/sparsity": self._sparsity,
+            "pruning/sparsity_all": self._sparsity_all,
+            "pruning/target": self.target_sparsity,
+            **self._extra_metrics,
+        }
         if self.log_per_layer:
             metrics.update({f"pruning/sparsity/{name}": value for name, value in self._layer_sparsity.items()})
         for logger in trainer.loggers:

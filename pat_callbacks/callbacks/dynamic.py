@@ -49,8 +49,9 @@ class DynamicSparseTraining(PruningCallback):
         stop_step: the same in optimizer steps (overrides ``stop_fraction``).
         allocation: per-layer densities: ``"erk"``, ``"er"``, ``"uniform"``.
         seed: seed of the mask generator.
-        include, exclude, keep_first, keep_last, layer_sparsity: see :class:`~pat_callbacks.pruner.PruningOptions`.
-        remask_weights, log_per_layer, prog_bar: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+        include, exclude, keep_first, keep_last, layer_sparsity, allow_vectors: see
+            :class:`~pat_callbacks.pruner.PruningOptions`.
+        remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
         >>> DynamicSparseTraining(sparsity=0.8, method="set", stop_step=1000).method_name
@@ -78,16 +79,18 @@ class DynamicSparseTraining(PruningCallback):
         keep_first: bool = False,
         keep_last: bool = False,
         layer_sparsity: Mapping[str, float] | None = None,
+        allow_vectors: bool = False,
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
+        verbose: bool = True,
     ) -> None:
         if allocation not in ("erk", "er", "uniform"):
             raise ValueError(
                 f"Expected `allocation` to be one of 'erk', 'er', 'uniform' (DST's initial mask is random, so "
                 f"score-based allocations do not apply), but got {allocation!r}"
             )
-        super().__init__(remask_weights=remask_weights, log_per_layer=log_per_layer, prog_bar=prog_bar)
+        super().__init__(remask_weights=remask_weights, log_per_layer=log_per_layer, prog_bar=prog_bar, verbose=verbose)
         self.options = PruningOptions(
             allocation=allocation,
             include=include,
@@ -95,6 +98,7 @@ class DynamicSparseTraining(PruningCallback):
             keep_first=keep_first,
             keep_last=keep_last,
             layer_sparsity=layer_sparsity,
+            allow_vectors=allow_vectors,
         )
         self.allocation = allocation
         self.final_sparsity = check_fraction("sparsity", sparsity)

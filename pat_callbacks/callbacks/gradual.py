@@ -61,13 +61,13 @@ class GradualPruning(ScheduledPruningCallback):
             dense-gradient magnitude (as in RigL), which re-enter at zero with zeroed optimizer state; the
             target sparsity still holds per layer. ``0`` (default): a pruned weight never returns.
         criterion, allocation, include, exclude, keep_first, keep_last, layer_sparsity, min_sparsity,
-            max_sparsity: see :class:`~pat_callbacks.pruner.PruningOptions`.
+            max_sparsity, allow_vectors: see :class:`~pat_callbacks.pruner.PruningOptions`.
         probe_sparsity: the sparsity each layer is pruned to, alone, to measure its sensitivity.
         sensitivity_batches: batches (validation batches if the run has any, else training batches) the
             sensitivity probe evaluates; measured once, at the first mask update.
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` for the sensitivity probe; default: cross-entropy of
             ``pl_module(x)`` against ``y`` for ``(x, y)`` batches.
-        remask_weights, log_per_layer, prog_bar: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+        remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
         >>> GradualPruning(final_sparsity=1.5)
@@ -103,12 +103,14 @@ class GradualPruning(ScheduledPruningCallback):
         layer_sparsity: Mapping[str, float] | None = None,
         min_sparsity: float = 0.0,
         max_sparsity: float = 1.0,
+        allow_vectors: bool = False,
         probe_sparsity: float = 0.9,
         sensitivity_batches: int = 4,
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
+        verbose: bool = True,
     ) -> None:
         options = PruningOptions(
             criterion=criterion,
@@ -121,6 +123,7 @@ class GradualPruning(ScheduledPruningCallback):
             layer_sparsity=layer_sparsity,
             min_sparsity=min_sparsity,
             max_sparsity=max_sparsity,
+            allow_vectors=allow_vectors,
         )
         self.regrow_fraction = check_fraction("regrow_fraction", regrow_fraction, allow_one=True)
         fixed = options.pattern.fixed_sparsity  # type: ignore[union-attr]
@@ -150,6 +153,7 @@ class GradualPruning(ScheduledPruningCallback):
             remask_weights=remask_weights,
             log_per_layer=log_per_layer,
             prog_bar=prog_bar,
+            verbose=verbose,
         )
         self.options = options
         self.probe_sparsity = check_fraction("probe_sparsity", probe_sparsity)

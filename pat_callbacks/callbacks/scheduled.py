@@ -34,7 +34,7 @@ class ScheduledPruningCallback(PruningCallback):
             sparsity) or a plain callable ``step -> sparsity`` (see :class:`~pat_callbacks.windows.ScheduleSpec`).
         initial_sparsity, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction,
             update_every, phase_steps, phase_epochs, power: the window and the schedule's own arguments.
-        remask_weights, log_per_layer, prog_bar: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+        remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
         >>> from pat_callbacks.pruner import Pruner
@@ -66,8 +66,9 @@ class ScheduledPruningCallback(PruningCallback):
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
+        verbose: bool = True,
     ) -> None:
-        super().__init__(remask_weights=remask_weights, log_per_layer=log_per_layer, prog_bar=prog_bar)
+        super().__init__(remask_weights=remask_weights, log_per_layer=log_per_layer, prog_bar=prog_bar, verbose=verbose)
         self.spec = ScheduleSpec(
             schedule,
             final_sparsity,

@@ -47,7 +47,7 @@ class StructuredPruning(ScheduledPruningCallback):
             ``nn.MultiheadAttention`` modules are found without it.
         example_inputs: a batch of inputs for tracing the dependency graph.
         schedule, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction, update_every,
-            initial_sparsity, power, remask_weights, log_per_layer, prog_bar: as for
+            initial_sparsity, power, remask_weights, log_per_layer, prog_bar, verbose: as for
             :class:`~pat_callbacks.GradualPruning`.
 
     Example:
@@ -80,6 +80,7 @@ class StructuredPruning(ScheduledPruningCallback):
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
+        verbose: bool = True,
     ) -> None:
         super().__init__(
             final_sparsity,
@@ -96,6 +97,7 @@ class StructuredPruning(ScheduledPruningCallback):
             remask_weights=remask_weights,
             log_per_layer=log_per_layer,
             prog_bar=prog_bar,
+            verbose=verbose,
         )
         self.importance = get_structured_importance(importance)
         self.ignore = normalize_patterns("ignore", ignore)
