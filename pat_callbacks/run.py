@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.report import weight_sparsity
-from pat_callbacks.targets import select_parameters
+from pat_callbacks.targets import select_parameters, weight_matrices
 
 __all__ = ["CONF_DIR", "run_training"]
 
@@ -63,20 +63,22 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
-    val_acc = None
-    if cfg.datamodule.get("val_size"):  # the final model's validation accuracy (what sweeps optimise)
-        val_acc = trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/acc"]
-    test_metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    val_metrics: dict[str, float] = {}
+    if _has_validation(cfg, datamodule):  # the final model's validation metrics (what sweeps optimise)
+        val_metrics = _flat(trainer.validate(model, datamodule=datamodule, verbose=False))
+    test_metrics = _flat(trainer.test(model, datamodule=datamodule, verbose=False))
 
     params = (
         pruning.store.params if isinstance(pruning, PruningCallback) and pruning.store else select_parameters(model)
     )
     overall, per_layer = weight_sparsity(params)
     metrics = {
-        "test_acc": float(test_metrics["test/acc"]),
-        "test_loss": float(test_metrics["test/loss"]),
-        "val_acc": float(val_acc) if val_acc is not None else None,
+        **{key: test_metrics.get(key) for key in ("test_acc", "test_loss")},
+        **{key: value for key, value in test_metrics.items() if key not in ("test_acc", "test_loss")},
+        "val_acc": val_metrics.get("val_acc"),
+        **{key: value for key, value in val_metrics.items() if key != "val_acc"},
         "sparsity": overall,
+        "sparsity_all": weight_sparsity(weight_matrices(model))[0],
         "layer_sparsity": per_layer,
         "target_sparsity": float(pruning.final_sparsity) if pruning is not None else 0.0,
         "method": getattr(pruning, "method_name", type(pruning).__name__) if pruning is not None else "dense",
@@ -87,15 +89,41 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if trainer.is_global_zero:
+        quality = (
+            f"test accuracy {metrics['test_acc']:.4f}"
+            if metrics.get("test_acc") is not None
+            else f"test bits/char {metrics.get('test_bpc', float('nan')):.4f}"
+        )
         print(
-            f"[pat-callbacks] {metrics['method']}: test accuracy {metrics['test_acc']:.4f}, "
-            f"sparsity {overall:.4f} (target {metrics['target_sparsity']:.4f}), "
-            f"{metrics['global_step']} steps in {fit_seconds:.1f}s -> {output_dir / 'metrics.json'}"
+            f"[pat-callbacks] {metrics['method']}: {quality}, "
+            f"sparsity {overall:.4f} (target {metrics['target_sparsity']:.4f}; all weight matrices "
+            f"{metrics['sparsity_all']:.4f}), {metrics['global_step']} steps in {fit_seconds:.1f}s "
+            f"-> {output_dir / 'metrics.json'}"
         )
     return metrics
 
 
-SWEEPABLE_METRICS = ("test_acc", "val_acc", "test_loss", "sparsity", "fit_seconds")
+def _flat(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Lightning's ``[{"test/acc": ...}]`` as ``{"test_acc": ...}``."""
+    return {key.replace("/", "_"): float(value) for result in results for key, value in result.items()}
+
+
+def _has_validation(cfg: DictConfig, datamodule: Any) -> bool:
+    if "val_size" in cfg.datamodule:
+        return bool(cfg.datamodule.val_size)
+    return bool(getattr(datamodule, "val_docs", None))
+
+
+SWEEPABLE_METRICS = (
+    "test_acc",
+    "val_acc",
+    "test_loss",
+    "test_bpc",
+    "val_bpc",
+    "sparsity",
+    "sparsity_all",
+    "fit_seconds",
+)
 
 
 def _check_optimized_metric(cfg: DictConfig) -> None:

@@ -77,6 +77,30 @@ def test_sensitivity_allocation_through_train_py_config(tmp_path):
     assert max(metrics["layer_sparsity"].values()) <= 0.97 + 1e-6
 
 
+@pytest.mark.parametrize("model", ["char_gpt", "hf_gpt2"])
+def test_language_models_on_shakespeare_prune_every_block_and_no_embedding(tmp_path, model):
+    small = "model.net.dim=32" if model == "char_gpt" else "model.net.config.n_embd=32"
+    context = "model.net.context=32" if model == "char_gpt" else "model.net.config.n_positions=32"
+    overrides = [
+        *TINY,
+        f"model={model}",
+        small,
+        context,
+        "datamodule=shakespeare",
+        "datamodule.context=32",
+        "datamodule.max_eval_windows=64",
+        "+pruning=cubic",
+        "pruning.final_sparsity=0.8",
+        "pruning.update_every=5",
+        "+trainer.limit_val_batches=1",
+    ]
+    metrics = run_training(_without_hydra_paths(_compose(overrides), tmp_path), output_dir=tmp_path)
+    assert metrics["sparsity"] == pytest.approx(0.8, abs=0.01) and metrics["test_bpc"] > 0
+    layers = set(metrics["layer_sparsity"])
+    assert len(layers) == 8 and not any("embed" in name or "wte" in name or "head" in name for name in layers)
+    assert 0.3 < metrics["sparsity_all"] < metrics["sparsity"]  # the dense tied embedding dilutes it
+
+
 def test_dense_default_on_digits_with_mlp(tmp_path):
     cfg = _compose([*TINY, "datamodule=digits", "model=mlp", "model.net.in_features=64"])
     metrics = run_training(_without_hydra_paths(cfg, tmp_path), output_dir=tmp_path)
