@@ -44,6 +44,7 @@ __all__ = [
     "global_allocation",
     "measure_sensitivity",
     "plan_sparsities",
+    "reachable_range",
     "sensitivity_allocation",
     "uniform_allocation",
 ]
@@ -51,14 +52,24 @@ __all__ = [
 ALLOCATIONS = ("uniform", "global", "global_raw", "erk", "er", "sensitivity")
 
 
-def uniform_allocation(scores_by_layer: Mapping[str, Tensor], target: float) -> dict[str, float]:
-    """The same sparsity in every layer.
+def uniform_allocation(
+    scores_by_layer: Mapping[str, Tensor], target: float, *, keep_one: bool = False
+) -> dict[str, float]:
+    """The same sparsity in every layer (with ``keep_one``, at most all but one weight of each layer).
 
     Example:
         >>> import torch
         >>> uniform_allocation({"a": torch.zeros(3), "b": torch.zeros(5)}, 0.6)
-        {'a': 0.6, 'b': 0.6}"""
-    return dict.fromkeys(scores_by_layer, target)
+        {'a': 0.6, 'b': 0.6}
+        >>> uniform_allocation({"one": torch.zeros(1), "b": torch.zeros(5)}, 0.9, keep_one=True)
+        {'one': 0.0, 'b': 0.9}"""
+    if not keep_one:
+        return dict.fromkeys(scores_by_layer, target)
+    result = {}
+    for name, s in scores_by_layer.items():
+        n = s.numel()
+        result[name] = target if prune_count(n, target) < n else (n - 1) / n
+    return result
 
 
 def global_allocation(
@@ -68,11 +79,14 @@ def global_allocation(
     normalize: bool = True,
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
+    keep_one: bool = False,
+    pruned: Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """One threshold over all layers' (mean-normalised) scores, with per-layer caps.
 
     Caps are met by water-filling: a layer that would pass a cap is fixed at it and the threshold is found again
-    over the other layers with what is left of the budget.
+    over the other layers with what is left of the budget. ``keep_one`` caps every layer at all but one weight;
+    entries marked in ``pruned`` (``True`` = already pruned) score lowest, so they stay pruned.
 
     Example:
         >>> import torch
@@ -83,23 +97,32 @@ def global_allocation(
     flat = {name: s.detach().reshape(-1).float() for name, s in scores_by_layer.items()}
     if normalize:
         flat = {name: s / s.mean() if float(s.mean()) > 0 else s for name, s in flat.items()}
+    for name, entries in (pruned or {}).items():
+        if name in flat:
+            flat[name] = flat[name].masked_fill(entries.reshape(-1).to(flat[name].device), float("-inf"))
     numel = {name: s.numel() for name, s in flat.items()}
+    ceiling = {name: _max_count(n, max_sparsity, keep_one) for name, n in numel.items()}
     budget = prune_count(sum(numel.values()), target)
     fixed: dict[str, int] = {}
     while True:
         free = {name: s for name, s in flat.items() if name not in fixed}
         remaining = max(0, budget - sum(fixed.values()))
         counts = _threshold_counts(free, min(remaining, sum(numel[n] for n in free)))
-        over = {n for n, c in counts.items() if c > prune_count(numel[n], max_sparsity)}
+        over = {n for n, c in counts.items() if c > ceiling[n]}
         under = {n for n, c in counts.items() if c < prune_count(numel[n], min_sparsity)}
         if not free or not (over or under):
             counts.update(fixed)
             return {name: counts[name] / numel[name] for name in flat}
         for name in over:
-            fixed[name] = prune_count(numel[name], max_sparsity)
+            fixed[name] = ceiling[name]
         if not over:  # raise the layers below their floor only once no layer is over its ceiling
             for name in under:
                 fixed[name] = prune_count(numel[name], min_sparsity)
+
+
+def _max_count(numel: int, max_sparsity: float, keep_one: bool) -> int:
+    """The most entries a layer may lose: its ``max_sparsity`` cap, and with ``keep_one`` all but one."""
+    return min(prune_count(numel, max_sparsity), numel - 1 if keep_one else numel)
 
 
 def _threshold_counts(flat: Mapping[str, Tensor], n_prune: int) -> dict[str, int]:
@@ -119,11 +142,12 @@ def _threshold_counts(flat: Mapping[str, Tensor], n_prune: int) -> dict[str, int
 
 
 def erdos_renyi_allocation(
-    scores_by_layer: Mapping[str, Tensor], target: float, *, kernel: bool = True
+    scores_by_layer: Mapping[str, Tensor], target: float, *, kernel: bool = True, keep_one: bool = False
 ) -> dict[str, float]:
     """ERK (``kernel=True``) or ER densities for an overall ``target`` sparsity.
 
-    Kept counts are rounded with largest remainders, so the overall count is exact to the weight.
+    Kept counts are rounded with largest remainders, so the overall count is exact to the weight. With
+    ``keep_one``, a layer that would keep less than one weight keeps one and the others are rescaled.
 
     Example:
         >>> import torch
@@ -135,19 +159,24 @@ def erdos_renyi_allocation(
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
     raw = {name: _erdos_renyi_score(shape, kernel) for name, shape in shapes.items()}
     density = 1.0 - target
-    dense: set[str] = set()
+    fixed: dict[str, float] = {}  # kept counts of layers kept dense (or, with keep_one, at one weight)
     epsilon = 0.0
     while True:
-        budget = density * sum(numel.values()) - sum(numel[name] for name in dense)
-        divisor = sum(raw[name] * numel[name] for name in raw if name not in dense)
+        budget = density * sum(numel.values()) - sum(fixed.values())
+        divisor = sum(raw[name] * numel[name] for name in raw if name not in fixed)
         if divisor == 0:
             break
         epsilon = budget / divisor
-        over = [name for name in raw if name not in dense and epsilon * raw[name] > 1.0]
-        if not over:
+        over = [name for name in raw if name not in fixed and epsilon * raw[name] > 1.0]
+        if over:
+            name = max(over, key=lambda name: raw[name])
+            fixed[name] = float(numel[name])
+            continue
+        under = [name for name in raw if name not in fixed and epsilon * raw[name] * numel[name] < 1.0]
+        if not keep_one or not under:
             break
-        dense.add(max(over, key=lambda name: raw[name]))
-    kept = {name: float(numel[name]) if name in dense else epsilon * raw[name] * numel[name] for name in shapes}
+        fixed.update(dict.fromkeys(under, 1.0))
+    kept = {name: fixed[name] if name in fixed else epsilon * raw[name] * numel[name] for name in shapes}
     total = sum(numel.values())
     counts = _largest_remainder(kept, total - prune_count(total, target), numel)
     return {name: 1.0 - counts[name] / numel[name] for name in shapes}
@@ -165,8 +194,12 @@ def sensitivity_allocation(
     *,
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
+    keep_one: bool = False,
+    pruned_counts: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
     """Densities proportional to sensitivity (clipped to the caps), scaled so the overall count is exact.
+
+    ``keep_one`` keeps at least one weight per layer; ``pruned_counts`` are floors (entries already pruned).
 
     Example:
         >>> s = sensitivity_allocation({"robust": 0.01, "fragile": 1.0}, {"robust": 100, "fragile": 100}, 0.5)
@@ -177,8 +210,11 @@ def sensitivity_allocation(
     values = {name: max(float(sensitivities[name]), 0.0) for name in names}
     mean = sum(values.values()) / len(values) if values else 0.0
     weight = {name: (values[name] + 1e-3 * mean + 1e-12) for name in names}
-    low = {name: 1.0 - max_sparsity for name in names}
-    high = {name: 1.0 - min_sparsity for name in names}
+    low = {name: 1.0 - _max_count(numel[name], max_sparsity, keep_one) / numel[name] for name in names}
+    high = {name: 1.0 - max(prune_count(numel[name], min_sparsity), 0) / numel[name] for name in names}
+    for name, count in (pruned_counts or {}).items():
+        if name in high:
+            high[name] = max(low[name], min(high[name], 1.0 - count / numel[name]))
     total = sum(numel[name] for name in names)
     keep_total = total - prune_count(total, target)
 
@@ -192,7 +228,7 @@ def sensitivity_allocation(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if kept(mid) < keep_total else (lo, mid)
     ideal = {n: min(high[n], max(low[n], hi * weight[n])) * numel[n] for n in names}
-    capacity = {n: numel[n] - prune_count(numel[n], min_sparsity) for n in names}
+    capacity = {n: round(high[n] * numel[n]) for n in names}
     counts = _largest_remainder(ideal, keep_total, capacity)
     return {name: 1.0 - counts[name] / numel[name] for name in names}
 
@@ -266,8 +302,13 @@ def allocate(
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
     sensitivities: Mapping[str, float] | None = None,
+    keep_one: bool = False,
+    pruned: Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Per-layer sparsities for ``target`` by the named method (see the module docstring).
+
+    ``keep_one`` leaves at least one weight in every layer; ``pruned`` (``True`` = already pruned) makes
+    score-based methods keep those entries pruned (``global``: they score lowest; ``sensitivity``: floors).
 
     Example:
         >>> import torch
@@ -276,7 +317,7 @@ def allocate(
     check_choice("allocation", method, ALLOCATIONS)
     target = check_fraction("target", target)
     if method == "uniform":
-        return uniform_allocation(scores_by_layer, target)
+        return uniform_allocation(scores_by_layer, target, keep_one=keep_one)
     if method in ("global", "global_raw"):
         return global_allocation(
             scores_by_layer,
@@ -284,9 +325,11 @@ def allocate(
             normalize=method == "global",
             min_sparsity=min_sparsity,
             max_sparsity=max_sparsity,
+            keep_one=keep_one,
+            pruned=pruned,
         )
     if method in ("erk", "er"):
-        return erdos_renyi_allocation(scores_by_layer, target, kernel=method == "erk")
+        return erdos_renyi_allocation(scores_by_layer, target, kernel=method == "erk", keep_one=keep_one)
     if sensitivities is None:
         raise ValueError("allocation='sensitivity' needs measured `sensitivities`, but got None")
     numel = {name: s.numel() for name, s in scores_by_layer.items()}
@@ -296,6 +339,8 @@ def allocate(
         target,
         min_sparsity=min_sparsity,
         max_sparsity=max_sparsity,
+        keep_one=keep_one,
+        pruned_counts={name: int(entries.sum()) for name, entries in (pruned or {}).items()},
     )
 
 
@@ -309,6 +354,8 @@ def plan_sparsities(
     min_sparsity: float = 0.0,
     max_sparsity: float = 1.0,
     sensitivities: Mapping[str, float] | None = None,
+    keep_one: bool = False,
+    pruned: Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Per-layer sparsities for an overall ``target``: ``layer_sparsity`` overrides first, ``method`` for the rest.
 
@@ -326,11 +373,12 @@ def plan_sparsities(
     """
     final = final_target or target
     fixed = {}
-    for name in scores_by_layer:
-        for pattern, value in (layer_sparsity or {}).items():
-            if fnmatchcase(name, pattern):
-                fixed[name] = min(value * target / final, value) if final > 0 else value
-                break
+    for name, scores in scores_by_layer.items():
+        value = _pinned(name, layer_sparsity)
+        if value is not None:
+            fixed[name] = min(value * target / final, value) if final > 0 else value
+            if keep_one and prune_count(scores.numel(), fixed[name]) >= scores.numel():
+                fixed[name] = (scores.numel() - 1) / scores.numel()
     rest = {name: s for name, s in scores_by_layer.items() if name not in fixed}
     if not rest:
         return fixed
@@ -348,5 +396,47 @@ def plan_sparsities(
         min_sparsity=min_sparsity,
         max_sparsity=max_sparsity,
         sensitivities=sensitivities,
+        keep_one=keep_one,
+        pruned=pruned,
     )
     return {**fixed, **planned}
+
+
+def _pinned(name: str, layer_sparsity: Mapping[str, float] | None) -> float | None:
+    for pattern, value in (layer_sparsity or {}).items():
+        if fnmatchcase(name, pattern):
+            return value
+    return None
+
+
+def reachable_range(
+    method: str,
+    numel: Mapping[str, int],
+    *,
+    layer_sparsity: Mapping[str, float] | None = None,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 1.0,
+    keep_one: bool = False,
+) -> tuple[float, float]:
+    """The lowest and highest overall sparsity ``method`` can reach at the end of a schedule, given the per-layer
+    caps (``global``, ``global_raw``, ``sensitivity``), the pinned ``layer_sparsity`` layers and ``keep_one``.
+
+    Example:
+        >>> reachable_range("global", {"a": 100, "b": 300}, max_sparsity=0.5)
+        (0.0, 0.5)
+        >>> reachable_range("uniform", {"a": 100, "b": 300}, layer_sparsity={"b": 0.0}, keep_one=True)
+        (0.0, 0.2475)
+    """
+    capped = method in ("global", "global_raw", "sensitivity")
+    low = high = 0
+    for name, n in numel.items():
+        value = _pinned(name, layer_sparsity)
+        if value is not None:
+            count = prune_count(n, value)
+            count = min(count, n - 1) if keep_one else count
+            low, high = low + count, high + count
+        else:
+            low += prune_count(n, min_sparsity) if capped else 0
+            high += _max_count(n, max_sparsity if capped else 1.0, keep_one)
+    total = sum(numel.values())
+    return (low / total, high / total) if total else (0.0, 0.0)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from pat_callbacks._validation import check_choice, check_fraction
-from pat_callbacks.allocation import ALLOCATIONS, measure_sensitivity, plan_sparsities
+from pat_callbacks.allocation import ALLOCATIONS, measure_sensitivity, plan_sparsities, reachable_range
 from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.patterns import Pattern, make_pattern
@@ -152,6 +152,7 @@ class Pruner:
             raise TypeError(f"Give either `options` or keyword options, not both (got {sorted(kwargs)})")
         self.options = options if options is not None else PruningOptions(**kwargs)
         self.model = model_or_params if isinstance(model_or_params, nn.Module) else None
+        _refuse_uninitialized(model_or_params)
         params = self._select(model_or_params)
         roles = target_roles(self.model) if self.model is not None else {}
         # Matrices stored in x out (Hugging Face Conv1D): patterns run along their inputs, i.e. on the transpose.
@@ -171,6 +172,7 @@ class Pruner:
         self.target_sparsity = 0.0
         self.sensitivities: dict[str, float] | None = None
         self.last_changed: dict[str, Tensor] = {}  # entries pruned or regrown at the last update
+        self._warned_nearly_empty: set[str] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.params)} parameters, sparsity={self.sparsity():.4f})"
@@ -263,6 +265,10 @@ class Pruner:
 
         Returns ``False`` (masks untouched, with a warning) when a score is NaN or infinite; the criterion's history
         restarts, so the next call tries again on clean numbers.
+
+        Masks only shrink while the target does not go down: entries pruned before stay pruned, whatever the
+        criterion now scores them (gradient criteria would otherwise revive them); a lower target lifts masks. Every
+        layer keeps at least one weight, and a layer pruned past 0.99 is warned about (once).
         """
         sparsity = check_fraction("sparsity", sparsity)
         if sparsity == 0.0:
@@ -273,6 +279,8 @@ class Pruner:
             return False
         if self.options.allocation == "sensitivity" and self.sensitivities is None:
             raise RuntimeError("allocation='sensitivity' needs measure_sensitivity(...) before the first prune_to")
+        shrink = bool(self.masks) and sparsity >= self.target_sparsity
+        pruned = {name: ~mask for name, mask in self.masks.items() if name in scores} if shrink else None
         sparsities = plan_sparsities(
             self.options.allocation,
             scores,
@@ -282,15 +290,74 @@ class Pruner:
             min_sparsity=self.options.min_sparsity,
             max_sparsity=self.options.max_sparsity,
             sensitivities=self.sensitivities,
+            keep_one=True,
+            pruned=pruned,
         )
+        self._warn_nearly_empty(sparsities, step)
         self.target_sparsity = sparsity
-        self.set_masks(
-            {name: self._mask(name, scores[name], sparsities[name]) for name in scores}, optimizers=optimizers
-        )
+        masks = {name: self._mask(name, scores[name], sparsities[name], (pruned or {}).get(name)) for name in scores}
+        self.set_masks(masks, optimizers=optimizers)
         return True
 
-    def _mask(self, name: str, scores: Tensor, sparsity: float) -> Tensor:
+    def check_reachable(self, final_sparsity: float, key: str = "final_sparsity") -> None:
+        """Refuse a final target the allocation cannot reach on these parameters (caps, pinned layers, one weight
+        kept per layer), naming the keys and the reachable range.
+
+        Example:
+            >>> from torch import nn
+            >>> pruner = Pruner(nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10)), allocation="global",
+            ...                 max_sparsity=0.5)
+            >>> pruner.check_reachable(0.9)
+            Traceback (most recent call last):
+            ...
+            ValueError: final_sparsity=0.9 cannot be reached with allocation='global', max_sparsity=0.5; reachable: \
+[0, 0.5] overall over the 200 pruned weights (every layer keeps at least one)
+        """
+        opts = self.options
+        if opts.pattern.fixed_sparsity is not None:  # type: ignore[union-attr]
+            return
+        numel = {name: p.numel() for name, p in self.params.items()}
+        low, high = reachable_range(
+            opts.allocation,
+            numel,
+            layer_sparsity=opts.layer_sparsity,
+            min_sparsity=opts.min_sparsity,
+            max_sparsity=opts.max_sparsity,
+            keep_one=True,
+        )
+        total = sum(numel.values())
+        target = round(final_sparsity * total)
+        if round(low * total) <= target <= round(high * total) or final_sparsity == 0.0:
+            return
+        keys = [f"allocation={opts.allocation!r}"]
+        if opts.allocation in ("global", "global_raw", "sensitivity"):
+            keys += [f"min_sparsity={opts.min_sparsity:g}"] if opts.min_sparsity > 0 else []
+            keys += [f"max_sparsity={opts.max_sparsity:g}"] if opts.max_sparsity < 1 else []
+        if opts.layer_sparsity:
+            keys.append(f"layer_sparsity={dict(opts.layer_sparsity)!r}")
+        raise ValueError(
+            f"{key}={final_sparsity:g} cannot be reached with {', '.join(keys)}; reachable: [{low:.4g}, {high:.4g}] "
+            f"overall over the {total} pruned weights (every layer keeps at least one)"
+        )
+
+    def _warn_nearly_empty(self, sparsities: Mapping[str, float], step: int | None) -> None:
+        for name, value in sparsities.items():
+            if value > 0.99 and name not in self._warned_nearly_empty:
+                self._warned_nearly_empty.add(name)
+                where = f" at step {step}" if step is not None else ""
+                warnings.warn(
+                    f"{type(self).__name__}: {name!r} is pruned to {value:.4g} (over 0.99){where}, keeping "
+                    f"{self.params[name].numel() - round(value * self.params[name].numel())} of "
+                    f"{self.params[name].numel()} weights: the layer nearly cuts the network off; pin it lower with "
+                    "`layer_sparsity` or leave it out with `exclude`",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+    def _mask(self, name: str, scores: Tensor, sparsity: float, pruned: Tensor | None = None) -> Tensor:
         pattern: Pattern = self.options.pattern  # type: ignore[assignment]
+        if pruned is not None:  # entries pruned before score lowest: they stay pruned
+            scores = scores.float().masked_fill(pruned.to(scores.device), float("-inf"))
         if name in self.transposed and scores.dim() == 2:
             return pattern.mask(scores.t(), sparsity).t()
         return pattern.mask(scores, sparsity)
@@ -466,13 +533,29 @@ class Pruner:
         where = f" at step {step}" if step is not None else ""
         warnings.warn(
             f"{type(self).__name__}: NaN or Inf in the scores of {bad}{where}; the mask update is skipped (masks "
-            "unchanged) and retried at the next update step",
+            "unchanged; the callbacks retry at every following step, at the end of training at the latest)",
             UserWarning,
             stacklevel=3,
         )
         for values in self.criterion_state.values():
             values.clear()
         return False
+
+
+def _refuse_uninitialized(model_or_params: nn.Module | Mapping[str, nn.Parameter]) -> None:
+    """Lazy modules (``nn.LazyLinear``, ...) have no shape until their first forward pass: nothing to mask yet."""
+    if isinstance(model_or_params, nn.Module):
+        named = model_or_params.named_parameters()
+    elif isinstance(model_or_params, Mapping):
+        named = model_or_params.items()
+    else:
+        return
+    lazy = [name for name, p in named if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(
+            f"{lazy} are uninitialised (a lazy module such as nn.LazyLinear) and have no shape to prune yet: run a "
+            "forward pass or build the model before fit, or use configure_model"
+        )
 
 
 def broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ A subclass builds the pruner (:meth:`PruningCallback._build_pruner`) and says wh
 
 from __future__ import annotations
 
+import copy
 from abc import abstractmethod
 from typing import Any, Literal
 
@@ -199,6 +200,40 @@ class PruningCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._require_pruner().apply()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Find this callback's saved state even when the arguments (hence ``state_key``) changed.
+
+        Lightning looks the state up by ``state_key`` only, which holds the arguments (``final_sparsity``, ...): a
+        changed config would silently restart pruning from scratch. Here the state saved by the same class at the
+        same position among its instances is taken instead; :meth:`_check_resumable` may refuse it.
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # Lightning restores it
+        key = self._saved_state_key(trainer, states)
+        if key is None:
+            return
+        self._check_resumable(key, states[key])
+        rank_zero_warn(
+            f"{type(self).__name__}: the checkpoint's pruning state was saved under {key} and this run continues "
+            f"with {self.state_key}: masks and progress are restored, and the new arguments apply from here"
+        )
+        self.load_state_dict(copy.deepcopy(states[key]))
+
+    def _saved_state_key(self, trainer: pl.Trainer, states: dict[str, Any]) -> str | None:
+        prefix = f"{type(self).__qualname__}{{"
+        claimed = {cb.state_key for cb in trainer.callbacks if cb is not self}
+        candidates = [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
+        unmatched = [cb for cb in trainer.callbacks if type(cb) is type(self) and cb.state_key not in states]
+        position = next(i for i, cb in enumerate(unmatched) if cb is self)
+        return candidates[position] if position < len(candidates) else None
+
+    def _check_resumable(self, saved_key: str, state: dict[str, Any]) -> None:
+        """Raise if the state saved under ``saved_key`` cannot continue under this callback's arguments."""
 
     @override
     def state_dict(self) -> dict[str, Any]:

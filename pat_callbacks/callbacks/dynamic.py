@@ -124,7 +124,23 @@ class DynamicSparseTraining(PruningCallback):
     # ------------------------------------------------------------------ hooks
     @override
     def _build_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Pruner:
-        return Pruner(pl_module, self.options)
+        pruner = Pruner(pl_module, self.options)
+        pruner.check_reachable(self.final_sparsity, key="sparsity")
+        return pruner
+
+    @override
+    def _check_resumable(self, saved_key: str, state: dict[str, Any]) -> None:
+        masks = state.get("masks") or {}
+        total = sum(mask.numel() for mask in masks.values())
+        if not total:
+            return
+        saved = sum(int((~mask).sum()) for mask in masks.values()) / total
+        if abs(saved - self.final_sparsity) > 1.5 / total:
+            raise ValueError(
+                f"The checkpoint's {type(self).__name__} state was saved under {saved_key} (masks at sparsity "
+                f"{saved:.4f}), but this run is {self.state_key}: the sparsity of dynamic sparse training is constant, "
+                f"so resume with sparsity={saved:.4g} or start a new run (e.g. GradualPruning from this checkpoint)"
+            )
 
     @override
     def _resolve(self, trainer: pl.Trainer) -> None:

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -179,7 +180,26 @@ class GradualPruning(ScheduledPruningCallback):
 
     @override
     def _build_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Pruner:
-        return Pruner(pl_module, self.options)
+        pruner = Pruner(pl_module, self.options)
+        if not math.isnan(self.final_sparsity):  # a plain callable's target is checked once resolved
+            pruner.check_reachable(self.final_sparsity)
+        return pruner
+
+    @override
+    def _resolve(self, trainer: pl.Trainer) -> None:
+        known = not math.isnan(self.final_sparsity)
+        super()._resolve(trainer)
+        if not known:
+            self._require_pruner().check_reachable(self.final_sparsity)
+
+    @override
+    def _update_masks_at_end(self, trainer: pl.Trainer, target: float) -> bool:
+        if super()._update_masks_at_end(trainer, target):
+            return True
+        # No finite gradient-based score is left: the weights' magnitudes decide (they are finite or nothing is).
+        pruner = self._require_pruner()
+        scores = {name: p.detach().abs().float() for name, p in pruner.params.items()}
+        return pruner.prune_to(target, final_sparsity=self.final_sparsity, scores=scores, optimizers=trainer.optimizers)
 
     @override
     def _update_masks(self, trainer: pl.Trainer, target: float) -> bool:

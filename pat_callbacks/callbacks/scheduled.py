@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pat_callbacks.callbacks.base import PruningCallback
@@ -88,6 +89,7 @@ class ScheduledPruningCallback(PruningCallback):
         self.schedule_name = self.spec.name
         # Part of the checkpoint key: known at construction (a callable's target is only known once resolved).
         self._key_sparsity = None if math.isnan(self.spec.final_sparsity) else self.spec.final_sparsity
+        self._retry = False  # an update was skipped (NaN/Inf scores): retried at every following step
 
     @property
     def final_sparsity(self) -> float:
@@ -102,15 +104,55 @@ class ScheduledPruningCallback(PruningCallback):
     def _update_masks(self, trainer: pl.Trainer, target: float) -> bool:
         """Bring the masks to ``target`` overall sparsity; return ``False`` if the update was skipped."""
 
+    def _update_masks_at_end(self, trainer: pl.Trainer, target: float) -> bool:
+        """The last retry of a skipped update, at the end of training; by default a normal update."""
+        try:
+            return self._update_masks(trainer, target)
+        except (RuntimeError, ValueError):  # e.g. a gradient criterion with no gradient left
+            return False
+
     @override
     def _accumulating(self, step: int) -> bool:
         schedule = self._require_schedule()
-        return schedule.start_step - schedule.update_every <= step <= schedule.end_step
+        return self._retry or schedule.start_step - schedule.update_every <= step <= schedule.end_step
 
     @override
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
         schedule = self._require_schedule()
-        return schedule.is_update_step(step) and self._update_masks(trainer, schedule(step))
+        if not (schedule.is_update_step(step) or self._retry):
+            return False
+        updated = self._update_masks(trainer, schedule(step))
+        self._retry = not updated
+        return updated
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._retry:  # the last update was skipped and no later step could redo it
+            target = self._require_schedule()(trainer.global_step)
+            if self._update_masks_at_end(trainer, target):
+                self._retry = False
+                self.last_update_step = trainer.global_step
+                self._refresh_sparsity()
+                rank_zero_warn(
+                    f"{type(self).__name__}: the mask update skipped for NaN/Inf scores was made at the end of "
+                    f"training (step {trainer.global_step}), to the target {target:g}"
+                )
+            else:
+                rank_zero_warn(
+                    f"{type(self).__name__}: every mask update since the last one was skipped for NaN/Inf scores; "
+                    f"training ends at sparsity {self._require_pruner().sparsity():.4f}, not {target:g}"
+                )
+        super().on_train_end(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        return {**state, "retry_update": self._retry} if self._retry else state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._retry = bool(state_dict.get("retry_update", False))
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "retry_update"})
 
     @override
     def _resolve(self, trainer: pl.Trainer) -> None:
