@@ -22,13 +22,15 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from pat_callbacks._validation import check_choice, check_fraction
+from pat_callbacks.attention import head_groups, projection_head_groups, shrink_transformer, transformer_groups
+from pat_callbacks.channels import ChannelGroup
 from pat_callbacks.patterns import lowest_k, prune_count
 from pat_callbacks.pruner import Pruner
 from pat_callbacks.targets import DEFAULT_MODULE_TYPES
@@ -51,97 +53,6 @@ __all__ = [
     "register_importance",
     "shrink",
 ]
-
-
-@dataclass
-class ChannelGroup:
-    """One prunable layer (``root``, its weight's name) and, per output channel, the coupled parameter slices
-    ``(parameter name, dim, indices)`` that go with it.
-
-    Example:
-        >>> group = ChannelGroup("fc.weight", 2)
-        >>> group.root, group.n_channels, group.slices
-        ('fc.weight', 2, [])"""
-
-    root: str
-    n_channels: int
-    slices: list[list[tuple[str, int, Tensor]]] = field(default_factory=list)
-    # Slices whose joint scaling scales the channel's output (its "gate"); default: the root layer's out slices.
-    gate_slices: list[list[tuple[str, int, Tensor]]] = field(default_factory=list)
-    _flat: dict[tuple[str, str], dict[tuple[str, int], Any]] = field(default_factory=dict, repr=False, compare=False)
-
-    def gates(self) -> list[list[tuple[str, int, Tensor]]]:
-        """Per channel, the slices that scale its output (for the ``gate`` importance).
-
-        Example:
-            >>> channel = [("fc.weight", 0, torch.tensor([0])), ("next.weight", 1, torch.tensor([0]))]
-            >>> g = ChannelGroup("fc.weight", 1, [channel])
-            >>> [name for name, _, _ in g.gates()[0]]
-            ['fc.weight']
-        """
-        if self.gate_slices:
-            return self.gate_slices
-        root_bias = self.root.removesuffix("weight") + "bias"
-        return [[sl for sl in channel if sl[1] == 0 and sl[0] in (self.root, root_bias)] for channel in self.slices]
-
-    def flat_slices(self, gates: bool = False, device: torch.device | str = "cpu") -> dict[tuple[str, int], Any]:
-        """Per ``(parameter, dim)``, all channels' indices concatenated and the channel each index belongs to:
-        what vectorised reductions over channels need (cached per device).
-
-        Example:
-            >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0, 1]))], [("w", 0, torch.tensor([2]))]])
-            >>> g.flat_slices()[("w", 0)]
-            (tensor([0, 1, 2]), tensor([0, 0, 1]))
-        """
-        key = ("gates" if gates else "slices", str(device))
-        if key not in self._flat:
-            parts: dict[tuple[str, int], tuple[list[Tensor], list[Tensor]]] = {}
-            for channel, slices in enumerate(self.gates() if gates else self.slices):
-                for name, dim, index in slices:
-                    indices, owners = parts.setdefault((name, dim), ([], []))
-                    indices.append(index)
-                    owners.append(torch.full((len(index),), channel, dtype=torch.long))
-            self._flat[key] = {k: (torch.cat(i).to(device), torch.cat(o).to(device)) for k, (i, o) in parts.items()}
-        return self._flat[key]
-
-    def channel_sums(
-        self, values: Callable[[str, int, Tensor], Tensor], gates: bool = False, device: torch.device | str = "cpu"
-    ) -> Tensor:
-        """Per channel, the sum of ``values(name, dim, index)`` (a tensor selected along ``dim``, on ``device``)
-        over its slices: one selection and one ``index_add_`` per coupled parameter.
-
-        Example:
-            >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0]))], [("w", 1, torch.tensor([1]))]])
-            >>> w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-            >>> g.channel_sums(lambda name, dim, index: w.index_select(dim, index))
-            tensor([3., 6.])
-        """
-        total = torch.zeros(self.n_channels, device=device)
-        for (name, dim), (index, owner) in self.flat_slices(gates, device).items():
-            selected = values(name, dim, index)
-            total.index_add_(0, owner, selected.movedim(dim, 0).reshape(len(index), -1).sum(1, dtype=torch.float32))
-        return total
-
-    def channel_sizes(self, params: Mapping[str, Tensor]) -> Tensor:
-        """Per channel, the number of parameter entries in its slices.
-
-        Example:
-            >>> g = ChannelGroup("w", 1, [[("w", 0, torch.tensor([0]))]])
-            >>> g.channel_sizes({"w": torch.zeros(2, 3)})
-            tensor([3.])
-        """
-        ones = {name: torch.ones_like(params[name]) for name in self.params()}
-        device = params[self.root].device
-        return self.channel_sums(lambda name, dim, index: ones[name].index_select(dim, index), device=device)
-
-    def params(self) -> set[str]:
-        """Names of every parameter this group touches.
-
-        Example:
-            >>> ChannelGroup("fc.weight", 1, [[("fc.weight", 0, torch.tensor([0]))]]).params()
-            {'fc.weight'}
-        """
-        return {name for channel in self.slices for name, _, _ in channel}
 
 
 def _graph(model: nn.Module, example_inputs: Any) -> Any:
@@ -170,83 +81,6 @@ def channel_groups(model: nn.Module, example_inputs: Any, ignore: Sequence[str] 
             channel_group = graph.get_pruning_group(root, root_dep.handler, idxs=[index])
             result.slices.append(_slices(channel_group, module_names))
         groups.append(result)
-    return groups
-
-
-def head_groups(model: nn.Module) -> list[ChannelGroup]:
-    """One group per ``nn.MultiheadAttention`` (packed q/k/v projection): per head, its q, k and v rows of
-    ``in_proj_weight`` / ``in_proj_bias`` and its columns of ``out_proj.weight``; the gate is the head's v rows
-    (scaling them scales the head's output, so ``gate`` importance is Michel et al. 2019's head importance).
-
-    Example:
-        >>> attention = nn.MultiheadAttention(8, 2)
-        >>> [(g.root, g.n_channels) for g in head_groups(nn.ModuleDict({"attn": attention}))]
-        [('attn.in_proj_weight', 2)]
-    """
-    groups = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.MultiheadAttention):
-            continue
-        if not module._qkv_same_embed_dim:
-            raise ValueError(f"{name!r}: only MultiheadAttention with a packed in_proj_weight is supported")
-        prefix = f"{name}." if name else ""
-        embed, heads = module.embed_dim, module.num_heads
-        width = embed // heads
-        group = ChannelGroup(root=f"{prefix}in_proj_weight", n_channels=heads)
-        for head in range(heads):
-            block = torch.arange(head * width, (head + 1) * width)
-            rows = torch.cat([block + k * embed for k in range(3)])
-            slices = [(f"{prefix}in_proj_weight", 0, rows), (f"{prefix}out_proj.weight", 1, block)]
-            gate = [(f"{prefix}in_proj_weight", 0, block + 2 * embed)]
-            if module.in_proj_bias is not None:
-                slices.append((f"{prefix}in_proj_bias", 0, rows))
-                gate.append((f"{prefix}in_proj_bias", 0, block + 2 * embed))
-            group.slices.append(slices)
-            group.gate_slices.append(gate)
-        groups.append(group)
-    return groups
-
-
-def projection_head_groups(model: nn.Module, layouts: Sequence[Mapping[str, Any]]) -> list[ChannelGroup]:
-    """Head groups for attention written as separate projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``
-    Linear layers, as in most transformer code). Each layout names the four modules and ``num_heads``; per head,
-    its rows of q/k/v (and their biases) and its columns of the output projection; the gate is its v rows.
-
-    Example:
-        >>> attn = nn.ModuleDict({n: nn.Linear(8, 8) for n in ("q", "k", "v", "o")})
-        >>> layout = {"q": "q", "k": "k", "v": "v", "out": "o", "num_heads": 2}
-        >>> [(g.root, g.n_channels) for g in projection_head_groups(attn, [layout])]
-        [('q.weight', 2)]
-    """
-    modules = dict(model.named_modules())
-    groups = []
-    for layout in layouts:
-        missing = [key for key in ("q", "k", "v", "out", "num_heads") if key not in layout]
-        if missing:
-            raise ValueError(f"Attention layout {dict(layout)!r} lacks {missing}; it needs q, k, v, out, num_heads")
-        for key in ("q", "k", "v", "out"):
-            if not isinstance(modules.get(layout[key]), nn.Linear):
-                raise ValueError(f"Attention layout `{key}`={layout[key]!r} is not a Linear module of the model")
-        heads = int(layout["num_heads"])
-        width, remainder = divmod(modules[layout["q"]].out_features, heads)
-        if remainder or heads < 1:
-            raise ValueError(f"num_heads={heads} does not divide {layout['q']!r}'s {width * heads + remainder} outputs")
-        group = ChannelGroup(root=f"{layout['q']}.weight", n_channels=heads)
-        for head in range(heads):
-            block = torch.arange(head * width, (head + 1) * width)
-            slices, gate = [], []
-            for key in ("q", "k", "v"):
-                module = modules[layout[key]]
-                part = [(f"{layout[key]}.weight", 0, block)]
-                if module.bias is not None:
-                    part.append((f"{layout[key]}.bias", 0, block))
-                slices += part
-                if key == "v":
-                    gate = part
-            slices.append((f"{layout['out']}.weight", 1, block))
-            group.slices.append(slices)
-            group.gate_slices.append(gate)
-        groups.append(group)
     return groups
 
 
@@ -478,28 +312,39 @@ def channel_masks(
     return masks
 
 
-def shrink(model: nn.Module, example_inputs: Any, pruned: dict[str, Sequence[int]]) -> nn.Module:
-    """Physically remove the pruned channels (and everything coupled to them) from ``model``, in place, with
-    Torch-Pruning; the smaller model computes what the masked one did.
+def shrink(
+    model: nn.Module,
+    example_inputs: Any,
+    pruned: Mapping[str, Sequence[int]],
+    attention: Sequence[Mapping[str, Any]] = (),
+) -> nn.Module:
+    """Physically remove the pruned channels (and everything coupled to them) from ``model``, in place; the smaller
+    model computes what the masked one did. Attention heads and FFN neurons are cut by
+    :func:`~pat_callbacks.attention.shrink_transformer`; conv filters and linear neurons by Torch-Pruning.
 
-    ``pruned`` maps a root weight name to the channel indices to remove (see
-    :meth:`~pat_callbacks.callbacks.structured.StructuredPruning.pruned_channels`). To rebuild the shrunk model
-    later, keep ``pruned`` (plain ints) with its ``state_dict``: build the original architecture, ``shrink`` it
-    with the same ``pruned``, then ``load_state_dict`` (``torch.load(weights_only=True)`` works for both).
+    ``pruned`` maps a group's root weight name to the channel indices to remove (see
+    :meth:`~pat_callbacks.callbacks.structured.StructuredPruning.pruned_channels`); ``attention`` repeats the
+    q/k/v/o layouts given to ``StructuredPruning``, if any. To rebuild the shrunk model later, keep ``pruned``
+    (plain ints) with its ``state_dict``: build the original architecture, ``shrink`` it with the same ``pruned``,
+    then ``load_state_dict`` (``torch.load(weights_only=True)`` works for both).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
         >>> shrink(model, torch.zeros(1, 4), {"0.weight": [1, 4]})[0].out_features
         4
     """
+    heads, ffn = transformer_groups(model, attention)
+    transformer_roots = {group.root for group in heads + ffn}
+    shrink_transformer(model, {root: c for root, c in pruned.items() if root in transformer_roots}, attention)
+    rest = {root: channels for root, channels in pruned.items() if root not in transformer_roots and channels}
+    if not rest:
+        return model
+    import torch_pruning as tp
+
     graph = _graph(model, example_inputs)
     modules = dict(model.named_modules())
-    for root, channels in pruned.items():
-        if not channels:
-            continue
+    for root, channels in rest.items():
         module = modules[root.rsplit(".", 1)[0] if "." in root else ""]
-        import torch_pruning as tp
-
         handler = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
         group = graph.get_pruning_group(module, handler, idxs=sorted(int(c) for c in channels))
         if graph.check_pruning_group(group):
@@ -508,18 +353,24 @@ def shrink(model: nn.Module, example_inputs: Any, pruned: dict[str, Sequence[int
 
 
 class StructuredPruner(Pruner):
-    """The Trainer-free core of structured pruning: whole channels (conv filters, linear neurons) and attention
-    heads, each with its coupled slices, the lowest-scoring ``sparsity`` of every group pruned.
+    """The Trainer-free core of structured pruning: the lowest-scoring ``sparsity`` of every group's channels,
+    each with its coupled slices.
 
-    Couplings are traced once, at construction, on ``example_inputs`` (in eval mode: BatchNorm statistics stay
-    untouched).
+    In a model with attention (``nn.MultiheadAttention``, Hugging Face GPT-2 / BERT attention, or ``attention``
+    layouts), the groups are its attention heads and the hidden neurons of its MLPs; the residual stream (model
+    width, coupled to embeddings, positions, every norm and projection) is left whole. In other models they are the
+    output channels of every Conv / Linear layer, with couplings (bias, BatchNorm, next layers' inputs through
+    flatten / residual / concat) traced once by Torch-Pruning on ``example_inputs`` (in eval mode: BatchNorm
+    statistics stay untouched). At least one channel of every group is always kept.
 
     Args:
         model: the network.
-        example_inputs: a batch of inputs for tracing.
+        example_inputs: a batch of inputs for tracing (unused for transformers).
         importance: a name in :data:`STRUCTURED_IMPORTANCES` or a :class:`StructuredImportance`.
-        ignore: weight names whose channels are never removed; default: the last Conv/Linear layer (the outputs).
-        attention: separate q/k/v/out projection layouts (see :func:`projection_head_groups`).
+        ignore: glob patterns of weight names (or module names) whose channels are never removed, in addition to
+            the last Conv / Linear layer (the model's outputs, e.g. the classes). A pattern matching nothing is an
+            error.
+        attention: separate q/k/v/out projection layouts (see :func:`~pat_callbacks.attention.projection_head_groups`).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -540,25 +391,54 @@ class StructuredPruner(Pruner):
         attention: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self.importance = get_structured_importance(importance)
-        if not ignore:
-            layers = [name for name, m in model.named_modules() if isinstance(m, DEFAULT_MODULE_TYPES)]
-            ignore = (f"{layers[-1]}.weight",) if layers else ()
-        self.ignore = tuple(ignore)
-        was_training = model.training
-        model.eval()
-        try:
-            heads = head_groups(model) + projection_head_groups(model, attention)
-            # Attention internals are pruned by head, never by embedding dimension.
-            internal = [f"{g.root.removesuffix('in_proj_weight')}out_proj.weight" for g in heads if "in_proj" in g.root]
-            internal += [f"{layout[key]}.weight" for layout in attention for key in ("q", "k", "v", "out")]
-            self.groups = channel_groups(model, example_inputs, ignore=[*self.ignore, *internal]) + heads
-        finally:
-            model.train(was_training)
+        names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_modules() if name]
+        for pattern in ignore:
+            if not any(fnmatchcase(name, pattern) for name in names):
+                sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                raise ValueError(f"`ignore` pattern {pattern!r} matches no parameter or module; names are: {sample}")
+        layers = [name for name, m in model.named_modules() if isinstance(m, DEFAULT_MODULE_TYPES)]
+        self.ignore = ((f"{layers[-1]}.weight",) if layers else ()) + tuple(ignore)
+        self.notes: list[str] = []
+        heads, ffn = transformer_groups(model, attention)
+        if heads:
+            groups = heads + ffn
+            self.notes.append(
+                f"{len(heads)} attention blocks ({sum(g.n_channels for g in heads)} heads) and {len(ffn)} MLPs "
+                f"({sum(g.n_channels for g in ffn)} neurons) are pruned; the residual stream (model width) is left "
+                "whole: it couples embeddings, positions, every norm and every projection"
+            )
+        else:
+            if example_inputs is None:
+                raise ValueError(
+                    f"StructuredPruning needs `example_inputs` to trace {type(model).__name__}'s channel couplings "
+                    "(or pl_module.example_input_array, or a datamodule whose first batch it can read)"
+                )
+            was_training = model.training
+            model.eval()
+            try:
+                groups = channel_groups(model, example_inputs)
+            finally:
+                model.train(was_training)
+        self.groups = [g for g in groups if not self._ignored(g)]
         if not self.groups:
-            raise ValueError(f"No prunable channel group in {type(model).__name__} (ignored: {list(self.ignore)})")
+            recurrent = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+            hint = (
+                f"; recurrent layers ({', '.join(recurrent)}) have no hidden units StructuredPruning can remove yet: "
+                "prune their weights with GradualPruning or DynamicSparseTraining"
+                if recurrent
+                else ""
+            )
+            raise ValueError(
+                f"No prunable channel group in {type(model).__name__} (ignored: {list(self.ignore)}){hint}"
+            )
         named = dict(model.named_parameters())
         super().__init__({name: named[name] for name in sorted({n for g in self.groups for n in g.params()})})
         self.model = model
+
+    def _ignored(self, group: ChannelGroup) -> bool:
+        owner = group.root.rpartition(".")[0]
+        names = [group.root, owner, group.layout.get("module", owner)]
+        return any(fnmatchcase(name, pattern) for name in names for pattern in self.ignore)
 
     @property
     def needs_grad(self) -> bool:
@@ -591,7 +471,15 @@ class StructuredPruner(Pruner):
         scores = dict(scores) if scores is not None else self.channel_scores()
         if not self._all_finite(scores, step):
             return False
-        pruned = {g.root: lowest_k(scores[g.root], prune_count(g.n_channels, sparsity)) for g in self.groups}
+        counts = {g.root: min(prune_count(g.n_channels, sparsity), g.n_channels - 1) for g in self.groups}
+        full = sorted(g.root for g in self.groups if prune_count(g.n_channels, sparsity) >= g.n_channels)
+        if full:
+            warnings.warn(
+                f"StructuredPruner: sparsity {sparsity} would remove every channel of {full}; one is kept in each",
+                UserWarning,
+                stacklevel=2,
+            )
+        pruned = {g.root: lowest_k(scores[g.root], counts[g.root]) for g in self.groups}
         self.target_sparsity = sparsity
         self.set_masks(channel_masks(self.groups, pruned, self.params), optimizers=optimizers)
         return True
@@ -603,8 +491,9 @@ class StructuredPruner(Pruner):
         result = {}
         for group in self.groups:
             mask = self.masks[group.root]
-            index, owner = group.flat_slices(device=mask.device)[(group.root, 0)]
-            kept = mask.index_select(0, index).reshape(len(index), -1).any(1).to(torch.float32)
+            dim = group.root_dim
+            index, owner = group.flat_slices(device=mask.device)[(group.root, dim)]
+            kept = mask.index_select(dim, index).movedim(dim, 0).reshape(len(index), -1).any(1).to(torch.float32)
             alive = torch.zeros(group.n_channels, device=mask.device).index_add_(0, owner, kept)
             result[group.root] = torch.nonzero(alive == 0).flatten().tolist()
         return result

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
@@ -23,14 +24,15 @@ __all__ = ["StructuredPruning"]
 
 
 class StructuredPruning(ScheduledPruningCallback):
-    """Prune ``final_sparsity`` of the output channels of every Conv/Linear layer and of the heads of every
-    ``nn.MultiheadAttention`` (uniformly per layer), following a schedule. Each pruned channel's coupled
-    parameters (bias, BatchNorm scale/shift, the next layers' input columns) are masked with it, so
-    :func:`pat_callbacks.structured.shrink` can later remove conv/linear channels for real; a pruned head's q/k/v
-    rows and output-projection columns are masked (heads are not physically removed yet).
+    """Prune ``final_sparsity`` of the channels of every group (uniformly per group), following a schedule, and
+    then remove them for real with :func:`pat_callbacks.structured.shrink`.
 
-    Couplings come from Torch-Pruning's dependency graph, traced once in ``setup`` on ``example_inputs`` (default:
-    ``pl_module.example_input_array``, else the first training batch's inputs).
+    In a transformer (``nn.MultiheadAttention``, Hugging Face GPT-2 / BERT attention, or ``attention`` layouts) the
+    groups are attention heads (their q/k/v rows and output-projection columns) and MLP hidden neurons; the residual
+    stream is left whole. In other models they are the output channels of every Conv/Linear layer with their coupled
+    parameters (bias, BatchNorm scale/shift, the next layers' input columns), from Torch-Pruning's dependency graph
+    traced once in ``setup`` on ``example_inputs`` (default: ``pl_module.example_input_array``, else the first
+    training batch's inputs). At least one channel of every group is kept.
 
     Args:
         final_sparsity: fraction of each layer's channels removed at the end of the window.
@@ -40,8 +42,8 @@ class StructuredPruning(ScheduledPruningCallback):
             ``"group_taylor"`` ``(sum g * w)^2`` with this step's dense gradients (Molchanov et al. 2019; formerly
             ``"taylor"``), or ``"gate"``: ``|dL/d gate|`` of a gate scaling the channel's (or attention head's)
             output (Michel et al. 2019).
-        ignore: weight names of layers whose channels are never removed; default: the last Conv/Linear layer
-            (its outputs are the model's outputs, e.g. the classes).
+        ignore: glob patterns of weight or module names whose channels are never removed, in addition to the last
+            Conv/Linear layer (its outputs are the model's outputs, e.g. the classes), which is always kept whole.
         attention: attention blocks written as separate projections, each
             ``{"q": name, "k": name, "v": name, "out": name, "num_heads": H}`` (module names): pruned by head.
             ``nn.MultiheadAttention`` modules are found without it.
@@ -120,13 +122,17 @@ class StructuredPruning(ScheduledPruningCallback):
 
     @override
     def _build_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StructuredPruner:
-        return StructuredPruner(
+        pruner = StructuredPruner(
             pl_module,
             self._example_inputs(trainer, pl_module),
             importance=self.importance,
             ignore=self.ignore,
             attention=self.attention,
         )
+        if self.verbose:
+            for note in pruner.notes:
+                rank_zero_info(f"StructuredPruning: {note}")
+        return pruner
 
     @override
     def _update_masks(self, trainer: pl.Trainer, target: float) -> bool:
@@ -140,7 +146,7 @@ class StructuredPruning(ScheduledPruningCallback):
             return pl_module.example_input_array
         datamodule = trainer.datamodule
         if datamodule is None:
-            raise ValueError("StructuredPruning needs `example_inputs` (or pl_module.example_input_array) to trace")
+            return None  # transformers need none; other models get a clear error from StructuredPruner
         batch = next(iter(datamodule.train_dataloader()))
         return batch[0] if isinstance(batch, (list, tuple)) else batch
 

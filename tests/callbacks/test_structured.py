@@ -176,11 +176,11 @@ class ProjectionAttention(nn.Module):
         tokens = self.embed(x.view(-1, 8, 8))
         b, t, d = tokens.shape
 
-        def split(h):
-            return h.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        def split(h):  # the head width comes from the projection, so the module still works with fewer heads
+            return h.view(b, t, self.heads, h.shape[-1] // self.heads).transpose(1, 2)
 
         q, k, v = split(self.q_proj(tokens)), split(self.k_proj(tokens)), split(self.v_proj(tokens))
-        mixed = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        mixed = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
         return self.fc(self.o_proj(mixed).mean(1))
 
 
@@ -210,3 +210,44 @@ def test_bad_attention_layout_fails_in_setup(fit):
             [StructuredPruning(final_sparsity=0.5, attention=[layout], start_step=0, end_step=5)],
             module=Classifier(ProjectionAttention()),
         )
+
+
+def test_separate_qkv_heads_shrink_to_the_masked_model(fit):
+    layout = {"q": "net.q_proj", "k": "net.k_proj", "v": "net.v_proj", "out": "net.o_proj", "num_heads": 4}
+    layout["heads_attr"] = "net.heads"
+    pruning = StructuredPruning(
+        final_sparsity=0.5, importance="l2", attention=[layout], start_step=0, end_step=20, update_every=5
+    )
+    _, module = fit([pruning], module=Classifier(ProjectionAttention()), max_steps=30)
+    module.eval()
+    x = torch.rand(5, 64)
+    expected = module(x)
+    small = shrink(module, x, pruning.pruned_channels(), attention=[layout])
+    assert small.net.heads == 2 and small.net.q_proj.out_features == 8 and small.net.o_proj.in_features == 8
+    assert torch.allclose(small(x), expected, atol=1e-5)
+
+
+def test_the_residual_stream_is_left_whole_with_a_note(fit):
+    pruning = StructuredPruning(final_sparsity=0.5, start_step=0, end_step=10, update_every=5)
+    fit([pruning], module=Classifier(TinyAttention()), max_steps=12)
+    assert [g.kind for g in pruning.groups] == ["heads"]  # not the embedding (model width) nor the classifier
+    assert "residual stream (model width) is left whole" in pruning.pruner.notes[0]
+
+
+def test_ignore_takes_globs_validates_them_and_keeps_the_classifier(fit):
+    with pytest.raises(ValueError, match=r"`ignore` pattern 'net\.conv9\*' matches no parameter or module"):
+        fit(
+            [StructuredPruning(final_sparsity=0.5, ignore=["net.conv9*"], start_step=0, end_step=5)],
+            module=Classifier(SmallCNN()),
+        )
+    pruning = StructuredPruning(final_sparsity=0.5, ignore=["net.conv2*"], start_step=0, end_step=10, update_every=5)
+    fit([pruning], module=Classifier(SmallCNN()), max_steps=12)
+    assert sorted(pruning.pruned_channels()) == ["net.conv1.weight"]  # conv2 ignored, fc (classifier) still kept
+
+
+def test_no_group_is_ever_pruned_to_nothing(fit):
+    pruning = StructuredPruning(final_sparsity=0.99, start_step=0, end_step=10, update_every=5)
+    with pytest.warns(UserWarning, match="would remove every channel"):
+        fit([pruning], module=Classifier(SmallCNN()), max_steps=12)
+    channels = pruning.pruned_channels()
+    assert len(channels["net.conv1.weight"]) == 7 and len(channels["net.conv2.weight"]) == 11
