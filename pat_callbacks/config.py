@@ -16,12 +16,19 @@ Example:
         object_type=GradualPruningConf
 """
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-__all__ = ["DynamicSparseTrainingConf", "GradualPruningConf", "StructuredPruningConf", "register_configs"]
+__all__ = [
+    "DynamicSparseTrainingConf",
+    "GradualPruningConf",
+    "StructuredPruningConf",
+    "check_against_schema",
+    "register_configs",
+]
 
 # OmegaConf 2.3 reads these annotations at runtime and knows typing.Optional/Dict/List, not `X | None`.
 
@@ -40,7 +47,10 @@ class _CommonPruningConf(_LoggingConf):
     exclude: Optional[List[str]] = None
     keep_first: bool = False
     keep_last: bool = False
-    layer_sparsity: Optional[Dict[str, float]] = None
+    # Any, not Optional[Dict[str, float]]: OmegaConf 2.3 crashes assigning a dict to an Optional[Dict] node that
+    # holds None, and merges into a typed dict node under the struct flag (new keys refused). Values are checked
+    # by the callbacks (`layer_sparsity['net.fc1.weight']` must be a float in [0, 1)) when instantiated.
+    layer_sparsity: Any = None
     allow_vectors: bool = False
 
 
@@ -116,6 +126,40 @@ class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
     importance: str = "l2"
     ignore: Optional[List[str]] = None
     attention: Optional[List[Any]] = None
+
+
+def check_against_schema(node: Any, key: str = "pruning") -> None:
+    """Refuse keys that a config node's schema does not have, even those added with ``+`` on the command line.
+
+    Hydra adds ``+pruning.final_sparsty=0.5`` to a structured node on purpose (``force_add``), so the schema
+    alone cannot stop it; this check, run on the composed config before anything is built, does.
+
+    Example:
+        >>> from omegaconf import OmegaConf, open_dict
+        >>> cfg = OmegaConf.structured(GradualPruningConf)
+        >>> with open_dict(cfg):
+        ...     cfg.final_sparsty = 0.5
+        >>> check_against_schema(cfg)
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown key `pruning.final_sparsty` (added with +?): not an argument of \
+pat_callbacks.GradualPruning; did you mean `final_sparsity`?
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if schema is None or schema is dict or not hasattr(schema, "__dataclass_fields__"):
+        return
+    known = {f.name for f in fields(schema)}
+    for name in node:
+        if name not in known and name != "defaults":
+            close = difflib.get_close_matches(str(name), sorted(known), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else f"; expected one of: {', '.join(sorted(known))}"
+            raise ValueError(
+                f"Unknown key `{key}.{name}` (added with +?): not an argument of {node.get('_target_')}{hint}"
+            )
 
 
 def register_configs() -> None:

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pat_callbacks.callbacks.base import PruningCallback
+from pat_callbacks.config import check_against_schema
 from pat_callbacks.report import weight_sparsity
 from pat_callbacks.targets import select_parameters, weight_matrices
 
@@ -44,6 +45,8 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         (5, 0.9)
     """
     _check_optimized_metric(cfg)
+    if cfg.get("pruning"):
+        check_against_schema(cfg.pruning, "pruning")
     # Noise from Lightning internals: an absent validation split is intended, and LeafSpec is its own deprecation.
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

@@ -270,3 +270,43 @@ def test_app_help_names_every_shipped_option_and_not_the_schema_group(tmp_path):
         "hparams_search",
         "hydra/launcher",
     }
+
+
+LAYER_SPARSITY = "pruning.layer_sparsity={net.layers.0.weight:0.5}"
+DIGITS_MLP = ["datamodule=digits", "model=mlp", "model.net.in_features=64"]
+
+
+def test_layer_sparsity_from_the_command_line(tmp_path):
+    overrides = [*TINY, *DIGITS_MLP, "+pruning=cubic", "pruning.final_sparsity=0.8", "pruning.update_every=5"]
+    cfg = _without_hydra_paths(_compose([*overrides, LAYER_SPARSITY]), tmp_path)
+    assert dict(cfg.pruning.layer_sparsity) == {"net.layers.0.weight": 0.5}
+    metrics = run_training(cfg, output_dir=tmp_path)
+    assert metrics["layer_sparsity"]["net.layers.0.weight"] == pytest.approx(0.5, abs=1e-3)
+    assert metrics["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_layer_sparsity_from_yaml():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from pat_callbacks.config import GradualPruningConf
+
+    yaml = OmegaConf.create(
+        "final_sparsity: 0.8\nlayer_sparsity:\n  net.layers.0.weight: 0.5\n  'net.*.4.weight': 0.2\n"
+    )
+    cfg = OmegaConf.merge(OmegaConf.structured(GradualPruningConf), yaml)
+    pruning = instantiate(cfg)
+    assert pruning.options.layer_sparsity == {"net.layers.0.weight": 0.5, "net.*.4.weight": 0.2}
+    bad = OmegaConf.merge(cfg, OmegaConf.create("layer_sparsity:\n  fc: high\n"))
+    with pytest.raises(Exception, match=r"`layer_sparsity\['fc'\]` to be a float in \[0, 1\), but got 'high'"):
+        instantiate(bad)
+
+
+def test_an_unknown_key_added_with_plus_is_refused_before_anything_is_built(tmp_path):
+    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "+pruning.final_sparsty=0.5"]), tmp_path)
+    with pytest.raises(ValueError, match=r"Unknown key `pruning.final_sparsty`.*did you mean `final_sparsity`"):
+        run_training(cfg, output_dir=tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+    run = _train_py([*TINY, "+pruning=rigl", "+pruning.sparsty=0.5", f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
+    assert run.returncode != 0 and "Unknown key `pruning.sparsty`" in run.stderr
+    assert "did you mean `sparsity`" in run.stderr
