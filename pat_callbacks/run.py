@@ -63,9 +63,12 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     logger = instantiate(cfg.logger, save_dir=str(output_dir)) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir))
 
+    start_step = _StartStep()
+    trainer.callbacks.append(start_step)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    fit_seconds = time.perf_counter() - start
+    fit_seconds = time.perf_counter() - start  # this process only: a resumed run says where it took over
+    resumed_at = start_step.step if start_step.step else None
     val_metrics: dict[str, float] = {}
     if _has_validation(cfg, datamodule):  # the final model's validation metrics (what sweeps optimise)
         val_metrics = _flat(trainer.validate(model, datamodule=datamodule, verbose=False))
@@ -87,6 +90,8 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         "method": getattr(pruning, "method_name", type(pruning).__name__) if pruning is not None else "dense",
         "global_step": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 2),
+        "fit_steps": int(trainer.global_step) - (resumed_at or 0),
+        "resumed_at_step": resumed_at,
         "seed": int(cfg.seed),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -100,10 +105,22 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         print(
             f"[pat-callbacks] {metrics['method']}: {quality}, "
             f"sparsity {overall:.4f} (target {metrics['target_sparsity']:.4f}; all weight matrices "
-            f"{metrics['sparsity_all']:.4f}), {metrics['global_step']} steps in {fit_seconds:.1f}s "
+            f"{metrics['sparsity_all']:.4f}), {metrics['global_step']} steps"
+            + (f" (resumed at step {resumed_at}: {metrics['fit_steps']} steps" if resumed_at else "")
+            + f" in {fit_seconds:.1f}s{')' if resumed_at else ''} "
             f"-> {output_dir / 'metrics.json'}"
         )
     return metrics
+
+
+class _StartStep(pl.Callback):
+    """The global step training starts from (non-zero when resumed from a checkpoint)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.step = int(trainer.global_step)
 
 
 def _flat(results: list[dict[str, Any]]) -> dict[str, float]:

@@ -123,6 +123,9 @@ def test_resume_from_last_checkpoint_reaches_the_target(tmp_path):
     resumed.callbacks.checkpoint.dirpath = str(tmp_path / "checkpoints")
     metrics = run_training(resumed, output_dir=tmp_path / "b")
     assert metrics["global_step"] == 30 and metrics["sparsity"] == pytest.approx(0.7, abs=0.01)
+    # fit_seconds times this process only: the metrics say where it took over.
+    assert metrics["resumed_at_step"] == 20 and metrics["fit_steps"] == 10
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["resumed_at_step"] is None
 
 
 def _train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
