@@ -31,8 +31,10 @@ RUNS: dict[str, Callable[[], PruningCallback]] = {
     "rigl": lambda: DynamicSparseTraining(sparsity=0.8, method="rigl", update_every=10, stop_step=60),
     "set": lambda: DynamicSparseTraining(sparsity=0.8, method="set", update_every=10, stop_step=60, seed=3),
 }
-# Where each run is interrupted: step 23 lies in an odd/even recover phase (15..24) and between DST updates.
-RESUME_STEP = {"cubic": 46, "odd_even_recover": 23, "taylor_global": 46, "rigl": 23, "set": 46}
+# Where each run is interrupted: step 23 lies in an odd/even recover phase (15..24), between DST updates, and for
+# Taylor mid-accumulation (updates at 15 and 25: the checkpoint holds the history of steps 16..22, so a resume that
+# lost it would choose other masks at step 25).
+RESUME_STEP = {"cubic": 46, "odd_even_recover": 23, "taylor_global": 23, "rigl": 23, "set": 46}
 
 
 def run(name: str, root: Path, ckpt_path: Path | None = None) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pat_callbacks.allocation import allocate, plan_sparsities
-from pat_callbacks.patterns import prune_count
+from pat_callbacks.patterns import prune_count, unstructured_mask
 
 
 def _scores():
@@ -21,9 +21,12 @@ def test_global_threshold_hits_the_overall_target_exactly(target):
     total = sum(s.numel() for s in scores.values())
     pruned = sum(prune_count(scores[n].numel(), s) for n, s in sparsities.items())
     assert pruned == prune_count(total, target)
-    # One threshold: nothing kept in any layer scores below anything pruned elsewhere.
-    everything = torch.cat([s.flatten() for s in scores.values()])
-    assert pruned == 0 or everything.sort().values[pruned - 1] <= everything.sort().values[pruned]
+    # One threshold: nothing kept in any layer scores below anything pruned in any layer.
+    masks = {name: unstructured_mask(scores[name], sparsities[name]) for name in scores}
+    kept = torch.cat([scores[name][masks[name]] for name in scores])
+    dropped = torch.cat([scores[name][~masks[name]] for name in scores])
+    assert dropped.numel() == pruned
+    assert pruned == 0 or kept.numel() == 0 or float(dropped.max()) <= float(kept.min())
     if target == 0.5:
         assert sparsities["small"] == 1.0  # all its scores are below the others'
 
@@ -159,3 +162,23 @@ def test_plan_pins_layer_overrides_and_splits_the_rest_without_a_trainer():
     assert halfway["a.weight"] == pytest.approx(0.1)  # pinned layers follow the schedule proportionally
     capped = plan_sparsities("global_raw", scores, 0.5, max_sparsity=0.6)
     assert max(capped.values()) <= 0.6 + 1e-9
+
+
+def test_the_one_threshold_check_fails_for_a_per_layer_split(monkeypatch):
+    """The check above can fail: a uniform split of the same budget is not one threshold."""
+    import tests.test_allocation as this
+
+    monkeypatch.setattr(this, "allocate", lambda method, scores, target: {name: target for name in scores})
+    with pytest.raises(AssertionError):
+        test_global_threshold_hits_the_overall_target_exactly(0.3)
+
+
+def test_keep_one_leaves_a_weight_in_every_layer_and_pruned_entries_stay_pruned():
+    scores = {"one": torch.tensor([5.0]), "big": torch.rand(100)}
+    for method in ("uniform", "global", "global_raw", "erk", "er"):
+        sparsities = allocate(method, scores, 0.95, keep_one=True)
+        assert all(prune_count(scores[n].numel(), s) < scores[n].numel() for n, s in sparsities.items()), method
+    pruned = {"one": torch.tensor([False]), "big": torch.arange(100) < 50}
+    high = {"one": torch.tensor([0.0]), "big": torch.cat([torch.full((50,), 9.0), torch.rand(50)])}
+    sparsities = allocate("global_raw", high, 0.6, pruned=pruned)
+    assert prune_count(100, sparsities["big"]) >= 50

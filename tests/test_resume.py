@@ -83,3 +83,12 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["global_step"] == 3000
     assert metrics["sparsity"] == pytest.approx(0.8, abs=0.001)
+
+
+def test_the_taylor_case_resumes_mid_accumulation(tmp_path):
+    """Lost criterion history must be able to show: the Taylor checkpoint holds an unfinished accumulation."""
+    run("taylor_global", tmp_path)
+    checkpoint = torch.load(tmp_path / "taylor_global" / f"step={RESUME_STEP['taylor_global']}.ckpt", weights_only=True)
+    (state,) = [s for key, s in checkpoint["callbacks"].items() if key.startswith("GradualPruning")]
+    counts = {name: int(values["count"]) for name, values in state["criterion_state"].items() if "count" in values}
+    assert counts and all(count >= 2 for count in counts.values()), counts
