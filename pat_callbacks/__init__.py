@@ -31,10 +31,24 @@ from pat_callbacks.targets import select_parameters
 from pat_callbacks.windows import ScheduleSpec
 
 if TYPE_CHECKING:
-    from pat_callbacks.callbacks import DynamicSparseTraining, GradualPruning, PruningCallback, StructuredPruning
+    from pat_callbacks.callbacks import (
+        DynamicSparseTraining,
+        GradualPruning,
+        KeepSparsity,
+        PruningCallback,
+        PruningSummary,
+        StructuredPruning,
+    )
 
 # The Lightning callbacks load on first use, so the core (Pruner, schedules, ...) imports without Lightning.
-_CALLBACKS = ("DynamicSparseTraining", "GradualPruning", "PruningCallback", "StructuredPruning")
+_CALLBACKS = (
+    "DynamicSparseTraining",
+    "GradualPruning",
+    "KeepSparsity",
+    "PruningCallback",
+    "PruningSummary",
+    "StructuredPruning",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -52,6 +66,7 @@ __all__ = [
     "ExponentialSchedule",
     "FunctionSchedule",
     "GradualPruning",
+    "KeepSparsity",
     "LinearSchedule",
     "MaskStore",
     "OddEvenSchedule",
@@ -60,6 +75,7 @@ __all__ = [
     "Pruner",
     "PruningCallback",
     "PruningOptions",
+    "PruningSummary",
     "Schedule",
     "ScheduleSpec",
     "StructuredPruner",

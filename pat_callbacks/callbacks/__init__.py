@@ -3,6 +3,15 @@
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.callbacks.dynamic import DynamicSparseTraining
 from pat_callbacks.callbacks.gradual import GradualPruning
+from pat_callbacks.callbacks.keep import KeepSparsity
 from pat_callbacks.callbacks.structured import StructuredPruning
+from pat_callbacks.callbacks.summary import PruningSummary
 
-__all__ = ["DynamicSparseTraining", "GradualPruning", "PruningCallback", "StructuredPruning"]
+__all__ = [
+    "DynamicSparseTraining",
+    "GradualPruning",
+    "KeepSparsity",
+    "PruningCallback",
+    "PruningSummary",
+    "StructuredPruning",
+]
