@@ -174,7 +174,7 @@ class ProjectionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x.view(-1, 8, 8))
-        b, t, d = tokens.shape
+        b, t, _ = tokens.shape
 
         def split(h):  # the head width comes from the projection, so the module still works with fewer heads
             return h.view(b, t, self.heads, h.shape[-1] // self.heads).transpose(1, 2)
