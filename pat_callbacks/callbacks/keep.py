@@ -1,23 +1,4 @@
-"""KeepSparsity: fine-tune a pruned model without losing its zeros (SparseML's constant pruning modifier).
-
-Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> from lightning import Trainer
-    >>> from pat_callbacks.models import MLP, Classifier
-    >>> from pat_callbacks.data import DigitsDataModule
-    >>> torch.manual_seed(0) and None
-    >>> model = Classifier(MLP(64, (32,), 10))            # e.g. Classifier.load_from_checkpoint("pruned.ckpt")
-    >>> with torch.no_grad():                             # stand-in for a pruned checkpoint: 80% exact zeros
-    ...     _ = model.net.layers[0].weight.mul_(torch.rand(32, 64) > 0.8)
-    >>> keep = KeepSparsity(include="net.layers.0.weight", verbose=False)
-    >>> trainer = Trainer(callbacks=[keep], max_steps=10, logger=False, enable_checkpointing=False,
-    ...                   enable_progress_bar=False, enable_model_summary=False)
-    >>> trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
-    >>> zeros = float((model.net.layers[0].weight == 0).float().mean())
-    >>> round(zeros, 4) == round(keep.store.sparsity(), 4) and zeros > 0.75
-    True
-"""
+"""KeepSparsity: fine-tune a pruned model without losing its zeros (SparseML's constant pruning modifier)."""
 
 from __future__ import annotations
 
@@ -45,6 +26,24 @@ class KeepSparsity(PruningCallback):
         include, exclude, keep_first, keep_last, allow_vectors: which weights are held at their zeros (see
             :class:`~pat_callbacks.pruner.PruningOptions`; default: the weights of Linear / Conv layers).
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning import Trainer
+        >>> from pat_callbacks.models import MLP, Classifier
+        >>> from pat_callbacks.data import DigitsDataModule
+        >>> torch.manual_seed(0) and None
+        >>> model = Classifier(MLP(64, (32,), 10))            # e.g. Classifier.load_from_checkpoint("pruned.ckpt")
+        >>> with torch.no_grad():                             # stand-in for a pruned checkpoint: 80% exact zeros
+        ...     _ = model.net.layers[0].weight.mul_(torch.rand(32, 64) > 0.8)
+        >>> keep = KeepSparsity(include="net.layers.0.weight", verbose=False)
+        >>> trainer = Trainer(callbacks=[keep], max_steps=10, logger=False, enable_checkpointing=False,
+        ...                   enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+        >>> zeros = float((model.net.layers[0].weight == 0).float().mean())
+        >>> round(zeros, 4) == round(keep.store.sparsity(), 4) and zeros > 0.75
+        True
     """
 
     def __init__(
