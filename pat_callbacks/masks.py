@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pat_callbacks.sharding import gather_full, local, local_rows, shard_group
+
 __all__ = ["MaskStore"]
 
 
@@ -49,6 +51,8 @@ class MaskStore:
             raise ValueError("MaskStore needs at least one parameter, but got none")
         self.params: dict[str, nn.Parameter] = dict(params)
         self.masks: dict[str, Tensor] = {}
+        # Sharded (FSDP2) parameters: masks are local shards, counts are all-reduced over this group.
+        self.group = shard_group(self.params)
 
     def __repr__(self) -> str:
         return f"MaskStore({len(self.params)} parameters, {len(self.masks)} masked, sparsity={self.sparsity():.4f})"
@@ -71,7 +75,7 @@ class MaskStore:
         """
         newly_pruned: dict[str, Tensor] = {}
         for name, mask in masks.items():
-            param = self._param(name)
+            param = local(self._param(name))
             if tuple(mask.shape) != tuple(param.shape):
                 raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(param.shape)}")
             mask = mask.detach().to(device=param.device, dtype=torch.bool)
@@ -90,7 +94,7 @@ class MaskStore:
             >>> store.sync_devices(); store.masks["w"].device.type
             'cpu'
         """
-        self.masks = {name: mask.to(self.params[name].device) for name, mask in self.masks.items()}
+        self.masks = {name: mask.to(local(self.params[name]).device) for name, mask in self.masks.items()}
 
     def clear(self) -> None:
         """Lift every mask: all parameters train densely (pruned weights restart from zero)."""
@@ -104,7 +108,7 @@ class MaskStore:
             return
         names = list(self.masks)
         _foreach_mask_(
-            [self.params[n].data for n in names],
+            [local(self.params[n].data) for n in names],
             [self.masks[n] for n in names],
         )
 
@@ -117,7 +121,7 @@ class MaskStore:
         for name, mask in self.masks.items():
             grad = self.params[name].grad
             if grad is not None:
-                grads.append(grad)
+                grads.append(local(grad))
                 masks.append(mask)
         if grads:
             _foreach_mask_(grads, masks)
@@ -140,36 +144,56 @@ class MaskStore:
                         continue
                     for value in state.values():
                         if isinstance(value, Tensor) and value.shape == param.shape:
-                            value.masked_fill_(entries.to(value.device), 0)
+                            local(value).masked_fill_(entries.to(value.device), 0)
                             touched += 1
         return touched
 
     # ------------------------------------------------------------------- reading
+    def pruned_counts(self) -> dict[str, int]:
+        """Pruned entries per parameter, from the masks (over every rank of a sharded parameter).
+
+        Example:
+            >>> import torch
+            >>> store = MaskStore({"w": torch.nn.Parameter(torch.ones(4))})
+            >>> _ = store.set_masks({"w": torch.tensor([True, False, False, True])})
+            >>> store.pruned_counts()
+            {'w': 2}
+        """
+        names = list(self.params)
+        counts = torch.tensor([int((~self.masks[n]).sum()) if n in self.masks else 0 for n in names], dtype=torch.int64)
+        if self.group is not None:
+            device = local(next(iter(self.params.values()))).device
+            counts = counts.to(device)
+            torch.distributed.all_reduce(counts, group=self.group)
+        return dict(zip(names, (int(c) for c in counts.cpu()), strict=True))
+
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of pruned entries per parameter, from the masks (0.0 for an unmasked parameter)."""
-        return {
-            name: 1.0 - float(self.masks[name].sum()) / p.numel() if name in self.masks else 0.0
-            for name, p in self.params.items()
-        }
+        return {name: count / self.params[name].numel() for name, count in self.pruned_counts().items()}
 
     def sparsity(self) -> float:
         """Fraction of pruned entries over all parameters of the store."""
-        pruned = sum(int((~mask).sum()) for mask in self.masks.values())
-        return pruned / self.numel()
+        return sum(self.pruned_counts().values()) / self.numel()
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Masks as CPU bool tensors (loadable with ``torch.load(weights_only=True)``)."""
-        return {"masks": {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}}
+        """Masks as CPU bool tensors (loadable with ``torch.load(weights_only=True)``); a sharded parameter's mask
+        is gathered whole (every rank must call this), so checkpoints do not depend on the number of ranks."""
+        return {
+            "masks": {
+                name: gather_full(mask.detach(), self.params[name]).cpu().clone() for name, mask in self.masks.items()
+            }
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore masks saved by :meth:`state_dict` (unknown names are an error: the model changed)."""
+        """Restore masks saved by :meth:`state_dict` (unknown names are an error: the model changed); each rank of a
+        sharded parameter keeps its own rows."""
         masks = state.get("masks", {})
         unknown = sorted(set(masks) - set(self.params))
         if unknown:
             raise ValueError(f"Checkpoint has masks for {unknown}, which are not pruned parameters of this model")
         self.masks = {}
-        self.set_masks(masks)
+        self.set_masks({name: local_rows(mask, self.params[name]) for name, mask in masks.items()})
 
     def _param(self, name: str) -> nn.Parameter:
         try:

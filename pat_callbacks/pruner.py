@@ -41,8 +41,10 @@ from pat_callbacks._validation import check_choice, check_fraction
 from pat_callbacks.allocation import ALLOCATIONS, measure_sensitivity, plan_sparsities, reachable_range
 from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
-from pat_callbacks.patterns import Pattern, make_pattern
+from pat_callbacks.patterns import BlockPattern, Pattern, make_pattern, prune_count
 from pat_callbacks.regrowth import GROWTH_METHODS, drop_and_grow
+from pat_callbacks.selection import select_lowest
+from pat_callbacks.sharding import gather_full, local, local_rows
 from pat_callbacks.targets import normalize_patterns, select_parameters, target_roles
 
 __all__ = ["Pruner", "PruningOptions", "broadcast_masks"]
@@ -168,6 +170,9 @@ class Pruner:
                 "get none: exclude them, or use criterion='magnitude'"
             )
         self.store = MaskStore(params)
+        self.group = self.store.group  # set when the parameters are sharded (FSDP2): masks are local shards
+        if self.group is not None:
+            self._check_shardable()
         self.criterion_state: dict[str, dict[str, Tensor]] = {}
         self.target_sparsity = 0.0
         self.sensitivities: dict[str, float] | None = None
@@ -207,7 +212,7 @@ class Pruner:
             return
         for name, param in self.params.items():
             if param.grad is not None:
-                self.criterion.accumulate(param, param.grad, self.criterion_state.setdefault(name, {}))
+                self.criterion.accumulate(local(param), local(param.grad), self.criterion_state.setdefault(name, {}))
 
     def scores(self) -> dict[str, Tensor]:
         """Importance of every entry of every pruned parameter (higher = keep)."""
@@ -215,7 +220,8 @@ class Pruner:
         for name, param in self.params.items():
             if self.criterion.needs_grad and param.grad is None:
                 raise RuntimeError(f"criterion={self.scorer_name!r} needs a gradient, but {name!r} has none")
-            scores[name] = self.criterion.score(param, param.grad, self.criterion_state.get(name, {}))
+            grad = None if param.grad is None else local(param.grad)
+            scores[name] = self.criterion.score(local(param), grad, self.criterion_state.get(name, {}))
         return scores
 
     def measure_sensitivity(
@@ -279,6 +285,8 @@ class Pruner:
             return False
         if self.options.allocation == "sensitivity" and self.sensitivities is None:
             raise RuntimeError("allocation='sensitivity' needs measure_sensitivity(...) before the first prune_to")
+        if self.group is not None:
+            return self._prune_sharded(sparsity, final_sparsity, scores, optimizers)
         shrink = bool(self.masks) and sparsity >= self.target_sparsity
         pruned = {name: ~mask for name, mask in self.masks.items() if name in scores} if shrink else None
         sparsities = plan_sparsities(
@@ -389,9 +397,9 @@ class Pruner:
         check_choice("method", method, GROWTH_METHODS)
         if not self.options.pattern.allows_regrowth:  # type: ignore[union-attr]
             raise ValueError(f"regrowth would break the {self.options.pattern!r} pattern")
-        inputs: dict[str, Tensor | None] = dict(self.params)
+        inputs: dict[str, Tensor | None] = {name: local(p) for name, p in self.params.items()}
         if method == "rigl":
-            inputs.update({f"{name} (grad)": p.grad for name, p in self.params.items()})
+            inputs.update({f"{name} (grad)": _local_or_none(p.grad) for name, p in self.params.items()})
         if not self._all_finite(inputs, step):
             return None
         new_masks, regrown, dropped = {}, {}, {}
@@ -399,19 +407,124 @@ class Pruner:
             param = self.params[name]
             if method == "rigl" and param.grad is None:
                 continue  # a layer without a gradient this step keeps its mask
-            new_masks[name] = drop_and_grow(old, param, param.grad, fraction, method, generator)
+            if self.group is None:
+                new_masks[name] = drop_and_grow(old, param, param.grad, fraction, method, generator)
+            else:
+                new_masks[name] = self._drop_and_grow_sharded(old, param, fraction, method, generator)
             regrown[name] = new_masks[name] & ~old
             dropped[name] = old & ~new_masks[name]
-        n_active = sum(int(self.masks[name].sum()) for name in new_masks)
+        counts = [sum(int(self.masks[name].sum()) for name in new_masks)]
         if new_masks:
             self.set_masks(new_masks, reset=regrown, optimizers=optimizers)
-        n_regrown = sum(int(r.sum()) for r in regrown.values())
+        counts += [sum(int(r.sum()) for r in regrown.values()), sum(int(d.sum()) for d in dropped.values())]
+        n_active, n_regrown, n_dropped = self._sum_over_ranks(counts)
         return {
             "pruning/drop_fraction": fraction,
             "pruning/regrown": float(n_regrown),
-            "pruning/dropped": float(sum(int(d.sum()) for d in dropped.values())),
+            "pruning/dropped": float(n_dropped),
             "pruning/mask_change_rate": n_regrown / max(n_active, 1),
         }
+
+    # ------------------------------------------------------------- sharded (FSDP2)
+    def _check_shardable(self) -> None:
+        opts = self.options
+        problems = []
+        if opts.allocation == "sensitivity":
+            problems.append("allocation='sensitivity' (it evaluates the model with each layer pruned alone)")
+        if isinstance(opts.pattern, BlockPattern):
+            problems.append(f"pattern={opts.pattern.name!r} (blocks may straddle two ranks' rows)")
+        if opts.pattern.fixed_sparsity is not None and self.transposed:  # type: ignore[union-attr]
+            problems.append(f"pattern={opts.pattern.name!r} on in x out matrices {sorted(self.transposed)}")
+        if opts.allocation in ("global", "global_raw") and (opts.min_sparsity > 0 or opts.max_sparsity < 1):
+            problems.append("min_sparsity / max_sparsity caps with a global allocation")
+        if problems:
+            raise ValueError(
+                "These options are not supported with sharded (FSDP2) parameters yet: " + "; ".join(problems)
+            )
+
+    def _sum_over_ranks(self, values: list[int]) -> list[int]:
+        if self.group is None:
+            return values
+        device = local(next(iter(self.params.values()))).device
+        total = torch.tensor(values, dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(total, group=self.group)
+        return [int(v) for v in total.cpu()]
+
+    def _prune_sharded(
+        self,
+        sparsity: float,
+        final_sparsity: float | None,
+        scores: dict[str, Tensor],
+        optimizers: Iterable[torch.optim.Optimizer],
+    ) -> bool:
+        """``prune_to`` over local shards: thresholds by a distributed exact selection (no layer is gathered)."""
+        opts = self.options
+        pattern: Pattern = opts.pattern  # type: ignore[assignment]
+        shrink = bool(self.masks) and sparsity >= self.target_sparsity
+        scores = {name: s.detach().float() for name, s in scores.items()}
+        if opts.allocation == "global":  # mean-normalised, the mean taken over every rank's entries
+            sums = self._float_sums([float(s.sum()) for s in scores.values()])
+            means = {n: total / self.params[n].numel() for n, total in zip(scores, sums, strict=True)}
+            scores = {n: s / means[n] if means[n] > 0 else s for n, s in scores.items()}
+        if shrink:  # entries pruned before stay pruned
+            scores = {
+                n: s.masked_fill(~self.masks[n], float("-inf")) if n in self.masks else s for n, s in scores.items()
+            }
+        shapes = {name: torch.empty(self.params[name].shape, device="meta") for name in scores}
+        method = "uniform" if opts.allocation in ("global", "global_raw") else opts.allocation
+        pinned = plan_sparsities(
+            method,
+            shapes,
+            sparsity,
+            final_target=final_sparsity,
+            layer_sparsity=opts.layer_sparsity,
+            keep_one=True,
+        )
+        masks: dict[str, Tensor] = {}
+        fixed = {n for n in scores if any(fnmatchcase(n, p) for p in opts.layer_sparsity or {})}
+        per_layer = scores if method == opts.allocation else {n: scores[n] for n in fixed}
+        for name, layer_scores in per_layer.items():
+            if pattern.fixed_sparsity is not None:
+                masks[name] = pattern.mask(layer_scores, pinned[name])
+            else:
+                k = prune_count(self.params[name].numel(), pinned[name])
+                masks[name] = ~select_lowest([layer_scores], k, self.group)[0]
+        rest = [name for name in scores if name not in masks]
+        if rest:  # one threshold over every remaining layer, on every rank
+            numel = {n: self.params[n].numel() for n in scores}
+            budget = prune_count(sum(numel.values()), sparsity) - sum(prune_count(numel[n], pinned[n]) for n in masks)
+            budget = min(max(budget, 0), sum(numel[n] for n in rest) - len(rest))
+            selected = select_lowest([scores[n] for n in rest], budget, self.group)
+            masks.update({name: ~chosen for name, chosen in zip(rest, selected, strict=True)})
+        self.target_sparsity = sparsity
+        self.set_masks(masks, optimizers=optimizers)
+        return True
+
+    def _float_sums(self, values: list[float]) -> list[float]:
+        device = local(next(iter(self.params.values()))).device
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.group is not None:
+            torch.distributed.all_reduce(total, group=self.group)
+        return [float(v) for v in total.cpu()]
+
+    def _drop_and_grow_sharded(
+        self, mask: Tensor, param: Tensor, fraction: float, method: str, generator: torch.Generator | None
+    ) -> Tensor:
+        """:func:`~pat_callbacks.regrowth.drop_and_grow` over a sharded layer, with exact global counts."""
+        active, inactive = self._sum_over_ranks([int(mask.sum()), int((~mask).sum())])
+        n_swap = min(round(fraction * active), inactive)
+        if n_swap == 0:
+            return mask.clone()
+        weight = local(param).detach().float()
+        drop_scores = torch.where(mask, weight.abs(), torch.inf)
+        if method == "rigl":
+            grow = local(param.grad).detach().float().abs()
+        else:
+            grow = torch.rand(mask.shape, generator=generator).to(mask.device)
+        grow_scores = torch.where(mask, torch.inf, -grow)  # highest gradient first, among the inactive entries
+        dropped = select_lowest([drop_scores], n_swap, self.group)[0]
+        grown = select_lowest([grow_scores], n_swap, self.group)[0]
+        return (mask & ~dropped) | grown
 
     def set_masks(
         self,
@@ -422,7 +535,8 @@ class Pruner:
     ) -> dict[str, Tensor]:
         """Make ``masks`` the same on every rank, store them, zero the pruned weights and the optimizer state of
         newly pruned entries (and of ``reset``, e.g. regrown ones). Returns the newly pruned entries."""
-        newly_pruned = self.store.set_masks(broadcast_masks(dict(masks)))
+        agreed = dict(masks) if self.group is not None else broadcast_masks(dict(masks))  # shards are per rank
+        newly_pruned = self.store.set_masks(agreed)
         self.store.apply()
         changed = dict(newly_pruned)
         for name, entries in (reset or {}).items():
@@ -459,7 +573,7 @@ class Pruner:
         """Move masks and criterion history to their parameters' devices (after the model moved)."""
         self.store.sync_devices()
         self.criterion_state = {
-            name: {key: value.to(self.params[name].device) for key, value in values.items()}
+            name: {key: value.to(local(self.params[name]).device) for key, value in values.items()}
             for name, values in self.criterion_state.items()
         }
 
@@ -482,7 +596,10 @@ class Pruner:
         """Masks, criterion history and state, target and sensitivities (plain tensors and numbers)."""
         state: dict[str, Any] = {
             "target_sparsity": self.target_sparsity,
-            "criterion_state": {name: dict(values) for name, values in self.criterion_state.items()},
+            "criterion_state": {
+                name: {key: self._full(name, value) for key, value in values.items()}
+                for name, values in self.criterion_state.items()
+            },
             "criterion": self.criterion.state_dict(),
             **self.store.state_dict(),
         }
@@ -493,13 +610,27 @@ class Pruner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.store.load_state_dict(state)
-        self.criterion_state = {name: dict(values) for name, values in state.get("criterion_state", {}).items()}
+        self.criterion_state = {
+            name: {key: self._local_part(name, value) for key, value in values.items()}
+            for name, values in state.get("criterion_state", {}).items()
+        }
         self.criterion.load_state_dict(state.get("criterion", {}))
         sensitivities = state.get("sensitivities")
         self.sensitivities = None if sensitivities is None else {k: float(v) for k, v in sensitivities.items()}
         self.target_sparsity = float(state.get("target_sparsity", self.store.sparsity()))
 
     # ---------------------------------------------------------------- internals
+    def _full(self, name: str, value: Tensor) -> Tensor:
+        """A per-entry history tensor of a sharded parameter, gathered whole for the checkpoint."""
+        if self.group is None or value.dim() == 0:
+            return value
+        return gather_full(value, self.params[name])
+
+    def _local_part(self, name: str, value: Tensor) -> Tensor:
+        if self.group is None or value.dim() == 0 or name not in self.params:
+            return value
+        return local_rows(value, self.params[name])
+
     def _select(self, model_or_params: nn.Module | Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
         opts = self.options
         if isinstance(model_or_params, nn.Module):
@@ -527,7 +658,9 @@ class Pruner:
         return params
 
     def _all_finite(self, tensors: Mapping[str, Tensor | None], step: int | None) -> bool:
-        bad = sorted(name for name, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all()))
+        names = sorted(tensors)
+        flags = [int(tensors[n] is not None and not bool(torch.isfinite(tensors[n]).all())) for n in names]
+        bad = [n for n, flag in zip(names, self._sum_over_ranks(flags), strict=True) if flag]  # ranks agree
         if not bad:
             return True
         where = f" at step {step}" if step is not None else ""
@@ -576,3 +709,7 @@ def broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
         torch.distributed.broadcast(as_bytes, src=0)
         synced[name] = as_bytes.bool()
     return synced
+
+
+def _local_or_none(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else local(tensor)

@@ -3,8 +3,9 @@
 A subclass builds the pruner (:meth:`PruningCallback._build_pruner`) and says when masks change
 (:meth:`PruningCallback._on_step`); this class owns the hooks:
 
-- ``setup("fit")``: build the pruner over the model's parameters (a bad pattern or a model with nothing to
-  prune fails here, before the first step), and restore checkpointed state;
+- ``on_fit_start``: build the pruner over the parameters the strategy trains (after ``configure_model`` and,
+  under FSDP2, after sharding; a bad pattern or a model with nothing to prune fails here, before the first step),
+  and restore checkpointed state;
 - ``on_train_start``: resolve step arguments that need the run's length; masks follow the model's device;
 - ``on_before_optimizer_step``: feed criteria with history, let the subclass update masks with the *dense*
   gradients of this step, then zero the gradients of pruned weights;
@@ -60,7 +61,7 @@ class PruningCallback(Callback):
             optimizer is not one of :data:`ZERO_PRESERVING_OPTIMIZERS` (or under manual optimization).
         log_per_layer: log ``pruning/sparsity/<parameter>`` for each pruned parameter.
         prog_bar: show the overall sparsity in the progress bar.
-        verbose: print, at setup (rank 0), a table of the model's weight matrices, pruned or left dense.
+        verbose: print, when fitting starts (rank 0), a table of the model's weight matrices, pruned or left dense.
 
     Logged at every mask change: ``pruning/sparsity`` (over the targets), ``pruning/sparsity_all`` (exact zeros
     over every weight matrix of the model, embeddings included), ``pruning/target`` and per-layer values.
@@ -98,7 +99,7 @@ class PruningCallback(Callback):
     # ------------------------------------------------------------- subclass API
     @abstractmethod
     def _build_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Pruner:
-        """The pruner over ``pl_module``'s parameters (called in ``setup("fit")``)."""
+        """The pruner over ``pl_module``'s parameters (called in ``on_fit_start``, once the strategy set them up)."""
 
     @abstractmethod
     def _resolve(self, trainer: pl.Trainer) -> None:
@@ -119,7 +120,7 @@ class PruningCallback(Callback):
     # ------------------------------------------------------------- public state
     @property
     def store(self) -> MaskStore | None:
-        """The pruner's mask store (``None`` before ``setup``)."""
+        """The pruner's mask store (``None`` before ``on_fit_start``)."""
         return self.pruner.store if self.pruner is not None else None
 
     @property
@@ -139,9 +140,15 @@ class PruningCallback(Callback):
 
     # -------------------------------------------------------------- Lightning hooks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Bind to the parameters the strategy trains: after ``configure_model`` (models built there) and the
+        strategy's setup (FSDP2's ``fully_shard`` replaces parameters by sharded DTensors), before the first step."""
+        strategy = type(trainer.strategy).__name__
+        if strategy.startswith(("DeepSpeed", "FSDPStrategy")):
+            raise ValueError(
+                f"{type(self).__name__} does not support {strategy} (it hides or flattens the parameters it trains); "
+                "use ModelParallelStrategy (FSDP2, fully_shard in configure_model) or DDP"
+            )
         self.pruner = self._build_pruner(trainer, pl_module)
         self._matrices = weight_matrices(pl_module)
         if self.verbose:
@@ -163,7 +170,7 @@ class PruningCallback(Callback):
         )
         self._remask_after_step = self.remask_weights is True or (self.remask_weights == "auto" and not auto_ok)
         pruner = self._require_pruner()
-        pruner.to_devices()  # setup() (and a checkpoint restore) ran before the strategy moved the model
+        pruner.to_devices()  # a checkpoint restore may have run before the strategy moved the model
         pruner.apply()
         self._refresh_sparsity()
 
@@ -304,7 +311,7 @@ class PruningCallback(Callback):
     def _require_pruner(self) -> Pruner:
         if self.pruner is None:
             raise RuntimeError(
-                f"{type(self).__name__} is used before `setup('fit')`: pass it to Trainer(callbacks=...)"
+                f"{type(self).__name__} is used before `on_fit_start`: pass it to Trainer(callbacks=...)"
             )
         return self.pruner
 

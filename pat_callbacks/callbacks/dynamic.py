@@ -22,6 +22,7 @@ from pat_callbacks._validation import check_choice, check_fraction, check_int
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.pruner import Pruner, PruningOptions
 from pat_callbacks.regrowth import DECAYS, GROWTH_METHODS, update_fraction
+from pat_callbacks.sharding import local
 
 __all__ = ["DST_METHODS", "DynamicSparseTraining"]
 
@@ -158,7 +159,8 @@ class DynamicSparseTraining(PruningCallback):
         pruner = self._require_pruner()
         if not pruner.masks:  # a fresh run (a resumed one restored its masks)
             generator = self.rng.generator
-            scores = {name: torch.rand(p.shape, generator=generator).to(p.device) for name, p in pruner.params.items()}
+            shards = {name: local(p) for name, p in pruner.params.items()}  # this rank's rows of a sharded layer
+            scores = {name: torch.rand(p.shape, generator=generator).to(p.device) for name, p in shards.items()}
             pruner.prune_to(self.final_sparsity, scores=scores, optimizers=trainer.optimizers)
             self._refresh_sparsity()
 
