@@ -41,13 +41,16 @@ from pat_callbacks._validation import check_choice, check_fraction
 from pat_callbacks.allocation import ALLOCATIONS, measure_sensitivity, plan_sparsities, reachable_range
 from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
-from pat_callbacks.patterns import BlockPattern, Pattern, make_pattern, prune_count
+from pat_callbacks.patterns import BlockPattern, Pattern, UnstructuredPattern, make_pattern, prune_count
 from pat_callbacks.regrowth import GROWTH_METHODS, drop_and_grow
 from pat_callbacks.selection import select_lowest
 from pat_callbacks.sharding import gather_full, local, local_rows
 from pat_callbacks.targets import normalize_patterns, select_parameters, target_roles
 
-__all__ = ["Pruner", "PruningOptions", "broadcast_masks"]
+__all__ = ["SHAPE_ALLOCATIONS", "Pruner", "PruningOptions", "broadcast_masks"]
+
+# Allocations that split the target from the layers' shapes alone: each layer can be scored and masked in turn.
+SHAPE_ALLOCATIONS = ("uniform", "erk", "er")
 
 
 @dataclass
@@ -215,14 +218,15 @@ class Pruner:
                 self.criterion.accumulate(local(param), local(param.grad), self.criterion_state.setdefault(name, {}))
 
     def scores(self) -> dict[str, Tensor]:
-        """Importance of every entry of every pruned parameter (higher = keep)."""
-        scores = {}
-        for name, param in self.params.items():
-            if self.criterion.needs_grad and param.grad is None:
-                raise RuntimeError(f"criterion={self.scorer_name!r} needs a gradient, but {name!r} has none")
-            grad = None if param.grad is None else local(param.grad)
-            scores[name] = self.criterion.score(local(param), grad, self.criterion_state.get(name, {}))
-        return scores
+        """Importance of every entry of every pruned parameter (higher = keep); this rank's rows when sharded."""
+        return {name: self._score(name) for name in self.params}
+
+    def _score(self, name: str) -> Tensor:
+        param = self.params[name]
+        if self.criterion.needs_grad and param.grad is None:
+            raise RuntimeError(f"criterion={self.scorer_name!r} needs a gradient, but {name!r} has none")
+        grad = None if param.grad is None else local(param.grad)
+        return self.criterion.score(local(param), grad, self.criterion_state.get(name, {}))
 
     def measure_sensitivity(
         self,
@@ -280,15 +284,28 @@ class Pruner:
         if sparsity == 0.0:
             self.clear()
             return True
-        scores = dict(scores) if scores is not None else self.scores()
-        if not self._all_finite(scores, step):
-            return False
         if self.options.allocation == "sensitivity" and self.sensitivities is None:
             raise RuntimeError("allocation='sensitivity' needs measure_sensitivity(...) before the first prune_to")
-        if self.group is not None:
-            return self._prune_sharded(sparsity, final_sparsity, scores, optimizers)
-        shrink = bool(self.masks) and sparsity >= self.target_sparsity
-        pruned = {name: ~mask for name, mask in self.masks.items() if name in scores} if shrink else None
+        if self.group is None and self.options.allocation in SHAPE_ALLOCATIONS:
+            masks = self._masks_layer_by_layer(sparsity, final_sparsity, scores, step)
+        elif self.group is not None or self._one_threshold():
+            masks = self._masks_by_selection(sparsity, final_sparsity, scores, step)
+        else:
+            masks = self._masks_by_allocation(sparsity, final_sparsity, scores, step)
+        if masks is None:
+            return False
+        self.target_sparsity = sparsity
+        self.set_masks(masks, optimizers=optimizers)
+        return True
+
+    def _masks_by_allocation(
+        self, sparsity: float, final_sparsity: float | None, scores: Mapping[str, Tensor] | None, step: int | None
+    ) -> dict[str, Tensor] | None:
+        """Score every layer, split the target by the allocation (with caps and floors), mask each layer."""
+        scores = dict(scores) if scores is not None else self.scores()
+        if not self._all_finite(scores, step):
+            return None
+        pruned = self._pruned_before(sparsity)
         sparsities = plan_sparsities(
             self.options.allocation,
             scores,
@@ -302,10 +319,48 @@ class Pruner:
             pruned=pruned,
         )
         self._warn_nearly_empty(sparsities, step)
-        self.target_sparsity = sparsity
-        masks = {name: self._mask(name, scores[name], sparsities[name], (pruned or {}).get(name)) for name in scores}
-        self.set_masks(masks, optimizers=optimizers)
-        return True
+        return {name: self._mask(name, scores[name], sparsities[name], (pruned or {}).get(name)) for name in scores}
+
+    def _masks_layer_by_layer(
+        self, sparsity: float, final_sparsity: float | None, scores: Mapping[str, Tensor] | None, step: int | None
+    ) -> dict[str, Tensor] | None:
+        """Allocations that need only shapes (uniform, ERK): each layer is scored and masked in turn, so an update
+        holds one layer's scores at a time (plus the new bool masks), not every layer's."""
+        shapes = {name: torch.empty(p.shape, device="meta") for name, p in self.params.items()}
+        sparsities = plan_sparsities(
+            self.options.allocation,
+            shapes,
+            sparsity,
+            final_target=final_sparsity,
+            layer_sparsity=self.options.layer_sparsity,
+            keep_one=True,
+        )
+        self._warn_nearly_empty(sparsities, step)
+        pruned = self._pruned_before(sparsity) or {}
+        masks = {}
+        for name in self.params:
+            layer = scores[name] if scores is not None else self._score(name)
+            if not self._all_finite({name: layer}, step):
+                return None
+            masks[name] = self._mask(name, layer, sparsities[name], pruned.get(name))
+            del layer
+        return masks
+
+    def _one_threshold(self) -> bool:
+        """Global allocations without caps on unstructured masks: one exact selection over all layers."""
+        opts = self.options
+        return (
+            opts.allocation in ("global", "global_raw")
+            and opts.min_sparsity == 0.0
+            and opts.max_sparsity == 1.0
+            and isinstance(opts.pattern, UnstructuredPattern)
+        )
+
+    def _pruned_before(self, sparsity: float) -> dict[str, Tensor] | None:
+        """Entries pruned before, which stay pruned while the target does not go down (``None`` otherwise)."""
+        if not self.masks or sparsity < self.target_sparsity:
+            return None
+        return {name: ~mask for name, mask in self.masks.items()}
 
     def check_reachable(self, final_sparsity: float, key: str = "final_sparsity") -> None:
         """Refuse a final target the allocation cannot reach on these parameters (caps, pinned layers, one weight
@@ -450,35 +505,29 @@ class Pruner:
         torch.distributed.all_reduce(total, group=self.group)
         return [int(v) for v in total.cpu()]
 
-    def _prune_sharded(
-        self,
-        sparsity: float,
-        final_sparsity: float | None,
-        scores: dict[str, Tensor],
-        optimizers: Iterable[torch.optim.Optimizer],
-    ) -> bool:
-        """``prune_to`` over local shards: thresholds by a distributed exact selection (no layer is gathered)."""
+    def _masks_by_selection(
+        self, sparsity: float, final_sparsity: float | None, scores: Mapping[str, Tensor] | None, step: int | None
+    ) -> dict[str, Tensor] | None:
+        """Masks by exact selections (no concatenation of all scores, no second per-layer pass): per layer for
+        uniform / ERK / pinned layers, one threshold over every other layer for global allocations; across ranks
+        for sharded parameters (no layer is gathered)."""
         opts = self.options
         pattern: Pattern = opts.pattern  # type: ignore[assignment]
-        shrink = bool(self.masks) and sparsity >= self.target_sparsity
-        scores = {name: s.detach().float() for name, s in scores.items()}
+        scores = dict(scores) if scores is not None else self.scores()
+        if not self._all_finite(scores, step):
+            return None
         if opts.allocation == "global":  # mean-normalised, the mean taken over every rank's entries
-            sums = self._float_sums([float(s.sum()) for s in scores.values()])
-            means = {n: total / self.params[n].numel() for n, total in zip(scores, sums, strict=True)}
-            scores = {n: s / means[n] if means[n] > 0 else s for n, s in scores.items()}
-        if shrink:  # entries pruned before stay pruned
-            scores = {
-                n: s.masked_fill(~self.masks[n], float("-inf")) if n in self.masks else s for n, s in scores.items()
-            }
+            sums = self._float_sums([float(s.float().sum()) for s in scores.values()])
+            for (name, layer), total in zip(list(scores.items()), sums, strict=True):
+                mean = total / self.params[name].numel()
+                scores[name] = layer.float() / mean if mean > 0 else layer.float()
+        pruned = self._pruned_before(sparsity) or {}
+        for name, entries in pruned.items():  # entries pruned before stay pruned
+            scores[name] = scores[name].float().masked_fill(entries, float("-inf"))
         shapes = {name: torch.empty(self.params[name].shape, device="meta") for name in scores}
         method = "uniform" if opts.allocation in ("global", "global_raw") else opts.allocation
         pinned = plan_sparsities(
-            method,
-            shapes,
-            sparsity,
-            final_target=final_sparsity,
-            layer_sparsity=opts.layer_sparsity,
-            keep_one=True,
+            method, shapes, sparsity, final_target=final_sparsity, layer_sparsity=opts.layer_sparsity, keep_one=True
         )
         masks: dict[str, Tensor] = {}
         fixed = {n for n in scores if any(fnmatchcase(n, p) for p in opts.layer_sparsity or {})}
@@ -494,11 +543,12 @@ class Pruner:
             numel = {n: self.params[n].numel() for n in scores}
             budget = prune_count(sum(numel.values()), sparsity) - sum(prune_count(numel[n], pinned[n]) for n in masks)
             budget = min(max(budget, 0), sum(numel[n] for n in rest) - len(rest))
-            selected = select_lowest([scores[n] for n in rest], budget, self.group)
+            selected = select_lowest([scores.pop(n) for n in rest], budget, self.group)
             masks.update({name: ~chosen for name, chosen in zip(rest, selected, strict=True)})
-        self.target_sparsity = sparsity
-        self.set_masks(masks, optimizers=optimizers)
-        return True
+            if self.group is None and any(not bool(masks[n].any()) for n in rest):
+                return self._masks_by_allocation(sparsity, final_sparsity, None, step)  # keep one weight per layer
+        self._warn_nearly_empty({n: 1.0 - float(m.float().mean()) for n, m in masks.items()}, step)
+        return masks
 
     def _float_sums(self, values: list[float]) -> list[float]:
         device = local(next(iter(self.params.values()))).device
