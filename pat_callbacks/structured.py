@@ -33,6 +33,7 @@ from pat_callbacks.attention import head_groups, projection_head_groups, shrink_
 from pat_callbacks.channels import ChannelGroup
 from pat_callbacks.patterns import lowest_k, prune_count
 from pat_callbacks.pruner import Pruner
+from pat_callbacks.recurrent import rnn_groups, shrink_recurrent
 from pat_callbacks.targets import DEFAULT_MODULE_TYPES
 
 __all__ = [
@@ -335,8 +336,11 @@ def shrink(
     """
     heads, ffn = transformer_groups(model, attention)
     transformer_roots = {group.root for group in heads + ffn}
+    recurrent_roots = {group.root for group in rnn_groups(model)}
     shrink_transformer(model, {root: c for root, c in pruned.items() if root in transformer_roots}, attention)
-    rest = {root: channels for root, channels in pruned.items() if root not in transformer_roots and channels}
+    shrink_recurrent(model, {root: c for root, c in pruned.items() if root in recurrent_roots})
+    done = transformer_roots | recurrent_roots
+    rest = {root: channels for root, channels in pruned.items() if root not in done and channels}
     if not rest:
         return model
     import torch_pruning as tp
@@ -416,15 +420,16 @@ class StructuredPruner(Pruner):
             was_training = model.training
             model.eval()
             try:
-                groups = channel_groups(model, example_inputs)
+                groups = channel_groups(model, example_inputs) + rnn_groups(model)
             finally:
                 model.train(was_training)
         self.groups = [g for g in groups if not self._ignored(g)]
         if not self.groups:
             recurrent = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
             hint = (
-                f"; recurrent layers ({', '.join(recurrent)}) have no hidden units StructuredPruning can remove yet: "
-                "prune their weights with GradualPruning or DynamicSparseTraining"
+                f"; recurrent layers ({', '.join(recurrent)}) have hidden units to remove only between stacked layers "
+                "(num_layers >= 2, unidirectional, no proj_size): prune their weights with GradualPruning or "
+                "DynamicSparseTraining"
                 if recurrent
                 else ""
             )

@@ -186,10 +186,6 @@ def test_structured_pruning_then_shrink_computes_what_the_masked_model_did(tmp_p
     pruning = StructuredPruning(
         final_sparsity=0.5, importance="gate", start_step=0, end_step=6, update_every=3, example_inputs=case.example()
     )
-    if name in ("gru", "lstm"):  # refused with a clear message (recurrent hidden units: not yet)
-        with pytest.raises(ValueError, match=r"recurrent layers \(net.rnn \((GRU|LSTM)\)\) have no hidden units"):
-            _fit(tmp_path, name, [pruning], max_steps=8)
-        return
     _, module = _fit(tmp_path, name, [pruning], max_steps=8)
     module.eval()
     example = case.example()
@@ -199,14 +195,14 @@ def test_structured_pruning_then_shrink_computes_what_the_masked_model_did(tmp_p
     assert pruned and all(len(channels) == g.n_channels // 2 for g in pruning.groups for channels in [pruned[g.root]])
     kinds = {g.kind for g in pruning.groups}
     transformer = name not in ("gru", "lstm", "resnet_bn")
-    assert kinds == ({"heads", "ffn"} if transformer else {"channels"})
+    assert kinds == ({"heads", "ffn"} if transformer else {"rnn"} if name in ("gru", "lstm") else {"channels"})
     before = sum(p.numel() for p in module.parameters())
     small = shrink(module, example, pruned)
     with torch.no_grad():
         got = small(example)
     assert sum(p.numel() for p in small.parameters()) < before
     assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
-    if transformer:  # a weights-only reload: shrink a fresh model with the same indices, load the state dict
+    if name != "resnet_bn":  # a weights-only reload: shrink a fresh model with the same indices, load the state dict
         fresh = shrink(case.build().eval(), example, pruned)
         fresh.load_state_dict(small.state_dict())
         with torch.no_grad():
