@@ -1,8 +1,8 @@
 """Hydra entry point: compose the packaged configs (``pat_callbacks/conf/``), train, test, write ``metrics.json``.
 
 python train.py                                   # dense ConvBase on MNIST-1D
-python train.py +pruning=cubic                    # + gradual magnitude pruning to 90%
-python train.py -m +pruning=cubic pruning.final_sparsity=0.5,0.8,0.9
+python train.py +pruning=cubic                    # + gradual pruning to 90% (Taylor scores, global threshold)
+python train.py -m +pruning=cubic pruning.sparsity=0.5,0.8,0.9
 """
 
 from __future__ import annotations

@@ -29,9 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 # Ours: extra Hydra overrides on top of `python train.py`.
 OURS: dict[str, list[str]] = {
-    "pat cubic magnitude": ["+pruning=cubic"],
-    "pat cubic taylor": ["+pruning=cubic", "pruning.criterion=taylor"],
+    "pat cubic magnitude": ["+pruning=cubic", "pruning.criterion=magnitude", "pruning.allocation=uniform"],
+    "pat cubic taylor": ["+pruning=cubic", "pruning.criterion=taylor", "pruning.allocation=uniform"],
     "pat cubic taylor + sensitivity": ["+pruning=cubic", "pruning.criterion=taylor", "pruning.allocation=sensitivity"],
+    "pat cubic magnitude + global": ["+pruning=cubic", "pruning.criterion=magnitude", "pruning.allocation=global"],
+    "pat cubic taylor + global (default)": ["+pruning=cubic"],
+    "pat cubic taylor + global + rewind 300": ["+pruning=cubic", "pruning.rewind_step=300"],
     "pat odd/even": ["+pruning=odd_even"],
     "pat rigl": ["+pruning=rigl"],
     "pat set": ["+pruning=set"],
@@ -43,7 +46,7 @@ PEERS = ("Lightning ModelPruning (cubic amounts)", "rigl-torch RigL")
 # torch.ao.pruning's WeightNormSparsifier raises on Conv1d/Conv2d weights ("shape '[1, 1, 125]' is invalid for input
 # of size 5"), so it cannot prune ConvBase's convolutions; it appears in bench/overhead.py (MLP) only.
 NOT_RUN = {"torch.ao CubicSL": "fails on Conv1d weights (WeightNormSparsifier: shape '[1, 1, 125]' is invalid)"}
-SPARSITY_KEY = {"pat rigl": "sparsity", "pat set": "sparsity", "pat static random": "sparsity"}
+SPARSITY_KEY = "sparsity"  # one key for every pruning config (GradualPruning's former `final_sparsity` included)
 
 
 def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict
     start = time.perf_counter()
     if method == "dense" or method in OURS:
         if method in OURS:
-            overrides += OURS[method] + [f"pruning.{SPARSITY_KEY.get(method, 'final_sparsity')}={sparsity}"]
+            overrides += OURS[method] + [f"pruning.{SPARSITY_KEY}={sparsity}"]
         if method == "pat cubic taylor + sensitivity":
             overrides.append("pruning.max_sparsity=0.995")
     elif method == "Lightning ModelPruning (cubic amounts)":

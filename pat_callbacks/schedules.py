@@ -52,7 +52,8 @@ class Schedule(ABC):
     Class attributes declare what a schedule takes, so windows and callbacks never switch on names:
     ``single_bound`` (the window may be one step; ``end`` optional), ``takes_update_every``,
     ``phased`` (prune / recover phases of ``phase_steps``), and ``extra_args`` (arguments beyond
-    ``final_sparsity``, ``start_step``, ``end_step``). A new schedule is one class plus one
+    ``final_sparsity``, ``start_step``, ``end_step``), and ``default_window`` (start and end as fractions of
+    the run when a callback is given no window; ``None`` for no end). A new schedule is one class plus one
     :func:`register_schedule` line.
 
     Example:
@@ -75,6 +76,7 @@ class Schedule(ABC):
     takes_update_every: ClassVar[bool] = True
     phased: ClassVar[bool] = False
     extra_args: ClassVar[tuple[str, ...]] = ("update_every",)
+    default_window: ClassVar[tuple[float, float | None]] = (0.1, 0.7)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "final_sparsity", check_fraction("final_sparsity", self.final_sparsity))
@@ -238,6 +240,7 @@ class ConstantSchedule(Schedule):
 
     name: ClassVar[str] = "constant"
     single_bound: ClassVar[bool] = True
+    default_window: ClassVar[tuple[float, float | None]] = (0.1, None)
 
     def __call__(self, step: int) -> float:
         return self.final_sparsity if step >= self.start_step else 0.0
@@ -256,6 +259,7 @@ class OneShotSchedule(ConstantSchedule):
     name: ClassVar[str] = "one_shot"
     takes_update_every: ClassVar[bool] = False
     extra_args: ClassVar[tuple[str, ...]] = ()
+    default_window: ClassVar[tuple[float, float | None]] = (0.5, None)  # then fine-tune for the second half
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "end_step", self.start_step)
@@ -285,6 +289,7 @@ class OddEvenSchedule(Schedule):
     takes_update_every: ClassVar[bool] = False
     phased: ClassVar[bool] = True
     extra_args: ClassVar[tuple[str, ...]] = ("phase_steps",)
+    default_window: ClassVar[tuple[float, float | None]] = (0.1, 0.8)
 
     def __post_init__(self) -> None:
         phase = check_int("phase_steps", self.phase_steps, minimum=1)
@@ -328,6 +333,7 @@ class FunctionSchedule(Schedule):
     fn: Callable[[int], float] | None = field(default=None, compare=False)
     final_sparsity: float = field(default=-1.0)
     name: ClassVar[str] = "function"
+    default_window: ClassVar[tuple[float, float | None]] = (0.0, 1.0)  # a callable decides its own shape
 
     def __post_init__(self) -> None:
         if not callable(self.fn):

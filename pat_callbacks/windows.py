@@ -27,8 +27,6 @@ from pat_callbacks.schedules import SCHEDULES, FunctionSchedule, Schedule, as_sc
 __all__ = ["DEFAULT_UPDATE_EVERY", "ScheduleSpec"]
 
 DEFAULT_UPDATE_EVERY = 100
-_DEFAULT_WINDOW = (0.1, 0.7)  # start / end fractions of a named schedule with no window given
-_FUNCTION_WINDOW = (0.0, 1.0)  # a callable decides its own shape: it runs over the whole run by default
 _UNITS = ("step", "epoch", "fraction")
 _SCHEDULE_ARGS = ("initial_sparsity", "update_every", "power", "phase_steps")
 
@@ -41,11 +39,15 @@ class ScheduleSpec:
             (which carries its own steps and sparsity: no window argument may be given), or a callable
             ``step -> sparsity`` (see :class:`~pat_callbacks.schedules.FunctionSchedule`).
         final_sparsity: the target at the end of the window (required with a name).
-        start_step, start_epoch, start_fraction: where the window starts (one of them).
-        end_step, end_epoch, end_fraction: where it ends (one of them).
+        start_step, start_epoch, start_fraction: where the window starts (one of them; by default the
+            schedule's ``default_window``: 10% of the run for most, 50% for ``one_shot``, the whole run for a
+            callable).
+        end_step, end_epoch, end_fraction: where it ends (one of them; by default 70% of the run, 80% for
+            ``odd_even``, none for ``constant`` / ``one_shot``).
         phase_epochs: the phase length of a phased schedule in epochs (``phase_steps`` is a schedule argument).
         schedule_args: the schedule's own arguments (``initial_sparsity``, ``update_every``, ``power``,
             ``phase_steps``); an argument the schedule does not take is refused by name.
+        target_key: the name of the target in error messages (``"sparsity"`` when a callback was given it so).
 
     Example:
         >>> ScheduleSpec("linear", final_sparsity=0.5, start_step=0, end_step=100, update_every=50).fixed
@@ -53,7 +55,8 @@ class ScheduleSpec:
         >>> ScheduleSpec("linear", final_sparsity=0.5, start_step=0, end_step=100, start_epoch=1)
         Traceback (most recent call last):
         ...
-        ValueError: Give the start of the pruning window once, but got start_step, start_epoch
+        ValueError: Give the start of the pruning window once, in one unit, but got start_step=0, start_epoch=1; \
+keep one and set the others to None (in Hydra: pruning.start_epoch=null)
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class ScheduleSpec:
         start_fraction: float | None = None,
         end_fraction: float | None = None,
         phase_epochs: float | None = None,
+        target_key: str = "final_sparsity",
         **schedule_args: Any,
     ) -> None:
         unknown = sorted(set(schedule_args) - set(_SCHEDULE_ARGS))
@@ -88,7 +92,7 @@ class ScheduleSpec:
         if isinstance(self.schedule, Schedule):
             given = sorted(self.window) + sorted(self.schedule_args)
             if given or final_sparsity is not None:
-                given += ["final_sparsity"] if final_sparsity is not None else []
+                given += [target_key] if final_sparsity is not None else []
                 raise ValueError(
                     f"A Schedule object carries its own sparsity and steps; do not also pass {', '.join(given)}"
                 )
@@ -100,19 +104,17 @@ class ScheduleSpec:
             self.name = self.schedule
             self.schedule_class: type[Schedule] = SCHEDULES[self.schedule]
             if final_sparsity is None:
-                raise ValueError("`final_sparsity` is required with a named schedule, e.g. final_sparsity=0.9")
-            self.final_sparsity = check_fraction("final_sparsity", final_sparsity)
-            self._defaults = _DEFAULT_WINDOW
+                raise ValueError(f"`{target_key}` is required with a named schedule, e.g. {target_key}=0.9")
+            self.final_sparsity = check_fraction(target_key, final_sparsity)
         else:
             self.name = getattr(self.schedule, "__name__", type(self.schedule).__name__)
             self.schedule_class = FunctionSchedule
             if final_sparsity is not None:
                 raise ValueError(
                     "A callable schedule decides its own sparsity (final_sparsity = schedule(end_step)); "
-                    f"do not also pass final_sparsity={final_sparsity!r}"
+                    f"do not also pass {target_key}={final_sparsity!r}"
                 )
             self.final_sparsity = float("nan")  # known once the window is resolved
-            self._defaults = _FUNCTION_WINDOW
         self._validate()
         self.fixed = self._build(steps_per_epoch=0, total_steps=0) if self._steps_only() else None
         if self.fixed is not None:
@@ -144,7 +146,11 @@ class ScheduleSpec:
         for bound in ("start", "end"):
             given = [f"{bound}_{unit}" for unit in _UNITS if f"{bound}_{unit}" in w]
             if len(given) > 1:
-                raise ValueError(f"Give the {bound} of the pruning window once, but got {', '.join(given)}")
+                got = ", ".join(f"{key}={w[key]!r}" for key in given)
+                raise ValueError(
+                    f"Give the {bound} of the pruning window once, in one unit, but got {got}; "
+                    f"keep one and set the others to None (in Hydra: pruning.{given[-1]}=null)"
+                )
         for key in ("start_step", "end_step"):
             if key in w:
                 check_int(key, w[key], minimum=0)
@@ -220,7 +226,7 @@ class ScheduleSpec:
             if steps_per_epoch == 0:
                 raise ValueError(f"`{bound}_epoch` needs a sized train dataloader; give {bound}_step instead")
             return round(w[f"{bound}_epoch"] * steps_per_epoch)
-        default: float | None = self._defaults[0] if bound == "start" else self._defaults[1]
+        default = self.schedule_class.default_window[0 if bound == "start" else 1]
         if bound == "end" and self.schedule_class.single_bound:
             default = None
         fraction = w.get(f"{bound}_fraction", default)

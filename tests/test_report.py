@@ -28,7 +28,7 @@ register_configs()
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
-    runs = {"0": [], "1": ["+pruning=cubic", "pruning.final_sparsity=0.5"], "2": ["+pruning=cubic"]}
+    runs = {"0": [], "1": ["+pruning=cubic", "pruning.sparsity=0.5"], "2": ["+pruning=cubic"]}
     for name, extra in runs.items():
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(
@@ -43,10 +43,10 @@ def sweep(tmp_path_factory) -> Path:
 
 def test_collect_and_summarise_a_multirun_directory(sweep):
     runs = collect_runs([sweep])
-    assert sorted(r["method"] for r in runs) == ["cubic/magnitude/uniform"] * 2 + ["dense"]
+    assert sorted(r["method"] for r in runs) == ["cubic/taylor/global"] * 2 + ["dense"]
     table = summary_table(runs)
-    assert "| cubic/magnitude/uniform | 0.5 | 1 |" in table and "| dense | 0 | 1 |" in table
-    assert "| cubic/magnitude/uniform | 0.9 | 1 |" in table
+    assert "| cubic/taylor/global | 0.5 | 1 |" in table and "| dense | 0 | 1 |" in table
+    assert "| cubic/taylor/global | 0.9 | 1 |" in table
 
 
 def _image(path: Path) -> np.ndarray:
@@ -62,7 +62,7 @@ def _image(path: Path) -> np.ndarray:
 
 def test_pat_report_writes_tables_and_plots(sweep, tmp_path, capsys):
     main([str(sweep), "--out", str(tmp_path)])
-    assert "| cubic/magnitude/uniform | 0.9 |" in (tmp_path / "report.md").read_text()
+    assert "| cubic/taylor/global | 0.9 |" in (tmp_path / "report.md").read_text()
     for name in ("accuracy_vs_sparsity.png", "schedule.png", "layer_sparsity.png"):
         _image(tmp_path / name)
     assert "wrote" in capsys.readouterr().out

@@ -54,7 +54,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path):
         "trainer.enable_progress_bar=false",
         "num_threads=1",
         "+pruning=cubic",
-        "pruning.final_sparsity=0.8",
+        "pruning.sparsity=0.8",
         "+callbacks.checkpoint.every_n_train_steps=100",
         f"hydra.run.dir={tmp_path}",
     ]

@@ -114,6 +114,11 @@ class DynamicSparseTraining(PruningCallback):
         self._resolved_stop_step: int | None = self.stop_step
 
     @property
+    def sparsity(self) -> float:
+        """The constant sparsity (``final_sparsity`` is the same value, the name the other callbacks also answer to)."""
+        return self.final_sparsity
+
+    @property
     def method_name(self) -> str:
         """``method/allocation``, e.g. ``rigl/erk`` (for reports and metrics.json)."""
         return f"{self.method}/{self.allocation}"

@@ -3,13 +3,14 @@ trainer knows the run's length, masks updated at the schedule's update steps.
 
 Example:
     >>> from pat_callbacks import GradualPruning
-    >>> pruning = GradualPruning(final_sparsity=0.9, start_step=100, end_step=2000, update_every=100)
+    >>> pruning = GradualPruning(sparsity=0.9, start_step=100, end_step=2000, update_every=100)
     >>> isinstance(pruning, ScheduledPruningCallback), pruning.schedule(2000)
     (True, 0.9)
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import abstractmethod
 from collections.abc import Callable
@@ -23,18 +24,19 @@ from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.schedules import Schedule
 from pat_callbacks.windows import ScheduleSpec
 
-__all__ = ["ScheduledPruningCallback"]
+__all__ = ["ScheduledPruningCallback", "few_updates_message", "resolve_target"]
 
 
 class ScheduledPruningCallback(PruningCallback):
     """Masks follow a sparsity schedule: at each of its update steps, :meth:`_update_masks` to ``schedule(step)``.
 
     Args:
-        final_sparsity: sparsity reached at the end of the window, in [0, 1).
+        sparsity: sparsity reached at the end of the window, in [0, 1).
         schedule: a registered name, a :class:`~pat_callbacks.schedules.Schedule` (which carries its own steps and
             sparsity) or a plain callable ``step -> sparsity`` (see :class:`~pat_callbacks.windows.ScheduleSpec`).
         initial_sparsity, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction,
             update_every, phase_steps, phase_epochs, power: the window and the schedule's own arguments.
+        final_sparsity: the former name of ``sparsity``, still accepted (giving both is an error).
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
@@ -44,15 +46,16 @@ class ScheduledPruningCallback(PruningCallback):
         ...         return Pruner(pl_module)
         ...     def _update_masks(self, trainer, target):
         ...         return self.pruner.prune_to(target, optimizers=trainer.optimizers, step=trainer.global_step)
-        >>> MagnitudeOnly(final_sparsity=0.5, start_step=0, end_step=150).schedule.update_steps()
+        >>> MagnitudeOnly(sparsity=0.5, start_step=0, end_step=150).schedule.update_steps()
         [0, 100, 150]
     """
 
     def __init__(
         self,
-        final_sparsity: float | None = None,
+        sparsity: float | None = None,
         schedule: str | Schedule | Callable[[int], float] = "cubic",
         *,
+        final_sparsity: float | None = None,
         initial_sparsity: float | None = None,
         start_step: int | None = None,
         end_step: int | None = None,
@@ -70,9 +73,11 @@ class ScheduledPruningCallback(PruningCallback):
         verbose: bool = True,
     ) -> None:
         super().__init__(remask_weights=remask_weights, log_per_layer=log_per_layer, prog_bar=prog_bar, verbose=verbose)
+        target, self._target_key = resolve_target(sparsity, final_sparsity)
         self.spec = ScheduleSpec(
             schedule,
-            final_sparsity,
+            target,
+            target_key=self._target_key,
             start_step=start_step,
             end_step=end_step,
             start_epoch=start_epoch,
@@ -92,12 +97,18 @@ class ScheduledPruningCallback(PruningCallback):
         self._retry = False  # an update was skipped (NaN/Inf scores): retried at every following step
 
     @property
-    def final_sparsity(self) -> float:
+    def sparsity(self) -> float:
         """The sparsity at the end of the window (a callable schedule's is known once the window is resolved)."""
         return self.spec.final_sparsity
 
     @property
+    def final_sparsity(self) -> float:
+        """The former name of :attr:`sparsity`."""
+        return self.spec.final_sparsity
+
+    @property
     def state_key(self) -> str:
+        # Keyed `final_sparsity` as before the argument was renamed, so checkpoints of earlier runs still resume.
         return self._generate_state_key(final_sparsity=self._key_sparsity, schedule=self.schedule_name)
 
     @abstractmethod
@@ -158,11 +169,68 @@ class ScheduledPruningCallback(PruningCallback):
     def _resolve(self, trainer: pl.Trainer) -> None:
         self.schedule = self.spec.resolve(_optimizer_steps_per_epoch(trainer), trainer.estimated_stepping_batches)
         self._warn_if_unreached(trainer, self.schedule.end_step)
+        message = few_updates_message(self.schedule)
+        if message:
+            rank_zero_warn(f"{type(self).__name__}: {message}")
 
     def _require_schedule(self) -> Schedule:
         if self.schedule is None:
             raise RuntimeError(f"{type(self).__name__}'s schedule is resolved at on_train_start; use a Trainer")
         return self.schedule
+
+
+MIN_UPDATES = 3  # fewer mask updates than this in a ramp's window make it (nearly) one jump
+
+
+def resolve_target(sparsity: float | None, final_sparsity: float | None) -> tuple[float | None, str]:
+    """The target and the name it was given under: ``sparsity``, or its former name ``final_sparsity``.
+
+    Example:
+        >>> resolve_target(None, 0.8)
+        (0.8, 'final_sparsity')
+        >>> resolve_target(0.9, 0.8)
+        Traceback (most recent call last):
+        ...
+        ValueError: Give the target once, as `sparsity` (0.9) or its former name `final_sparsity` (0.8), not both
+    """
+    if sparsity is not None and final_sparsity is not None:
+        raise ValueError(
+            f"Give the target once, as `sparsity` ({sparsity!r}) or its former name `final_sparsity` "
+            f"({final_sparsity!r}), not both"
+        )
+    if final_sparsity is not None:
+        return final_sparsity, "final_sparsity"
+    return sparsity, "sparsity"
+
+
+def few_updates_message(schedule: Schedule) -> str | None:
+    """A warning if a ramp schedule's window raises the target in fewer than :data:`MIN_UPDATES` mask updates
+    (else ``None``), with an ``update_every`` that would give about 10.
+
+    Example:
+        >>> from pat_callbacks.schedules import CubicSchedule
+        >>> print(few_updates_message(CubicSchedule(final_sparsity=0.9, start_step=3, end_step=27, update_every=100)))
+        the pruning window (steps 3 to 27) raises the target in 1 mask update with update_every=100 (updates at \
+steps 3, 27), so the schedule is a single jump to 0.9; use update_every=2 or less (about 10 updates over the window)
+        >>> few_updates_message(CubicSchedule(final_sparsity=0.9, start_step=0, end_step=300, update_every=100)) is None
+        True
+    """
+    if not schedule.takes_update_every or schedule.single_bound or schedule.end_step <= schedule.start_step:
+        return None
+    steps = schedule.update_steps()
+    targets = [0.0] + [schedule(step) for step in steps]
+    raises = sum(1 for before, after in itertools.pairwise(targets) if after > before)
+    if raises >= MIN_UPDATES:
+        return None
+    suggested = max(1, (schedule.end_step - schedule.start_step) // 10)
+    shape = "a single jump" if raises <= 1 else f"{raises} jumps"
+    at = ", ".join(str(step) for step in steps[:6]) + (", ..." if len(steps) > 6 else "")
+    return (
+        f"the pruning window (steps {schedule.start_step} to {schedule.end_step}) raises the target in {raises} "
+        f"mask update{'s' if raises != 1 else ''} with update_every={schedule.update_every} (updates at steps {at}), "
+        f"so the schedule is {shape} to {schedule.final_sparsity:g}; use update_every={suggested} or less "
+        "(about 10 updates over the window)"
+    )
 
 
 def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:

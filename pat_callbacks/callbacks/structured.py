@@ -1,7 +1,7 @@
 """StructuredPruning: remove whole output channels (conv filters, linear neurons) along a sparsity schedule.
 
 Example:
-    >>> pruning = StructuredPruning(final_sparsity=0.5, importance="l2", start_step=0, end_step=100)
+    >>> pruning = StructuredPruning(sparsity=0.5, importance="l2", start_step=0, end_step=100)
     >>> pruning.method_name
     'cubic/structured-l2'
 """
@@ -24,7 +24,7 @@ __all__ = ["StructuredPruning"]
 
 
 class StructuredPruning(ScheduledPruningCallback):
-    """Prune ``final_sparsity`` of the channels of every group (uniformly per group), following a schedule, and
+    """Prune ``sparsity`` of the channels of every group (uniformly per group), following a schedule, and
     then remove them for real with :func:`pat_callbacks.structured.shrink`.
 
     In a transformer (``nn.MultiheadAttention``, Hugging Face GPT-2 / BERT attention, or ``attention`` layouts) the
@@ -35,7 +35,8 @@ class StructuredPruning(ScheduledPruningCallback):
     training batch's inputs). At least one channel of every group is kept.
 
     Args:
-        final_sparsity: fraction of each layer's channels removed at the end of the window.
+        sparsity: fraction of each layer's channels removed at the end of the window.
+        final_sparsity: the former name of ``sparsity``, still accepted (giving both is an error).
         importance: channel score over all coupled slices, a name in
             :data:`~pat_callbacks.structured.STRUCTURED_IMPORTANCES` or a
             :class:`~pat_callbacks.structured.StructuredImportance`: ``"l2"`` / ``"l1"`` norm (Li et al. 2016),
@@ -53,9 +54,9 @@ class StructuredPruning(ScheduledPruningCallback):
             :class:`~pat_callbacks.GradualPruning`.
 
     Example:
-        >>> StructuredPruning(final_sparsity=0.5, importance="group_taylor", start_step=0, end_step=10).importance
+        >>> StructuredPruning(sparsity=0.5, importance="group_taylor", start_step=0, end_step=10).importance
         GroupTaylorImportance()
-        >>> StructuredPruning(final_sparsity=0.5, importance="l3", start_step=0, end_step=10)
+        >>> StructuredPruning(sparsity=0.5, importance="l3", start_step=0, end_step=10)
         Traceback (most recent call last):
         ...
         ValueError: Unknown `importance` 'l3'; expected one of: 'gate', 'group_taylor', 'l1', 'l2'
@@ -63,9 +64,10 @@ class StructuredPruning(ScheduledPruningCallback):
 
     def __init__(
         self,
-        final_sparsity: float | None = None,
+        sparsity: float | None = None,
         schedule: str | Schedule | Callable[[int], float] = "cubic",
         *,
+        final_sparsity: float | None = None,
         importance: str | StructuredImportance = "l2",
         ignore: str | Sequence[str] | None = None,
         attention: Sequence[Mapping[str, Any]] | None = None,
@@ -85,8 +87,9 @@ class StructuredPruning(ScheduledPruningCallback):
         verbose: bool = True,
     ) -> None:
         super().__init__(
-            final_sparsity,
+            sparsity,
             schedule,
+            final_sparsity=final_sparsity,
             initial_sparsity=initial_sparsity,
             start_step=start_step,
             end_step=end_step,
@@ -155,7 +158,7 @@ class StructuredPruning(ScheduledPruningCallback):
         :func:`~pat_callbacks.structured.shrink`).
 
         Example:
-            >>> StructuredPruning(final_sparsity=0.5, start_step=0, end_step=10).pruned_channels()
+            >>> StructuredPruning(sparsity=0.5, start_step=0, end_step=10).pruned_channels()
             {}
         """
         return self.pruner.pruned_channels() if isinstance(self.pruner, StructuredPruner) else {}

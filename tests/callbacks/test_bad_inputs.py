@@ -81,7 +81,12 @@ CASES = [
     ("caps_inverted", gradual(min_sparsity=0.9, max_sparsity=0.2), None, "got 0.9 > 0.2"),
     ("odd_even_without_phase", gradual(schedule="odd_even"), None, "needs `phase_steps` or `phase_epochs`"),
     ("start_fraction_above_one", gradual(start_step=None, start_fraction=1.5), None, "`start_fraction` to be a float"),
-    ("end_twice", gradual(end_epoch=2), None, "Give the end of the pruning window once, but got end_step, end_epoch"),
+    (
+        "end_twice",
+        gradual(end_epoch=2),
+        None,
+        "Give the end of the pruning window once, in one unit, but got end_step=40, end_epoch=2",
+    ),
     ("power_for_cubic", gradual(power=2), None, "`power` does not apply to schedule 'cubic'"),
     ("initial_above_final", gradual(initial_sparsity=0.7), None, "initial_sparsity=0.7 > final_sparsity=0.5"),
     (

@@ -51,7 +51,9 @@ OPTIMIZERS = {
 
 
 def _pruning(**kwargs) -> GradualPruning:
+    # Zhu & Gupta's magnitude / uniform, explicit: most tests here check per-layer counts or magnitudes.
     options = {"final_sparsity": 0.8, "schedule": "cubic", "start_step": 0, "end_step": 40, "update_every": 10}
+    options |= {"criterion": "magnitude", "allocation": "uniform"}
     options.update(kwargs)
     return GradualPruning(**options)
 
@@ -573,7 +575,14 @@ def test_nm_pattern_on_a_layer_with_incompatible_rows_fails_in_setup(tmp_path, d
 
 def test_block_pattern_reaches_the_target_in_whole_blocks(fit):
     pruning = GradualPruning(
-        final_sparsity=0.75, pattern="block:4x4", start_step=0, end_step=20, update_every=10, exclude=["net.layers.4.*"]
+        final_sparsity=0.75,
+        pattern="block:4x4",
+        start_step=0,
+        end_step=20,
+        update_every=10,
+        exclude=["net.layers.4.*"],
+        criterion="magnitude",
+        allocation="uniform",
     )
     checker = ZeroChecker(pruning)
     fit([pruning, checker])
@@ -582,3 +591,87 @@ def test_block_pattern_reaches_the_target_in_whole_blocks(fit):
         blocks = rows.reshape(rows.shape[0] // 4, 4, rows.shape[1] // 4, 4).sum(dim=(1, 3))
         assert set(blocks.flatten().tolist()) <= {0, 16}, name
         assert float((blocks == 0).float().mean()) == pytest.approx(0.75, abs=1 / blocks.numel()), name
+
+
+# ----------------------------------------------------------------------------------------- one vocabulary, defaults
+def test_sparsity_is_the_target_and_final_sparsity_its_accepted_former_name():
+    window = {"start_step": 0, "end_step": 40, "update_every": 10}
+    assert GradualPruning(sparsity=0.7, **window).sparsity == 0.7
+    assert GradualPruning(0.7, **window).final_sparsity == 0.7  # positional: the target
+    former = GradualPruning(final_sparsity=0.7, **window)
+    assert former.sparsity == 0.7
+    assert former.state_key == GradualPruning(sparsity=0.7, **window).state_key  # old checkpoints still resume
+    assert former.state_key == "GradualPruning{'final_sparsity': 0.7, 'schedule': 'cubic'}"
+    with pytest.raises(ValueError, match=r"`sparsity` \(0.9\) or its former name `final_sparsity` \(0.8\), not both"):
+        GradualPruning(sparsity=0.9, final_sparsity=0.8, **window)
+    with pytest.raises(ValueError, match=r"Expected `sparsity` to be a float in \[0, 1\), but got 1.5"):
+        GradualPruning(sparsity=1.5, **window)
+    with pytest.raises(ValueError, match=r"`sparsity` is required with a named schedule"):
+        GradualPruning(**window)
+
+
+def test_defaults_are_the_best_measured_configuration_taylor_and_global():
+    pruning = GradualPruning(sparsity=0.9)
+    assert (pruning.criterion.name, pruning.allocation) == ("taylor", "global")
+    assert pruning.method_name == "cubic/taylor/global"
+    assert GradualPruning(pattern="2:4").allocation == "uniform"  # N:M fixes every layer's sparsity
+
+
+def test_default_pruning_reaches_the_target_overall_with_layers_pruned_unevenly(fit):
+    pruning = GradualPruning(sparsity=0.8, start_step=5, end_step=40, update_every=5)
+    fit([pruning, ZeroChecker(pruning)])
+    assert pruning.store.sparsity() == pytest.approx(0.8, abs=1e-3)
+    assert len({round(v, 3) for v in pruning.store.layer_sparsity().values()}) > 1
+
+
+def test_a_window_with_fewer_than_three_updates_is_warned_about(fit):
+    pruning = _pruning(start_step=5, end_step=40, update_every=100)
+    with pytest.warns(
+        UserWarning, match=r"\(steps 5 to 40\) raises the target in 1 mask update.*update_every=3 or less"
+    ):
+        fit([pruning])
+    assert pruning.store.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------- lottery-ticket rewinding
+class WeightRecorder(Callback):
+    """Weights and Adam state of the pruned parameters after the optimizer step of the given steps."""
+
+    def __init__(self, pruning: GradualPruning, steps: set[int]) -> None:
+        self.pruning, self.steps, self.weights, self.state = pruning, steps, {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            params = self.pruning.store.params
+            self.weights[trainer.global_step] = {n: p.detach().clone() for n, p in params.items()}
+            optimizer = trainer.optimizers[0]
+            self.state[trainer.global_step] = {n: optimizer.state[p]["exp_avg"].clone() for n, p in params.items()}
+
+
+def test_rewinding_resets_surviving_weights_to_their_values_at_rewind_step(fit):
+    pl.seed_everything(0, verbose=False)
+    pruning = _pruning(start_step=10, end_step=40, rewind_step=5)
+    recorder = WeightRecorder(pruning, {5, 41, 45})
+    fit([pruning, recorder], max_steps=45)
+    assert pruning.rewound_at_step == 41  # right after the optimizer step of the last update (end_step=40)
+    snapshot, rewound = recorder.weights[5], recorder.weights[41]
+    for name, mask in pruning.store.masks.items():
+        assert torch.equal(rewound[name][mask], snapshot[name][mask]), name  # survivors: back to step 5
+        assert (rewound[name][~mask] == 0).all(), name
+        assert (recorder.state[41][name] == 0).all(), name  # the moments of the left-behind weights are gone
+        assert not torch.equal(recorder.weights[45][name], rewound[name])  # and it trains on from there
+    assert pruning.store.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+def test_rewinding_is_checked_and_kept_in_the_checkpoint(fit, tmp_path):
+    with pytest.raises(ValueError, match=r"`rewind_step` before the end of the pruning window \(end_step=40\)"):
+        fit([_pruning(rewind_step=40)])
+    with pytest.raises(ValueError, match="Expected `rewind_step` to be an integer >= 0, but got -1"):
+        _pruning(rewind_step=-1)
+    pruning = _pruning(rewind_step=5)
+    fit([pruning], max_steps=20)
+    state = pruning.state_dict()
+    assert set(state["rewind_to"]) == set(pruning.store.params) and state["rewind_pending"] is False
+    resumed = _pruning(rewind_step=5)
+    resumed.load_state_dict(copy.deepcopy(state))
+    assert all(torch.equal(resumed._rewind_to[n], v) for n, v in state["rewind_to"].items())
