@@ -495,7 +495,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = summary_table(runs, args.metric)
     per_run = _runs_table(runs, args.metric)
     (out / "report.md").write_text(f"# pat-callbacks report\n\n{table}\n\n## Runs\n\n{per_run}\n")
-    print(table)
     if not args.no_plots:
         written = [
             plot_accuracy_vs_sparsity(runs, out / "accuracy_vs_sparsity.png", args.metric),
@@ -505,7 +504,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n".join(f"wrote {p}" for p in written if p is not None))
         if written[0] is None:
             print("no accuracy metric found: no accuracy_vs_sparsity.png (name one with --metric)", file=sys.stderr)
-    print(f"wrote {out / 'report.md'}")
+    print(f"wrote {out / 'report.md'}\n")
+    print(table)  # last, so a console run (make demo) ends with the comparison
 
 
 if __name__ == "__main__":

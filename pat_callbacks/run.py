@@ -6,6 +6,7 @@ Kept out of ``train.py`` so tests and notebooks can call it with a composed conf
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from pat_callbacks.callbacks.base import PruningCallback
@@ -40,7 +42,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         ...     cfg = compose("train", overrides=["trainer=tiny", "trainer.max_steps=5", "+pruning=cubic",
         ...                                       "~callbacks.checkpoint", "~logger"])
         >>> metrics = run_training(cfg, output_dir=tempfile.mkdtemp())  # doctest: +ELLIPSIS
-        [pat-callbacks] cubic/magnitude/uniform: test accuracy ...
+        [pat-callbacks] cubic/taylor/global: test accuracy ...
         >>> metrics["global_step"], round(metrics["sparsity"], 2)
         (5, 0.9)
     """
@@ -50,6 +52,8 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     # Noise from Lightning internals: an absent validation split is intended, and LeafSpec is its own deprecation.
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if cfg.get("quiet", False):
+        _quiet_lightning_startup()
     output_dir = Path(output_dir if output_dir is not None else _hydra_output_dir())
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -60,6 +64,10 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     pruning = instantiate(cfg.pruning) if cfg.get("pruning") else None
     callbacks: list[pl.Callback] = [pruning] if pruning is not None else []
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not cfg.trainer.get("enable_progress_bar", True):  # e.g. trainer=tiny: Lightning refuses a bar then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # A callback of another tool (bench/peers.py's ModelPruning) reports as the method if it names itself.
+    named = pruning if pruning is not None else next((c for c in callbacks if hasattr(c, "method_name")), None)
     logger = instantiate(cfg.logger, save_dir=str(output_dir)) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir))
 
@@ -86,8 +94,8 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         "sparsity": overall,
         "sparsity_all": weight_sparsity(weight_matrices(model))[0],
         "layer_sparsity": per_layer,
-        "target_sparsity": float(pruning.final_sparsity) if pruning is not None else 0.0,
-        "method": getattr(pruning, "method_name", type(pruning).__name__) if pruning is not None else "dense",
+        "target_sparsity": float(named.final_sparsity) if named is not None else 0.0,
+        "method": getattr(named, "method_name", type(named).__name__) if named is not None else "dense",
         "global_step": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 2),
         "fit_steps": int(trainer.global_step) - (resumed_at or 0),
@@ -111,6 +119,27 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
             f"-> {output_dir / 'metrics.json'}"
         )
     return metrics
+
+
+_STARTUP_NOISE = ("💡 Tip", "GPU available", "TPU available", "HPU available", "Seed set to", "`Trainer.fit` stopped")
+
+
+class _DropStartupNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_STARTUP_NOISE)
+
+
+def _quiet_lightning_startup() -> None:
+    """Drop Lightning's start-up tips, device lines and seed / stop notices from the console (``quiet: true``);
+    warnings and the pruning callbacks' own messages stay."""
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.fabric.utilities.seed",
+    ):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropStartupNoise) for f in log.filters):
+            log.addFilter(_DropStartupNoise())
 
 
 class _StartStep(pl.Callback):

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,7 @@ def _without_hydra_paths(cfg, tmp_path):
 
 @pytest.mark.parametrize("pruning", ["cubic", "linear", "exponential", "one_shot", "odd_even", "rigl", "set", "static"])
 def test_every_pruning_config_runs_and_reaches_its_target(tmp_path, pruning):
-    key = "sparsity" if pruning in ("rigl", "set", "static") else "final_sparsity"
-    overrides = [*TINY, f"+pruning={pruning}", f"pruning.{key}=0.8", "pruning.update_every=10"]
+    overrides = [*TINY, f"+pruning={pruning}", "pruning.sparsity=0.8", "pruning.update_every=10"]
     if pruning in ("one_shot", "odd_even"):
         overrides.pop()
     if pruning == "odd_even":
@@ -90,7 +90,7 @@ def test_language_models_on_shakespeare_prune_every_block_and_no_embedding(tmp_p
         "datamodule.context=32",
         "datamodule.max_eval_windows=64",
         "+pruning=cubic",
-        "pruning.final_sparsity=0.8",
+        "pruning.sparsity=0.8",
         "pruning.update_every=5",
         "+trainer.limit_val_batches=1",
     ]
@@ -108,14 +108,14 @@ def test_dense_default_on_digits_with_mlp(tmp_path):
 
 
 def test_bad_pruning_value_fails_before_training(tmp_path):
-    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "pruning.final_sparsity=1.5"]), tmp_path)
-    with pytest.raises(Exception, match=r"`final_sparsity` to be a float in \[0, 1\), but got 1.5"):
+    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "pruning.sparsity=1.5"]), tmp_path)
+    with pytest.raises(Exception, match=r"`sparsity` to be a float in \[0, 1\), but got 1.5"):
         run_training(cfg, output_dir=tmp_path)
     assert not (tmp_path / "metrics.json").exists()
 
 
 def test_resume_from_last_checkpoint_reaches_the_target(tmp_path):
-    base = [*TINY, "+pruning=cubic", "pruning.final_sparsity=0.7"]
+    base = [*TINY, "+pruning=cubic", "pruning.sparsity=0.7"]
     first = _compose([*base, "trainer.max_steps=20"])
     first.callbacks.checkpoint.dirpath = str(tmp_path / "checkpoints")
     run_training(first, output_dir=tmp_path / "a")
@@ -137,19 +137,62 @@ def _train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_train_py_command_line(tmp_path):
     run = _train_py([*TINY, "+pruning=cubic", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "[pat-callbacks] cubic/magnitude/uniform: test accuracy" in run.stdout
+    assert "[pat-callbacks] cubic/taylor/global: test accuracy" in run.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
-def test_train_py_multirun_sweep(tmp_path):
-    run = _train_py(
-        ["-m", *TINY, "+pruning=cubic", "pruning.final_sparsity=0.5,0.8", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=tmp_path,
-    )
+def test_one_sweep_crosses_methods_and_targets_with_one_key(tmp_path):
+    # GradualPruning and DynamicSparseTraining configs both take `pruning.sparsity`: 2 methods x 2 targets = 4 jobs.
+    sweep = ["+pruning=cubic,rigl", "pruning.sparsity=0.5,0.8"]
+    run = _train_py(["-m", *TINY, *sweep, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    reached = sorted(json.loads(p.read_text())["sparsity"] for p in (tmp_path / "sweep").glob("*/metrics.json"))
-    assert reached == pytest.approx([0.5, 0.8], abs=0.01)
+    jobs = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/metrics.json")]
+    reached = sorted((m["method"].split("/")[0], m["target_sparsity"], round(m["sparsity"], 2)) for m in jobs)
+    assert reached == [("cubic", 0.5, 0.5), ("cubic", 0.8, 0.8), ("rigl", 0.5, 0.5), ("rigl", 0.8, 0.8)]
+
+
+def _pruning_from(overrides: list[str]):
+    from hydra.utils import instantiate
+
+    return instantiate(_compose([*TINY, *overrides]).pruning)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start", "end"),
+    [
+        (["+pruning=cubic"], 2, 20),  # 10% .. 70% of 30 steps: the callback's own default
+        (["+pruning=cubic", "pruning.start_step=5"], 5, 20),  # a step wins over the default fraction
+        (["+pruning=cubic", "pruning.end_step=12"], 2, 12),
+        (["+pruning=cubic", "pruning.start_fraction=0.5", "pruning.end_epoch=0.75"], 14, 30),
+        (["+pruning=linear", "pruning.start_step=5"], 5, 20),
+        (["+pruning=structured", "pruning.end_step=25"], 2, 25),
+        (["+pruning=one_shot"], 14, 14),  # one_shot's own default: half-way
+        (["+pruning=one_shot", "pruning.start_step=3"], 3, 3),
+        (["+pruning=odd_even", "pruning.phase_epochs=0.1", "pruning.start_step=4"], 4, 23),
+        (["+recipe=gmp_cubic_90", "trainer.max_steps=30", "pruning.start_step=5"], 5, 20),
+    ],
+)
+def test_one_window_key_on_the_command_line_wins_over_the_shipped_default(overrides, start, end):
+    pruning = _pruning_from(overrides)
+    schedule = pruning.spec.resolve(steps_per_epoch=40, total_steps=30)
+    assert (schedule.start_step, schedule.end_step) == (start, end)
+
+
+def test_two_units_for_one_bound_are_refused_naming_both_and_how_to_drop_one():
+    with pytest.raises(Exception, match=r"start of the pruning window once.*start_step=5, start_fraction=0.2.*=null"):
+        _pruning_from(["+pruning=cubic", "pruning.start_step=5", "pruning.start_fraction=0.2"])
+
+
+def test_a_window_with_fewer_than_three_updates_is_warned_about_with_a_suggestion(tmp_path):
+    # trainer=tiny (30 steps here) with the shipped update_every=100: the cubic ramp would be one jump.
+    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic"]), tmp_path)
+    with pytest.warns(UserWarning, match=r"window \(steps 2 to 20\).*update_every=100.*single jump.*update_every=1 "):
+        run_training(cfg, output_dir=tmp_path)
+    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "pruning.update_every=3"]), tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*mask update.*")
+        run_training(cfg, output_dir=tmp_path)
 
 
 def test_train_py_bad_override_fails_fast_with_the_value(tmp_path):
@@ -163,7 +206,7 @@ def test_train_py_bad_override_fails_fast_with_the_value(tmp_path):
     ("override", "message"),
     [
         ("pruning.final_sparsty=0.5", "final_sparsty"),
-        ("pruning.final_sparsity=abc", "Value 'abc' of type 'str' could not be converted to Float"),
+        ("pruning.sparsity=abc", "Value 'abc' of type 'str' could not be converted to Float"),
         ("pruning.update_every=often", "Value 'often' of type 'str' could not be converted to Integer"),
         ("pruning.keep_first=maybe", "Value 'maybe' is not a valid bool"),
     ],
@@ -280,7 +323,7 @@ DIGITS_MLP = ["datamodule=digits", "model=mlp", "model.net.in_features=64"]
 
 
 def test_layer_sparsity_from_the_command_line(tmp_path):
-    overrides = [*TINY, *DIGITS_MLP, "+pruning=cubic", "pruning.final_sparsity=0.8", "pruning.update_every=5"]
+    overrides = [*TINY, *DIGITS_MLP, "+pruning=cubic", "pruning.sparsity=0.8", "pruning.update_every=5"]
     cfg = _without_hydra_paths(_compose([*overrides, LAYER_SPARSITY]), tmp_path)
     assert dict(cfg.pruning.layer_sparsity) == {"net.layers.0.weight": 0.5}
     metrics = run_training(cfg, output_dir=tmp_path)
@@ -294,9 +337,7 @@ def test_layer_sparsity_from_yaml():
 
     from pat_callbacks.config import GradualPruningConf
 
-    yaml = OmegaConf.create(
-        "final_sparsity: 0.8\nlayer_sparsity:\n  net.layers.0.weight: 0.5\n  'net.*.4.weight': 0.2\n"
-    )
+    yaml = OmegaConf.create("sparsity: 0.8\nlayer_sparsity:\n  net.layers.0.weight: 0.5\n  'net.*.4.weight': 0.2\n")
     cfg = OmegaConf.merge(OmegaConf.structured(GradualPruningConf), yaml)
     pruning = instantiate(cfg)
     assert pruning.options.layer_sparsity == {"net.layers.0.weight": 0.5, "net.*.4.weight": 0.2}
@@ -306,10 +347,36 @@ def test_layer_sparsity_from_yaml():
 
 
 def test_an_unknown_key_added_with_plus_is_refused_before_anything_is_built(tmp_path):
-    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "+pruning.final_sparsty=0.5"]), tmp_path)
-    with pytest.raises(ValueError, match=r"Unknown key `pruning.final_sparsty`.*did you mean `final_sparsity`"):
+    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "+pruning.sparsty=0.5"]), tmp_path)
+    with pytest.raises(ValueError, match=r"Unknown key `pruning.sparsty`.*did you mean `sparsity`"):
         run_training(cfg, output_dir=tmp_path)
+    renamed = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "+pruning.final_sparsity=0.5"]), tmp_path)
+    with pytest.raises(ValueError, match=r"Unknown key `pruning.final_sparsity`.*it is called `sparsity`"):
+        run_training(renamed, output_dir=tmp_path)
     assert not (tmp_path / "metrics.json").exists()
     run = _train_py([*TINY, "+pruning=rigl", "+pruning.sparsty=0.5", f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path)
     assert run.returncode != 0 and "Unknown key `pruning.sparsty`" in run.stderr
     assert "did you mean `sparsity`" in run.stderr
+
+
+def test_console_shows_steps_of_max_steps_with_the_sparsity_and_no_startup_tips(tmp_path, capsys, caplog):
+    overrides = [*TINY, "trainer.enable_progress_bar=true", "+pruning=cubic", "pruning.update_every=5"]
+    run_training(_without_hydra_paths(_compose(overrides), tmp_path), output_dir=tmp_path)
+    out = capsys.readouterr().out.replace("\r", "\n")
+    assert re.search(r"Step: 100%\|.*\| 30/30 .*sparsity=0\.900", out), out[-2000:]
+    assert "Epoch" not in out and "/-2" not in out
+    assert not [r for r in caplog.records if r.getMessage().startswith(("💡 Tip", "GPU available", "Seed set"))]
+
+
+def test_a_peer_callback_reports_under_its_own_method_name(tmp_path):
+    peer = [
+        "+callbacks.peer._target_=bench.peers.ModelPruningToSparsity",
+        "+callbacks.peer.final_sparsity=0.5",
+        "+callbacks.peer.start_epoch=0",
+        "+callbacks.peer.end_epoch=1",
+        "+callbacks.peer.use_global_unstructured=true",
+    ]
+    cfg = _without_hydra_paths(_compose([*TINY, "trainer.max_steps=80", *peer]), tmp_path)
+    metrics = run_training(cfg, output_dir=tmp_path)
+    assert metrics["method"] == "Lightning ModelPruning (global L1)" and metrics["target_sparsity"] == 0.5
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
