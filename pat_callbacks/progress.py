@@ -30,6 +30,11 @@ class StepProgressBar(TQDMProgressBar):
     Args:
         refresh_rate: redraw every this many optimizer steps (default 50).
         leave: keep the finished bar on screen (default ``True``).
+
+    Example:
+        >>> bar = StepProgressBar(refresh_rate=10)
+        >>> bar.train_description, bar.refresh_rate
+        ('Step', 10)
     """
 
     def __init__(self, refresh_rate: int = 50, leave: bool = True) -> None:
