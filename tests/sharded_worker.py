@@ -28,7 +28,9 @@ from pat_callbacks.sharding import gather_full
 STEPS = 15  # three epochs of 5 steps per rank (digits at batch 144 on 2 ranks)
 
 CASES: dict[str, Callable[[], PruningCallback]] = {
-    "uniform": lambda: GradualPruning(final_sparsity=0.8, start_step=0, end_step=12, update_every=3),
+    "uniform": lambda: GradualPruning(
+        sparsity=0.8, criterion="magnitude", allocation="uniform", start_step=0, end_step=12, update_every=3
+    ),
     "global_taylor": lambda: GradualPruning(
         final_sparsity=0.8, start_step=0, end_step=12, update_every=3, criterion="taylor", allocation="global"
     ),

@@ -156,7 +156,8 @@ class PruningCallback(Callback):
         if self.pruner.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(
                 f"criterion={self.pruner.scorer_name!r} reads gradients in on_before_optimizer_step, which manual "
-                "optimization must reach through `self.optimizers().step()`; use automatic optimization"
+                "optimization must reach through `self.optimizers().step()`; use automatic optimization or "
+                "criterion='magnitude'"
             )
         if self._pending_state is not None:
             self._restore(self._pending_state)
