@@ -3,6 +3,7 @@ built in configure_model in one process. Weights are checked whole (gathered in 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,19 @@ def _worker(out: Path, cases: str, resume_from: Path | None = None) -> None:
     args = [sys.executable, "-m", "tests.sharded_worker", cases, str(out)]
     if resume_from is not None:
         args.append(str(resume_from))
-    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    # Earlier in-process DDP tests leave rank variables in os.environ; with them Lightning would not launch rank 1.
+    launch = {
+        "LOCAL_RANK",
+        "RANK",
+        "WORLD_SIZE",
+        "NODE_RANK",
+        "GROUP_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    }
+    env = {key: value for key, value in os.environ.items() if key not in launch and not key.startswith("PL_")}
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
