@@ -595,6 +595,31 @@ class Pruner:
         self.reset_optimizer_state(optimizers)
         return newly_pruned
 
+    def snapshot(self) -> dict[str, Tensor]:
+        """A copy of the pruned parameters' current values (this rank's rows when sharded), for :meth:`rewind`."""
+        return {name: local(p).detach().clone() for name, p in self.params.items()}
+
+    def rewind(self, snapshot: Mapping[str, Tensor], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Lottery-ticket rewinding (Frankle & Carbin 2019): surviving weights back to their ``snapshot`` values,
+        pruned ones kept at zero, and the optimizer state of every masked parameter zeroed.
+
+        Example:
+            >>> from torch import nn
+            >>> layer = nn.Linear(4, 4)
+            >>> pruner = Pruner(layer)
+            >>> start = pruner.snapshot()
+            >>> _ = pruner.prune_to(0.5)
+            >>> _ = layer.weight.data.add_(1.0)
+            >>> pruner.rewind(start)
+            >>> bool(((layer.weight == start["weight"]) | (layer.weight == 0)).all())
+            True
+        """
+        with torch.no_grad():
+            for name, param in self.params.items():
+                local(param).copy_(snapshot[name])
+        self.apply()
+        self.reset_optimizer_state(optimizers, {name: torch.ones_like(mask) for name, mask in self.masks.items()})
+
     def clear(self) -> None:
         """Lift every mask: all parameters train densely again (pruned weights restart from zero)."""
         self.target_sparsity = 0.0
@@ -640,6 +665,26 @@ class Pruner:
     def layer_sparsity(self) -> dict[str, float]:
         """Fraction of pruned entries per parameter, from the masks."""
         return self.store.layer_sparsity()
+
+    def zeros_over(self, tensors: Mapping[str, Tensor], layer_sparsity: Mapping[str, float] | None = None) -> float:
+        """Fraction of exact zeros over ``tensors`` (e.g. every weight matrix of the model, embeddings included):
+        pruned parameters counted from their masks (``layer_sparsity`` if already known; the weights match them
+        exactly), the others on their values, over every rank when sharded.
+
+        Example:
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+            >>> pruner = Pruner(model)
+            >>> _ = pruner.prune_to(0.5)
+            >>> pruner.zeros_over({"0.weight": model[0].weight, "1.weight": model[1].weight})  # 8 of 56
+            0.14285714285714285
+        """
+        layers = layer_sparsity if layer_sparsity is not None else self.layer_sparsity()
+        total = sum(t.numel() for t in tensors.values())
+        counted = [round(layers[n] * t.numel()) for n, t in tensors.items() if n in self.params]
+        measured = [int((local(t).detach() == 0).sum()) for n, t in tensors.items() if n not in self.params]
+        zeros = sum(counted) + (sum(self._sum_over_ranks(measured)) if measured else 0)
+        return zeros / total if total else 0.0
 
     # --------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

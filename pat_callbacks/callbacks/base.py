@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from pat_callbacks.callbacks._state import saved_state_key
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.pruner import Pruner
 from pat_callbacks.targets import describe_targets, weight_matrices
@@ -220,25 +221,15 @@ class PruningCallback(Callback):
         same position among its instances is taken instead; :meth:`_check_resumable` may refuse it.
         """
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            return  # Lightning restores it
-        key = self._saved_state_key(trainer, states)
-        if key is None:
-            return
+        key = saved_state_key(self, trainer.callbacks, states)
+        if key is None or key == self.state_key:
+            return  # nothing saved, or Lightning restores it
         self._check_resumable(key, states[key])
         rank_zero_warn(
             f"{type(self).__name__}: the checkpoint's pruning state was saved under {key} and this run continues "
             f"with {self.state_key}: masks and progress are restored, and the new arguments apply from here"
         )
         self.load_state_dict(copy.deepcopy(states[key]))
-
-    def _saved_state_key(self, trainer: pl.Trainer, states: dict[str, Any]) -> str | None:
-        prefix = f"{type(self).__qualname__}{{"
-        claimed = {cb.state_key for cb in trainer.callbacks if cb is not self}
-        candidates = [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
-        unmatched = [cb for cb in trainer.callbacks if type(cb) is type(self) and cb.state_key not in states]
-        position = next(i for i, cb in enumerate(unmatched) if cb is self)
-        return candidates[position] if position < len(candidates) else None
 
     def _check_resumable(self, saved_key: str, state: dict[str, Any]) -> None:
         """Raise if the state saved under ``saved_key`` cannot continue under this callback's arguments."""
@@ -270,25 +261,13 @@ class PruningCallback(Callback):
         numel = {name: p.numel() for name, p in pruner.params.items()}
         pruned = sum(round(self._layer_sparsity[name] * n) for name, n in numel.items())
         self._sparsity = pruned / sum(numel.values())  # from the per-layer counts: no second pass over masks
-        self._sparsity_all = self._zeros_over_all_matrices()
+        self._sparsity_all = pruner.zeros_over(self._matrices, self._layer_sparsity)
         self._log_pending = True
 
     @property
     def sparsity_all(self) -> float:
         """Exact zeros over every weight matrix of the model (embeddings included), as of the last mask change."""
         return self._sparsity_all
-
-    def _zeros_over_all_matrices(self) -> float:
-        """Counted on the weights themselves (targets by their masks, which the weights match exactly)."""
-        pruner = self._require_pruner()
-        total = zeros = 0
-        for name, param in self._matrices.items():
-            total += param.numel()
-            if name in pruner.params:
-                zeros += round(self._layer_sparsity[name] * param.numel())
-            else:
-                zeros += int((param.detach() == 0).sum())
-        return zeros / total if total else 0.0
 
     def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log after each mask change only: sparsity is constant in between, and a ``self.log`` call costs

@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from pat_callbacks._validation import check_fraction, check_int
+from pat_callbacks.callbacks._batches import cross_entropy, probe_batches
+from pat_callbacks.callbacks._rewind import Rewinding
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback, resolve_target
 from pat_callbacks.criteria import Criterion
 from pat_callbacks.pruner import Pruner, PruningOptions
@@ -183,14 +183,12 @@ class GradualPruning(ScheduledPruningCallback):
         )
         self.options = options
         self.rewind_step = None if rewind_step is None else check_int("rewind_step", rewind_step, minimum=0)
-        self._rewind_to: dict[str, Tensor] | None = None  # the snapshot, taken at rewind_step
-        self._rewind_pending = False  # the last update was made: rewind after this optimizer step
-        self.rewound_at_step: int | None = None
+        self.rewinding = Rewinding(self.rewind_step) if self.rewind_step is not None else None
         self.probe_sparsity = check_fraction("probe_sparsity", probe_sparsity)
         self.sensitivity_batches = check_int("sensitivity_batches", sensitivity_batches, minimum=1)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Expected `loss_fn` to be callable, but got {loss_fn!r}")
-        self.loss_fn = loss_fn or _cross_entropy
+        self.loss_fn = loss_fn or cross_entropy
 
     @property
     def criterion(self) -> Criterion:
@@ -239,50 +237,32 @@ class GradualPruning(ScheduledPruningCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.rewind_step is None:
-            return
-        if self._rewind_pending:
-            self._rewind(trainer)
-        self._maybe_snapshot(trainer)
+        if self.rewinding is not None:
+            self.rewinding.after_step(trainer.global_step, self._require_pruner(), trainer.optimizers)
 
     def _maybe_snapshot(self, trainer: pl.Trainer) -> None:
-        if self.rewind_step is not None and self._rewind_to is None and trainer.global_step == self.rewind_step:
-            self._rewind_to = {name: p.detach().clone() for name, p in self._require_pruner().params.items()}
+        if self.rewinding is not None:
+            self.rewinding.maybe_snapshot(trainer.global_step, self._require_pruner())
 
-    def _rewind(self, trainer: pl.Trainer) -> None:
-        """Surviving weights back to their snapshot; their optimizer state zeroed (after the last update)."""
-        self._rewind_pending = False
-        if self._rewind_to is None:
-            rank_zero_warn(f"GradualPruning: no snapshot at rewind_step={self.rewind_step} (resumed past it?)")
-            return
-        pruner = self._require_pruner()
-        with torch.no_grad():
-            for name, param in pruner.params.items():
-                param.copy_(self._rewind_to[name])
-        pruner.apply()
-        everything = {name: torch.ones_like(mask) for name, mask in pruner.store.masks.items()}
-        pruner.reset_optimizer_state(trainer.optimizers, everything)
-        self.rewound_at_step = trainer.global_step
-        self._rewind_to = None  # used once; frees the copy
+    @property
+    def rewound_at_step(self) -> int | None:
+        """The step after which surviving weights were rewound (``None`` before, or without ``rewind_step``)."""
+        return self.rewinding.rewound_at_step if self.rewinding is not None else None
+
+    @property
+    def _rewind_to(self) -> dict[str, Tensor] | None:
+        return self.rewinding.snapshot if self.rewinding is not None else None
 
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if self.rewind_step is None:
-            return state
-        rewind = {"rewind_pending": self._rewind_pending, "rewound_at_step": self.rewound_at_step}
-        if self._rewind_to is not None:
-            rewind["rewind_to"] = {name: value.cpu() for name, value in self._rewind_to.items()}
-        return {**state, **rewind}
+        return state if self.rewinding is None else {**state, **self.rewinding.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        snapshot = state_dict.get("rewind_to")
-        self._rewind_to = None if snapshot is None else {name: value.clone() for name, value in snapshot.items()}
-        self._rewind_pending = bool(state_dict.get("rewind_pending", False))
-        self.rewound_at_step = state_dict.get("rewound_at_step")
-        rewind_keys = ("rewind_to", "rewind_pending", "rewound_at_step")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in rewind_keys})
+        if self.rewinding is not None:
+            self.rewinding.load_state_dict(state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in Rewinding.KEYS})
 
     @override
     def _update_masks_at_end(self, trainer: pl.Trainer, target: float) -> bool:
@@ -298,7 +278,7 @@ class GradualPruning(ScheduledPruningCallback):
         pruner = self._require_pruner()
         if target > 0 and self.allocation == "sensitivity" and pruner.sensitivities is None:
             sensitivities = pruner.measure_sensitivity(
-                _probe_batches(trainer, self.sensitivity_batches), self.loss_fn, self.probe_sparsity
+                probe_batches(trainer, self.sensitivity_batches), self.loss_fn, self.probe_sparsity
             )
             self._extra_metrics.update({f"pruning/sensitivity/{n}": v for n, v in sensitivities.items()})
         optimizers = trainer.optimizers
@@ -308,39 +288,6 @@ class GradualPruning(ScheduledPruningCallback):
         if self.regrow_fraction > 0 and target > 0:
             metrics = pruner.regrow(self.regrow_fraction, "rigl", optimizers=optimizers, step=step)
             self._extra_metrics = metrics or {}
-        if self.rewind_step is not None and self.rewound_at_step is None and step >= self._require_schedule().end_step:
-            self._rewind_pending = True  # after this step's optimizer step, in on_train_batch_end
+        if self.rewinding is not None and step >= self._require_schedule().end_step:
+            self.rewinding.request()  # after this step's optimizer step, in on_train_batch_end
         return True
-
-
-def _probe_batches(trainer: pl.Trainer, count: int) -> list[Any]:
-    """The first ``count`` validation batches (training batches if the run has none), on the module's device."""
-    loader = _first_nonempty(trainer.val_dataloaders, trainer.train_dataloader)
-    if loader is None:
-        raise RuntimeError("allocation='sensitivity' needs a validation or training dataloader to probe")
-    pl_module = trainer.lightning_module
-    batches = []
-    for batch in loader:
-        batches.append(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
-        if len(batches) == count:
-            break
-    return batches
-
-
-def _cross_entropy(pl_module: pl.LightningModule, batch: Any) -> Tensor:
-    inputs, targets = batch[0], batch[1]
-    return torch.nn.functional.cross_entropy(pl_module(inputs), targets)
-
-
-def _first_nonempty(*loaders: Any) -> Any:
-    for loader in loaders:
-        if isinstance(loader, (list, tuple)):
-            loader = next((item for item in loader if item is not None), None)
-        if loader is not None:
-            try:
-                if len(loader) == 0:
-                    continue
-            except TypeError:
-                pass
-            return loader
-    return None
