@@ -109,9 +109,23 @@ class TorchAOSparsifier(Callback):
 def variants() -> dict[str, Callable[[], list[Callback]]]:
     return {
         "dense": lambda: [],
+        # magnitude + uniform: like for like with ModelPruning's l1_unstructured (and with earlier runs)
         "pat GradualPruning (cubic)": lambda: [
             GradualPruning(
-                final_sparsity=0.9, initial_sparsity=0.5, start_step=0, end_step=100_000, update_every=UPDATE_EVERY
+                sparsity=0.9,
+                initial_sparsity=0.5,
+                start_step=0,
+                end_step=100_000,
+                update_every=UPDATE_EVERY,
+                criterion="magnitude",
+                allocation="uniform",
+            )
+        ],
+        # the default since 0.2: Taylor scores keep one float32 history buffer per weight (+1.0x parameter bytes)
+        # and accumulate |w*g| at every step of the pruning window
+        "pat GradualPruning (cubic, default taylor + global)": lambda: [
+            GradualPruning(
+                sparsity=0.9, initial_sparsity=0.5, start_step=0, end_step=100_000, update_every=UPDATE_EVERY
             )
         ],
         "pat DynamicSparseTraining (rigl)": lambda: [
