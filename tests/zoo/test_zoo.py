@@ -58,7 +58,13 @@ def test_default_targets_are_the_matrices_a_matmul_consumes(name):
 def test_gradual_pruning_reaches_the_target_on_every_real_weight(tmp_path, name):
     case = ZOO[name]
     pruning = GradualPruning(
-        sparsity=0.8, criterion="magnitude", allocation="uniform", start_step=0, end_step=8, update_every=4, verbose=False
+        sparsity=0.8,
+        criterion="magnitude",
+        allocation="uniform",
+        start_step=0,
+        end_step=8,
+        update_every=4,
+        verbose=False,
     )
     _, module = _fit(tmp_path, name, [pruning])
     named = dict(module.named_parameters())
