@@ -24,6 +24,9 @@ def probe_batches(trainer: pl.Trainer, count: int) -> list[Any]:
 
 
 def cross_entropy(pl_module: pl.LightningModule, batch: Any) -> Tensor:
+    """The module's own ``loss(batch)`` if it has one (e.g. LanguageModel), else cross-entropy of ``(x, y)``."""
+    if callable(getattr(pl_module, "loss", None)):
+        return pl_module.loss(batch)
     inputs, targets = batch[0], batch[1]
     return torch.nn.functional.cross_entropy(pl_module(inputs), targets)
 
