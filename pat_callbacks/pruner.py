@@ -497,13 +497,14 @@ class Pruner:
                 "These options are not supported with sharded (FSDP2) parameters yet: " + "; ".join(problems)
             )
 
-    def _sum_over_ranks(self, values: list[int]) -> list[int]:
+    def _sum_over_ranks(self, values: list[Any], dtype: torch.dtype = torch.int64) -> list[Any]:
+        """Element-wise sums over the ranks of a sharded pruner (``values`` unchanged in one process)."""
         if self.group is None:
             return values
         device = local(next(iter(self.params.values()))).device
-        total = torch.tensor(values, dtype=torch.int64, device=device)
+        total = torch.tensor(values, dtype=dtype, device=device)
         torch.distributed.all_reduce(total, group=self.group)
-        return [int(v) for v in total.cpu()]
+        return total.cpu().tolist()
 
     def _masks_by_selection(
         self, sparsity: float, final_sparsity: float | None, scores: Mapping[str, Tensor] | None, step: int | None
@@ -517,7 +518,7 @@ class Pruner:
         if not self._all_finite(scores, step):
             return None
         if opts.allocation == "global":  # mean-normalised, the mean taken over every rank's entries
-            sums = self._float_sums([float(s.float().sum()) for s in scores.values()])
+            sums = self._sum_over_ranks([float(s.float().sum()) for s in scores.values()], torch.float64)
             for (name, layer), total in zip(list(scores.items()), sums, strict=True):
                 mean = total / self.params[name].numel()
                 scores[name] = layer.float() / mean if mean > 0 else layer.float()
@@ -549,13 +550,6 @@ class Pruner:
                 return self._masks_by_allocation(sparsity, final_sparsity, None, step)  # keep one weight per layer
         self._warn_nearly_empty({n: 1.0 - float(m.float().mean()) for n, m in masks.items()}, step)
         return masks
-
-    def _float_sums(self, values: list[float]) -> list[float]:
-        device = local(next(iter(self.params.values()))).device
-        total = torch.tensor(values, dtype=torch.float64, device=device)
-        if self.group is not None:
-            torch.distributed.all_reduce(total, group=self.group)
-        return [float(v) for v in total.cpu()]
 
     def _drop_and_grow_sharded(
         self, mask: Tensor, param: Tensor, fraction: float, method: str, generator: torch.Generator | None
