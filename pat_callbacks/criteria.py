@@ -68,12 +68,15 @@ class Criterion(ABC):
         needs_grad: whether :meth:`score` or :meth:`accumulate` read gradients; checked before the first step.
         needs_history: whether :meth:`accumulate` must run at every optimizer step while pruning.
         resets_after_update: whether the history restarts after each mask update ("since the last update").
+        elementwise: whether each entry's score depends only on that entry's weight, gradient and history, so that
+            a slice of the inputs scores that slice (mask updates then score large layers chunk by chunk).
     """
 
     name: ClassVar[str] = ""
     needs_grad: ClassVar[bool] = False
     needs_history: ClassVar[bool] = False
     resets_after_update: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
@@ -83,6 +86,10 @@ class Criterion(ABC):
         """Add one optimizer step's weights and dense gradients to ``state`` (in place)."""
         if self.needs_history:
             raise NotImplementedError(f"{type(self).__name__} declares needs_history but does not accumulate")
+
+    def total(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> float | None:
+        """The sum of :meth:`score` over every entry when it can be had without the scores (else ``None``)."""
+        return None
 
     def reset(self, state: dict[str, Tensor]) -> None:
         """Forget the history in ``state`` (after a mask update, for criteria averaged since the last one)."""
@@ -122,9 +129,13 @@ class MagnitudeCriterion(Criterion):
     """
 
     name: ClassVar[str] = "magnitude"
+    elementwise: ClassVar[bool] = True
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         return param.detach().abs()
+
+    def total(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> float | None:
+        return float(torch.linalg.vector_norm(param.detach(), 1, dtype=torch.float32))
 
 
 class TaylorCriterion(Criterion):
@@ -139,6 +150,7 @@ class TaylorCriterion(Criterion):
 
     name: ClassVar[str] = "taylor"
     needs_grad: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
     needs_history: ClassVar[bool] = True
     resets_after_update: ClassVar[bool] = True
 
@@ -171,6 +183,7 @@ class MovementCriterion(Criterion):
 
     name: ClassVar[str] = "movement"
     needs_grad: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
     needs_history: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
@@ -200,6 +213,7 @@ class FisherCriterion(Criterion):
 
     name: ClassVar[str] = "fisher"
     needs_grad: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True
     needs_history: ClassVar[bool] = True
     resets_after_update: ClassVar[bool] = True
 

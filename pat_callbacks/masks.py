@@ -84,6 +84,31 @@ class MaskStore:
             self.masks[name] = mask
         return newly_pruned
 
+    def prune(self, entries: Mapping[str, Tensor]) -> None:
+        """Prune ``entries`` (bool, the parameter's shape; only currently kept ones) in place: an existing mask is
+        updated where it lies, without a new copy; a parameter without a mask gets ``~entries``. Weights are *not*
+        touched here: call :meth:`apply` after.
+
+        Example:
+            >>> import torch
+            >>> store = MaskStore({"w": torch.nn.Parameter(torch.ones(3))})
+            >>> store.prune({"w": torch.tensor([False, True, False])})
+            >>> store.prune({"w": torch.tensor([True, False, False])})
+            >>> store.masks["w"].tolist()
+            [False, False, True]
+        """
+        for name, pruned in entries.items():
+            param = local(self._param(name))
+            if tuple(pruned.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"Entries for {name!r} have shape {tuple(pruned.shape)}, expected {tuple(param.shape)}"
+                )
+            mask = self.masks.get(name)
+            if mask is None:
+                self.masks[name] = ~pruned.to(device=param.device, dtype=torch.bool)
+            else:
+                mask.masked_fill_(pruned.to(mask.device), False)
+
     def sync_devices(self) -> None:
         """Move each mask to its parameter's current device (call after the model moved, e.g. to a GPU).
 
@@ -160,7 +185,10 @@ class MaskStore:
             {'w': 2}
         """
         names = list(self.params)
-        counts = torch.tensor([int((~self.masks[n]).sum()) if n in self.masks else 0 for n in names], dtype=torch.int64)
+        counts = torch.tensor(
+            [self.masks[n].numel() - int(self.masks[n].count_nonzero()) if n in self.masks else 0 for n in names],
+            dtype=torch.int64,
+        )
         if self.group is not None:
             device = local(next(iter(self.params.values()))).device
             counts = counts.to(device)

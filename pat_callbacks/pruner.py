@@ -28,22 +28,24 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from pat_callbacks import selection
 from pat_callbacks._validation import check_choice, check_fraction
 from pat_callbacks.allocation import ALLOCATIONS, measure_sensitivity, plan_sparsities, reachable_range
 from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.patterns import BlockPattern, Pattern, UnstructuredPattern, make_pattern, prune_count
 from pat_callbacks.regrowth import GROWTH_METHODS, drop_and_grow
-from pat_callbacks.selection import select_lowest
+from pat_callbacks.selection import NonFiniteScores, ScoredLayer, select_lowest, select_lowest_streamed
 from pat_callbacks.sharding import gather_full, local, local_rows
 from pat_callbacks.targets import normalize_patterns, select_parameters, target_roles
 
@@ -286,6 +288,17 @@ class Pruner:
             return True
         if self.options.allocation == "sensitivity" and self.sensitivities is None:
             raise RuntimeError("allocation='sensitivity' needs measure_sensitivity(...) before the first prune_to")
+        if self._streamable(sparsity):
+            try:
+                chosen = self._prune_streamed(sparsity, final_sparsity, scores, step)
+            except _NeedsExactSelection:
+                chosen = {}
+            except _NonFinite:
+                return False
+            if chosen:
+                self.target_sparsity = sparsity
+                self.prune_entries(chosen, optimizers=optimizers)
+                return True
         if self.group is None and self.options.allocation in SHAPE_ALLOCATIONS:
             masks = self._masks_layer_by_layer(sparsity, final_sparsity, scores, step)
         elif self.group is not None or self._one_threshold():
@@ -345,6 +358,148 @@ class Pruner:
             masks[name] = self._mask(name, layer, sparsities[name], pruned.get(name))
             del layer
         return masks
+
+    # ------------------------------------------------------- streamed updates (one process, unstructured)
+    def _streamable(self, sparsity: float) -> bool:
+        """Updates that only shrink unstructured masks in one process: scored chunk by chunk, masks pruned in place
+        (see :func:`~pat_callbacks.selection.select_lowest_streamed`)."""
+        opts = self.options
+        return (
+            self.group is None
+            and isinstance(opts.pattern, UnstructuredPattern)
+            and (opts.allocation in SHAPE_ALLOCATIONS or self._one_threshold())
+            and not (self.masks and sparsity < self.target_sparsity)
+        )
+
+    def _prune_streamed(
+        self, sparsity: float, final_sparsity: float | None, scores: Mapping[str, Tensor] | None, step: int | None
+    ) -> dict[str, Tensor] | None:
+        """The entries to prune now, per parameter (flat bool, among the kept ones), by streamed selections: per
+        layer for uniform / ERK / pinned layers, one threshold over the other layers for global allocations.
+        ``None`` (warned) on NaN/Inf scores; raises :class:`_NeedsExactSelection` where a streamed pass cannot
+        decide (a layer's target below what it already prunes, a layer left empty, a missed bracket)."""
+        opts = self.options
+        shapes = {name: torch.empty(p.shape, device="meta") for name, p in self.params.items()}
+        method = "uniform" if opts.allocation in ("global", "global_raw") else opts.allocation
+        planned = plan_sparsities(
+            method, shapes, sparsity, final_target=final_sparsity, layer_sparsity=opts.layer_sparsity, keep_one=True
+        )
+        numel = {name: p.numel() for name, p in self.params.items()}
+        kept = {name: mask.reshape(-1) for name, mask in self.masks.items()}
+        already = {name: numel[name] - int(kept[name].count_nonzero()) if name in kept else 0 for name in numel}
+        fixed = [n for n in self.params if any(fnmatchcase(n, p) for p in opts.layer_sparsity or {})]
+        per_layer = list(self.params) if method == opts.allocation else fixed
+        chosen: dict[str, Tensor] = {}
+        for name in per_layer:
+            needed = prune_count(numel[name], planned[name]) - already[name]
+            chosen.update(self._select_streamed([name], needed, kept, scores, step, scaled=False))
+        rest = [name for name in self.params if name not in chosen]
+        if rest:
+            budget = prune_count(sum(numel.values()), sparsity) - sum(prune_count(numel[n], planned[n]) for n in chosen)
+            budget = min(max(budget, 0), sum(numel[n] for n in rest) - len(rest))
+            selected = self._select_streamed(
+                rest, budget - sum(already[n] for n in rest), kept, scores, step, scaled=opts.allocation == "global"
+            )
+            if any(already[n] + int(selected[n].count_nonzero()) >= numel[n] for n in rest):
+                raise _NeedsExactSelection  # a layer left empty: the allocation keeps one weight per layer
+            chosen.update(selected)
+        self._warn_nearly_empty(
+            {n: (already[n] + int(chosen[n].count_nonzero())) / numel[n] for n in self.params}, step
+        )
+        return {name: chosen[name].view(local(self.params[name]).shape) for name in self.params}
+
+    def _select_streamed(
+        self,
+        names: list[str],
+        count: int,
+        kept: Mapping[str, Tensor],
+        scores: Mapping[str, Tensor] | None,
+        step: int | None,
+        *,
+        scaled: bool,
+    ) -> dict[str, Tensor]:
+        """The ``count`` lowest-scoring kept entries over ``names`` (divided by each layer's mean score when
+        ``scaled``, the global allocation's normalisation)."""
+        if count < 0:
+            raise _NeedsExactSelection  # the target is below what is pruned already: masks would grow back
+        layers = [self._scored_layer(name, kept.get(name), scores) for name in names]
+        if scaled:
+            totals = [self._layer_total(n, layer, scores is None) for n, layer in zip(names, layers, strict=True)]
+            if not all(math.isfinite(t) for t in totals):
+                self._warn_non_finite([n for n, t in zip(names, totals, strict=True) if not math.isfinite(t)], step)
+                raise _NonFinite
+            means = [total / self.params[name].numel() for name, total in zip(names, totals, strict=True)]
+            layers = [
+                replace(layer, scale=mean if mean > 0 else 1.0) for layer, mean in zip(layers, means, strict=True)
+            ]
+        try:
+            selected = select_lowest_streamed(layers, count)
+        except NonFiniteScores as error:
+            self._warn_non_finite([names[i] for i in error.layers], step)
+            raise _NonFinite from None
+        if selected is None:
+            raise _NeedsExactSelection
+        return dict(zip(names, selected, strict=True))
+
+    def _scored_layer(self, name: str, kept: Tensor | None, scores: Mapping[str, Tensor] | None) -> ScoredLayer:
+        """The layer's scores as a streamed source: computed on slices for elementwise criteria, else whole."""
+        if scores is not None:
+            return ScoredLayer.of(scores[name], kept)
+        if not self.criterion.elementwise:
+            return ScoredLayer.of(self._score(name), kept)
+        param = local(self.params[name]).detach()
+        if self.criterion.needs_grad and self.params[name].grad is None:
+            raise RuntimeError(f"criterion={self.scorer_name!r} needs a gradient, but {name!r} has none")
+        grad = None if self.params[name].grad is None else local(self.params[name].grad).detach().reshape(-1)
+        flat = param.reshape(-1)
+        state = {
+            key: value.reshape(-1) if value.shape == param.shape else value
+            for key, value in self.criterion_state.get(name, {}).items()
+        }
+
+        def score(where: slice | Tensor) -> Tensor:
+            part = {
+                key: value[where] if value.dim() and value.numel() == flat.numel() else value
+                for key, value in state.items()
+            }
+            return self.criterion.score(flat[where], None if grad is None else grad[where], part).float()
+
+        return ScoredLayer(flat.numel(), lambda a, b: score(slice(a, b)), score, kept)
+
+    def _layer_total(self, name: str, layer: ScoredLayer, from_criterion: bool) -> float:
+        """Sum of a layer's scores over every entry (pruned ones too), for the global allocation's mean: from the
+        criterion when it can tell without scoring (magnitude: one L1 norm), else summed chunk by chunk."""
+        total = None
+        if from_criterion:
+            param = self.params[name]
+            grad = None if param.grad is None else local(param.grad)
+            total = self.criterion.total(local(param), grad, self.criterion_state.get(name, {}))
+        if total is None:
+            total = sum(
+                float(layer.chunk(start, min(start + selection.CHUNK_SIZE, layer.numel)).sum(dtype=torch.float64))
+                for start in range(0, layer.numel, selection.CHUNK_SIZE)
+            )
+        return total
+
+    def prune_entries(self, entries: Mapping[str, Tensor], *, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        """Prune ``entries`` (bool per parameter, among the kept ones) in place, the same on every rank: masks
+        shrink where they lie, weights are zeroed and the optimizer state of the entries is reset.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> layer = nn.Linear(2, 2)
+            >>> pruner = Pruner(layer)
+            >>> pruner.prune_entries({"weight": torch.tensor([[True, False], [False, False]])})
+            >>> pruner.sparsity(), layer.weight[0, 0].item() == 0
+            (0.25, True)
+        """
+        agreed = broadcast_masks(dict(entries)) if self.group is None else dict(entries)
+        self.last_changed = {}
+        self.store.prune(agreed)
+        self.store.apply()
+        self.last_changed = dict(agreed)
+        self.reset_optimizer_state(optimizers)
 
     def _one_threshold(self) -> bool:
         """Global allocations without caps on unstructured masks: one exact selection over all layers."""
@@ -752,6 +907,11 @@ class Pruner:
         bad = [n for n, flag in zip(names, self._sum_over_ranks(flags), strict=True) if flag]  # ranks agree
         if not bad:
             return True
+        self._warn_non_finite(bad, step)
+        return False
+
+    def _warn_non_finite(self, bad: list[str], step: int | None) -> None:
+        """Warn that an update is skipped for NaN/Inf scores, and restart the criterion's history."""
         where = f" at step {step}" if step is not None else ""
         warnings.warn(
             f"{type(self).__name__}: NaN or Inf in the scores of {bad}{where}; the mask update is skipped (masks "
@@ -761,7 +921,14 @@ class Pruner:
         )
         for values in self.criterion_state.values():
             values.clear()
-        return False
+
+
+class _NeedsExactSelection(Exception):
+    """A streamed update cannot decide; the update falls back to exact selection on whole score tensors."""
+
+
+class _NonFinite(Exception):
+    """NaN/Inf scores (already warned about): the update is skipped."""
 
 
 def _refuse_uninitialized(model_or_params: nn.Module | Mapping[str, nn.Parameter]) -> None:

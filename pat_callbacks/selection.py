@@ -16,13 +16,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["count_below", "ordered_keys", "select_lowest"]
+__all__ = [
+    "NonFiniteScores",
+    "ScoredLayer",
+    "count_below",
+    "ordered_keys",
+    "select_lowest",
+    "select_lowest_streamed",
+]
 
 _SIGN = torch.iinfo(torch.int32).min  # 0x80000000 as a signed int32
 
@@ -126,3 +135,191 @@ def count_below(chunks: Sequence[Tensor], value: float, group: Any = None) -> in
     device = chunks[0].device if chunks else torch.device("cpu")
     total = torch.tensor([sum(int((c < value).sum()) for c in chunks)], dtype=torch.int64, device=device)
     return int(_all_reduce(total, group))
+
+
+# ----------------------------------------------------------------------------------------------- streamed selection
+@dataclass(frozen=True)
+class ScoredLayer:
+    """One layer as a source of scores for :func:`select_lowest_streamed`: scores are computed on demand, a chunk
+    (or a few sampled entries) at a time, so no score tensor of the whole layer is ever held.
+
+    Args:
+        numel: number of entries.
+        chunk: ``chunk(start, stop)`` -> the float32 scores of flat entries ``[start, stop)``.
+        at: ``at(indices)`` -> the float32 scores of the flat ``indices``.
+        kept: flat bool tensor of the entries that may be chosen (``None``: all of them).
+        scale: scores are ranked divided by this (``> 0``; e.g. the layer's mean score for a global threshold).
+
+    Example:
+        >>> import torch
+        >>> weight = torch.tensor([0.5, -2.0, 1.0, -0.1])
+        >>> layer = ScoredLayer(4, lambda a, b: weight[a:b].abs(), lambda i: weight[i].abs())
+        >>> select_lowest_streamed([layer], 2)[0].tolist()
+        [True, False, False, True]
+    """
+
+    numel: int
+    chunk: Callable[[int, int], Tensor]
+    at: Callable[[Tensor], Tensor]
+    kept: Tensor | None = None
+    scale: float = 1.0
+
+    @staticmethod
+    def of(scores: Tensor, kept: Tensor | None = None, scale: float = 1.0) -> ScoredLayer:
+        """A source over a score tensor that already exists (any shape; read flat).
+
+        Example:
+            >>> import torch
+            >>> ScoredLayer.of(torch.tensor([[3.0, 1.0]])).chunk(0, 2)
+            tensor([3., 1.])
+        """
+        flat = scores.detach().reshape(-1)
+        return ScoredLayer(
+            flat.numel(), lambda a, b: flat[a:b].float(), lambda i: flat[i].float(), _flat_or_none(kept), scale
+        )
+
+
+class NonFiniteScores(ValueError):
+    """Raised by :func:`select_lowest_streamed` when a layer's scores hold NaN or Inf (``layers``: their indices).
+
+    Example:
+        >>> import torch
+        >>> layers = [ScoredLayer.of(torch.ones(2)), ScoredLayer.of(torch.tensor([1.0, float("nan")]))]
+        >>> try:
+        ...     select_lowest_streamed(layers, 1)
+        ... except NonFiniteScores as error:
+        ...     error.layers
+        [1]
+    """
+
+    def __init__(self, layers: list[int]) -> None:
+        super().__init__(f"NaN or Inf in the scores of layers {layers}")
+        self.layers = layers
+
+
+def _flat_or_none(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.reshape(-1)
+
+
+# Samples drawn to bracket the threshold, and entries scored per chunk (4 x 128k floats stay in a core's L2 cache).
+SAMPLE_SIZE = 1 << 17
+CHUNK_SIZE = 1 << 17
+_Z = 6.0  # the bracket's half-width in standard deviations of the sampled rank estimate
+
+
+def select_lowest_streamed(
+    layers: Sequence[ScoredLayer],
+    k: int,
+    *,
+    seed: int = 0,
+    sample_size: int | None = None,
+    chunk_size: int | None = None,
+) -> list[Tensor] | None:
+    """Flat bool masks (one per layer) choosing exactly the ``k`` lowest ``score / scale`` among the kept entries of
+    all layers; ties at the threshold are taken in layer, then index order (as :func:`select_lowest` does).
+
+    The scores are never held whole: a seeded sample brackets the k-th value, one streamed pass scores each chunk,
+    marks the entries below the bracket and keeps the few inside it, and an exact selection among those settles the
+    rest. Transient memory is one chunk of scores plus the bracket's candidates (about 2% of the entries); time is
+    about one scoring pass plus a few passes over bool chunks. Returns ``None`` if the bracket missed (a chance of
+    about 1e-9 per call: the caller then selects exactly on whole tensors), and raises :class:`NonFiniteScores` if a
+    score is NaN or infinite. One process only (sharded layers use :func:`select_lowest`).
+
+    Example:
+        >>> import torch
+        >>> layers = [ScoredLayer.of(torch.tensor([0.5, -1.0, 3.0])), ScoredLayer.of(torch.tensor([2.0, 0.5, 0.1]))]
+        >>> [m.tolist() for m in select_lowest_streamed(layers, 3)]  # -1.0, 0.1 and the first 0.5
+        [[True, True, False], [False, False, True]]
+    """
+    k = int(k)
+    sample_size, chunk_size = sample_size or SAMPLE_SIZE, chunk_size or CHUNK_SIZE
+    generator = torch.Generator().manual_seed(seed)
+    samples, weights, variance, kept_total = [], [], 0.0, 0
+    for index, layer in enumerate(layers):
+        kept_total += layer.numel if layer.kept is None else int(layer.kept.count_nonzero())
+        if layer.numel <= sample_size:  # small: every entry, exactly
+            indices, weight = None, 1.0
+            values = layer.chunk(0, layer.numel)
+        else:
+            count = max(1, math.ceil(sample_size * layer.numel / max(sum(x.numel for x in layers), 1)))
+            indices = torch.randint(layer.numel, (count,), generator=generator)
+            weight = layer.numel / count
+            variance += layer.numel * weight / 4  # Var of the estimated count below a value <= n^2 / (4 m)
+            indices = indices.to(_device(layer))
+            values = layer.at(indices)
+        if not bool(torch.isfinite(values).all()):
+            raise NonFiniteScores([index])
+        if layer.kept is not None:
+            values = values[layer.kept[indices] if indices is not None else layer.kept]
+        samples.append(values.cpu().double() / layer.scale)
+        weights.append(torch.full((values.numel(),), weight, dtype=torch.float64))
+    if not 0 <= k <= kept_total:
+        raise ValueError(f"Expected 0 <= k <= {kept_total} kept entries, but got k={k}")
+    chosen = [torch.zeros(layer.numel, dtype=torch.bool, device=_device(layer)) for layer in layers]
+    if k == 0:
+        return chosen
+    low, high = _bracket(torch.cat(samples), torch.cat(weights), k, _Z * math.sqrt(variance) + 1.0)
+    below, band_values, band_indices, bad, in_band = 0, [], [], [], 0
+    cap = 4 * (_Z * math.sqrt(variance) + 1.0) + 1024  # candidates beyond this mean the bracket was too wide
+    for index, layer in enumerate(layers):
+        lo, hi = _raw_bounds(low, high, layer.scale)
+        values_kept, indices_kept = [], []
+        for start in range(0, layer.numel, chunk_size):
+            stop = min(start + chunk_size, layer.numel)
+            scores = layer.chunk(start, stop)
+            if not math.isfinite(float(scores.sum())) and not bool(torch.isfinite(scores).all()):
+                bad.append(index)
+                break
+            marked = chosen[index][start:stop]
+            torch.lt(scores, lo, out=marked)
+            band = scores <= hi
+            if layer.kept is not None:
+                kept = layer.kept[start:stop]
+                marked.logical_and_(kept)
+                band.logical_and_(kept)
+            band.logical_xor_(marked)  # lo <= score <= hi, kept
+            below += int(marked.count_nonzero())
+            where = band.nonzero().reshape(-1)
+            values_kept.append(scores[where])
+            indices_kept.append(where + start)
+            in_band += where.numel()
+            if in_band > cap:
+                return None
+        band_values.append(torch.cat(values_kept) if values_kept else torch.empty(0))
+        band_indices.append(torch.cat(indices_kept) if indices_kept else torch.empty(0, dtype=torch.int64))
+    if bad:
+        raise NonFiniteScores(bad)
+    needed = k - below
+    if not 0 <= needed <= sum(v.numel() for v in band_values):
+        return None
+    normalised = [
+        values / layer.scale if layer.scale != 1.0 else values
+        for values, layer in zip(band_values, layers, strict=True)
+    ]
+    for mask, taken, where in zip(chosen, select_lowest(normalised, needed), band_indices, strict=True):
+        mask[where[taken]] = True
+    return chosen
+
+
+def _device(layer: ScoredLayer) -> torch.device:
+    return layer.kept.device if layer.kept is not None else torch.device("cpu")
+
+
+def _bracket(values: Tensor, weights: Tensor, k: int, margin: float) -> tuple[float, float]:
+    """Values whose estimated rank is safely below / above ``k`` (``-inf`` / ``inf`` where none is)."""
+    values, order = values.sort()
+    ranks = weights[order].cumsum(0)
+    lower = int(torch.searchsorted(ranks, torch.tensor(k - margin, dtype=torch.float64))) - 1
+    upper = int(torch.searchsorted(ranks, torch.tensor(k + margin, dtype=torch.float64), right=True)) + 1
+    low = float(values[lower]) if lower >= 0 else -math.inf
+    high = float(values[upper]) if upper < values.numel() else math.inf
+    return low, high
+
+
+def _raw_bounds(low: float, high: float, scale: float) -> tuple[float, float]:
+    """Bounds on raw scores such that ``raw < lo`` implies ``raw / scale < low`` and ``raw > hi`` implies
+    ``raw / scale > high`` despite float32 rounding (a margin of a few ulps)."""
+    if scale == 1.0:
+        return low, high
+    lo, hi = low * scale, high * scale
+    return lo - abs(lo) * 1e-6 - 1e-30, hi + abs(hi) * 1e-6 + 1e-30

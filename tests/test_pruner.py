@@ -143,3 +143,88 @@ def test_sensitivity_needs_a_measurement_first():
         warnings.simplefilter("error")
         assert pruner.prune_to(0.5)
     assert pruner.sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("criterion", "options"),
+    [
+        ("magnitude", {"allocation": "uniform"}),
+        ("magnitude", {"allocation": "global"}),
+        ("taylor", {"allocation": "global"}),
+        ("movement", {"allocation": "global_raw"}),
+        ("fisher", {"allocation": "erk"}),
+        ("magnitude", {"allocation": "global", "layer_sparsity": {"4.weight": 0.5}}),
+    ],
+)
+def test_streamed_updates_choose_the_same_masks_as_exact_selection(monkeypatch, criterion, options):
+    import pat_callbacks.selection as selection
+
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 300)  # every layer sampled, scored in several chunks
+    monkeypatch.setattr(selection, "CHUNK_SIZE", 200)
+    streamed, exact = _mlp(), _mlp()
+    generator = torch.Generator().manual_seed(1)
+    for a, b in zip(streamed.parameters(), exact.parameters(), strict=True):
+        a.grad = torch.randn(a.shape, generator=generator)
+        b.grad = a.grad.clone()
+    fast, slow = Pruner(streamed, criterion=criterion, **options), Pruner(exact, criterion=criterion, **options)
+    slow._streamable = lambda sparsity: False  # the whole-tensor path the streamed one replaces
+    for pruner in (fast, slow):
+        pruner.accumulate()
+    for sparsity in (0.3, 0.6, 0.85):
+        assert fast.prune_to(sparsity, final_sparsity=0.85) and slow.prune_to(sparsity, final_sparsity=0.85)
+        assert fast.masks.keys() == slow.masks.keys()
+        for name in slow.masks:
+            assert torch.equal(fast.masks[name], slow.masks[name]), (sparsity, name)
+            assert torch.equal(fast.last_changed[name], slow.last_changed[name]), (sparsity, name)
+            assert torch.equal(streamed.get_parameter(name), exact.get_parameter(name))
+
+
+def test_streamed_updates_shrink_the_masks_in_place(monkeypatch):
+    import pat_callbacks.selection as selection
+
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 300)
+    model = _mlp()
+    pruner = Pruner(model, allocation="global")
+    pruner.prune_to(0.5)
+    masks = dict(pruner.masks)
+    before = {name: mask.clone() for name, mask in masks.items()}
+    pruner.prune_to(0.8)
+    assert all(pruner.masks[name] is masks[name] for name in masks)  # no new full-size masks
+    assert all(not (pruner.masks[n] & ~before[n]).any() for n in before)  # pruned entries stay pruned
+    assert all(torch.equal(pruner.last_changed[n], before[n] & ~pruner.masks[n]) for n in before)
+    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in masks)
+    assert zeros == round(0.8 * sum(m.numel() for m in masks.values()))
+
+
+def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
+    import pat_callbacks.pruner as pruner_module
+
+    calls = []
+
+    def missed(*args, **kwargs):
+        calls.append(1)
+        return None
+
+    monkeypatch.setattr(pruner_module, "select_lowest_streamed", missed)
+    model = _mlp()
+    pruner = Pruner(model, allocation="global")
+    assert pruner.prune_to(0.7)
+    assert calls
+    zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n in pruner.params)
+    assert zeros == round(0.7 * sum(p.numel() for p in pruner.params.values()))
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_nan_in_a_chunk_the_sample_missed_skips_a_streamed_update(monkeypatch, allocation):
+    import pat_callbacks.selection as selection
+
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 16)
+    model = _mlp()
+    pruner = Pruner(model, allocation=allocation, criterion="taylor")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    pruner.accumulate()
+    pruner.criterion_state["2.weight"]["sum"][31, 31] = float("nan")
+    with pytest.warns(UserWarning, match=r"NaN or Inf in the scores of \['2.weight'\]"):
+        assert not pruner.prune_to(0.5)
+    assert not pruner.masks

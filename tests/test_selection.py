@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pat_callbacks.selection import select_lowest
+from pat_callbacks.selection import NonFiniteScores, ScoredLayer, select_lowest, select_lowest_streamed
 
 
 def _reference(chunks, k):
@@ -80,3 +80,60 @@ def test_ranks_select_exactly_k_of_their_shards_together():
     # The same set a single process picks when rank order = tensor order within each rank
     threshold = max(float(c[m].max()) for c, m in zip(full, stitched, strict=True) if m.any())
     assert all((c[~m] >= threshold).all() for c, m in zip(full, stitched, strict=True))
+
+
+# ----------------------------------------------------------------------------------------------- streamed selection
+def _streamed_reference(layers, kept, scales, k):
+    """The k lowest kept entries of score / scale (float32), by a stable sort: ties in layer, then index order."""
+    normalised = [(s.reshape(-1) / sc if sc != 1.0 else s.reshape(-1)) for s, sc in zip(layers, scales, strict=True)]
+    flat = torch.cat([torch.where(m, v, torch.inf) for v, m in zip(normalised, kept, strict=True)])
+    picked = torch.zeros(flat.numel(), dtype=torch.bool)
+    picked[torch.sort(flat, stable=True).indices[:k]] = True
+    return list(picked.split([s.numel() for s in layers]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", ["normal", "abs", "ties", "zeros"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_streamed_selection_matches_a_full_sort_of_the_kept_entries(seed, kind, scaled):
+    generator = torch.Generator().manual_seed(seed)
+    scores = [torch.randn(shape, generator=generator) for shape in [(40, 30), (700,), (3, 5), (2500,)]]
+    if kind == "abs":
+        scores = [s.abs() for s in scores]
+    elif kind == "ties":
+        scores = [torch.randint(0, 6, s.shape, generator=generator).float() for s in scores]
+    elif kind == "zeros":  # many exact zeros among the kept entries (zero-initialised layers)
+        scores = [s.abs() * (torch.rand(s.shape, generator=generator) > 0.6) for s in scores]
+    kept = [torch.rand(s.numel(), generator=generator) > 0.3 for s in scores]
+    scales = [float(s.abs().mean()) if scaled else 1.0 for s in scores]
+    layers = [ScoredLayer.of(s, m, sc) for s, m, sc in zip(scores, kept, scales, strict=True)]
+    total = sum(int(m.sum()) for m in kept)
+    for k in (0, 1, total // 3, total // 2, total - 7, total):
+        # a small sample and small chunks: the sampled bracket and the chunked pass are both exercised
+        got = select_lowest_streamed(layers, k, sample_size=200, chunk_size=333)
+        assert got is not None
+        assert sum(int(g.sum()) for g in got) == k
+        assert all(not (g & ~m).any() for g, m in zip(got, kept, strict=True))  # only kept entries are chosen
+        expected = _streamed_reference(scores, kept, scales, k)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), (kind, k)
+
+
+def test_streamed_selection_says_when_its_bracket_missed(monkeypatch):
+    import pat_callbacks.selection as selection
+
+    monkeypatch.setattr(selection, "_Z", -50.0)  # a bracket that excludes the k-th value
+    layer = ScoredLayer.of(torch.randn(5000, generator=torch.Generator().manual_seed(0)))
+    assert select_lowest_streamed([layer], 2500, sample_size=100, chunk_size=512) is None
+
+
+def test_streamed_selection_finds_nan_outside_its_sample():
+    scores = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
+    scores[7777] = float("nan")
+    with pytest.raises(NonFiniteScores) as caught:
+        select_lowest_streamed([ScoredLayer.of(torch.rand(50)), ScoredLayer.of(scores)], 10, sample_size=16)
+    assert caught.value.layers == [1]
+
+
+def test_streamed_selection_refuses_more_than_the_kept_entries():
+    with pytest.raises(ValueError, match="k=3"):
+        select_lowest_streamed([ScoredLayer.of(torch.ones(4), torch.tensor([True, False, True, False]))], 3)
