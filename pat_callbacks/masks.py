@@ -109,6 +109,24 @@ class MaskStore:
             else:
                 mask.masked_fill_(pruned.to(mask.device), False)
 
+    def flip(self, entries: Mapping[str, Tensor]) -> None:
+        """Swap ``entries`` (bool, the parameter's shape) of existing masks in place: kept ones become pruned and
+        pruned ones kept (a drop-and-grow). Weights are *not* touched here: call :meth:`apply` after.
+
+        Example:
+            >>> import torch
+            >>> store = MaskStore({"w": torch.nn.Parameter(torch.ones(3))})
+            >>> _ = store.set_masks({"w": torch.tensor([True, False, True])})
+            >>> store.flip({"w": torch.tensor([True, True, False])})
+            >>> store.masks["w"].tolist()
+            [False, True, True]
+        """
+        for name, swapped in entries.items():
+            mask = self.masks.get(name)
+            if mask is None or tuple(swapped.shape) != tuple(mask.shape):
+                raise ValueError(f"Cannot flip {name!r}: it has no mask of shape {tuple(swapped.shape)}")
+            mask.logical_xor_(swapped.to(mask.device))
+
     def sync_devices(self) -> None:
         """Move each mask to its parameter's current device (call after the model moved, e.g. to a GPU).
 

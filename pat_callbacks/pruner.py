@@ -43,8 +43,8 @@ from pat_callbacks._validation import check_choice, check_fraction
 from pat_callbacks.allocation import ALLOCATIONS, measure_sensitivity, plan_sparsities, reachable_range
 from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
-from pat_callbacks.patterns import BlockPattern, Pattern, UnstructuredPattern, make_pattern, prune_count
-from pat_callbacks.regrowth import GROWTH_METHODS, drop_and_grow
+from pat_callbacks.patterns import BlockPattern, NMPattern, Pattern, UnstructuredPattern, make_pattern, prune_count
+from pat_callbacks.regrowth import GROWTH_METHODS, swapped_entries
 from pat_callbacks.selection import NonFiniteScores, ScoredLayer, select_lowest, select_lowest_streamed
 from pat_callbacks.sharding import gather_full, local, local_rows
 from pat_callbacks.targets import normalize_patterns, select_parameters, target_roles
@@ -361,13 +361,16 @@ class Pruner:
 
     # ------------------------------------------------------- streamed updates (one process, unstructured)
     def _streamable(self, sparsity: float) -> bool:
-        """Updates that only shrink unstructured masks in one process: scored chunk by chunk, masks pruned in place
-        (see :func:`~pat_callbacks.selection.select_lowest_streamed`)."""
+        """Updates that only shrink unstructured or N:M masks in one process: scored chunk by chunk, masks pruned in
+        place (see :func:`~pat_callbacks.selection.select_lowest_streamed`)."""
         opts = self.options
         return (
             self.group is None
-            and isinstance(opts.pattern, UnstructuredPattern)
-            and (opts.allocation in SHAPE_ALLOCATIONS or self._one_threshold())
+            and (
+                (isinstance(opts.pattern, UnstructuredPattern) and opts.allocation in SHAPE_ALLOCATIONS)
+                or self._one_threshold()
+                or (isinstance(opts.pattern, NMPattern) and opts.allocation == "uniform")
+            )
             and not (self.masks and sparsity < self.target_sparsity)
         )
 
@@ -391,6 +394,9 @@ class Pruner:
         per_layer = list(self.params) if method == opts.allocation else fixed
         chosen: dict[str, Tensor] = {}
         for name in per_layer:
+            if isinstance(opts.pattern, NMPattern):
+                chosen[name] = self._nm_streamed(name, planned[name], kept.get(name), scores, step)
+                continue
             needed = prune_count(numel[name], planned[name]) - already[name]
             chosen.update(self._select_streamed([name], needed, kept, scores, step, scaled=False))
         rest = [name for name in self.params if name not in chosen]
@@ -407,6 +413,39 @@ class Pruner:
             {n: (already[n] + int(chosen[n].count_nonzero())) / numel[n] for n in self.params}, step
         )
         return {name: chosen[name].view(local(self.params[name]).shape) for name in self.params}
+
+    def _nm_streamed(
+        self, name: str, sparsity: float, kept: Tensor | None, scores: Mapping[str, Tensor] | None, step: int | None
+    ) -> Tensor:
+        """An N:M layer's entries to prune now (flat bool, among the kept ones), a block of whole rows at a time:
+        each group lies in one row, so rows are masked independently. Matrices stored in x out take the whole
+        layer at once (their groups run down the columns)."""
+        pattern: Pattern = self.options.pattern  # type: ignore[assignment]
+        layer = self._scored_layer(name, kept, scores)
+        shape = local(self.params[name]).shape
+        if name in self.transposed:
+            whole = layer.chunk(0, layer.numel).view(shape)
+            if not _finite(whole):
+                self._warn_non_finite([name], step)
+                raise _NonFinite
+            new = self._mask(name, whole, sparsity, None if kept is None else ~kept.view(shape)).reshape(-1)
+            return ~new if kept is None else kept & ~new
+        width = layer.numel // shape[0]
+        rows = max(1, selection.CHUNK_SIZE // width)
+        chosen = torch.zeros(layer.numel, dtype=torch.bool, device=local(self.params[name]).device)
+        for start in range(0, shape[0], rows):
+            a, b = start * width, min(start + rows, shape[0]) * width
+            block = layer.chunk(a, b).view(-1, width)  # may be a view of given scores: never written to
+            if not _finite(block):
+                self._warn_non_finite([name], step)
+                raise _NonFinite
+            if kept is not None:  # entries pruned before score lowest: they stay pruned
+                block = block.masked_fill(~kept[a:b].view(-1, width), float("-inf"))
+            part = chosen[a:b].view(-1, width)
+            torch.logical_not(pattern.mask(block, sparsity), out=part)
+            if kept is not None:
+                part.logical_and_(kept[a:b].view(-1, width))
+        return chosen
 
     def _select_streamed(
         self,
@@ -590,7 +629,7 @@ class Pruner:
         step: int | None = None,
     ) -> dict[str, float] | None:
         """Swap ``fraction`` of each masked layer's active weights for inactive ones (see
-        :func:`~pat_callbacks.regrowth.drop_and_grow`): drop the lowest |w|, regrow by dense-gradient magnitude
+        :func:`~pat_callbacks.regrowth.swapped_entries`): drop the lowest |w|, regrow by dense-gradient magnitude
         (``"rigl"``) or at random (``"set"``). Regrown entries restart at zero with zeroed optimizer state; each
         layer's count is unchanged. Returns metrics, or ``None`` (with a warning) if weights or gradients are not
         finite.
@@ -612,15 +651,14 @@ class Pruner:
             inputs.update({f"{name} (grad)": _local_or_none(p.grad) for name, p in self.params.items()})
         if not self._all_finite(inputs, step):
             return None
+        if self.group is None:
+            return self._regrow_in_place(fraction, method, generator, optimizers)
         new_masks, regrown, dropped = {}, {}, {}
         for name, old in self.masks.items():
             param = self.params[name]
             if method == "rigl" and param.grad is None:
                 continue  # a layer without a gradient this step keeps its mask
-            if self.group is None:
-                new_masks[name] = drop_and_grow(old, param, param.grad, fraction, method, generator)
-            else:
-                new_masks[name] = self._drop_and_grow_sharded(old, param, fraction, method, generator)
+            new_masks[name] = self._drop_and_grow_sharded(old, param, fraction, method, generator)
             regrown[name] = new_masks[name] & ~old
             dropped[name] = old & ~new_masks[name]
         counts = [sum(int(self.masks[name].sum()) for name in new_masks)]
@@ -632,6 +670,37 @@ class Pruner:
             "pruning/drop_fraction": fraction,
             "pruning/regrown": float(n_regrown),
             "pruning/dropped": float(n_dropped),
+            "pruning/mask_change_rate": n_regrown / max(n_active, 1),
+        }
+
+    def _regrow_in_place(
+        self,
+        fraction: float,
+        method: str,
+        generator: torch.Generator | None,
+        optimizers: Iterable[torch.optim.Optimizer],
+    ) -> dict[str, float]:
+        """Drop-and-grow in one process: each layer's swapped entries chosen by streamed selections, the same on
+        every DDP rank, flipped in its mask in place."""
+        swapped: dict[str, Tensor] = {}
+        n_active = 0
+        for name, mask in self.masks.items():
+            param = self.params[name]
+            if method == "rigl" and param.grad is None:
+                continue  # a layer without a gradient this step keeps its mask
+            swapped[name] = swapped_entries(mask, param, param.grad, fraction, method, generator)
+            n_active += int(mask.count_nonzero())
+        swapped = broadcast_masks(swapped)
+        self.last_changed = {}
+        self.store.flip(swapped)
+        self.store.apply()
+        self.last_changed = swapped
+        self.reset_optimizer_state(optimizers)
+        n_regrown = sum(int(entries.count_nonzero()) for entries in swapped.values()) // 2  # as many as dropped
+        return {
+            "pruning/drop_fraction": fraction,
+            "pruning/regrown": float(n_regrown),
+            "pruning/dropped": float(n_regrown),
             "pruning/mask_change_rate": n_regrown / max(n_active, 1),
         }
 
@@ -903,7 +972,7 @@ class Pruner:
 
     def _all_finite(self, tensors: Mapping[str, Tensor | None], step: int | None) -> bool:
         names = sorted(tensors)
-        flags = [int(tensors[n] is not None and not bool(torch.isfinite(tensors[n]).all())) for n in names]
+        flags = [int(tensors[n] is not None and not _finite(tensors[n])) for n in names]
         bad = [n for n, flag in zip(names, self._sum_over_ranks(flags), strict=True) if flag]  # ranks agree
         if not bad:
             return True
@@ -921,6 +990,12 @@ class Pruner:
         )
         for values in self.criterion_state.values():
             values.clear()
+
+
+def _finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite: a sum first (a fast reduction; NaN and Inf propagate), the entry-wise check
+    only when the sum is not finite (it may merely have overflowed)."""
+    return math.isfinite(float(tensor.detach().sum())) or bool(torch.isfinite(tensor).all())
 
 
 class _NeedsExactSelection(Exception):

@@ -20,13 +20,15 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from pat_callbacks._validation import check_choice
+from pat_callbacks.selection import ScoredLayer, select_lowest_kept
 
-__all__ = ["DECAYS", "GROWTH_METHODS", "drop_and_grow", "update_fraction"]
+__all__ = ["DECAYS", "GROWTH_METHODS", "drop_and_grow", "swapped_entries", "update_fraction"]
 
 DECAYS = ("cosine", "linear", "constant")
 GROWTH_METHODS = ("rigl", "set")
@@ -64,7 +66,7 @@ def drop_and_grow(
     """New mask: drop ``round(fraction * active)`` lowest-|w| active entries, regrow as many inactive ones.
 
     The count regrown equals the count dropped (capped by the entries inactive before the update), so the
-    number of active entries is unchanged.
+    number of active entries is unchanged. (``mask ^ swapped_entries(...)``.)
 
     Example:
         >>> import torch
@@ -74,27 +76,54 @@ def drop_and_grow(
         >>> int(new.sum()), bool(new[0]), bool(new[1])
         (2, True, False)
     """
+    return mask ^ swapped_entries(mask, weight, grad, fraction, method, generator)
+
+
+def swapped_entries(
+    mask: Tensor,
+    weight: Tensor,
+    grad: Tensor | None,
+    fraction: float,
+    method: str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The entries a drop-and-grow flips (``mask`` 's shape): the dropped active ones and the regrown inactive
+    ones, as many of each; ``mask ^= swapped`` applies them in place.
+
+    Both choices are streamed selections (:func:`~pat_callbacks.selection.select_lowest_kept`): weights and
+    gradients are scored chunk by chunk, never copied whole; ties go to the lower index.
+
+    Example:
+        >>> import torch
+        >>> mask = torch.tensor([True, True, False, False])
+        >>> swapped_entries(mask, torch.tensor([0.9, 0.1, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.2, 0.7]), 0.5,
+        ...                 "rigl").tolist()
+        [False, True, False, True]
+    """
     check_choice("method", method, GROWTH_METHODS)
     if method == "rigl" and grad is None:
         raise ValueError("method='rigl' needs the dense gradient, but got grad=None")
     flat_mask = mask.reshape(-1)
-    inactive_before = ~flat_mask
-    n_active = int(flat_mask.sum())
-    n_swap = min(round(fraction * n_active), int(inactive_before.sum()))
+    n_active = int(flat_mask.count_nonzero())
+    n_swap = min(round(fraction * n_active), flat_mask.numel() - n_active)
     if n_swap == 0:
-        return mask.clone()
-    # Drop: the lowest |w| among active entries (inactive ones get +inf so they are never chosen).
-    drop_scores = torch.where(flat_mask, weight.detach().reshape(-1).abs().float(), torch.inf)
-    dropped = torch.topk(drop_scores, n_swap, largest=False, sorted=False).indices
-    # Grow: the best-scoring entries among those inactive before the update (active ones get -inf).
+        return torch.zeros_like(mask)
+    inactive = ~flat_mask
+    # Drop: the lowest |w| among active entries.
+    weights = weight.detach().reshape(-1)
+    (dropped,) = select_lowest_kept([_scored(weights, torch.abs, flat_mask)], n_swap)
+    # Grow: the best-scoring entries among those inactive before the update.
     if grad is not None and method == "rigl":
-        grow_scores = grad.detach().reshape(-1).abs().float()
+        grads = grad.detach().reshape(-1)
+        grow = _scored(grads, lambda g: g.abs().neg_(), inactive)
     else:
-        device = flat_mask.device
-        grow_scores = torch.rand(flat_mask.numel(), generator=generator, device="cpu").to(device)
-    grow_scores = torch.where(inactive_before, grow_scores, -torch.inf)
-    grown = torch.topk(grow_scores, n_swap, largest=True, sorted=False).indices
-    new_mask = flat_mask.clone()
-    new_mask[dropped] = False
-    new_mask[grown] = True
-    return new_mask.view_as(mask)
+        noise = torch.rand(flat_mask.numel(), generator=generator, device="cpu").to(flat_mask.device)
+        grow = ScoredLayer.of(noise.neg_(), inactive)
+    (grown,) = select_lowest_kept([grow], n_swap)
+    return dropped.logical_or_(grown).view_as(mask)
+
+
+def _scored(values: Tensor, score: Callable[[Tensor], Tensor], kept: Tensor) -> ScoredLayer:
+    return ScoredLayer(
+        values.numel(), lambda a, b: score(values[a:b].float()), lambda i: score(values[i].float()), kept
+    )

@@ -30,6 +30,7 @@ __all__ = [
     "count_below",
     "ordered_keys",
     "select_lowest",
+    "select_lowest_kept",
     "select_lowest_streamed",
 ]
 
@@ -323,3 +324,24 @@ def _raw_bounds(low: float, high: float, scale: float) -> tuple[float, float]:
         return low, high
     lo, hi = low * scale, high * scale
     return lo - abs(lo) * 1e-6 - 1e-30, hi + abs(hi) * 1e-6 + 1e-30
+
+
+def select_lowest_kept(layers: Sequence[ScoredLayer], k: int) -> list[Tensor]:
+    """:func:`select_lowest_streamed`, or the same choice by an exact selection over whole score tensors where its
+    bracket missed.
+
+    Example:
+        >>> import torch
+        >>> layer = ScoredLayer.of(torch.tensor([0.3, 0.1, 0.2]), kept=torch.tensor([True, False, True]))
+        >>> select_lowest_kept([layer], 1)[0].tolist()
+        [False, False, True]
+    """
+    chosen = select_lowest_streamed(layers, k)
+    if chosen is not None:
+        return chosen
+    scores = []
+    for layer in layers:
+        values = layer.chunk(0, layer.numel)
+        values = values / layer.scale if layer.scale != 1.0 else values
+        scores.append(values if layer.kept is None else torch.where(layer.kept, values, torch.inf))
+    return select_lowest(scores, k)

@@ -179,6 +179,27 @@ def test_streamed_updates_choose_the_same_masks_as_exact_selection(monkeypatch, 
             assert torch.equal(streamed.get_parameter(name), exact.get_parameter(name))
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor"])
+def test_streamed_two_four_updates_choose_the_same_masks_as_whole_layers(monkeypatch, criterion):
+    import pat_callbacks.selection as selection
+
+    monkeypatch.setattr(selection, "CHUNK_SIZE", 100)  # a few rows at a time
+    streamed, exact = _mlp(), _mlp()
+    for a, b in zip(streamed.parameters(), exact.parameters(), strict=True):
+        a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(a.numel()))
+        b.grad = a.grad.clone()
+    fast, slow = Pruner(streamed, criterion=criterion, pattern="2:4"), Pruner(exact, criterion=criterion, pattern="2:4")
+    slow._streamable = lambda sparsity: False
+    for pruner in (fast, slow):
+        pruner.accumulate()
+    for sparsity in (0.25, 0.5):
+        assert fast.prune_to(sparsity) and slow.prune_to(sparsity)
+        for name in slow.masks:
+            assert torch.equal(fast.masks[name], slow.masks[name]), (sparsity, name)
+            assert torch.equal(streamed.get_parameter(name), exact.get_parameter(name))
+    assert all(((m.reshape(-1, 4)).sum(1) == 2).all() for m in fast.masks.values())
+
+
 def test_streamed_updates_shrink_the_masks_in_place(monkeypatch):
     import pat_callbacks.selection as selection
 
