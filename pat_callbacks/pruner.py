@@ -361,18 +361,14 @@ class Pruner:
 
     # ------------------------------------------------------- streamed updates (one process, unstructured)
     def _streamable(self, sparsity: float) -> bool:
-        """Updates that only shrink unstructured or N:M masks in one process: scored chunk by chunk, masks pruned in
-        place (see :func:`~pat_callbacks.selection.select_lowest_streamed`)."""
+        """Updates that only shrink unstructured or N:M masks (one process or sharded): scored chunk by chunk, masks
+        pruned in place (see :func:`~pat_callbacks.selection.select_lowest_streamed`)."""
         opts = self.options
         return (
-            self.group is None
-            and (
-                (isinstance(opts.pattern, UnstructuredPattern) and opts.allocation in SHAPE_ALLOCATIONS)
-                or self._one_threshold()
-                or (isinstance(opts.pattern, NMPattern) and opts.allocation == "uniform")
-            )
-            and not (self.masks and sparsity < self.target_sparsity)
-        )
+            (isinstance(opts.pattern, UnstructuredPattern) and opts.allocation in SHAPE_ALLOCATIONS)
+            or self._one_threshold()
+            or (isinstance(opts.pattern, NMPattern) and opts.allocation == "uniform")
+        ) and not (self.masks and sparsity < self.target_sparsity)
 
     def _prune_streamed(
         self, sparsity: float, final_sparsity: float | None, scores: Mapping[str, Tensor] | None, step: int | None
@@ -389,7 +385,7 @@ class Pruner:
         )
         numel = {name: p.numel() for name, p in self.params.items()}
         kept = {name: mask.reshape(-1) for name, mask in self.masks.items()}
-        already = {name: numel[name] - int(kept[name].count_nonzero()) if name in kept else 0 for name in numel}
+        already = self._pruned_now(kept)
         fixed = [n for n in self.params if any(fnmatchcase(n, p) for p in opts.layer_sparsity or {})]
         per_layer = list(self.params) if method == opts.allocation else fixed
         chosen: dict[str, Tensor] = {}
@@ -406,13 +402,28 @@ class Pruner:
             selected = self._select_streamed(
                 rest, budget - sum(already[n] for n in rest), kept, scores, step, scaled=opts.allocation == "global"
             )
-            if any(already[n] + int(selected[n].count_nonzero()) >= numel[n] for n in rest):
+            counts = self._sum_over_ranks([int(selected[n].count_nonzero()) for n in rest])
+            if any(already[n] + count >= numel[n] for n, count in zip(rest, counts, strict=True)):
                 raise _NeedsExactSelection  # a layer left empty: the allocation keeps one weight per layer
             chosen.update(selected)
+        names = list(self.params)
+        counts = self._sum_over_ranks([int(chosen[n].count_nonzero()) for n in names])
         self._warn_nearly_empty(
-            {n: (already[n] + int(chosen[n].count_nonzero())) / numel[n] for n in self.params}, step
+            {n: (already[n] + count) / numel[n] for n, count in zip(names, counts, strict=True)}, step
         )
         return {name: chosen[name].view(local(self.params[name]).shape) for name in self.params}
+
+    def _pruned_now(self, kept: Mapping[str, Tensor]) -> dict[str, int]:
+        """Entries pruned now per parameter, from its (flat) mask, over every rank."""
+        names = list(self.params)
+        local_counts = [kept[n].numel() - int(kept[n].count_nonzero()) if n in kept else 0 for n in names]
+        return dict(zip(names, self._sum_over_ranks(local_counts), strict=True))
+
+    def _raise_if_not_finite(self, name: str, finite: bool, step: int | None) -> None:
+        """Every rank raises :class:`_NonFinite` (warned) if a rank saw NaN/Inf in ``name``'s scores."""
+        if self._sum_over_ranks([int(not finite)])[0]:
+            self._warn_non_finite([name], step)
+            raise _NonFinite
 
     def _nm_streamed(
         self, name: str, sparsity: float, kept: Tensor | None, scores: Mapping[str, Tensor] | None, step: int | None
@@ -425,26 +436,26 @@ class Pruner:
         shape = local(self.params[name]).shape
         if name in self.transposed:
             whole = layer.chunk(0, layer.numel).view(shape)
-            if not _finite(whole):
-                self._warn_non_finite([name], step)
-                raise _NonFinite
+            self._raise_if_not_finite(name, _finite(whole), step)
             new = self._mask(name, whole, sparsity, None if kept is None else ~kept.view(shape)).reshape(-1)
             return ~new if kept is None else kept & ~new
         width = layer.numel // shape[0]
         rows = max(1, selection.CHUNK_SIZE // width)
         chosen = torch.zeros(layer.numel, dtype=torch.bool, device=local(self.params[name]).device)
+        finite = True
         for start in range(0, shape[0], rows):
             a, b = start * width, min(start + rows, shape[0]) * width
             block = layer.chunk(a, b).view(-1, width)  # may be a view of given scores: never written to
             if not _finite(block):
-                self._warn_non_finite([name], step)
-                raise _NonFinite
+                finite = False
+                break
             if kept is not None:  # entries pruned before score lowest: they stay pruned
                 block = block.masked_fill(~kept[a:b].view(-1, width), float("-inf"))
             part = chosen[a:b].view(-1, width)
             torch.logical_not(pattern.mask(block, sparsity), out=part)
             if kept is not None:
                 part.logical_and_(kept[a:b].view(-1, width))
+        self._raise_if_not_finite(name, finite, step)
         return chosen
 
     def _select_streamed(
@@ -464,6 +475,7 @@ class Pruner:
         layers = [self._scored_layer(name, kept.get(name), scores) for name in names]
         if scaled:
             totals = [self._layer_total(n, layer, scores is None) for n, layer in zip(names, layers, strict=True)]
+            totals = self._sum_over_ranks(totals, torch.float64)
             if not all(math.isfinite(t) for t in totals):
                 self._warn_non_finite([n for n, t in zip(names, totals, strict=True) if not math.isfinite(t)], step)
                 raise _NonFinite
@@ -472,7 +484,7 @@ class Pruner:
                 replace(layer, scale=mean if mean > 0 else 1.0) for layer, mean in zip(layers, means, strict=True)
             ]
         try:
-            selected = select_lowest_streamed(layers, count)
+            selected = select_lowest_streamed(layers, count, group=self.group)
         except NonFiniteScores as error:
             self._warn_non_finite([names[i] for i in error.layers], step)
             raise _NonFinite from None
@@ -651,27 +663,7 @@ class Pruner:
             inputs.update({f"{name} (grad)": _local_or_none(p.grad) for name, p in self.params.items()})
         if not self._all_finite(inputs, step):
             return None
-        if self.group is None:
-            return self._regrow_in_place(fraction, method, generator, optimizers)
-        new_masks, regrown, dropped = {}, {}, {}
-        for name, old in self.masks.items():
-            param = self.params[name]
-            if method == "rigl" and param.grad is None:
-                continue  # a layer without a gradient this step keeps its mask
-            new_masks[name] = self._drop_and_grow_sharded(old, param, fraction, method, generator)
-            regrown[name] = new_masks[name] & ~old
-            dropped[name] = old & ~new_masks[name]
-        counts = [sum(int(self.masks[name].sum()) for name in new_masks)]
-        if new_masks:
-            self.set_masks(new_masks, reset=regrown, optimizers=optimizers)
-        counts += [sum(int(r.sum()) for r in regrown.values()), sum(int(d.sum()) for d in dropped.values())]
-        n_active, n_regrown, n_dropped = self._sum_over_ranks(counts)
-        return {
-            "pruning/drop_fraction": fraction,
-            "pruning/regrown": float(n_regrown),
-            "pruning/dropped": float(n_dropped),
-            "pruning/mask_change_rate": n_regrown / max(n_active, 1),
-        }
+        return self._regrow_in_place(fraction, method, generator, optimizers)
 
     def _regrow_in_place(
         self,
@@ -680,23 +672,25 @@ class Pruner:
         generator: torch.Generator | None,
         optimizers: Iterable[torch.optim.Optimizer],
     ) -> dict[str, float]:
-        """Drop-and-grow in one process: each layer's swapped entries chosen by streamed selections, the same on
-        every DDP rank, flipped in its mask in place."""
+        """Drop-and-grow: each layer's swapped entries chosen by streamed selections (over the ranks of a sharded
+        layer; the same on every DDP rank), flipped in its mask in place."""
         swapped: dict[str, Tensor] = {}
         n_active = 0
         for name, mask in self.masks.items():
             param = self.params[name]
             if method == "rigl" and param.grad is None:
                 continue  # a layer without a gradient this step keeps its mask
-            swapped[name] = swapped_entries(mask, param, param.grad, fraction, method, generator)
+            grad = None if param.grad is None else local(param.grad)
+            swapped[name] = swapped_entries(mask, local(param), grad, fraction, method, generator, group=self.group)
             n_active += int(mask.count_nonzero())
-        swapped = broadcast_masks(swapped)
+        swapped = broadcast_masks(swapped) if self.group is None else swapped  # shards are per rank
         self.last_changed = {}
         self.store.flip(swapped)
         self.store.apply()
         self.last_changed = swapped
         self.reset_optimizer_state(optimizers)
-        n_regrown = sum(int(entries.count_nonzero()) for entries in swapped.values()) // 2  # as many as dropped
+        n_swapped, n_active = self._sum_over_ranks([sum(int(e.count_nonzero()) for e in swapped.values()), n_active])
+        n_regrown = n_swapped // 2  # as many as dropped
         return {
             "pruning/drop_fraction": fraction,
             "pruning/regrown": float(n_regrown),
@@ -772,27 +766,10 @@ class Pruner:
             masks.update({name: ~chosen for name, chosen in zip(rest, selected, strict=True)})
             if self.group is None and any(not bool(masks[n].any()) for n in rest):
                 return self._masks_by_allocation(sparsity, final_sparsity, None, step)  # keep one weight per layer
-        self._warn_nearly_empty({n: 1.0 - float(m.float().mean()) for n, m in masks.items()}, step)
+        names = list(masks)
+        counts = self._sum_over_ranks([m.numel() - int(m.count_nonzero()) for m in masks.values()])
+        self._warn_nearly_empty({n: c / self.params[n].numel() for n, c in zip(names, counts, strict=True)}, step)
         return masks
-
-    def _drop_and_grow_sharded(
-        self, mask: Tensor, param: Tensor, fraction: float, method: str, generator: torch.Generator | None
-    ) -> Tensor:
-        """:func:`~pat_callbacks.regrowth.drop_and_grow` over a sharded layer, with exact global counts."""
-        active, inactive = self._sum_over_ranks([int(mask.sum()), int((~mask).sum())])
-        n_swap = min(round(fraction * active), inactive)
-        if n_swap == 0:
-            return mask.clone()
-        weight = local(param).detach().float()
-        drop_scores = torch.where(mask, weight.abs(), torch.inf)
-        if method == "rigl":
-            grow = local(param.grad).detach().float().abs()
-        else:
-            grow = torch.rand(mask.shape, generator=generator).to(mask.device)
-        grow_scores = torch.where(mask, torch.inf, -grow)  # highest gradient first, among the inactive entries
-        dropped = select_lowest([drop_scores], n_swap, self.group)[0]
-        grown = select_lowest([grow_scores], n_swap, self.group)[0]
-        return (mask & ~dropped) | grown
 
     def set_masks(
         self,
@@ -900,7 +877,11 @@ class Pruner:
         layers = layer_sparsity if layer_sparsity is not None else self.layer_sparsity()
         total = sum(t.numel() for t in tensors.values())
         counted = [round(layers[n] * t.numel()) for n, t in tensors.items() if n in self.params]
-        measured = [int((local(t).detach() == 0).sum()) for n, t in tensors.items() if n not in self.params]
+        measured = [
+            local(t).numel() - int(local(t).detach().count_nonzero())
+            for n, t in tensors.items()
+            if n not in self.params
+        ]
         zeros = sum(counted) + (sum(self._sum_over_ranks(measured)) if measured else 0)
         return zeros / total if total else 0.0
 

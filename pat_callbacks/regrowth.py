@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -86,12 +87,15 @@ def swapped_entries(
     fraction: float,
     method: str,
     generator: torch.Generator | None = None,
+    *,
+    group: Any = None,
 ) -> Tensor:
     """The entries a drop-and-grow flips (``mask`` 's shape): the dropped active ones and the regrown inactive
     ones, as many of each; ``mask ^= swapped`` applies them in place.
 
     Both choices are streamed selections (:func:`~pat_callbacks.selection.select_lowest_kept`): weights and
-    gradients are scored chunk by chunk, never copied whole; ties go to the lower index.
+    gradients are scored chunk by chunk, never copied whole; ties go to the lower index. With ``group``, ``mask``,
+    ``weight`` and ``grad`` are this rank's shards and the counts are over every rank's.
 
     Example:
         >>> import torch
@@ -104,14 +108,18 @@ def swapped_entries(
     if method == "rigl" and grad is None:
         raise ValueError("method='rigl' needs the dense gradient, but got grad=None")
     flat_mask = mask.reshape(-1)
-    n_active = int(flat_mask.count_nonzero())
-    n_swap = min(round(fraction * n_active), flat_mask.numel() - n_active)
+    n_active, numel = int(flat_mask.count_nonzero()), flat_mask.numel()
+    if group is not None:  # a shard: counts over every rank's rows
+        counts = torch.tensor([n_active, numel], device=flat_mask.device)
+        torch.distributed.all_reduce(counts, group=group)
+        n_active, numel = (int(c) for c in counts.cpu())
+    n_swap = min(round(fraction * n_active), numel - n_active)
     if n_swap == 0:
         return torch.zeros_like(mask)
     inactive = ~flat_mask
     # Drop: the lowest |w| among active entries.
     weights = weight.detach().reshape(-1)
-    (dropped,) = select_lowest_kept([_scored(weights, torch.abs, flat_mask)], n_swap)
+    (dropped,) = select_lowest_kept([_scored(weights, torch.abs, flat_mask)], n_swap, group)
     # Grow: the best-scoring entries among those inactive before the update.
     if grad is not None and method == "rigl":
         grads = grad.detach().reshape(-1)
@@ -119,7 +127,7 @@ def swapped_entries(
     else:
         noise = torch.rand(flat_mask.numel(), generator=generator, device="cpu").to(flat_mask.device)
         grow = ScoredLayer.of(noise.neg_(), inactive)
-    (grown,) = select_lowest_kept([grow], n_swap)
+    (grown,) = select_lowest_kept([grow], n_swap, group)
     return dropped.logical_or_(grown).view_as(mask)
 
 

@@ -202,9 +202,11 @@ def _flat_or_none(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.reshape(-1)
 
 
-# Samples drawn to bracket the threshold, and entries scored per chunk (4 x 128k floats stay in a core's L2 cache).
+# Samples drawn to bracket the threshold (at most: 1 in 64 entries for smaller selections), and entries scored per
+# chunk (4 x 128k floats stay in a core's L2 cache).
 SAMPLE_SIZE = 1 << 17
 CHUNK_SIZE = 1 << 17
+_MIN_SAMPLE = 1 << 12
 _Z = 6.0  # the bracket's half-width in standard deviations of the sampled rank estimate
 
 
@@ -212,19 +214,21 @@ def select_lowest_streamed(
     layers: Sequence[ScoredLayer],
     k: int,
     *,
+    group: Any = None,
     seed: int = 0,
     sample_size: int | None = None,
     chunk_size: int | None = None,
 ) -> list[Tensor] | None:
     """Flat bool masks (one per layer) choosing exactly the ``k`` lowest ``score / scale`` among the kept entries of
-    all layers; ties at the threshold are taken in layer, then index order (as :func:`select_lowest` does).
+    all layers (and of all ranks of ``group``: each rank passes its local shards of the same layers, ``k`` is the
+    global count); ties at the threshold are taken in rank, layer, then index order (as :func:`select_lowest`).
 
-    The scores are never held whole: a seeded sample brackets the k-th value, one streamed pass scores each chunk,
-    marks the entries below the bracket and keeps the few inside it, and an exact selection among those settles the
-    rest. Transient memory is one chunk of scores plus the bracket's candidates (about 2% of the entries); time is
-    about one scoring pass plus a few passes over bool chunks. Returns ``None`` if the bracket missed (a chance of
-    about 1e-9 per call: the caller then selects exactly on whole tensors), and raises :class:`NonFiniteScores` if a
-    score is NaN or infinite. One process only (sharded layers use :func:`select_lowest`).
+    The scores are never held whole: a seeded sample (gathered from every rank: a few hundred kB) brackets the k-th
+    value, one streamed pass scores each chunk, marks the entries below the bracket and keeps the few inside it, and
+    an exact selection among those settles the rest. Transient memory is one chunk of scores plus the bracket's
+    candidates (about 2% of the entries); time is about one scoring pass plus a few passes over bool chunks. Returns
+    ``None`` on every rank if the bracket missed (a chance of about 1e-9 per call: the caller then selects exactly
+    on whole tensors), and raises :class:`NonFiniteScores` on every rank if a score is NaN or infinite.
 
     Example:
         >>> import torch
@@ -234,42 +238,45 @@ def select_lowest_streamed(
     """
     k = int(k)
     sample_size, chunk_size = sample_size or SAMPLE_SIZE, chunk_size or CHUNK_SIZE
+    device = _device(layers[0]) if layers else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
-    samples, weights, variance, kept_total = [], [], 0.0, 0
+    numel_total, kept_total = _sums([sum(x.numel for x in layers), _kept_count(layers)], group, device)
+    sample_size = min(sample_size, max(_MIN_SAMPLE, numel_total // 64))  # the bracket's cost stays a fraction
+    samples, weights, variance, bad = [], [], 0.0, [0] * len(layers)
     for index, layer in enumerate(layers):
-        kept_total += layer.numel if layer.kept is None else int(layer.kept.count_nonzero())
         if layer.numel <= sample_size:  # small: every entry, exactly
             indices, weight = None, 1.0
             values = layer.chunk(0, layer.numel)
         else:
-            count = max(1, math.ceil(sample_size * layer.numel / max(sum(x.numel for x in layers), 1)))
-            indices = torch.randint(layer.numel, (count,), generator=generator)
+            count = max(1, math.ceil(sample_size * layer.numel / max(numel_total, 1)))
+            indices = torch.randint(layer.numel, (count,), generator=generator).to(_device(layer))
             weight = layer.numel / count
             variance += layer.numel * weight / 4  # Var of the estimated count below a value <= n^2 / (4 m)
-            indices = indices.to(_device(layer))
             values = layer.at(indices)
-        if not bool(torch.isfinite(values).all()):
-            raise NonFiniteScores([index])
+        bad[index] = int(not bool(torch.isfinite(values).all()))
         if layer.kept is not None:
             values = values[layer.kept[indices] if indices is not None else layer.kept]
         samples.append(values.cpu().double() / layer.scale)
         weights.append(torch.full((values.numel(),), weight, dtype=torch.float64))
+    _raise_if_bad(_sums(bad, group, device))
     if not 0 <= k <= kept_total:
         raise ValueError(f"Expected 0 <= k <= {kept_total} kept entries, but got k={k}")
     chosen = [torch.zeros(layer.numel, dtype=torch.bool, device=_device(layer)) for layer in layers]
     if k == 0:
         return chosen
-    low, high = _bracket(torch.cat(samples), torch.cat(weights), k, _Z * math.sqrt(variance) + 1.0)
-    below, band_values, band_indices, bad, in_band = 0, [], [], [], 0
-    cap = 4 * (_Z * math.sqrt(variance) + 1.0) + 1024  # candidates beyond this mean the bracket was too wide
+    (variance,) = _sums([variance], group, device, torch.float64)
+    margin = _Z * math.sqrt(variance) + 1.0
+    low, high = _bracket(*_gathered(torch.cat(samples), torch.cat(weights), group, device), k, margin)
+    cap = 4 * margin + 1024  # candidates beyond this (on a rank) mean the bracket was too wide
+    below, in_band, band_values, band_indices = 0, 0, [], []
     for index, layer in enumerate(layers):
         lo, hi = _raw_bounds(low, high, layer.scale)
         values_kept, indices_kept = [], []
-        for start in range(0, layer.numel, chunk_size):
+        for start in range(0, layer.numel if in_band <= cap else 0, chunk_size):
             stop = min(start + chunk_size, layer.numel)
             scores = layer.chunk(start, stop)
             if not math.isfinite(float(scores.sum())) and not bool(torch.isfinite(scores).all()):
-                bad.append(index)
+                bad[index] = 1
                 break
             marked = chosen[index][start:stop]
             torch.lt(scores, lo, out=marked)
@@ -285,21 +292,59 @@ def select_lowest_streamed(
             indices_kept.append(where + start)
             in_band += where.numel()
             if in_band > cap:
-                return None
-        band_values.append(torch.cat(values_kept) if values_kept else torch.empty(0))
+                break
+        band_values.append(torch.cat(values_kept) if values_kept else torch.empty(0, device=_device(layer)))
         band_indices.append(torch.cat(indices_kept) if indices_kept else torch.empty(0, dtype=torch.int64))
-    if bad:
-        raise NonFiniteScores(bad)
+    *bad, below, band_total, too_wide = _sums([*bad, below, in_band, int(in_band > cap)], group, device)
+    _raise_if_bad(bad)
     needed = k - below
-    if not 0 <= needed <= sum(v.numel() for v in band_values):
+    if too_wide or not 0 <= needed <= band_total:
         return None
     normalised = [
         values / layer.scale if layer.scale != 1.0 else values
         for values, layer in zip(band_values, layers, strict=True)
     ]
-    for mask, taken, where in zip(chosen, select_lowest(normalised, needed), band_indices, strict=True):
+    for mask, taken, where in zip(chosen, select_lowest(normalised, needed, group), band_indices, strict=True):
         mask[where[taken]] = True
     return chosen
+
+
+def _kept_count(layers: Sequence[ScoredLayer]) -> int:
+    return sum(x.numel if x.kept is None else int(x.kept.count_nonzero()) for x in layers)
+
+
+def _sums(values: list[Any], group: Any, device: torch.device, dtype: torch.dtype = torch.int64) -> list[Any]:
+    """Element-wise sums over the ranks of ``group`` (``values`` unchanged without one)."""
+    if group is None:
+        return list(values)
+    return _all_reduce(torch.tensor(values, dtype=dtype, device=device), group).cpu().tolist()
+
+
+def _raise_if_bad(flags: list[int]) -> None:
+    bad = [index for index, flag in enumerate(flags) if flag]
+    if bad:
+        raise NonFiniteScores(bad)
+
+
+def _gathered(values: Tensor, weights: Tensor, group: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Every rank's samples and their weights (padded to one length with ``inf`` of weight 0 for the gather)."""
+    if group is None:
+        return values, weights
+    world = torch.distributed.get_world_size(group)
+    size = max(_all_gather_sizes(values.numel(), world, group, device))
+    padded = torch.full((2, size), math.inf, dtype=torch.float64)
+    padded[1] = 0.0
+    padded[0, : values.numel()], padded[1, : values.numel()] = values, weights
+    parts = [torch.empty_like(padded, device=device) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded.to(device), group=group)
+    both = torch.cat([part.cpu() for part in parts], dim=1)
+    return both[0], both[1]
+
+
+def _all_gather_sizes(size: int, world: int, group: Any, device: torch.device) -> list[int]:
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    sizes[torch.distributed.get_rank(group)] = size
+    return _all_reduce(sizes, group).cpu().tolist()
 
 
 def _device(layer: ScoredLayer) -> torch.device:
@@ -326,7 +371,7 @@ def _raw_bounds(low: float, high: float, scale: float) -> tuple[float, float]:
     return lo - abs(lo) * 1e-6 - 1e-30, hi + abs(hi) * 1e-6 + 1e-30
 
 
-def select_lowest_kept(layers: Sequence[ScoredLayer], k: int) -> list[Tensor]:
+def select_lowest_kept(layers: Sequence[ScoredLayer], k: int, group: Any = None) -> list[Tensor]:
     """:func:`select_lowest_streamed`, or the same choice by an exact selection over whole score tensors where its
     bracket missed.
 
@@ -336,7 +381,7 @@ def select_lowest_kept(layers: Sequence[ScoredLayer], k: int) -> list[Tensor]:
         >>> select_lowest_kept([layer], 1)[0].tolist()
         [False, False, True]
     """
-    chosen = select_lowest_streamed(layers, k)
+    chosen = select_lowest_streamed(layers, k, group=group)
     if chosen is not None:
         return chosen
     scores = []
@@ -344,4 +389,4 @@ def select_lowest_kept(layers: Sequence[ScoredLayer], k: int) -> list[Tensor]:
         values = layer.chunk(0, layer.numel)
         values = values / layer.scale if layer.scale != 1.0 else values
         scores.append(values if layer.kept is None else torch.where(layer.kept, values, torch.inf))
-    return select_lowest(scores, k)
+    return select_lowest(scores, k, group)

@@ -137,3 +137,45 @@ def test_streamed_selection_finds_nan_outside_its_sample():
 def test_streamed_selection_refuses_more_than_the_kept_entries():
     with pytest.raises(ValueError, match="k=3"):
         select_lowest_streamed([ScoredLayer.of(torch.ones(4), torch.tensor([True, False, True, False]))], 3)
+
+
+def _streamed_worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        full = [torch.randn(60, 50, generator=generator), torch.randint(0, 9, (41, 30), generator=generator).float()]
+        kept_full = [torch.rand(f.shape, generator=generator) > 0.25 for f in full]
+        rows = [slice(rank * f.shape[0] // world, (rank + 1) * f.shape[0] // world) for f in full]  # uneven shards
+        scores = [f[r] for f, r in zip(full, rows, strict=True)]
+        kept = [m[r].reshape(-1) for m, r in zip(kept_full, rows, strict=True)]
+        scales = [1.0, 2.5]
+        layers = [ScoredLayer.of(s, m, sc) for s, m, sc in zip(scores, kept, scales, strict=True)]
+        agree = []
+        for k in (1, 700, 2000, 3000):
+            got = select_lowest_streamed(layers, k, group=dist.group.WORLD, sample_size=64, chunk_size=300)
+            reference = select_lowest(
+                [torch.where(m, s.reshape(-1) / sc, torch.inf) for s, m, sc in zip(scores, kept, scales, strict=True)],
+                k,
+                dist.group.WORLD,
+            )
+            agree.append(got is not None and all(torch.equal(g, r) for g, r in zip(got, reference, strict=True)))
+            counts = torch.tensor([sum(int(g.sum()) for g in got)])
+            dist.all_reduce(counts)
+            agree.append(int(counts) == k)
+        queue.put((rank, agree))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_streamed_selection_over_ranks_matches_the_exact_distributed_one():
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = 29_650 + os.getpid() % 1000
+    processes = [context.Process(target=_streamed_worker, args=(rank, 2, port, queue)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    assert all(all(flags) for flags in results.values()), results
