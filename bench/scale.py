@@ -295,7 +295,9 @@ def _sharded_update(rank: int, weights_m: float, variant: str) -> tuple[Any, ...
         pruner.mask_grads()
     mask_s = (time.perf_counter() - start) / 5
     shard_bytes = sum(t.numel() * t.element_size() for t in shards)
-    zeros = torch.tensor([sum(int(t.numel() - t.count_nonzero()) for t in shards)])
+    # pruned entries: from the weights, or for RigL from the masks (regrown weights restart at exactly zero)
+    pruned = [pruner.masks[n] for n in pruner.params] if variant == "rigl" else shards
+    zeros = torch.tensor([sum(int(t.numel() - t.count_nonzero()) for t in pruned)])
     dist.all_reduce(zeros)
     if int(zeros) != _expected_zeros([p.numel() for p in params], variant):
         raise RuntimeError(f"rank {rank}: the sharded update did not reach 0.8 ({int(zeros)} zeros)")
@@ -375,6 +377,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         (right, "Transient memory of an update", "peak extra RSS / weight bytes", 0.6),
     ):
         axis.set_xscale("log", base=2)
+        axis.set_yscale("log" if axis is left else "linear")
         axis.set_xlabel("weights (millions)")
         axis.set_ylabel(ylabel)
         axis.set_title(title)
@@ -435,12 +438,14 @@ def main() -> None:
         mode, size, variant = args.single
         print(json.dumps(_run_single(mode, float(size), variant, args.threads)))
         return
-    rows = []
+    rows, failures = [], []
     for mode, size, variant in plan(args):
         command = [sys.executable, __file__, "--single", mode, f"{size:g}", variant, "--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise SystemExit(f"{mode} {size:g} {variant} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        if done.returncode != 0:  # reported at the end; the rows measured so far are still written
+            failures.append(f"{mode} {size:g} {variant} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            print(failures[-1], file=sys.stderr, flush=True)
+            continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
         row.pop("module", None)
         rows.append(row)
@@ -453,6 +458,8 @@ def main() -> None:
         writer.writerows(rows)
     _plot(rows, args.out / "scale.png")
     print(f"wrote {args.out / 'scale.csv'} and {args.out / 'scale.png'}")
+    if failures:
+        raise SystemExit(f"{len(failures)} measurement(s) failed (above)")
 
 
 if __name__ == "__main__":
