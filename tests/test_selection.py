@@ -60,16 +60,21 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def test_ranks_select_exactly_k_of_their_shards_together():
+def _on_two_ranks(worker, port: int) -> dict:
+    """Run ``worker(rank, 2, port, queue)`` in 2 spawned gloo processes; ``{rank: what it put}``."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = 29_600 + os.getpid() % 1000
-    processes = [context.Process(target=_worker, args=(rank, 2, port, queue)) for rank in range(2)]
+    processes = [context.Process(target=worker, args=(rank, 2, port, queue)) for rank in range(2)]
     for process in processes:
         process.start()
     results = dict(queue.get(timeout=120) for _ in processes)
     for process in processes:
         process.join(timeout=60)
+    return results
+
+
+def test_ranks_select_exactly_k_of_their_shards_together():
+    results = _on_two_ranks(_worker, 29_600 + os.getpid() % 1000)
     generator = torch.Generator().manual_seed(0)
     full = [torch.randint(0, 50, (8, 6), generator=generator).float(), torch.randn(7, generator=generator)]
     stitched = [
@@ -169,13 +174,5 @@ def _streamed_worker(rank: int, world: int, port: int, queue) -> None:
 
 
 def test_streamed_selection_over_ranks_matches_the_exact_distributed_one():
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = 29_650 + os.getpid() % 1000
-    processes = [context.Process(target=_streamed_worker, args=(rank, 2, port, queue)) for rank in range(2)]
-    for process in processes:
-        process.start()
-    results = dict(queue.get(timeout=120) for _ in processes)
-    for process in processes:
-        process.join(timeout=60)
+    results = _on_two_ranks(_streamed_worker, 29_650 + os.getpid() % 1000)
     assert all(all(flags) for flags in results.values()), results
