@@ -124,15 +124,22 @@ def measure(weights_m: float, variant: str, threads: int) -> dict[str, Any]:
     for _ in range(5):
         pruner.mask_grads()
     mask_s = (time.perf_counter() - start) / 5
+    row = _row("pruner", weights_m, variant, pass_s, update_s, (memory.peak - memory.before) / weight_bytes, mask_s)
+    return {"module": pat_callbacks_file(), **row}
+
+
+def _row(
+    mode: str, weights_m: float, variant: str, pass_s: float, update_s: float, transient: float, mask_s: float
+) -> dict[str, Any]:
+    """One CSV row: seconds as ms, and the ratios to one pass."""
     return {
-        "module": pat_callbacks_file(),
-        "mode": "pruner",
+        "mode": mode,
         "weights_m": weights_m,
         "variant": variant,
         "pass_ms": round(pass_s * 1e3, 2),
         "update_ms": round(update_s * 1e3, 1),
         "update_per_pass": round(update_s / pass_s, 2),
-        "transient_per_weight_bytes": round((memory.peak - memory.before) / weight_bytes, 3),
+        "transient_per_weight_bytes": round(transient, 3),
         "grad_mask_per_pass": round(mask_s / pass_s, 2),
     }
 
@@ -227,16 +234,8 @@ def measure_callback(weights_m: float, variant: str, threads: int) -> dict[str, 
     zeros = sum(int(p.numel() - p.count_nonzero()) for p in params)
     if zeros != _expected_zeros([p.numel() for p in params], variant):
         raise RuntimeError(f"the callback did not reach 0.8 on the real weights ({zeros} zeros)")
-    return {
-        "mode": "callback",
-        "weights_m": weights_m,
-        "variant": variant,
-        "pass_ms": round(pass_s * 1e3, 2),
-        "update_ms": round((seconds[2] - plain) * 1e3, 1),
-        "update_per_pass": round((seconds[2] - plain) / pass_s, 2),
-        "transient_per_weight_bytes": round(extra_bytes[2] / weight_bytes, 3),
-        "grad_mask_per_pass": round(plain / pass_s, 2),
-    }
+    extra = seconds[2] - plain
+    return _row("callback", weights_m, variant, pass_s, extra, extra_bytes[2] / weight_bytes, plain)
 
 
 def _sharded_rank(rank: int, weights_m: float, variant: str, port: int, queue: Any) -> None:
@@ -323,16 +322,7 @@ def measure_sharded(weights_m: float, variant: str) -> dict[str, Any]:
         process.join(timeout=60)
     slowest = max(results, key=lambda r: r[2] / r[1])
     _, pass_s, update_s, _, mask_s = slowest
-    return {
-        "mode": "sharded",
-        "weights_m": weights_m,
-        "variant": variant,
-        "pass_ms": round(pass_s * 1e3, 2),
-        "update_ms": round(update_s * 1e3, 1),
-        "update_per_pass": round(update_s / pass_s, 2),
-        "transient_per_weight_bytes": round(max(r[3] for r in results), 3),
-        "grad_mask_per_pass": round(mask_s / pass_s, 2),
-    }
+    return _row("sharded", weights_m, variant, pass_s, update_s, max(r[3] for r in results), mask_s)
 
 
 def pat_callbacks_file() -> str:
