@@ -515,7 +515,7 @@ class Pruner:
             }
             return self.criterion.score(flat[where], None if grad is None else grad[where], part).float()
 
-        return ScoredLayer(flat.numel(), lambda a, b: score(slice(a, b)), score, kept)
+        return ScoredLayer(flat.numel(), lambda a, b: score(slice(a, b)), score, kept, device=flat.device)
 
     def _layer_total(self, name: str, layer: ScoredLayer, from_criterion: bool) -> float:
         """Sum of a layer's scores over every entry (pruned ones too), for the global allocation's mean: from the

@@ -150,6 +150,7 @@ class ScoredLayer:
         at: ``at(indices)`` -> the float32 scores of the flat ``indices``.
         kept: flat bool tensor of the entries that may be chosen (``None``: all of them).
         scale: scores are ranked divided by this (``> 0``; e.g. the layer's mean score for a global threshold).
+        device: where the scores live (default: ``kept``'s device, else the CPU); masks are made there.
 
     Example:
         >>> import torch
@@ -164,6 +165,7 @@ class ScoredLayer:
     at: Callable[[Tensor], Tensor]
     kept: Tensor | None = None
     scale: float = 1.0
+    device: torch.device | None = None
 
     @staticmethod
     def of(scores: Tensor, kept: Tensor | None = None, scale: float = 1.0) -> ScoredLayer:
@@ -176,7 +178,12 @@ class ScoredLayer:
         """
         flat = scores.detach().reshape(-1)
         return ScoredLayer(
-            flat.numel(), lambda a, b: flat[a:b].float(), lambda i: flat[i].float(), _flat_or_none(kept), scale
+            flat.numel(),
+            lambda a, b: flat[a:b].float(),
+            lambda i: flat[i].float(),
+            _flat_or_none(kept),
+            scale,
+            flat.device,
         )
 
 
@@ -294,7 +301,9 @@ def select_lowest_streamed(
             if in_band > cap:
                 break
         band_values.append(torch.cat(values_kept) if values_kept else torch.empty(0, device=_device(layer)))
-        band_indices.append(torch.cat(indices_kept) if indices_kept else torch.empty(0, dtype=torch.int64))
+        band_indices.append(
+            torch.cat(indices_kept) if indices_kept else torch.empty(0, dtype=torch.int64, device=_device(layer))
+        )
     *bad, below, band_total, too_wide = _sums([*bad, below, in_band, int(in_band > cap)], group, device)
     _raise_if_bad(bad)
     needed = k - below
@@ -348,7 +357,9 @@ def _all_gather_sizes(size: int, world: int, group: Any, device: torch.device) -
 
 
 def _device(layer: ScoredLayer) -> torch.device:
-    return layer.kept.device if layer.kept is not None else torch.device("cpu")
+    if layer.kept is not None:
+        return layer.kept.device
+    return layer.device if layer.device is not None else torch.device("cpu")
 
 
 def _bracket(values: Tensor, weights: Tensor, k: int, margin: float) -> tuple[float, float]:
