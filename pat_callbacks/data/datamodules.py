@@ -1,7 +1,8 @@
 """DataModules for the bundled, offline datasets.
 
 Shuffling uses :class:`EpochSeededSampler` (the order of epoch ``e`` depends only on ``seed`` and ``e``), so a
-run resumed from a checkpoint sees the same batches as an uninterrupted one.
+run resumed from a checkpoint sees the same batches as an uninterrupted one; on several ranks (DDP, FSDP2) each rank
+takes its share of that order through :class:`DistributedEpochSeededSampler`.
 
 Example:
     >>> dm = DigitsDataModule(batch_size=32)
@@ -13,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,11 +23,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
 from pat_callbacks._validation import check_fraction, check_int
 
-__all__ = ["DigitsDataModule", "EpochSeededSampler", "MNIST1DDataModule"]
+__all__ = ["DigitsDataModule", "DistributedEpochSeededSampler", "EpochSeededSampler", "MNIST1DDataModule"]
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -60,6 +62,53 @@ class EpochSeededSampler(Sampler[int]):
         return self.length
 
 
+class DistributedEpochSeededSampler(DistributedSampler):
+    """One rank's share of :class:`EpochSeededSampler`'s order: padded to a multiple of ``num_replicas`` by
+    repeating its start and strided by rank, as ``DistributedSampler`` does with ``drop_last=False``.
+
+    Lightning leaves a ``DistributedSampler`` as it is. Any other sampler it wraps in ``DistributedSamplerWrapper``,
+    which shuffles the wrapped order again by ``seed + epoch`` with the epoch from ``set_epoch``, and that value is
+    one too high after resuming from an epoch-end checkpoint (measured with Lightning 2.6: ``set_epoch(3)`` while
+    ``current_epoch`` is 2), so a resumed run on several ranks would see other batches than an uninterrupted one.
+
+    Example:
+        >>> ranks = [DistributedEpochSeededSampler(5, num_replicas=2, rank=r) for r in (0, 1)]
+        >>> order = list(EpochSeededSampler(5))
+        >>> [list(s) for s in ranks] == [(order + order[:1])[0::2], (order + order[:1])[1::2]]
+        True
+    """
+
+    def __init__(
+        self, length: int, num_replicas: int, rank: int, seed: int = 0, epoch_fn: Callable[[], int] | None = None
+    ) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
+        self.order = EpochSeededSampler(length, seed=seed, epoch_fn=epoch_fn)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.order.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(self.order)
+        padding = self.total_size - len(indices)
+        indices += (indices * math.ceil(padding / len(indices)))[:padding] if padding > 0 else []
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
+
+
+def _train_sampler(length: int, seed: int, trainer: pl.Trainer | None) -> Sampler[int]:
+    """The training sampler: the trainer's ranks split one epoch-seeded order (one rank: the order itself)."""
+
+    def epoch() -> int:
+        return trainer.current_epoch if trainer is not None else 0
+
+    ranks = trainer.distributed_sampler_kwargs if trainer is not None else None
+    if ranks:  # a distributed strategy, even with one data-parallel rank: Lightning would wrap any other sampler
+        return DistributedEpochSeededSampler(
+            length, num_replicas=ranks["num_replicas"], rank=ranks["rank"], seed=seed, epoch_fn=epoch
+        )
+    return EpochSeededSampler(length, seed=seed, epoch_fn=epoch)
+
+
 class _TensorDataModule(pl.LightningDataModule):
     """Train / validation / test splits held as tensors; subclasses fill them in :meth:`_load`."""
 
@@ -92,13 +141,9 @@ class _TensorDataModule(pl.LightningDataModule):
         if self.train_set is None or self.test_set is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested")
 
-    def _current_epoch(self) -> int:
-        trainer = self.trainer
-        return trainer.current_epoch if trainer is not None else 0
-
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        sampler = EpochSeededSampler(len(self.train_set), seed=self.seed, epoch_fn=self._current_epoch)
+        sampler = _train_sampler(len(self.train_set), self.seed, self.trainer)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -3,7 +3,8 @@ Gutenberg texts) or any text you pass in.
 
 Texts are split into train / validation / test *by document* (a play never straddles two splits), encoded as
 bytes mapped to a small printable vocabulary, and cut into non-overlapping windows of ``context + 1`` characters.
-Shuffling uses :class:`~pat_callbacks.data.EpochSeededSampler`, so a resumed run sees the same batches.
+Shuffling uses :class:`~pat_callbacks.data.EpochSeededSampler` (split over the ranks when distributed), so a resumed
+run sees the same batches.
 
 Example:
     >>> texts = {"a": "to be or not to be " * 20, "b": "that is the question " * 20, "c": "whether tis " * 20}
@@ -26,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from pat_callbacks._validation import check_int
-from pat_callbacks.data.datamodules import EpochSeededSampler
+from pat_callbacks.data.datamodules import _train_sampler
 
 __all__ = ["VOCAB_SIZE", "CharDataModule", "ShakespeareDataModule", "decode", "encode", "shakespeare_plays"]
 
@@ -154,13 +155,10 @@ class CharDataModule(pl.LightningDataModule):
         if len(self.train_windows) == 0:
             raise ValueError(f"The training documents hold no window of {self.context + 1} characters")
 
-    def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
-
     def train_dataloader(self) -> DataLoader:
         if self.train_windows is None:
             raise RuntimeError("CharDataModule.setup() must run before its dataloaders are requested")
-        sampler = EpochSeededSampler(len(self.train_windows), seed=self.seed, epoch_fn=self._current_epoch)
+        sampler = _train_sampler(len(self.train_windows), self.seed, self.trainer)
         return DataLoader(self.train_windows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
