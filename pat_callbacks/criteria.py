@@ -87,10 +87,6 @@ class Criterion(ABC):
         if self.needs_history:
             raise NotImplementedError(f"{type(self).__name__} declares needs_history but does not accumulate")
 
-    def total(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> float | None:
-        """The sum of :meth:`score` over every entry when it can be had without the scores (else ``None``)."""
-        return None
-
     def reset(self, state: dict[str, Tensor]) -> None:
         """Forget the history in ``state`` (after a mask update, for criteria averaged since the last one)."""
         state.clear()
@@ -133,9 +129,6 @@ class MagnitudeCriterion(Criterion):
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         return param.detach().abs()
-
-    def total(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> float | None:
-        return float(torch.linalg.vector_norm(param.detach(), 1, dtype=torch.float32))
 
 
 class TaylorCriterion(Criterion):

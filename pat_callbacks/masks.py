@@ -78,7 +78,7 @@ class MaskStore:
             param = local(self._param(name))
             if tuple(mask.shape) != tuple(param.shape):
                 raise ValueError(f"Mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(param.shape)}")
-            mask = mask.detach().to(device=param.device, dtype=torch.bool)
+            mask = mask.detach().to(device=param.device, dtype=torch.bool, copy=True)  # masks change in place later
             old = self.masks.get(name)
             newly_pruned[name] = ~mask if old is None else old & ~mask
             self.masks[name] = mask

@@ -295,6 +295,8 @@ class Pruner:
                 chosen = {}
             except _NonFinite:
                 return False
+            if self.group is None and not _all_ranks_agree(bool(chosen)):
+                chosen = {}  # DDP ranks whose scores differ: all take the exact path, whose masks are broadcast
             if chosen:
                 self.target_sparsity = sparsity
                 self.prune_entries(chosen, optimizers=optimizers)
@@ -439,7 +441,7 @@ class Pruner:
             self._raise_if_not_finite(name, _finite(whole), step)
             new = self._mask(name, whole, sparsity, None if kept is None else ~kept.view(shape)).reshape(-1)
             return ~new if kept is None else kept & ~new
-        width = layer.numel // shape[0]
+        width = max(1, layer.numel // max(shape[0], 1))  # a shard may hold no rows
         rows = max(1, selection.CHUNK_SIZE // width)
         chosen = torch.zeros(layer.numel, dtype=torch.bool, device=local(self.params[name]).device)
         finite = True
@@ -474,7 +476,7 @@ class Pruner:
             raise _NeedsExactSelection  # the target is below what is pruned already: masks would grow back
         layers = [self._scored_layer(name, kept.get(name), scores) for name in names]
         if scaled:
-            totals = [self._layer_total(n, layer, scores is None) for n, layer in zip(names, layers, strict=True)]
+            totals = [self._layer_total(layer) for layer in layers]
             totals = self._sum_over_ranks(totals, torch.float64)
             if not all(math.isfinite(t) for t in totals):
                 self._warn_non_finite([n for n, t in zip(names, totals, strict=True) if not math.isfinite(t)], step)
@@ -517,20 +519,14 @@ class Pruner:
 
         return ScoredLayer(flat.numel(), lambda a, b: score(slice(a, b)), score, kept, device=flat.device)
 
-    def _layer_total(self, name: str, layer: ScoredLayer, from_criterion: bool) -> float:
-        """Sum of a layer's scores over every entry (pruned ones too), for the global allocation's mean: from the
-        criterion when it can tell without scoring (magnitude: one L1 norm), else summed chunk by chunk."""
-        total = None
-        if from_criterion:
-            param = self.params[name]
-            grad = None if param.grad is None else local(param.grad)
-            total = self.criterion.total(local(param), grad, self.criterion_state.get(name, {}))
-        if total is None:
-            total = sum(
-                float(layer.chunk(start, min(start + selection.CHUNK_SIZE, layer.numel)).sum(dtype=torch.float64))
-                for start in range(0, layer.numel, selection.CHUNK_SIZE)
-            )
-        return total
+    @staticmethod
+    def _layer_total(layer: ScoredLayer) -> float:
+        """Sum of a layer's scores over every entry (pruned ones too), for the global allocation's mean: chunk by
+        chunk (each chunk's float32 sum is exact to ~1e-7; a float32 L1 norm of a whole large layer is not)."""
+        return sum(
+            float(layer.chunk(start, min(start + selection.CHUNK_SIZE, layer.numel)).sum())
+            for start in range(0, layer.numel, selection.CHUNK_SIZE)
+        )
 
     def prune_entries(self, entries: Mapping[str, Tensor], *, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Prune ``entries`` (bool per parameter, among the kept ones) in place, the same on every rank: masks
@@ -1001,6 +997,19 @@ def _refuse_uninitialized(model_or_params: nn.Module | Mapping[str, nn.Parameter
             f"{lazy} are uninitialised (a lazy module such as nn.LazyLinear) and have no shape to prune yet: run a "
             "forward pass or build the model before fit, or use configure_model"
         )
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    """Under torch.distributed (DDP), whether ``flag`` holds on every rank; ``flag`` itself in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    if torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:

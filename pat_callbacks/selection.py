@@ -269,8 +269,6 @@ def select_lowest_streamed(
     if not 0 <= k <= kept_total:
         raise ValueError(f"Expected 0 <= k <= {kept_total} kept entries, but got k={k}")
     chosen = [torch.zeros(layer.numel, dtype=torch.bool, device=_device(layer)) for layer in layers]
-    if k == 0:
-        return chosen
     (variance,) = _sums([variance], group, device, torch.float64)
     margin = _Z * math.sqrt(variance) + 1.0
     low, high = _bracket(*_gathered(torch.cat(samples), torch.cat(weights), group, device), k, margin)
