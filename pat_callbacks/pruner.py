@@ -45,7 +45,14 @@ from pat_callbacks.criteria import Criterion, get_criterion
 from pat_callbacks.masks import MaskStore
 from pat_callbacks.patterns import BlockPattern, NMPattern, Pattern, UnstructuredPattern, make_pattern, prune_count
 from pat_callbacks.regrowth import GROWTH_METHODS, swapped_entries
-from pat_callbacks.selection import NonFiniteScores, ScoredLayer, select_lowest, select_lowest_streamed
+from pat_callbacks.selection import (
+    NonFiniteScores,
+    ScoredLayer,
+    all_finite,
+    select_lowest,
+    select_lowest_streamed,
+    sum_over_ranks,
+)
 from pat_callbacks.sharding import gather_full, local, local_rows
 from pat_callbacks.targets import normalize_patterns, select_parameters, target_roles
 
@@ -361,7 +368,7 @@ class Pruner:
             del layer
         return masks
 
-    # ------------------------------------------------------- streamed updates (one process, unstructured)
+    # ------------------------------------------------ streamed updates (unstructured and N:M; one process or sharded)
     def _streamable(self, sparsity: float) -> bool:
         """Updates that only shrink unstructured or N:M masks (one process or sharded): scored chunk by chunk, masks
         pruned in place (see :func:`~pat_callbacks.selection.select_lowest_streamed`)."""
@@ -374,11 +381,11 @@ class Pruner:
 
     def _prune_streamed(
         self, sparsity: float, final_sparsity: float | None, scores: Mapping[str, Tensor] | None, step: int | None
-    ) -> dict[str, Tensor] | None:
-        """The entries to prune now, per parameter (flat bool, among the kept ones), by streamed selections: per
-        layer for uniform / ERK / pinned layers, one threshold over the other layers for global allocations.
-        ``None`` (warned) on NaN/Inf scores; raises :class:`_NeedsExactSelection` where a streamed pass cannot
-        decide (a layer's target below what it already prunes, a layer left empty, a missed bracket)."""
+    ) -> dict[str, Tensor]:
+        """The entries to prune now, per parameter (bool, among the kept ones), by streamed selections: per layer
+        for uniform / ERK / pinned layers and N:M, one threshold over the other layers for global allocations.
+        Raises :class:`_NonFinite` (warned) on NaN/Inf scores and :class:`_NeedsExactSelection` where a streamed pass
+        cannot decide (a layer's target below what it already prunes, a layer left empty, a missed bracket)."""
         opts = self.options
         shapes = {name: torch.empty(p.shape, device="meta") for name, p in self.params.items()}
         method = "uniform" if opts.allocation in ("global", "global_raw") else opts.allocation
@@ -438,7 +445,7 @@ class Pruner:
         shape = local(self.params[name]).shape
         if name in self.transposed:
             whole = layer.chunk(0, layer.numel).view(shape)
-            self._raise_if_not_finite(name, _finite(whole), step)
+            self._raise_if_not_finite(name, all_finite(whole), step)
             new = self._mask(name, whole, sparsity, None if kept is None else ~kept.view(shape)).reshape(-1)
             return ~new if kept is None else kept & ~new
         width = max(1, layer.numel // max(shape[0], 1))  # a shard may hold no rows
@@ -448,7 +455,7 @@ class Pruner:
         for start in range(0, shape[0], rows):
             a, b = start * width, min(start + rows, shape[0]) * width
             block = layer.chunk(a, b).view(-1, width)  # may be a view of given scores: never written to
-            if not _finite(block):
+            if not all_finite(block):
                 finite = False
                 break
             if kept is not None:  # entries pruned before score lowest: they stay pruned
@@ -541,12 +548,23 @@ class Pruner:
             >>> pruner.sparsity(), layer.weight[0, 0].item() == 0
             (0.25, True)
         """
+        self._change_in_place(entries, self.store.prune, optimizers)
+
+    def _change_in_place(
+        self,
+        entries: Mapping[str, Tensor],
+        change: Callable[[Mapping[str, Tensor]], None],
+        optimizers: Iterable[torch.optim.Optimizer],
+    ) -> dict[str, Tensor]:
+        """Apply ``change`` (the store's ``prune`` or ``flip``) to ``entries`` agreed over DDP ranks (a sharded
+        rank keeps its own), zero the pruned weights and reset the optimizer state of the entries; returns them."""
         agreed = broadcast_masks(dict(entries)) if self.group is None else dict(entries)
-        self.last_changed = {}
-        self.store.prune(agreed)
+        self.last_changed = {}  # the previous update's entries are not held through this one
+        change(agreed)
         self.store.apply()
-        self.last_changed = dict(agreed)
+        self.last_changed = agreed
         self.reset_optimizer_state(optimizers)
+        return agreed
 
     def _one_threshold(self) -> bool:
         """Global allocations without caps on unstructured masks: one exact selection over all layers."""
@@ -679,12 +697,7 @@ class Pruner:
             grad = None if param.grad is None else local(param.grad)
             swapped[name] = swapped_entries(mask, local(param), grad, fraction, method, generator, group=self.group)
             n_active += int(mask.count_nonzero())
-        swapped = broadcast_masks(swapped) if self.group is None else swapped  # shards are per rank
-        self.last_changed = {}
-        self.store.flip(swapped)
-        self.store.apply()
-        self.last_changed = swapped
-        self.reset_optimizer_state(optimizers)
+        swapped = self._change_in_place(swapped, self.store.flip, optimizers)
         n_swapped, n_active = self._sum_over_ranks([sum(int(e.count_nonzero()) for e in swapped.values()), n_active])
         n_regrown = n_swapped // 2  # as many as dropped
         return {
@@ -713,12 +726,8 @@ class Pruner:
 
     def _sum_over_ranks(self, values: list[Any], dtype: torch.dtype = torch.int64) -> list[Any]:
         """Element-wise sums over the ranks of a sharded pruner (``values`` unchanged in one process)."""
-        if self.group is None:
-            return values
         device = local(next(iter(self.params.values()))).device
-        total = torch.tensor(values, dtype=dtype, device=device)
-        torch.distributed.all_reduce(total, group=self.group)
-        return total.cpu().tolist()
+        return sum_over_ranks(values, self.group, device, dtype)
 
     def _masks_by_selection(
         self, sparsity: float, final_sparsity: float | None, scores: Mapping[str, Tensor] | None, step: int | None
@@ -949,7 +958,7 @@ class Pruner:
 
     def _all_finite(self, tensors: Mapping[str, Tensor | None], step: int | None) -> bool:
         names = sorted(tensors)
-        flags = [int(tensors[n] is not None and not _finite(tensors[n])) for n in names]
+        flags = [int(tensors[n] is not None and not all_finite(tensors[n])) for n in names]
         bad = [n for n, flag in zip(names, self._sum_over_ranks(flags), strict=True) if flag]  # ranks agree
         if not bad:
             return True
@@ -967,12 +976,6 @@ class Pruner:
         )
         for values in self.criterion_state.values():
             values.clear()
-
-
-def _finite(tensor: Tensor) -> bool:
-    """Whether every entry is finite: a sum first (a fast reduction; NaN and Inf propagate), the entry-wise check
-    only when the sum is not finite (it may merely have overflowed)."""
-    return math.isfinite(float(tensor.detach().sum())) or bool(torch.isfinite(tensor).all())
 
 
 class _NeedsExactSelection(Exception):
@@ -999,11 +1002,18 @@ def _refuse_uninitialized(model_or_params: nn.Module | Mapping[str, nn.Parameter
         )
 
 
+def _several_processes() -> bool:
+    """Whether torch.distributed runs with more than one process (DDP without a shard group)."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
 def _all_ranks_agree(flag: bool) -> bool:
     """Under torch.distributed (DDP), whether ``flag`` holds on every rank; ``flag`` itself in one process."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    if torch.distributed.get_world_size() == 1:
+    if not _several_processes():
         return flag
     value = torch.tensor([int(flag)])
     if torch.distributed.get_backend() == "nccl":
@@ -1020,9 +1030,7 @@ def broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
         >>> broadcast_masks({"w": torch.tensor([True, False])})  # one process: unchanged
         {'w': tensor([ True, False])}
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return masks
-    if torch.distributed.get_world_size() == 1:
+    if not _several_processes():
         return masks
     synced = {}
     for name, mask in masks.items():

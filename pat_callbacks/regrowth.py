@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from pat_callbacks._validation import check_choice
-from pat_callbacks.selection import ScoredLayer, select_lowest_kept
+from pat_callbacks.selection import ScoredLayer, select_lowest_kept, sum_over_ranks
 
 __all__ = ["DECAYS", "GROWTH_METHODS", "drop_and_grow", "swapped_entries", "update_fraction"]
 
@@ -108,11 +108,8 @@ def swapped_entries(
     if method == "rigl" and grad is None:
         raise ValueError("method='rigl' needs the dense gradient, but got grad=None")
     flat_mask = mask.reshape(-1)
-    n_active, numel = int(flat_mask.count_nonzero()), flat_mask.numel()
-    if group is not None:  # a shard: counts over every rank's rows
-        counts = torch.tensor([n_active, numel], device=flat_mask.device)
-        torch.distributed.all_reduce(counts, group=group)
-        n_active, numel = (int(c) for c in counts.cpu())
+    # a shard: counts over every rank's rows
+    n_active, numel = sum_over_ranks([int(flat_mask.count_nonzero()), flat_mask.numel()], group, flat_mask.device)
     n_swap = min(round(fraction * n_active), numel - n_active)
     if n_swap == 0:
         return torch.zeros_like(mask)

@@ -27,11 +27,13 @@ from torch import Tensor
 __all__ = [
     "NonFiniteScores",
     "ScoredLayer",
+    "all_finite",
     "count_below",
     "ordered_keys",
     "select_lowest",
     "select_lowest_kept",
     "select_lowest_streamed",
+    "sum_over_ranks",
 ]
 
 _SIGN = torch.iinfo(torch.int32).min  # 0x80000000 as a signed int32
@@ -116,12 +118,7 @@ def _tie_quota(local_ties: list[int], needed: int, group: Any, device: torch.dev
     mine = sum(local_ties)
     if group is None:
         return min(needed, mine)
-    world = torch.distributed.get_world_size(group)
-    rank = torch.distributed.get_rank(group)
-    counts = torch.zeros(world, dtype=torch.int64, device=device)
-    counts[rank] = mine
-    torch.distributed.all_reduce(counts, group=group)
-    before = int(counts[:rank].sum())
+    before = sum(_per_rank(mine, group, device)[: torch.distributed.get_rank(group)])
     return max(0, min(mine, needed - before))
 
 
@@ -247,7 +244,7 @@ def select_lowest_streamed(
     sample_size, chunk_size = sample_size or SAMPLE_SIZE, chunk_size or CHUNK_SIZE
     device = _device(layers[0]) if layers else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
-    numel_total, kept_total = _sums([sum(x.numel for x in layers), _kept_count(layers)], group, device)
+    numel_total, kept_total = sum_over_ranks([sum(x.numel for x in layers), _kept_count(layers)], group, device)
     sample_size = min(sample_size, max(_MIN_SAMPLE, numel_total // 64))  # the bracket's cost stays a fraction
     samples, weights, variance, bad = [], [], 0.0, [0] * len(layers)
     for index, layer in enumerate(layers):
@@ -265,11 +262,11 @@ def select_lowest_streamed(
             values = values[layer.kept[indices] if indices is not None else layer.kept]
         samples.append(values.cpu().double() / layer.scale)
         weights.append(torch.full((values.numel(),), weight, dtype=torch.float64))
-    _raise_if_bad(_sums(bad, group, device))
+    _raise_if_bad(sum_over_ranks(bad, group, device))
     if not 0 <= k <= kept_total:
         raise ValueError(f"Expected 0 <= k <= {kept_total} kept entries, but got k={k}")
     chosen = [torch.zeros(layer.numel, dtype=torch.bool, device=_device(layer)) for layer in layers]
-    (variance,) = _sums([variance], group, device, torch.float64)
+    (variance,) = sum_over_ranks([variance], group, device, torch.float64)
     margin = _Z * math.sqrt(variance) + 1.0
     low, high = _bracket(*_gathered(torch.cat(samples), torch.cat(weights), group, device), k, margin)
     cap = 4 * margin + 1024  # candidates beyond this (on a rank) mean the bracket was too wide
@@ -280,7 +277,7 @@ def select_lowest_streamed(
         for start in range(0, layer.numel if in_band <= cap else 0, chunk_size):
             stop = min(start + chunk_size, layer.numel)
             scores = layer.chunk(start, stop)
-            if not math.isfinite(float(scores.sum())) and not bool(torch.isfinite(scores).all()):
+            if not all_finite(scores):
                 bad[index] = 1
                 break
             marked = chosen[index][start:stop]
@@ -302,7 +299,7 @@ def select_lowest_streamed(
         band_indices.append(
             torch.cat(indices_kept) if indices_kept else torch.empty(0, dtype=torch.int64, device=_device(layer))
         )
-    *bad, below, band_total, too_wide = _sums([*bad, below, in_band, int(in_band > cap)], group, device)
+    *bad, below, band_total, too_wide = sum_over_ranks([*bad, below, in_band, int(in_band > cap)], group, device)
     _raise_if_bad(bad)
     needed = k - below
     if too_wide or not 0 <= needed <= band_total:
@@ -320,11 +317,29 @@ def _kept_count(layers: Sequence[ScoredLayer]) -> int:
     return sum(x.numel if x.kept is None else int(x.kept.count_nonzero()) for x in layers)
 
 
-def _sums(values: list[Any], group: Any, device: torch.device, dtype: torch.dtype = torch.int64) -> list[Any]:
-    """Element-wise sums over the ranks of ``group`` (``values`` unchanged without one)."""
+def sum_over_ranks(values: list[Any], group: Any, device: torch.device, dtype: torch.dtype = torch.int64) -> list[Any]:
+    """Element-wise sums over the ranks of ``group`` (``values`` unchanged without one).
+
+    Example:
+        >>> import torch
+        >>> sum_over_ranks([3, 4], None, torch.device("cpu"))
+        [3, 4]
+    """
     if group is None:
         return list(values)
     return _all_reduce(torch.tensor(values, dtype=dtype, device=device), group).cpu().tolist()
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite: a sum first (a fast reduction; NaN and Inf propagate), the entry-wise check
+    only when the sum is not finite (it may merely have overflowed).
+
+    Example:
+        >>> import torch
+        >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("inf")]))
+        (True, False)
+    """
+    return math.isfinite(float(tensor.detach().sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _raise_if_bad(flags: list[int]) -> None:
@@ -338,7 +353,7 @@ def _gathered(values: Tensor, weights: Tensor, group: Any, device: torch.device)
     if group is None:
         return values, weights
     world = torch.distributed.get_world_size(group)
-    size = max(_all_gather_sizes(values.numel(), world, group, device))
+    size = max(_per_rank(values.numel(), group, device))
     padded = torch.full((2, size), math.inf, dtype=torch.float64)
     padded[1] = 0.0
     padded[0, : values.numel()], padded[1, : values.numel()] = values, weights
@@ -348,10 +363,11 @@ def _gathered(values: Tensor, weights: Tensor, group: Any, device: torch.device)
     return both[0], both[1]
 
 
-def _all_gather_sizes(size: int, world: int, group: Any, device: torch.device) -> list[int]:
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    sizes[torch.distributed.get_rank(group)] = size
-    return _all_reduce(sizes, group).cpu().tolist()
+def _per_rank(value: int, group: Any, device: torch.device) -> list[int]:
+    """Every rank's ``value``, in rank order."""
+    values = torch.zeros(torch.distributed.get_world_size(group), dtype=torch.int64, device=device)
+    values[torch.distributed.get_rank(group)] = value
+    return _all_reduce(values, group).cpu().tolist()
 
 
 def _device(layer: ScoredLayer) -> torch.device:
