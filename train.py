@@ -10,8 +10,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from pat_callbacks.config import register_configs
-from pat_callbacks.run import run_training
+from pat_callbacks.app.config import register_configs
+from pat_callbacks.app.run import run_training
 
 register_configs()
 

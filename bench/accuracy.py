@@ -56,8 +56,8 @@ def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict
     torch.set_num_threads(1)
     from hydra import compose, initialize_config_dir
 
-    from pat_callbacks.config import register_configs
-    from pat_callbacks.run import CONF_DIR, run_training
+    from pat_callbacks.app.config import register_configs
+    from pat_callbacks.app.run import CONF_DIR, run_training
 
     register_configs()
     overrides = [f"seed={seed}", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false", "~logger"]

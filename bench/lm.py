@@ -280,7 +280,7 @@ def _model_pruning_class() -> type:
     from lightning.pytorch.callbacks import ModelPruning
 
     from bench.peers import ModelPruningToSparsity
-    from pat_callbacks.targets import select_parameters
+    from pat_callbacks.core.targets import select_parameters
 
     class ModelPruningLM(ModelPruningToSparsity):
         """bench.peers' ModelPruning adapter for nn.MultiheadAttention: prunes the parameters pat-callbacks targets
@@ -356,8 +356,8 @@ def shrink_report(
 
     import torch
 
-    from pat_callbacks.attention import PrunedMultiheadAttention
     from pat_callbacks.structured import shrink
+    from pat_callbacks.structured.attention import PrunedMultiheadAttention
 
     net = copy.deepcopy(net).eval()
     tokens = batches[0][:, :-1]
@@ -432,8 +432,8 @@ def job(method: str, sparsity: float, seed: int, steps: int, model: str = MODEL,
     torch.set_num_threads(1)
     from hydra import compose, initialize_config_dir
 
-    from pat_callbacks.config import register_configs
-    from pat_callbacks.run import CONF_DIR, run_training
+    from pat_callbacks.app.config import register_configs
+    from pat_callbacks.app.run import CONF_DIR, run_training
 
     register_configs()
     sparsity = FIXED_SPARSITY.get(method, 0.0 if method == "dense" else sparsity)

@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
-from pat_callbacks.schedules import CubicSchedule
-from pat_callbacks.targets import select_parameters
+from pat_callbacks.core.schedules import CubicSchedule
+from pat_callbacks.core.targets import select_parameters
 
 
 def _modules_to_prune(model: nn.Module) -> list[tuple[nn.Module, str]]:

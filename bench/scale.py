@@ -264,7 +264,7 @@ def _sharded_update(rank: int, weights_m: float, variant: str) -> tuple[Any, ...
     from torch.distributed.tensor import distribute_tensor
 
     from pat_callbacks import Pruner
-    from pat_callbacks.sharding import local
+    from pat_callbacks.core.sharding import local
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

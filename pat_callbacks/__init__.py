@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from pat_callbacks.masks import MaskStore
-from pat_callbacks.pruner import Pruner, PruningOptions
-from pat_callbacks.schedules import (
+from pat_callbacks import _compat
+from pat_callbacks.core.masks import MaskStore
+from pat_callbacks.core.pruner import Pruner, PruningOptions
+from pat_callbacks.core.schedules import (
     ConstantSchedule,
     CubicSchedule,
     ExponentialSchedule,
@@ -26,9 +27,11 @@ from pat_callbacks.schedules import (
     make_schedule,
     register_schedule,
 )
+from pat_callbacks.core.targets import select_parameters
+from pat_callbacks.core.windows import ScheduleSpec
 from pat_callbacks.structured import StructuredPruner
-from pat_callbacks.targets import select_parameters
-from pat_callbacks.windows import ScheduleSpec
+
+_compat.install()  # old module paths (pat_callbacks.pruner, pat_callbacks.models, ...) keep working
 
 if TYPE_CHECKING:
     from pat_callbacks.callbacks import (

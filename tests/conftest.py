@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from pat_callbacks.data import DigitsDataModule
-from pat_callbacks.models import MLP, Classifier
+from pat_callbacks.app.data import DigitsDataModule
+from pat_callbacks.app.models import MLP, Classifier
 
 torch.set_num_threads(1)
 

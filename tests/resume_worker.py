@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from pat_callbacks import DynamicSparseTraining, GradualPruning
+from pat_callbacks.app.data import DigitsDataModule
 from pat_callbacks.callbacks.base import PruningCallback
-from pat_callbacks.data import DigitsDataModule
 from tests.conftest import make_module, make_trainer
 
 MAX_STEPS = 69  # three epochs of digits at batch 64

@@ -21,9 +21,9 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from pat_callbacks import DynamicSparseTraining, GradualPruning
+from pat_callbacks.app.data import DigitsDataModule
 from pat_callbacks.callbacks.base import PruningCallback
-from pat_callbacks.data import DigitsDataModule
-from pat_callbacks.sharding import gather_full
+from pat_callbacks.core.sharding import gather_full
 
 STEPS = 15  # three epochs of 5 steps per rank (digits at batch 144 on 2 ranks)
 

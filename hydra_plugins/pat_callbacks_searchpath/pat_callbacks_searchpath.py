@@ -26,6 +26,6 @@ class PatCallbacksSearchPathPlugin(SearchPathPlugin):
     """Appends the configs shipped in ``pat_callbacks/conf`` and registers their schemas."""
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        importlib.import_module("pat_callbacks.config")  # registers schema/pruning/* in Hydra's ConfigStore
+        importlib.import_module("pat_callbacks.app.config")  # registers schema/pruning/* in Hydra's ConfigStore
 
         search_path.append(provider=PROVIDER, path=SEARCH_PATH)

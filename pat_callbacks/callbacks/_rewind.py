@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from pat_callbacks.pruner import Pruner
+from pat_callbacks.core.pruner import Pruner
 
 
 class Rewinding:

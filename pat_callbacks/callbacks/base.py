@@ -1,4 +1,4 @@
-"""Lightning wiring shared by the pruning callbacks: hooks -> :class:`~pat_callbacks.pruner.Pruner` calls.
+"""Lightning wiring shared by the pruning callbacks: hooks -> :class:`~pat_callbacks.core.pruner.Pruner` calls.
 
 A subclass builds the pruner (:meth:`PruningCallback._build_pruner`) and says when masks change
 (:meth:`PruningCallback._on_step`); this class owns the hooks:
@@ -28,9 +28,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from pat_callbacks.callbacks._state import saved_state_key
-from pat_callbacks.masks import MaskStore
-from pat_callbacks.pruner import Pruner
-from pat_callbacks.targets import describe_targets, weight_matrices
+from pat_callbacks.core.masks import MaskStore
+from pat_callbacks.core.pruner import Pruner
+from pat_callbacks.core.targets import describe_targets, weight_matrices
 
 __all__ = ["ZERO_PRESERVING_OPTIMIZERS", "PruningCallback"]
 
@@ -46,7 +46,7 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
 
 
 class PruningCallback(Callback):
-    """Base class: a :class:`~pat_callbacks.pruner.Pruner` driven by Lightning's hooks, with logging and
+    """Base class: a :class:`~pat_callbacks.core.pruner.Pruner` driven by Lightning's hooks, with logging and
     checkpoint state.
 
     Subclasses build the pruner and say when masks change; see :class:`~pat_callbacks.GradualPruning`,

@@ -17,12 +17,12 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from pat_callbacks._rng import SeededGenerator
-from pat_callbacks._validation import check_choice, check_fraction, check_int
 from pat_callbacks.callbacks.base import PruningCallback
-from pat_callbacks.pruner import Pruner, PruningOptions
-from pat_callbacks.regrowth import DECAYS, GROWTH_METHODS, update_fraction
-from pat_callbacks.sharding import local
+from pat_callbacks.core._rng import SeededGenerator
+from pat_callbacks.core._validation import check_choice, check_fraction, check_int
+from pat_callbacks.core.pruner import Pruner, PruningOptions
+from pat_callbacks.core.regrowth import DECAYS, GROWTH_METHODS, update_fraction
+from pat_callbacks.core.sharding import local
 
 __all__ = ["DST_METHODS", "DynamicSparseTraining"]
 
@@ -34,7 +34,7 @@ class DynamicSparseTraining(PruningCallback):
 
     When training starts, each layer gets a random mask at the density chosen by ``allocation`` (ERK by default).
     Every ``update_every`` steps until ``stop_fraction`` of training, ``f(t)`` of each layer's active weights with
-    the lowest magnitude are dropped and as many inactive ones regrown (see :mod:`pat_callbacks.regrowth`):
+    the lowest magnitude are dropped and as many inactive ones regrown (see :mod:`pat_callbacks.core.regrowth`):
     by dense-gradient magnitude (``rigl``, read at the update step only, before gradient masking: no extra
     backward pass) or at random (``set``). ``static`` keeps the initial random mask (the baseline DST papers
     compare against). Regrown weights start at exactly zero with zeroed optimizer state. Randomness comes from a
@@ -51,7 +51,7 @@ class DynamicSparseTraining(PruningCallback):
         allocation: per-layer densities: ``"erk"``, ``"er"``, ``"uniform"``.
         seed: seed of the mask generator.
         include, exclude, keep_first, keep_last, layer_sparsity, allow_vectors: see
-            :class:`~pat_callbacks.pruner.PruningOptions`.
+            :class:`~pat_callbacks.core.pruner.PruningOptions`.
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:

@@ -18,13 +18,13 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
-from pat_callbacks._validation import check_fraction, check_int
 from pat_callbacks.callbacks._batches import cross_entropy, probe_batches
 from pat_callbacks.callbacks._rewind import Rewinding
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback, resolve_target
-from pat_callbacks.criteria import Criterion
-from pat_callbacks.pruner import Pruner, PruningOptions
-from pat_callbacks.schedules import Schedule
+from pat_callbacks.core._validation import check_fraction, check_int
+from pat_callbacks.core.criteria import Criterion
+from pat_callbacks.core.pruner import Pruner, PruningOptions
+from pat_callbacks.core.schedules import Schedule
 
 __all__ = ["GradualPruning"]
 
@@ -46,7 +46,7 @@ class GradualPruning(ScheduledPruningCallback):
             classes keep it (``CubicSchedule(final_sparsity=...)``: the value at the end of their ramp), and so
             does the checkpoint key, so checkpoints of earlier runs resume.
         schedule: ``"cubic"``, ``"polynomial"``, ``"linear"``, ``"exponential"``, ``"constant"``, ``"one_shot"``,
-            ``"odd_even"``, a :class:`~pat_callbacks.schedules.Schedule` (which then carries its own steps
+            ``"odd_even"``, a :class:`~pat_callbacks.core.schedules.Schedule` (which then carries its own steps
             and sparsity: the window arguments must be left unset), or a plain callable ``step -> sparsity``
             (updates every ``update_every`` steps over the window, by default the whole run).
         initial_sparsity: sparsity at the start of the window (ramp schedules only).
@@ -66,7 +66,7 @@ class GradualPruning(ScheduledPruningCallback):
             target sparsity still holds per layer. ``0`` (default): a pruned weight never returns.
         criterion: ``"taylor"`` (default: ``|w * g|`` averaged over the training steps since the last update, no
             extra pass; it needs automatic optimization), ``"magnitude"``, ``"movement"``, ``"fisher"``,
-            ``"random"`` or a :class:`~pat_callbacks.criteria.Criterion`.
+            ``"random"`` or a :class:`~pat_callbacks.core.criteria.Criterion`.
         allocation: ``"global"`` (the default, except with an N:M pattern, which fixes every layer's sparsity:
             ``"uniform"``): one threshold over all layers on mean-normalised scores, so layers that matter less
             are pruned more; ``"uniform"`` (every layer at the target), ``"global_raw"``,
@@ -75,7 +75,7 @@ class GradualPruning(ScheduledPruningCallback):
             and is refused under sharding); ``criterion="magnitude", allocation="uniform"`` is Zhu & Gupta's
             original recipe.
         include, exclude, keep_first, keep_last, layer_sparsity, min_sparsity, max_sparsity, allow_vectors: see
-            :class:`~pat_callbacks.pruner.PruningOptions`.
+            :class:`~pat_callbacks.core.pruner.PruningOptions`.
         rewind_step: lottery-ticket rewinding (Frankle & Carbin 2019; with a late step, Frankle et al. 2020). The
             pruned weights are snapshotted after ``rewind_step`` optimizer steps (``0``: at initialisation); once,
             right after the last mask update of the window (the optimizer step of ``end_step``), every surviving
@@ -192,12 +192,12 @@ class GradualPruning(ScheduledPruningCallback):
 
     @property
     def criterion(self) -> Criterion:
-        """The importance criterion (see :mod:`pat_callbacks.criteria`)."""
+        """The importance criterion (see :mod:`pat_callbacks.core.criteria`)."""
         return self.options.criterion  # type: ignore[return-value]
 
     @property
     def allocation(self) -> str:
-        """The layer-wise allocation (see :mod:`pat_callbacks.allocation`)."""
+        """The layer-wise allocation (see :mod:`pat_callbacks.core.allocation`)."""
         return self.options.allocation
 
     @property

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from pat_callbacks.callbacks.base import PruningCallback
-from pat_callbacks.pruner import Pruner, PruningOptions
+from pat_callbacks.core.pruner import Pruner, PruningOptions
 
 __all__ = ["KeepSparsity"]
 
@@ -24,15 +24,15 @@ class KeepSparsity(PruningCallback):
 
     Args:
         include, exclude, keep_first, keep_last, allow_vectors: which weights are held at their zeros (see
-            :class:`~pat_callbacks.pruner.PruningOptions`; default: the weights of Linear / Conv layers).
+            :class:`~pat_callbacks.core.pruner.PruningOptions`; default: the weights of Linear / Conv layers).
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> from lightning import Trainer
-        >>> from pat_callbacks.models import MLP, Classifier
-        >>> from pat_callbacks.data import DigitsDataModule
+        >>> from pat_callbacks.app.models import MLP, Classifier
+        >>> from pat_callbacks.app.data import DigitsDataModule
         >>> torch.manual_seed(0) and None
         >>> model = Classifier(MLP(64, (32,), 10))            # e.g. Classifier.load_from_checkpoint("pruned.ckpt")
         >>> with torch.no_grad():                             # stand-in for a pruned checkpoint: 80% exact zeros

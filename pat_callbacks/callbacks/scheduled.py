@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pat_callbacks.callbacks.base import PruningCallback
-from pat_callbacks.schedules import Schedule
-from pat_callbacks.windows import ScheduleSpec
+from pat_callbacks.core.schedules import Schedule
+from pat_callbacks.core.windows import ScheduleSpec
 
 __all__ = ["ScheduledPruningCallback", "few_updates_message", "resolve_target"]
 
@@ -32,15 +32,15 @@ class ScheduledPruningCallback(PruningCallback):
 
     Args:
         sparsity: sparsity reached at the end of the window, in [0, 1).
-        schedule: a registered name, a :class:`~pat_callbacks.schedules.Schedule` (which carries its own steps and
-            sparsity) or a plain callable ``step -> sparsity`` (see :class:`~pat_callbacks.windows.ScheduleSpec`).
+        schedule: a registered name, a :class:`~pat_callbacks.core.schedules.Schedule` (which carries its own steps and
+            sparsity) or a plain callable ``step -> sparsity`` (see :class:`~pat_callbacks.core.windows.ScheduleSpec`).
         initial_sparsity, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction,
             update_every, phase_steps, phase_epochs, power: the window and the schedule's own arguments.
         final_sparsity: the former name of ``sparsity``, still accepted (giving both is an error).
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
-        >>> from pat_callbacks.pruner import Pruner
+        >>> from pat_callbacks.core.pruner import Pruner
         >>> class MagnitudeOnly(ScheduledPruningCallback):  # a complete schedule-driven callback
         ...     def _build_pruner(self, trainer, pl_module):
         ...         return Pruner(pl_module)
@@ -208,7 +208,7 @@ def few_updates_message(schedule: Schedule) -> str | None:
     (else ``None``), with an ``update_every`` that would give about 10.
 
     Example:
-        >>> from pat_callbacks.schedules import CubicSchedule
+        >>> from pat_callbacks.core.schedules import CubicSchedule
         >>> print(few_updates_message(CubicSchedule(final_sparsity=0.9, start_step=3, end_step=27, update_every=100)))
         the pruning window (steps 3 to 27) raises the target in 1 mask update with update_every=100 (updates at \
 steps 3, 27), so the schedule is a single jump to 0.9; use update_every=2 or less (about 10 updates over the window)

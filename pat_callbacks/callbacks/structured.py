@@ -16,9 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
-from pat_callbacks.schedules import Schedule
+from pat_callbacks.core.schedules import Schedule
+from pat_callbacks.core.targets import normalize_patterns
 from pat_callbacks.structured import StructuredImportance, StructuredPruner, get_structured_importance
-from pat_callbacks.targets import normalize_patterns
 
 __all__ = ["StructuredPruning"]
 

@@ -17,8 +17,8 @@ Example:
     >>> import tempfile, json, pathlib
     >>> import lightning.pytorch as pl
     >>> from pat_callbacks import GradualPruning
-    >>> from pat_callbacks.data import DigitsDataModule
-    >>> from pat_callbacks.models import MLP, Classifier
+    >>> from pat_callbacks.app.data import DigitsDataModule
+    >>> from pat_callbacks.app.models import MLP, Classifier
     >>> _ = pl.seed_everything(0, verbose=False)
     >>> pruning = GradualPruning(final_sparsity=0.5, start_step=0, end_step=10, update_every=5)
     >>> root = tempfile.mkdtemp()
@@ -145,7 +145,7 @@ class PruningSummary(pl.Callback):
 
         Example:
             >>> import lightning.pytorch as pl
-            >>> from pat_callbacks.models import MLP, Classifier
+            >>> from pat_callbacks.app.models import MLP, Classifier
             >>> trainer = pl.Trainer(logger=False, enable_checkpointing=False)
             >>> out = PruningSummary().summary(trainer, Classifier(MLP(64, (32,), 10)))
             >>> out["method"], out["sparsity"], sorted(out["weight_layer_sparsity"])
@@ -184,7 +184,7 @@ class PruningSummary(pl.Callback):
 
         Example:
             >>> import tempfile, lightning.pytorch as pl
-            >>> from pat_callbacks.models import MLP, Classifier
+            >>> from pat_callbacks.app.models import MLP, Classifier
             >>> trainer = pl.Trainer(logger=False, enable_checkpointing=False, default_root_dir=tempfile.mkdtemp())
             >>> PruningSummary().write(trainer, Classifier(MLP(64, (32,), 10))).name
             'metrics.json'

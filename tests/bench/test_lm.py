@@ -49,7 +49,7 @@ def test_structured_job_shrinks_heads_and_ffn_and_times_both_models():
 def test_shrink_report_fails_loudly_when_the_shrunk_model_differs_from_the_masked_one():
     import torch
 
-    from pat_callbacks.models import CharGPT
+    from pat_callbacks.app.models import CharGPT
 
     torch.manual_seed(0)
     net = CharGPT(vocab_size=96, context=8, dim=16, layers=1, heads=2)  # weights not masked: removing a head changes it

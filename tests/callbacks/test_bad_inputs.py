@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from pat_callbacks import CubicSchedule, DynamicSparseTraining, GradualPruning
-from pat_callbacks.models import Classifier
+from pat_callbacks.app.models import Classifier
 from tests.conftest import make_module
 
 

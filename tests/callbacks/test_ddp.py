@@ -15,7 +15,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from pat_callbacks import DynamicSparseTraining, GradualPruning
-from pat_callbacks.criteria import Criterion
+from pat_callbacks.core.criteria import Criterion
 from tests.conftest import make_module, make_trainer
 
 

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from pat_callbacks import DynamicSparseTraining
-from pat_callbacks.patterns import prune_count
+from pat_callbacks.core.patterns import prune_count
 from tests.conftest import make_module, make_trainer
 
 

@@ -10,8 +10,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from pat_callbacks import CubicSchedule, GradualPruning
-from pat_callbacks.models import MLP, Classifier
-from pat_callbacks.patterns import prune_count
+from pat_callbacks.app.models import MLP, Classifier
+from pat_callbacks.core.patterns import prune_count
 from tests.conftest import make_module, make_trainer
 
 
@@ -565,7 +565,7 @@ def test_bad_nm_arguments_fail_at_construction(kwargs, message):
 
 
 def test_nm_pattern_on_a_layer_with_incompatible_rows_fails_in_setup(tmp_path, digits):
-    from pat_callbacks.models import ConvBase
+    from pat_callbacks.app.models import ConvBase
 
     with pytest.raises(ValueError, match=r"'net\.conv1\.weight' has shape \(25, 1, 5\); exclude it"):
         make_trainer(tmp_path, [GradualPruning(pattern="2:4", start_step=0, end_step=10)]).fit(

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from pat_callbacks import DynamicSparseTraining, GradualPruning
+from pat_callbacks.app.models import MLP, Classifier
 from pat_callbacks.callbacks.keep import KeepSparsity
-from pat_callbacks.models import MLP, Classifier
 from tests.callbacks.test_gradual import GradientCorruptor, GradientRepair
 from tests.conftest import make_module, make_trainer
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pat_callbacks import DynamicSparseTraining, GradualPruning
-from pat_callbacks.patterns import prune_count
+from pat_callbacks.core.patterns import prune_count
 from tests.conftest import make_trainer
 
 ROOT = Path(__file__).resolve().parents[2]

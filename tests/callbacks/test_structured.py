@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from pat_callbacks import StructuredPruning
-from pat_callbacks.models import Classifier
+from pat_callbacks.app.models import Classifier
 from pat_callbacks.structured import shrink
 
 

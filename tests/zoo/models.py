@@ -17,9 +17,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from pat_callbacks.data import CharDataModule, DigitsDataModule
-from pat_callbacks.data.text import VOCAB_SIZE
-from pat_callbacks.models import CharGPT, Classifier, LanguageModel
+from pat_callbacks.app.data import CharDataModule, DigitsDataModule
+from pat_callbacks.app.data.text import VOCAB_SIZE
+from pat_callbacks.app.models import CharGPT, Classifier, LanguageModel
 
 CONTEXT = 16
 

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pat_callbacks import DynamicSparseTraining, GradualPruning, Pruner, StructuredPruning
+from pat_callbacks.core.patterns import prune_count
+from pat_callbacks.core.targets import describe_targets, target_roles, weight_matrices
 from pat_callbacks.export import (
     SparseLinear,
     compress_state_dict,
@@ -18,9 +20,7 @@ from pat_callbacks.export import (
     make_permanent,
     to_sparse_inference,
 )
-from pat_callbacks.patterns import prune_count
 from pat_callbacks.structured import shrink
-from pat_callbacks.targets import describe_targets, target_roles, weight_matrices
 from tests.conftest import make_trainer
 from tests.zoo.models import ZOO
 

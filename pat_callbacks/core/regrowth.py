@@ -1,0 +1,134 @@
+"""Drop-and-regrow for dynamic sparse training (pure functions; the callback wires them to Lightning).
+
+Every update, a fraction ``f(t)`` of a layer's active weights with the lowest magnitude is dropped and as many
+inactive weights are regrown, so each layer's sparsity is unchanged while its connectivity moves:
+
+- ``rigl`` (Evci et al. 2020): regrow the inactive entries with the largest dense-gradient magnitude;
+- ``set`` (Mocanu et al. 2018): regrow inactive entries uniformly at random.
+
+Regrowth picks only among entries inactive *before* this update (a weight just dropped is not regrown at once).
+
+Example:
+    >>> import torch
+    >>> mask = torch.tensor([True, True, False, False])
+    >>> weight = torch.tensor([0.9, 0.1, 0.0, 0.0])
+    >>> grad = torch.tensor([0.0, 0.0, 0.2, 0.7])
+    >>> drop_and_grow(mask, weight, grad, fraction=0.5, method="rigl").tolist()
+    [True, False, False, True]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pat_callbacks.core._validation import check_choice
+from pat_callbacks.core.selection import ScoredLayer, select_lowest_kept, sum_over_ranks
+
+__all__ = ["DECAYS", "GROWTH_METHODS", "drop_and_grow", "swapped_entries", "update_fraction"]
+
+DECAYS = ("cosine", "linear", "constant")
+GROWTH_METHODS = ("rigl", "set")
+
+
+def update_fraction(step: int, drop_fraction: float, end_step: int, decay: str = "cosine") -> float:
+    """Fraction of active weights to drop at ``step``; 0 from ``end_step`` on.
+
+    ``cosine``: ``drop_fraction / 2 * (1 + cos(pi * step / end_step))`` (RigL); ``linear``: decays to 0 at
+    ``end_step``; ``constant``: ``drop_fraction`` until ``end_step``.
+
+    Example:
+        >>> [round(update_fraction(t, 0.3, 100), 4) for t in (0, 50, 100, 150)]
+        [0.3, 0.15, 0.0, 0.0]
+    """
+    check_choice("decay", decay, DECAYS)
+    if step >= end_step:
+        return 0.0
+    progress = step / end_step
+    if decay == "cosine":
+        return drop_fraction / 2 * (1 + math.cos(math.pi * progress))
+    if decay == "linear":
+        return drop_fraction * (1 - progress)
+    return drop_fraction
+
+
+def drop_and_grow(
+    mask: Tensor,
+    weight: Tensor,
+    grad: Tensor | None,
+    fraction: float,
+    method: str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """New mask: drop ``round(fraction * active)`` lowest-|w| active entries, regrow as many inactive ones.
+
+    The count regrown equals the count dropped (capped by the entries inactive before the update), so the
+    number of active entries is unchanged. (``mask ^ swapped_entries(...)``.)
+
+    Example:
+        >>> import torch
+        >>> mask = torch.tensor([True, True, False, False])
+        >>> new = drop_and_grow(mask, torch.tensor([0.9, 0.1, 0.0, 0.0]), None, 0.5, "set",
+        ...                     torch.Generator().manual_seed(0))
+        >>> int(new.sum()), bool(new[0]), bool(new[1])
+        (2, True, False)
+    """
+    return mask ^ swapped_entries(mask, weight, grad, fraction, method, generator)
+
+
+def swapped_entries(
+    mask: Tensor,
+    weight: Tensor,
+    grad: Tensor | None,
+    fraction: float,
+    method: str,
+    generator: torch.Generator | None = None,
+    *,
+    group: Any = None,
+) -> Tensor:
+    """The entries a drop-and-grow flips (``mask`` 's shape): the dropped active ones and the regrown inactive
+    ones, as many of each; ``mask ^= swapped`` applies them in place.
+
+    Both choices are streamed selections (:func:`~pat_callbacks.core.selection.select_lowest_kept`): weights and
+    gradients are scored chunk by chunk, never copied whole; ties go to the lower index. With ``group``, ``mask``,
+    ``weight`` and ``grad`` are this rank's shards and the counts are over every rank's.
+
+    Example:
+        >>> import torch
+        >>> mask = torch.tensor([True, True, False, False])
+        >>> swapped_entries(mask, torch.tensor([0.9, 0.1, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.2, 0.7]), 0.5,
+        ...                 "rigl").tolist()
+        [False, True, False, True]
+    """
+    check_choice("method", method, GROWTH_METHODS)
+    if method == "rigl" and grad is None:
+        raise ValueError("method='rigl' needs the dense gradient, but got grad=None")
+    flat_mask = mask.reshape(-1)
+    # a shard: counts over every rank's rows
+    n_active, numel = sum_over_ranks([int(flat_mask.count_nonzero()), flat_mask.numel()], group, flat_mask.device)
+    n_swap = min(round(fraction * n_active), numel - n_active)
+    if n_swap == 0:
+        return torch.zeros_like(mask)
+    inactive = ~flat_mask
+    # Drop: the lowest |w| among active entries.
+    weights = weight.detach().reshape(-1)
+    (dropped,) = select_lowest_kept([_scored(weights, torch.abs, flat_mask)], n_swap, group)
+    # Grow: the best-scoring entries among those inactive before the update.
+    if grad is not None and method == "rigl":
+        grads = grad.detach().reshape(-1)
+        grow = _scored(grads, lambda g: g.abs().neg_(), inactive)
+    else:
+        noise = torch.rand(flat_mask.numel(), generator=generator, device="cpu").to(flat_mask.device)
+        grow = ScoredLayer.of(noise.neg_(), inactive)
+    (grown,) = select_lowest_kept([grow], n_swap, group)
+    return dropped.logical_or_(grown).view_as(mask)
+
+
+def _scored(values: Tensor, score: Callable[[Tensor], Tensor], kept: Tensor) -> ScoredLayer:
+    return ScoredLayer(
+        values.numel(), lambda a, b: score(values[a:b].float()), lambda i: score(values[i].float()), kept
+    )

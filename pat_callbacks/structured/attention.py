@@ -1,0 +1,497 @@
+"""Transformer structure for structured pruning: attention heads and FFN neurons, found by role, and cut for real.
+
+Heads of ``nn.MultiheadAttention`` (packed q/k/v), of Hugging Face GPT-2 attention (``c_attn`` / ``c_proj``,
+``Conv1D`` stored in x out), of BERT-style attention (``query`` / ``key`` / ``value`` + ``output.dense``) and of
+separate q/k/v/o projection layouts given by name; hidden neurons of transformer MLPs (``nn.TransformerEncoderLayer``
+``linear1`` / ``linear2``, GPT-2 ``c_fc`` / ``c_proj``, BERT ``intermediate.dense`` / ``output.dense``, and any
+``nn.Sequential(Linear, activation, Linear)`` block). The residual stream (model width) is left whole: it couples
+embeddings, positions, every norm and every projection.
+
+:func:`shrink_transformer` removes pruned heads and neurons: the Linear / Conv1D layers are sliced in place (their
+modules keep their identity and names, so a shrunk model's ``state_dict`` reloads into an equally shrunk one), the
+attention modules' head counts are updated, and an ``nn.MultiheadAttention`` (which cannot hold fewer heads than
+its width allows) is replaced by an equivalent :class:`PrunedMultiheadAttention`.
+
+Example:
+    >>> import torch
+    >>> layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True).eval()
+    >>> heads, ffn = transformer_groups(layer)
+    >>> [(g.root, g.kind, g.n_channels) for g in heads + ffn]
+    [('self_attn.in_proj_weight', 'heads', 4), ('linear1.weight', 'ffn', 32)]
+    >>> x = torch.randn(2, 5, 16)
+    >>> with torch.no_grad():
+    ...     for name, dim, index in heads[0].slices[1] + ffn[0].slices[3] + ffn[0].slices[7]:
+    ...         _ = layer.get_parameter(name).index_fill_(dim, index, 0.0)
+    ...     expected = layer(x)
+    >>> shrunk = shrink_transformer(layer, {"self_attn.in_proj_weight": [1], "linear1.weight": [3, 7]})
+    >>> shrunk.self_attn.num_heads, shrunk.linear1.out_features, torch.allclose(shrunk(x), expected, atol=1e-5)
+    (3, 30, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pat_callbacks.structured.channels import ChannelGroup, Slice
+
+__all__ = [
+    "PrunedMultiheadAttention",
+    "ffn_groups",
+    "head_groups",
+    "projection_head_groups",
+    "shrink_transformer",
+    "transformer_groups",
+]
+
+_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Dropout,
+    nn.Identity,
+)
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _is_conv1d(module: Any) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _heads_group(
+    root: str, heads: int, slices_of: Any, gate_of: Any, root_dim: int, layout: dict[str, Any]
+) -> ChannelGroup:
+    group = ChannelGroup(root=root, n_channels=heads, kind="heads", root_dim=root_dim, layout=layout)
+    for head in range(heads):
+        group.slices.append(slices_of(head))
+        group.gate_slices.append(gate_of(head))
+    return group
+
+
+def head_groups(model: nn.Module) -> list[ChannelGroup]:
+    """One group per attention module found by role (``nn.MultiheadAttention`` with packed q/k/v, Hugging Face
+    GPT-2 and BERT-style attention): per head, its q, k and v rows (columns for GPT-2's ``Conv1D``) with their
+    biases and its output-projection columns (rows); the gate is the head's v slices, whose scaling scales the
+    head's output (so ``gate`` importance is Michel et al. 2019's head importance).
+
+    Example:
+        >>> attention = nn.MultiheadAttention(8, 2)
+        >>> [(g.root, g.n_channels) for g in head_groups(nn.ModuleDict({"attn": attention}))]
+        [('attn.in_proj_weight', 2)]
+    """
+    groups = []
+    for name, module in model.named_modules():
+        p = _prefix(name)
+        if isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
+            if not getattr(module, "_qkv_same_embed_dim", True) and not isinstance(module, PrunedMultiheadAttention):
+                raise ValueError(f"{name!r}: only MultiheadAttention with a packed in_proj_weight is supported")
+            heads, width = module.num_heads, module.head_dim
+            inner = heads * width
+            has_bias = module.in_proj_bias is not None
+
+            def mha_slices(head: int, p: str = p, width: int = width, inner: int = inner, bias: bool = has_bias):
+                block = torch.arange(head * width, (head + 1) * width)
+                rows = torch.cat([block + k * inner for k in range(3)])
+                out = [(f"{p}in_proj_weight", 0, rows), (f"{p}out_proj.weight", 1, block)]
+                return out + ([(f"{p}in_proj_bias", 0, rows)] if bias else [])
+
+            def mha_gate(head: int, p: str = p, width: int = width, inner: int = inner, bias: bool = has_bias):
+                v_rows = torch.arange(head * width, (head + 1) * width) + 2 * inner
+                return [(f"{p}in_proj_weight", 0, v_rows)] + ([(f"{p}in_proj_bias", 0, v_rows)] if bias else [])
+
+            groups.append(
+                _heads_group(f"{p}in_proj_weight", heads, mha_slices, mha_gate, 0, {"type": "mha", "module": name})
+            )
+        elif _is_conv1d(getattr(module, "c_attn", None)) and _is_conv1d(getattr(module, "c_proj", None)):
+            if getattr(module, "is_cross_attention", False):
+                continue
+            heads, width = int(module.num_heads), int(module.head_dim)
+            inner = heads * width
+
+            def gpt2_slices(head: int, p: str = p, width: int = width, inner: int = inner):
+                block = torch.arange(head * width, (head + 1) * width)
+                cols = torch.cat([block + k * inner for k in range(3)])
+                return [(f"{p}c_attn.weight", 1, cols), (f"{p}c_attn.bias", 0, cols), (f"{p}c_proj.weight", 0, block)]
+
+            def gpt2_gate(head: int, p: str = p, width: int = width, inner: int = inner):
+                v_cols = torch.arange(head * width, (head + 1) * width) + 2 * inner
+                return [(f"{p}c_attn.weight", 1, v_cols), (f"{p}c_attn.bias", 0, v_cols)]
+
+            groups.append(
+                _heads_group(f"{p}c_attn.weight", heads, gpt2_slices, gpt2_gate, 1, {"type": "gpt2", "module": name})
+            )
+        elif (self_attention := _bert_self_attention(module)) is not None:
+            heads, width = int(self_attention.num_attention_heads), int(self_attention.attention_head_size)
+            q, k, v, o = (f"{p}self.query", f"{p}self.key", f"{p}self.value", f"{p}output.dense")
+            layout = {"type": "bert", "module": name, "q": q, "k": k, "v": v, "out": o}
+            groups.append(_projection_group(model, layout, heads, width))
+    return groups
+
+
+def _bert_self_attention(module: nn.Module) -> nn.Module | None:
+    """``module.self`` if ``module`` is BERT-style attention (``self.query/key/value`` + ``output.dense``)."""
+    self_attention = getattr(module, "self", None)
+    output = getattr(module, "output", None)
+    if not isinstance(self_attention, nn.Module) or not isinstance(getattr(output, "dense", None), nn.Linear):
+        return None
+    if not all(isinstance(getattr(self_attention, n, None), nn.Linear) for n in ("query", "key", "value")):
+        return None
+    if not hasattr(self_attention, "num_attention_heads") or not hasattr(self_attention, "attention_head_size"):
+        return None
+    return self_attention
+
+
+def _projection_group(model: nn.Module, layout: Mapping[str, Any], heads: int, width: int) -> ChannelGroup:
+    modules = dict(model.named_modules())
+
+    def slices(head: int) -> list[Slice]:
+        block = torch.arange(head * width, (head + 1) * width)
+        out: list[Slice] = []
+        for key in ("q", "k", "v"):
+            out.append((f"{layout[key]}.weight", 0, block))
+            if modules[layout[key]].bias is not None:
+                out.append((f"{layout[key]}.bias", 0, block))
+        return [*out, (f"{layout['out']}.weight", 1, block)]
+
+    def gate(head: int) -> list[Slice]:
+        block = torch.arange(head * width, (head + 1) * width)
+        v = modules[layout["v"]]
+        return [(f"{layout['v']}.weight", 0, block)] + (
+            [(f"{layout['v']}.bias", 0, block)] if v.bias is not None else []
+        )
+
+    return _heads_group(f"{layout['q']}.weight", heads, slices, gate, 0, dict(layout))
+
+
+def projection_head_groups(model: nn.Module, layouts: Sequence[Mapping[str, Any]]) -> list[ChannelGroup]:
+    """Head groups for attention written as separate projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``
+    Linear layers, as in most transformer code). Each layout names the four modules and ``num_heads``, and may name
+    ``heads_attr`` (``"module.attribute"`` holding the head count, updated by :func:`shrink_transformer`); per head,
+    its rows of q/k/v (and their biases) and its columns of the output projection; the gate is its v rows.
+
+    Example:
+        >>> attn = nn.ModuleDict({n: nn.Linear(8, 8) for n in ("q", "k", "v", "o")})
+        >>> layout = {"q": "q", "k": "k", "v": "v", "out": "o", "num_heads": 2}
+        >>> [(g.root, g.n_channels) for g in projection_head_groups(attn, [layout])]
+        [('q.weight', 2)]
+    """
+    modules = dict(model.named_modules())
+    groups = []
+    for layout in layouts:
+        missing = [key for key in ("q", "k", "v", "out", "num_heads") if key not in layout]
+        if missing:
+            raise ValueError(f"Attention layout {dict(layout)!r} lacks {missing}; it needs q, k, v, out, num_heads")
+        for key in ("q", "k", "v", "out"):
+            if not isinstance(modules.get(layout[key]), nn.Linear):
+                raise ValueError(f"Attention layout `{key}`={layout[key]!r} is not a Linear module of the model")
+        heads = int(layout["num_heads"])
+        width, remainder = divmod(modules[layout["q"]].out_features, heads) if heads > 0 else (0, 1)
+        if remainder or heads < 1:
+            raise ValueError(
+                f"num_heads={heads} does not divide {layout['q']!r}'s {modules[layout['q']].out_features} outputs"
+            )
+        groups.append(_projection_group(model, {"type": "projection", **layout}, heads, width))
+    return groups
+
+
+def ffn_groups(model: nn.Module) -> list[ChannelGroup]:
+    """One group per transformer MLP: its hidden neurons, each the up-projection's row (column for ``Conv1D``) and
+    bias entry and the down-projection's column (row for ``Conv1D``). The gate is the up-projection slices.
+
+    Example:
+        >>> block = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 4))})
+        >>> [(g.root, g.n_channels) for g in ffn_groups(block)]
+        [('mlp.0.weight', 16)]
+    """
+    groups = []
+    for name, module in model.named_modules():
+        pair = _ffn_pair(module)
+        if pair is None:
+            continue
+        up_name, down_name = pair
+        up, down = module.get_submodule(up_name), module.get_submodule(down_name)
+        p = _prefix(name)
+        up_dim = 1 if _is_conv1d(up) else 0
+        down_dim = 0 if _is_conv1d(down) else 1
+        hidden = up.weight.shape[up_dim]
+        layout = {"type": "ffn", "up": f"{p}{up_name}", "down": f"{p}{down_name}"}
+        group = ChannelGroup(root=f"{p}{up_name}.weight", n_channels=hidden, kind="ffn", root_dim=up_dim, layout=layout)
+        for neuron in range(hidden):
+            index = torch.tensor([neuron])
+            gate = [(f"{p}{up_name}.weight", up_dim, index)]
+            if up.bias is not None:
+                gate.append((f"{p}{up_name}.bias", 0, index))
+            group.gate_slices.append(gate)
+            group.slices.append([*gate, (f"{p}{down_name}.weight", down_dim, index)])
+        groups.append(group)
+    return groups
+
+
+def _ffn_pair(module: nn.Module) -> tuple[str, str] | None:
+    """The (up, down) projections of a transformer MLP, by role; ``None`` if ``module`` is not one."""
+    if isinstance(getattr(module, "linear1", None), nn.Linear) and isinstance(
+        getattr(module, "linear2", None), nn.Linear
+    ):
+        return "linear1", "linear2"
+    if _is_conv1d(getattr(module, "c_fc", None)) and _is_conv1d(getattr(module, "c_proj", None)):
+        return "c_fc", "c_proj"
+    intermediate = getattr(getattr(module, "intermediate", None), "dense", None)
+    output = getattr(getattr(module, "output", None), "dense", None)
+    if (
+        isinstance(intermediate, nn.Linear)
+        and isinstance(output, nn.Linear)
+        and intermediate.out_features == output.in_features
+    ):
+        return "intermediate.dense", "output.dense"
+    if isinstance(module, nn.Sequential) and len(module) >= 3:
+        first, *middle, last = list(module)
+        if (
+            isinstance(first, nn.Linear)
+            and isinstance(last, nn.Linear)
+            and all(isinstance(m, _ACTIVATIONS) for m in middle)
+            and first.out_features == last.in_features
+        ):
+            return "0", str(len(module) - 1)
+    return None
+
+
+def transformer_groups(
+    model: nn.Module, layouts: Sequence[Mapping[str, Any]] = ()
+) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
+    """``(head groups, FFN groups)`` of a model with attention; ``([], [])`` for a model without any (then channels
+    are traced as conv filters / linear neurons instead).
+
+    Example:
+        >>> heads, ffn = transformer_groups(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> heads, ffn
+        ([], [])
+    """
+    heads = head_groups(model) + projection_head_groups(model, layouts)
+    if not heads:
+        return [], []
+    return heads, ffn_groups(model)
+
+
+# ------------------------------------------------------------------------------------------------------- shrinking
+class PrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with ``num_heads`` heads of ``head_dim`` whose total may be smaller than
+    ``embed_dim`` (what is left after pruning heads). Same parameter names (``in_proj_weight``, ``in_proj_bias``,
+    ``out_proj``) and call signature; ``_qkv_same_embed_dim`` is ``False`` so ``nn.TransformerEncoderLayer``'s fused
+    fast path (which assumes the full width) is not taken. Built by :func:`shrink_transformer`.
+
+    Example:
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+        >>> x = torch.randn(1, 3, 8)
+        >>> torch.allclose(PrunedMultiheadAttention.from_heads(mha, [0, 1])(x, x, x)[0], mha(x, x, x)[0], atol=1e-6)
+        True
+    """
+
+    _qkv_same_embed_dim = False
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.batch_first, self.dropout = batch_first, dropout
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+
+    @classmethod
+    def from_heads(cls, mha: nn.Module, keep: Sequence[int]) -> PrunedMultiheadAttention:
+        """The attention of ``mha`` restricted to the heads ``keep`` (weights copied)."""
+        width, inner = mha.head_dim, mha.num_heads * mha.head_dim
+        block = torch.cat([torch.arange(h * width, (h + 1) * width) for h in keep]).to(mha.in_proj_weight.device)
+        rows = torch.cat([block + k * inner for k in range(3)])
+        new = cls(
+            mha.embed_dim,
+            len(keep),
+            width,
+            bias=mha.in_proj_bias is not None,
+            batch_first=mha.batch_first,
+            dropout=float(mha.dropout),
+        ).to(device=mha.in_proj_weight.device, dtype=mha.in_proj_weight.dtype)
+        with torch.no_grad():
+            new.in_proj_weight.copy_(mha.in_proj_weight[rows])
+            if mha.in_proj_bias is not None:
+                new.in_proj_bias.copy_(mha.in_proj_bias[rows])
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+            new.out_proj.weight.copy_(mha.out_proj.weight[:, block])
+        new.train(mha.training)
+        return new
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        inner = self.num_heads * self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.split(inner)
+        b_q, b_k, b_v = self.in_proj_bias.split(inner) if self.in_proj_bias is not None else (None, None, None)
+        batch, t_q, t_k = query.shape[0], query.shape[1], key.shape[1]
+
+        def heads(x: Tensor, w: Tensor, b: Tensor | None, t: int) -> Tensor:
+            return F.linear(x, w, b).view(batch, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(query, w_q, b_q, t_q), heads(key, w_k, b_k, t_k), heads(value, w_v, b_v, t_k)
+        mask = _additive_mask(attn_mask, key_padding_mask, q.dtype, batch, self.num_heads, t_q, t_k)
+        if is_causal and mask is None:
+            mask = torch.full((t_q, t_k), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        if mask is not None:
+            scores = scores + mask
+        weights = scores.softmax(-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        out = (weights @ v).transpose(1, 2).reshape(batch, t_q, inner)
+        out = self.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(1) if average_attn_weights else weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+def _additive_mask(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    dtype: torch.dtype,
+    batch: int,
+    heads: int,
+    t_q: int,
+    t_k: int,
+) -> Tensor | None:
+    """MultiheadAttention's masks (bool: True = not allowed; float: added) as one additive float mask."""
+    total = None
+    for mask, shape in ((attn_mask, None), (key_padding_mask, (batch, 1, 1, t_k))):
+        if mask is None:
+            continue
+        additive = (
+            torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+            if mask.dtype == torch.bool
+            else mask.to(dtype)
+        )
+        if shape is not None:
+            additive = additive.view(shape)
+        elif additive.dim() == 3:
+            additive = additive.view(batch, heads, t_q, t_k)
+        total = additive if total is None else total + additive
+    return total
+
+
+def _keep(n: int, pruned: Sequence[int]) -> list[int]:
+    drop = {int(c) for c in pruned}
+    return [i for i in range(n) if i not in drop]
+
+
+def _cut(module: nn.Module, weight_dim: int, index: Tensor, with_bias: bool) -> None:
+    """Keep ``index`` along ``weight_dim`` of ``module.weight`` (and of its bias if ``with_bias``), in place, and
+    update the layer's size attributes (Linear ``in/out_features``, Conv1D ``nx/nf``)."""
+    with torch.no_grad():
+        index = index.to(module.weight.device)
+        module.weight = nn.Parameter(module.weight.index_select(weight_dim, index).clone(), module.weight.requires_grad)
+        if with_bias and module.bias is not None:
+            module.bias = nn.Parameter(module.bias.index_select(0, index).clone(), module.bias.requires_grad)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif _is_conv1d(module):
+        module.nx, module.nf = module.weight.shape
+
+
+def _shrink_heads(model: nn.Module, group: ChannelGroup, keep: list[int]) -> None:
+    layout = group.layout
+    kind = layout["type"]
+    if kind == "mha":
+        name = layout["module"]
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        mha = model.get_submodule(name)
+        if name == "":
+            raise ValueError("shrink cannot replace the model itself; wrap the MultiheadAttention in a module")
+        setattr(parent, attr, PrunedMultiheadAttention.from_heads(mha, keep))
+        return
+    if kind == "gpt2":
+        module = model.get_submodule(layout["module"])
+        width, inner = int(module.head_dim), int(module.num_heads) * int(module.head_dim)
+        block = torch.cat([torch.arange(h * width, (h + 1) * width) for h in keep])
+        _cut(module.c_attn, 1, torch.cat([block + k * inner for k in range(3)]), with_bias=True)
+        _cut(module.c_proj, 0, block, with_bias=False)
+        module.num_heads, module.split_size = len(keep), len(keep) * width
+        return
+    q = model.get_submodule(layout["q"])
+    width = q.out_features // group.n_channels
+    block = torch.cat([torch.arange(h * width, (h + 1) * width) for h in keep])
+    for key in ("q", "k", "v"):
+        _cut(model.get_submodule(layout[key]), 0, block, with_bias=True)
+    _cut(model.get_submodule(layout["out"]), 1, block, with_bias=False)
+    if kind == "bert":
+        attention = model.get_submodule(layout["q"].rpartition(".")[0])
+        attention.num_attention_heads, attention.all_head_size = len(keep), len(keep) * width
+    elif layout.get("heads_attr"):
+        owner, _, attr = str(layout["heads_attr"]).rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, len(keep))
+
+
+def shrink_transformer(
+    model: nn.Module, pruned: Mapping[str, Sequence[int]], layouts: Sequence[Mapping[str, Any]] = ()
+) -> nn.Module:
+    """Remove, in place, the pruned heads and FFN neurons named in ``pruned`` (``{group root: [indices]}``, as
+    :meth:`~pat_callbacks.structured.StructuredPruner.pruned_channels` returns); return the model. Roots that are
+    not heads or FFN neurons of ``model`` are left for the caller (see :func:`~pat_callbacks.structured.shrink`).
+
+    Example:
+        >>> mlp = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2),
+        ...                      "ffn": nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))})
+        >>> shrink_transformer(mlp, {"ffn.0.weight": [0, 1, 2]}).ffn[0].out_features
+        29
+    """
+    heads, ffn = transformer_groups(model, layouts)
+    by_root = {group.root: group for group in heads + ffn}
+    for root, channels in pruned.items():
+        group = by_root.get(root)
+        if group is None or not channels:
+            continue
+        keep = _keep(group.n_channels, channels)
+        if not keep:
+            raise ValueError(f"shrink would remove every channel of {root!r}; keep at least one")
+        if group.kind == "heads":
+            _shrink_heads(model, group, keep)
+        else:
+            index = torch.tensor(keep)
+            up, down = model.get_submodule(group.layout["up"]), model.get_submodule(group.layout["down"])
+            _cut(up, 1 if _is_conv1d(up) else 0, index, with_bias=True)
+            _cut(down, 0 if _is_conv1d(down) else 1, index, with_bias=False)
+    return model

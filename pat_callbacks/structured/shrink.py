@@ -1,0 +1,60 @@
+"""Physically remove pruned channels: attention heads, MLP neurons, recurrent units, conv filters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from pat_callbacks.structured.attention import (
+    shrink_transformer,
+    transformer_groups,
+)
+from pat_callbacks.structured.groups import _graph
+from pat_callbacks.structured.recurrent import rnn_groups, shrink_recurrent
+
+
+def shrink(
+    model: nn.Module,
+    example_inputs: Any,
+    pruned: Mapping[str, Sequence[int]],
+    attention: Sequence[Mapping[str, Any]] = (),
+) -> nn.Module:
+    """Physically remove the pruned channels (and everything coupled to them) from ``model``, in place; the smaller
+    model computes what the masked one did. Attention heads and FFN neurons are cut by
+    :func:`~pat_callbacks.structured.attention.shrink_transformer`; conv filters and linear neurons by Torch-Pruning.
+
+    ``pruned`` maps a group's root weight name to the channel indices to remove (see
+    :meth:`~pat_callbacks.callbacks.structured.StructuredPruning.pruned_channels`); ``attention`` repeats the
+    q/k/v/o layouts given to ``StructuredPruning``, if any. To rebuild the shrunk model later, keep ``pruned``
+    (plain ints) with its ``state_dict``: build the original architecture, ``shrink`` it with the same ``pruned``,
+    then ``load_state_dict`` (``torch.load(weights_only=True)`` works for both).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> shrink(model, torch.zeros(1, 4), {"0.weight": [1, 4]})[0].out_features
+        4
+    """
+    heads, ffn = transformer_groups(model, attention)
+    transformer_roots = {group.root for group in heads + ffn}
+    recurrent_roots = {group.root for group in rnn_groups(model)}
+    shrink_transformer(model, {root: c for root, c in pruned.items() if root in transformer_roots}, attention)
+    shrink_recurrent(model, {root: c for root, c in pruned.items() if root in recurrent_roots})
+    done = transformer_roots | recurrent_roots
+    rest = {root: channels for root, channels in pruned.items() if root not in done and channels}
+    if not rest:
+        return model
+    import torch_pruning as tp
+
+    graph = _graph(model, example_inputs)
+    modules = dict(model.named_modules())
+    for root, channels in rest.items():
+        module = modules[root.rsplit(".", 1)[0] if "." in root else ""]
+        handler = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+        group = graph.get_pruning_group(module, handler, idxs=sorted(int(c) for c in channels))
+        if graph.check_pruning_group(group):
+            group.prune()
+    return model
