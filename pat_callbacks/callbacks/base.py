@@ -28,6 +28,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pat_callbacks.callbacks._state import saved_state_key
+from pat_callbacks.core.masked import MaskedParameters
 from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.pruner import Pruner
 from pat_callbacks.core.targets import describe_targets, weight_matrices
@@ -84,7 +85,7 @@ class PruningCallback(Callback):
         self.prog_bar = bool(prog_bar)
         self.verbose = bool(verbose)
 
-        self.pruner: Pruner | None = None
+        self.pruner: MaskedParameters | None = None  # a Pruner, or a StructuredPruner
         self.last_update_step = -1
         self._last_seen_step = -1
         self._pending_state: dict[str, Any] | None = None
@@ -132,12 +133,12 @@ class PruningCallback(Callback):
     @property
     def criterion_state(self) -> dict[str, dict[str, Tensor]]:
         """The criterion's per-parameter history (empty before ``setup`` and for criteria without history)."""
-        return self.pruner.criterion_state if self.pruner is not None else {}
+        return getattr(self.pruner, "criterion_state", {})  # a StructuredPruner keeps none
 
     @property
     def sensitivities(self) -> dict[str, float] | None:
         """Measured per-layer sensitivities (``allocation="sensitivity"``), once measured."""
-        return self.pruner.sensitivities if self.pruner is not None else None
+        return getattr(self.pruner, "sensitivities", None)
 
     # -------------------------------------------------------------- Lightning hooks
     @override
@@ -189,8 +190,7 @@ class PruningCallback(Callback):
             if self._on_step(trainer, step):
                 self.last_update_step = step
                 self._refresh_sparsity()
-                if pruner.criterion.resets_after_update:  # history is "since the last update"
-                    pruner.reset_history()
+                pruner.after_update()
         pruner.mask_grads()
         self._stepped = True
 

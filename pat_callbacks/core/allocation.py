@@ -36,12 +36,16 @@ from torch import Tensor, nn
 
 from pat_callbacks.core._validation import check_choice, check_fraction
 from pat_callbacks.core.patterns import prune_count, unstructured_mask
+from pat_callbacks.core.scoring import layer_total
+from pat_callbacks.core.selection import ScoredLayer
 
 __all__ = [
     "ALLOCATIONS",
+    "SHAPE_ALLOCATIONS",
     "allocate",
     "erdos_renyi_allocation",
     "global_allocation",
+    "mean_scale",
     "measure_sensitivity",
     "plan_sparsities",
     "reachable_range",
@@ -50,6 +54,8 @@ __all__ = [
 ]
 
 ALLOCATIONS = ("uniform", "global", "global_raw", "erk", "er", "sensitivity")
+# Allocations that split the target from the layers' shapes alone: each layer can be scored and masked in turn.
+SHAPE_ALLOCATIONS = ("uniform", "erk", "er")
 
 
 def uniform_allocation(
@@ -96,7 +102,7 @@ def global_allocation(
     """
     flat = {name: s.detach().reshape(-1).float() for name, s in scores_by_layer.items()}
     if normalize:
-        flat = {name: s / s.mean() if float(s.mean()) > 0 else s for name, s in flat.items()}
+        flat = {name: s / mean_scale(layer_total(ScoredLayer.of(s)), s.numel()) for name, s in flat.items()}
     for name, entries in (pruned or {}).items():
         if name in flat:
             flat[name] = flat[name].masked_fill(entries.reshape(-1).to(flat[name].device), float("-inf"))
@@ -118,6 +124,19 @@ def global_allocation(
         if not over:  # raise the layers below their floor only once no layer is over its ceiling
             for name in under:
                 fixed[name] = prune_count(numel[name], min_sparsity)
+
+
+def mean_scale(total: float, numel: int) -> float:
+    """What ``allocation="global"`` divides a layer's scores by: their mean (``total / numel``, the total summed chunk
+    by chunk, see :func:`~pat_callbacks.core.scoring.layer_total`), or 1 where the mean is not positive. The one
+    definition every selection path uses.
+
+    Example:
+        >>> mean_scale(50.0, 100), mean_scale(0.0, 100)
+        (0.5, 1.0)
+    """
+    mean = total / numel if numel else 0.0
+    return mean if mean > 0 else 1.0
 
 
 def _max_count(numel: int, max_sparsity: float, keep_one: bool) -> int:

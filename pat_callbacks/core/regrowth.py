@@ -20,16 +20,20 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from pat_callbacks.core._validation import check_choice
 from pat_callbacks.core.selection import ScoredLayer, select_lowest_kept, sum_over_ranks
+from pat_callbacks.core.sharding import local
 
-__all__ = ["DECAYS", "GROWTH_METHODS", "drop_and_grow", "swapped_entries", "update_fraction"]
+if TYPE_CHECKING:
+    from pat_callbacks.core.masked import MaskedParameters
+
+__all__ = ["DECAYS", "GROWTH_METHODS", "drop_and_grow", "regrow_in_place", "swapped_entries", "update_fraction"]
 
 DECAYS = ("cosine", "linear", "constant")
 GROWTH_METHODS = ("rigl", "set")
@@ -132,3 +136,44 @@ def _scored(values: Tensor, score: Callable[[Tensor], Tensor], kept: Tensor) -> 
     return ScoredLayer(
         values.numel(), lambda a, b: score(values[a:b].float()), lambda i: score(values[i].float()), kept
     )
+
+
+def regrow_in_place(
+    masked: MaskedParameters,
+    fraction: float,
+    method: str,
+    generator: torch.Generator | None = None,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+) -> dict[str, float]:
+    """Drop-and-grow over every masked layer of ``masked``: each layer's swapped entries (:func:`swapped_entries`,
+    over the ranks of a sharded layer; the same on every DDP rank) flipped in its mask in place, dropped weights
+    zeroed, the optimizer state of every swapped entry reset. A layer without a gradient keeps its mask under
+    ``rigl``. Returns the update's metrics.
+
+    Example:
+        >>> from torch import nn
+        >>> from pat_callbacks.core.masked import MaskedParameters
+        >>> layer = nn.Linear(4, 4)
+        >>> masked = MaskedParameters({"weight": layer.weight})
+        >>> _ = masked.set_masks({"weight": torch.arange(16).view(4, 4) % 2 == 0})
+        >>> regrow_in_place(masked, 0.25, "set", torch.Generator().manual_seed(0))["pruning/regrown"]
+        2.0
+    """
+    swapped: dict[str, Tensor] = {}
+    n_active = 0
+    for name, mask in masked.masks.items():
+        param = masked.params[name]
+        if method == "rigl" and param.grad is None:
+            continue  # a layer without a gradient this step keeps its mask
+        grad = None if param.grad is None else local(param.grad)
+        swapped[name] = swapped_entries(mask, local(param), grad, fraction, method, generator, group=masked.group)
+        n_active += int(mask.count_nonzero())
+    swapped = masked.change_in_place(swapped, masked.store.flip, optimizers)
+    n_swapped, n_active = masked.sum_over_ranks([sum(int(e.count_nonzero()) for e in swapped.values()), n_active])
+    n_regrown = n_swapped // 2  # as many as dropped
+    return {
+        "pruning/drop_fraction": fraction,
+        "pruning/regrown": float(n_regrown),
+        "pruning/dropped": float(n_regrown),
+        "pruning/mask_change_rate": n_regrown / max(n_active, 1),
+    }

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from pat_callbacks.core._validation import check_fraction
+from pat_callbacks.core.masked import MaskedParameters
 from pat_callbacks.core.patterns import lowest_k, prune_count
-from pat_callbacks.core.pruner import Pruner
 from pat_callbacks.core.targets import DEFAULT_MODULE_TYPES
 from pat_callbacks.structured.attention import (
     transformer_groups,
@@ -43,7 +43,7 @@ def channel_masks(
     return masks
 
 
-class StructuredPruner(Pruner):
+class StructuredPruner(MaskedParameters):
     """The Trainer-free core of structured pruning: the lowest-scoring ``sparsity`` of every group's channels,
     each with its coupled slices.
 
@@ -53,6 +53,10 @@ class StructuredPruner(Pruner):
     output channels of every Conv / Linear layer, with couplings (bias, BatchNorm, next layers' inputs through
     flatten / residual / concat) traced once by Torch-Pruning on ``example_inputs`` (in eval mode: BatchNorm
     statistics stay untouched). At least one channel of every group is always kept.
+
+    It shares mask enforcement and checkpoints with :class:`~pat_callbacks.core.pruner.Pruner` through
+    :class:`~pat_callbacks.core.masked.MaskedParameters`, but not ``regrow``: regrowing single weights would leave
+    channels partly zero, so it has none.
 
     Args:
         model: the network.
@@ -141,6 +145,12 @@ class StructuredPruner(Pruner):
     def scorer_name(self) -> str:
         return self.importance.name or type(self.importance).__name__
 
+    def accumulate(self) -> None:
+        """Nothing to accumulate: structured importances read this step's weights and gradients."""
+
+    def after_update(self) -> None:
+        """Nothing to restart after an update (no history)."""
+
     def channel_scores(self) -> dict[str, Tensor]:
         """Per group root, one score per channel (this step's gradients where the importance needs them)."""
         grads = {name: p.grad for name, p in self.params.items()} if self.importance.needs_grad else None
@@ -162,7 +172,7 @@ class StructuredPruner(Pruner):
             self.clear()
             return True
         scores = dict(scores) if scores is not None else self.channel_scores()
-        if not self._all_finite(scores, step):
+        if not self.all_finite(scores, step):
             return False
         counts = {g.root: min(prune_count(g.n_channels, sparsity), g.n_channels - 1) for g in self.groups}
         full = sorted(g.root for g in self.groups if prune_count(g.n_channels, sparsity) >= g.n_channels)

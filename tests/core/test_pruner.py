@@ -218,7 +218,7 @@ def test_streamed_updates_shrink_the_masks_in_place(monkeypatch):
 
 
 def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
-    import pat_callbacks.core.pruner as pruner_module
+    import pat_callbacks.core.updates as updates_module
 
     calls = []
 
@@ -226,7 +226,7 @@ def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
         calls.append(1)
         return None
 
-    monkeypatch.setattr(pruner_module, "select_lowest_streamed", missed)
+    monkeypatch.setattr(updates_module, "select_lowest_streamed", missed)
     model = _mlp()
     pruner = Pruner(model, allocation="global")
     assert pruner.prune_to(0.7)

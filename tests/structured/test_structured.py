@@ -104,3 +104,13 @@ def test_structured_pruner_runs_in_a_plain_loop():
     assert {root: len(c) for root, c in channels.items()} == {"0.weight": 8, "2.weight": 8}  # classifier kept
     assert (model[0].weight[channels["0.weight"]] == 0).all() and (model[2].weight[:, channels["0.weight"]] == 0).all()
     assert (model[2].weight[channels["2.weight"]] == 0).all() and (model[4].weight[:, channels["2.weight"]] == 0).all()
+
+
+def test_a_structured_pruner_has_no_single_weight_regrowth():
+    """Regrowing single weights would leave channels partly zero: StructuredPruner shares masks, not regrow()."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    pruner = StructuredPruner(model, torch.zeros(1, 4))
+    assert pruner.prune_to(0.5)
+    assert not hasattr(pruner, "regrow")
+    assert set(pruner.pruned_channels()) == {"0.weight"}
+    assert len(pruner.pruned_channels()["0.weight"]) == 3

@@ -1,0 +1,170 @@
+"""What to prune and how: :class:`PruningOptions`, validated at construction, before any model is seen.
+
+One vocabulary for every pruner and callback: ``criterion`` (what scores an entry), ``allocation`` (how an overall
+target splits over layers), ``pattern`` (the mask's shape), ``include`` / ``exclude`` (which parameters),
+``layer_sparsity`` / ``min_sparsity`` / ``max_sparsity`` (per-layer pins and caps).
+
+Defaults: the Trainer-free :class:`~pat_callbacks.core.pruner.Pruner` defaults to ``criterion="magnitude",
+allocation="uniform"``, which needs nothing but the weights, so ``prune_to`` works anywhere in a plain loop, even
+on a model that never saw a gradient. The Lightning callbacks default to ``criterion="taylor", allocation="global"``,
+the best setting measured by ``bench/accuracy.py``: they call ``accumulate()`` between ``backward`` and the optimizer
+step themselves, which Taylor scores need.
+
+Example:
+    >>> PruningOptions(criterion="taylor", allocation="global").allocation
+    'global'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from pat_callbacks.core._validation import check_choice, check_fraction
+from pat_callbacks.core.allocation import ALLOCATIONS
+from pat_callbacks.core.criteria import Criterion, get_criterion
+from pat_callbacks.core.patterns import BlockPattern, Pattern, make_pattern
+from pat_callbacks.core.targets import normalize_patterns, select_parameters
+
+__all__ = ["PruningOptions"]
+
+
+@dataclass
+class PruningOptions:
+    """What to prune and how, validated at construction (before any model is seen).
+
+    Args:
+        criterion: importance score: ``"magnitude"``, ``"taylor"``, ``"movement"``, ``"fisher"``, ``"random"``
+            or a :class:`~pat_callbacks.core.criteria.Criterion`.
+        allocation: how an overall target is split over layers: ``"uniform"``, ``"global"`` (mean-normalised
+            scores), ``"global_raw"``, ``"erk"``, ``"er"``, ``"sensitivity"`` (see
+            :mod:`pat_callbacks.core.allocation`).
+        pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``) or ``"block:RxC"`` (see
+            :mod:`pat_callbacks.core.patterns`).
+        include: glob patterns of parameter names to prune (default: see :mod:`pat_callbacks.core.targets`).
+        exclude: glob patterns of parameter names to keep dense.
+        keep_first, keep_last: keep the first / last pruned parameter (in model order) dense.
+        layer_sparsity: ``{glob pattern: final sparsity}`` for layers pinned at a given sparsity.
+        min_sparsity, max_sparsity: per-layer caps for ``global``, ``global_raw`` and ``sensitivity``.
+        allow_vectors: let ``include`` select norm gains and biases (refused by default: rarely intended).
+
+    Example:
+        >>> PruningOptions(allocation="global", max_sparsity=0.95).allocation
+        'global'
+        >>> PruningOptions(pattern="2:4", allocation="global")
+        Traceback (most recent call last):
+        ...
+        ValueError: pattern='2:4' fixes the sparsity of every layer: use allocation='uniform', not 'global'
+    """
+
+    criterion: str | Criterion = "magnitude"
+    allocation: str = "uniform"
+    pattern: str | Pattern = "unstructured"
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    keep_first: bool = False
+    keep_last: bool = False
+    layer_sparsity: Mapping[str, float] | None = field(default=None)
+    min_sparsity: float = 0.0
+    max_sparsity: float = 1.0
+    allow_vectors: bool = False
+
+    def __post_init__(self) -> None:
+        self.criterion = get_criterion(self.criterion)
+        self.allocation = check_choice("allocation", self.allocation, ALLOCATIONS)
+        self.pattern = make_pattern(self.pattern)
+        self.include = normalize_patterns("include", self.include)
+        self.exclude = normalize_patterns("exclude", self.exclude)
+        self.keep_first, self.keep_last = bool(self.keep_first), bool(self.keep_last)
+        self.allow_vectors = bool(self.allow_vectors)
+        if self.layer_sparsity is not None and not isinstance(self.layer_sparsity, Mapping):
+            raise ValueError(
+                f"Expected `layer_sparsity` to be a mapping of pattern -> sparsity, got {self.layer_sparsity!r}"
+            )
+        self.layer_sparsity = {
+            str(pattern): check_fraction(f"layer_sparsity[{pattern!r}]", value)
+            for pattern, value in (self.layer_sparsity or {}).items()
+        }
+        self.min_sparsity = check_fraction("min_sparsity", self.min_sparsity, allow_one=True)
+        self.max_sparsity = check_fraction("max_sparsity", self.max_sparsity, allow_one=True)
+        if self.min_sparsity > self.max_sparsity:
+            raise ValueError(
+                f"Expected `min_sparsity` <= `max_sparsity`, but got {self.min_sparsity} > {self.max_sparsity}"
+            )
+        if self.pattern.fixed_sparsity is not None and self.allocation != "uniform":
+            raise ValueError(
+                f"pattern={self.pattern.name!r} fixes the sparsity of every layer: use allocation='uniform', "
+                f"not {self.allocation!r}"
+            )
+
+    def targets(self, model_or_params: nn.Module | Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """The parameters these options prune: a module's targets by ``include`` / ``exclude`` (see
+        :func:`~pat_callbacks.core.targets.select_parameters`), or a ``{name: parameter}`` mapping as given; less
+        ``keep_first`` / ``keep_last``. Refuses lazy (uninitialised) parameters and ``layer_sparsity`` patterns
+        that match nothing.
+
+        Example:
+            >>> from torch import nn
+            >>> list(PruningOptions(keep_last=True).targets(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))))
+            ['0.weight']
+        """
+        if isinstance(model_or_params, nn.Module):
+            named = dict(model_or_params.named_parameters())
+        elif isinstance(model_or_params, Mapping):
+            named = dict(model_or_params)
+        else:
+            raise ValueError(
+                f"Expected a module or a mapping of name -> parameter to prune, but got {type(model_or_params)}"
+            )
+        lazy = [name for name, p in named.items() if isinstance(p, nn.parameter.UninitializedParameter)]
+        if lazy:
+            raise ValueError(
+                f"{lazy} are uninitialised (a lazy module such as nn.LazyLinear) and have no shape to prune yet: run "
+                "a forward pass or build the model before fit, or use configure_model"
+            )
+        if isinstance(model_or_params, nn.Module):
+            params = select_parameters(
+                model_or_params, include=self.include, exclude=self.exclude, allow_vectors=self.allow_vectors
+            )
+        else:
+            params = named
+        names = list(params)
+        dense = ({names[0]} if self.keep_first and names else set()) | (
+            {names[-1]} if self.keep_last and names else set()
+        )
+        params = {name: p for name, p in params.items() if name not in dense}
+        if not params:
+            raise ValueError(f"keep_first/keep_last leave no parameter to prune (targets were {names})")
+        for pattern in self.layer_sparsity or {}:
+            if not any(fnmatchcase(name, pattern) for name in params):
+                raise ValueError(
+                    f"`layer_sparsity` pattern {pattern!r} matches no pruned parameter; pruned: {sorted(params)}"
+                )
+        return params
+
+    def check_shardable(self, transposed: Sequence[str] = ()) -> None:
+        """Refuse what sharded (FSDP2) parameters do not support yet, naming every such option.
+
+        Example:
+            >>> PruningOptions(pattern="block:4x4").check_shardable()
+            Traceback (most recent call last):
+            ...
+            ValueError: These options are not supported with sharded (FSDP2) parameters yet: pattern='block:4x4' \
+(blocks may straddle two ranks' rows)
+        """
+        problems = []
+        if self.allocation == "sensitivity":
+            problems.append("allocation='sensitivity' (it evaluates the model with each layer pruned alone)")
+        if isinstance(self.pattern, BlockPattern):
+            problems.append(f"pattern={self.pattern.name!r} (blocks may straddle two ranks' rows)")
+        if self.pattern.fixed_sparsity is not None and transposed:  # type: ignore[union-attr]
+            problems.append(f"pattern={self.pattern.name!r} on in x out matrices {sorted(transposed)}")
+        if self.allocation in ("global", "global_raw") and (self.min_sparsity > 0 or self.max_sparsity < 1):
+            problems.append("min_sparsity / max_sparsity caps with a global allocation")
+        if problems:
+            raise ValueError(
+                "These options are not supported with sharded (FSDP2) parameters yet: " + "; ".join(problems)
+            )

@@ -1,0 +1,150 @@
+"""A criterion bound to named parameters: its per-parameter history, whole-layer scores and streamed scores.
+
+:class:`Scorer` is the pruner's "which entries matter" piece: it feeds a
+:class:`~pat_callbacks.core.criteria.Criterion` the local weights and gradients (this rank's rows when sharded),
+keeps the history criteria such as Taylor or movement accumulate, and offers a layer's scores either whole or as a
+:class:`~pat_callbacks.core.selection.ScoredLayer` scored slice by slice (elementwise criteria), so an update never
+holds every layer's scores at once.
+
+Example:
+    >>> import torch
+    >>> from pat_callbacks.core.criteria import get_criterion
+    >>> weight = torch.nn.Parameter(torch.tensor([[1.0, -3.0], [0.5, 2.0]]))
+    >>> scorer = Scorer(get_criterion("magnitude"), {"w": weight})
+    >>> scorer.score("w").tolist(), scorer.scored_layer("w").chunk(1, 3).tolist()
+    ([[1.0, 3.0], [0.5, 2.0]], [3.0, 0.5])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from pat_callbacks.core.criteria import Criterion
+from pat_callbacks.core.selection import CHUNK_SIZE, ScoredLayer
+from pat_callbacks.core.sharding import gather_full, local, local_rows
+
+__all__ = ["Scorer", "layer_total"]
+
+
+class Scorer:
+    """Scores of a criterion over named parameters, with the criterion's per-parameter history.
+
+    Args:
+        criterion: the importance criterion.
+        params: ``{name: parameter}`` scored (local shards when sharded).
+        group: the shard group of sharded (FSDP2) parameters: checkpoints hold whole history tensors.
+    """
+
+    def __init__(self, criterion: Criterion, params: Mapping[str, nn.Parameter], group: Any = None) -> None:
+        self.criterion = criterion
+        self.params = params
+        self.group = group
+        self.state: dict[str, dict[str, Tensor]] = {}  # per parameter: the criterion's history tensors
+
+    @property
+    def name(self) -> str:
+        """The criterion's name, for messages and reports."""
+        return self.criterion.name or type(self.criterion).__name__
+
+    def accumulate(self) -> None:
+        """Add this step's weights and dense gradients to the criterion's history (no-op without history)."""
+        if not self.criterion.needs_history:
+            return
+        for name, param in self.params.items():
+            if param.grad is not None:
+                self.criterion.accumulate(local(param), local(param.grad), self.state.setdefault(name, {}))
+
+    def score(self, name: str) -> Tensor:
+        """The scores of every entry of ``name`` (this rank's rows when sharded)."""
+        param = self.params[name]
+        self._require_grad(name)
+        grad = None if param.grad is None else local(param.grad)
+        return self.criterion.score(local(param), grad, self.state.get(name, {}))
+
+    def scores(self) -> dict[str, Tensor]:
+        """:meth:`score` of every parameter."""
+        return {name: self.score(name) for name in self.params}
+
+    def scored_layer(
+        self, name: str, kept: Tensor | None = None, scores: Mapping[str, Tensor] | None = None
+    ) -> ScoredLayer:
+        """``name``'s scores as a streamed source (flat ``kept``: the entries that may be chosen): computed on slices
+        for elementwise criteria, else whole; ``scores`` given by the caller take precedence."""
+        if scores is not None:
+            return ScoredLayer.of(scores[name], kept)
+        if not self.criterion.elementwise:
+            return ScoredLayer.of(self.score(name), kept)
+        self._require_grad(name)
+        param = local(self.params[name]).detach()
+        grad = None if self.params[name].grad is None else local(self.params[name].grad).detach().reshape(-1)
+        flat = param.reshape(-1)
+        state = {
+            key: value.reshape(-1) if value.shape == param.shape else value
+            for key, value in self.state.get(name, {}).items()
+        }
+
+        def score(where: slice | Tensor) -> Tensor:
+            part = {
+                key: value[where] if value.dim() and value.numel() == flat.numel() else value
+                for key, value in state.items()
+            }
+            return self.criterion.score(flat[where], None if grad is None else grad[where], part).float()
+
+        return ScoredLayer(flat.numel(), lambda a, b: score(slice(a, b)), score, kept, device=flat.device)
+
+    def reset_history(self) -> None:
+        """Restart the history the criterion averages since the last update."""
+        for values in self.state.values():
+            self.criterion.reset(values)
+
+    def forget(self) -> None:
+        """Drop the whole history (after NaN/Inf scores, so the next update scores clean numbers)."""
+        for values in self.state.values():
+            values.clear()
+
+    def to_devices(self) -> None:
+        """Move the history to the parameters' devices (after the model moved)."""
+        self.state = {
+            name: {key: value.to(local(self.params[name]).device) for key, value in values.items()}
+            for name, values in self.state.items()
+        }
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """The history (per-entry tensors of sharded parameters gathered whole)."""
+        return {name: {key: self._full(name, v) for key, v in values.items()} for name, values in self.state.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Restore :meth:`state_dict`'s history (this rank's rows of sharded parameters)."""
+        self.state = {name: {key: self._local(name, v) for key, v in values.items()} for name, values in state.items()}
+
+    def _full(self, name: str, value: Tensor) -> Tensor:
+        if self.group is None or value.dim() == 0:
+            return value
+        return gather_full(value, self.params[name])
+
+    def _local(self, name: str, value: Tensor) -> Tensor:
+        if self.group is None or value.dim() == 0 or name not in self.params:
+            return value
+        return local_rows(value, self.params[name])
+
+    def _require_grad(self, name: str) -> None:
+        if self.criterion.needs_grad and self.params[name].grad is None:
+            raise RuntimeError(f"criterion={self.name!r} needs a gradient, but {name!r} has none")
+
+
+def layer_total(layer: ScoredLayer) -> float:
+    """Sum of a layer's scores over every entry (pruned ones too), for the global allocation's mean: chunk by chunk
+    (each chunk's float32 sum is exact to ~1e-7; a float32 sum of a whole large layer is not).
+
+    Example:
+        >>> import torch
+        >>> layer_total(ScoredLayer.of(torch.full((1000,), 0.1)))  # doctest: +ELLIPSIS
+        100.0000...
+    """
+    return sum(
+        float(layer.chunk(start, min(start + CHUNK_SIZE, layer.numel)).sum())
+        for start in range(0, layer.numel, CHUNK_SIZE)
+    )

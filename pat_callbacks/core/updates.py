@@ -1,0 +1,266 @@
+"""The one selection path: an :class:`~pat_callbacks.core.planning.UpdatePlan` -> the weights to prune.
+
+Two strategies execute the same plan, in one process or over the ranks of a sharded model:
+
+- **streamed** (:meth:`Selection.streamed`): for updates that only shrink unstructured or N:M masks. Each layer is
+  scored a chunk at a time (:func:`~pat_callbacks.core.selection.select_lowest_streamed`) and the entries to prune
+  now are marked among the kept ones; masks are then pruned in place. Transient memory is a fraction of the weights.
+- **exact** (:meth:`Selection.exact`): whole score tensors, for everything else (block patterns, caps, sensitivity,
+  a target that goes down) and where a streamed pass cannot decide. Unstructured layers use the exact radix
+  selection (:func:`~pat_callbacks.core.selection.select_lowest`, ties in index order, over ranks when sharded);
+  patterns (N:M, blocks) their own ``mask``.
+
+In both, entries pruned before stay pruned while the target does not go down (they score lowest), every layer keeps
+at least one weight, and a layer pruned past 0.99 is warned about once.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from pat_callbacks.core.pruner import Pruner
+    >>> layer = nn.Linear(8, 8)
+    >>> pruner = Pruner(layer)
+    >>> plan = pruner.planner.plan(0.5)
+    >>> entries = pruner.selection.streamed(plan, None, None)
+    >>> int(entries["weight"].sum())
+    32
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from pat_callbacks.core import selection as _selection
+from pat_callbacks.core.allocation import SHAPE_ALLOCATIONS, mean_scale
+from pat_callbacks.core.masked import MaskedParameters
+from pat_callbacks.core.patterns import NMPattern, Pattern, UnstructuredPattern, prune_count
+from pat_callbacks.core.planning import Planner, UpdatePlan
+from pat_callbacks.core.scoring import Scorer, layer_total
+from pat_callbacks.core.selection import NonFiniteScores, ScoredLayer, all_finite, select_lowest, select_lowest_streamed
+from pat_callbacks.core.sharding import local
+
+__all__ = ["NeedsExactSelection", "Selection", "SkippedUpdate"]
+
+
+class NeedsExactSelection(Exception):
+    """A streamed update cannot decide; the update falls back to exact selection on whole score tensors."""
+
+
+class SkippedUpdate(Exception):
+    """NaN/Inf scores (already warned about): the update is skipped."""
+
+
+class Selection:
+    """Executes update plans over a pruner's parameters.
+
+    Args:
+        masked: the parameters and their current masks.
+        scorer: the criterion bound to them.
+        planner: the per-layer split (also warns about nearly empty layers).
+        pattern: the mask shape.
+        transposed: names of matrices stored in x out (HF ``Conv1D``): patterns run along their inputs.
+    """
+
+    def __init__(
+        self, masked: MaskedParameters, scorer: Scorer, planner: Planner, pattern: Pattern, transposed: set[str]
+    ) -> None:
+        self.masked, self.scorer, self.planner = masked, scorer, planner
+        self.pattern, self.transposed = pattern, transposed
+
+    def can_stream(self, sparsity: float, target_sparsity: float) -> bool:
+        """Updates that only shrink unstructured or N:M masks with a plan known from shapes."""
+        allocation = self.planner.options.allocation
+        return (
+            (isinstance(self.pattern, UnstructuredPattern) and allocation in SHAPE_ALLOCATIONS)
+            or self.planner.one_threshold
+            or (isinstance(self.pattern, NMPattern) and allocation == "uniform")
+        ) and not (self.masked.masks and sparsity < target_sparsity)
+
+    # ----------------------------------------------------------------------------------------------- streamed
+    def streamed(self, plan: UpdatePlan, scores: Mapping[str, Tensor] | None, step: int | None) -> dict[str, Tensor]:
+        """The entries to prune now, per parameter (bool, among the kept ones). Raises :class:`SkippedUpdate`
+        (warned) on NaN/Inf scores and :class:`NeedsExactSelection` where a streamed pass cannot decide (a layer's
+        target below what it already prunes, a layer left empty, a missed bracket)."""
+        numel = self.planner.numel
+        params = self.masked.params
+        kept = {name: mask.reshape(-1) for name, mask in self.masked.masks.items()}
+        already = self._pruned_now(kept)
+        chosen: dict[str, Tensor] = {}
+        for name, sparsity in plan.per_layer.items():
+            if isinstance(self.pattern, NMPattern):
+                chosen[name] = self._nm_streamed(name, sparsity, kept.get(name), scores, step)
+                continue
+            needed = prune_count(numel[name], sparsity) - already[name]
+            chosen.update(self._select_streamed([name], needed, kept, scores, step, scaled=False))
+        if plan.shared:
+            shared = list(plan.shared)
+            count = plan.shared_budget - sum(already[n] for n in shared)
+            selected = self._select_streamed(shared, count, kept, scores, step, scaled=plan.scaled)
+            counts = self.masked.sum_over_ranks([int(selected[n].count_nonzero()) for n in shared])
+            if any(already[n] + c >= numel[n] for n, c in zip(shared, counts, strict=True)):
+                raise NeedsExactSelection  # a layer left empty: the allocation keeps one weight per layer
+            chosen.update(selected)
+        names = list(params)
+        counts = self.masked.sum_over_ranks([int(chosen[n].count_nonzero()) for n in names])
+        self.planner.warn_nearly_empty(
+            {n: (already[n] + c) / numel[n] for n, c in zip(names, counts, strict=True)}, step
+        )
+        return {name: chosen[name].view(local(params[name]).shape) for name in params}
+
+    def _pruned_now(self, kept: Mapping[str, Tensor]) -> dict[str, int]:
+        """Entries pruned now per parameter, from its (flat) mask, over every rank."""
+        names = list(self.masked.params)
+        local_counts = [kept[n].numel() - int(kept[n].count_nonzero()) if n in kept else 0 for n in names]
+        return dict(zip(names, self.masked.sum_over_ranks(local_counts), strict=True))
+
+    def _raise_if_not_finite(self, name: str, finite: bool, step: int | None) -> None:
+        """Every rank raises :class:`SkippedUpdate` (warned) if a rank saw NaN/Inf in ``name``'s scores."""
+        if self.masked.sum_over_ranks([int(not finite)])[0]:
+            self.masked.warn_non_finite([name], step)
+            raise SkippedUpdate
+
+    def _nm_streamed(
+        self, name: str, sparsity: float, kept: Tensor | None, scores: Mapping[str, Tensor] | None, step: int | None
+    ) -> Tensor:
+        """An N:M layer's entries to prune now (flat bool, among the kept ones), a block of whole rows at a time:
+        each group lies in one row, so rows are masked independently. Matrices stored in x out take the whole
+        layer at once (their groups run down the columns)."""
+        layer = self.scorer.scored_layer(name, kept, scores)
+        shape = local(self.masked.params[name]).shape
+        if name in self.transposed:
+            whole = layer.chunk(0, layer.numel).view(shape)
+            self._raise_if_not_finite(name, all_finite(whole), step)
+            new = self.layer_mask(name, whole, sparsity, None if kept is None else ~kept.view(shape)).reshape(-1)
+            return ~new if kept is None else kept & ~new
+        width = max(1, layer.numel // max(shape[0], 1))  # a shard may hold no rows
+        rows = max(1, _selection.CHUNK_SIZE // width)
+        chosen = torch.zeros(layer.numel, dtype=torch.bool, device=local(self.masked.params[name]).device)
+        finite = True
+        for start in range(0, shape[0], rows):
+            a, b = start * width, min(start + rows, shape[0]) * width
+            block = layer.chunk(a, b).view(-1, width)  # may be a view of given scores: never written to
+            if not all_finite(block):
+                finite = False
+                break
+            if kept is not None:  # entries pruned before score lowest: they stay pruned
+                block = block.masked_fill(~kept[a:b].view(-1, width), float("-inf"))
+            part = chosen[a:b].view(-1, width)
+            torch.logical_not(self.pattern.mask(block, sparsity), out=part)
+            if kept is not None:
+                part.logical_and_(kept[a:b].view(-1, width))
+        self._raise_if_not_finite(name, finite, step)
+        return chosen
+
+    def _select_streamed(
+        self,
+        names: list[str],
+        count: int,
+        kept: Mapping[str, Tensor],
+        scores: Mapping[str, Tensor] | None,
+        step: int | None,
+        *,
+        scaled: bool,
+    ) -> dict[str, Tensor]:
+        """The ``count`` lowest-scoring kept entries over ``names`` (divided by each layer's mean score when
+        ``scaled``, the global allocation's normalisation)."""
+        if count < 0:
+            raise NeedsExactSelection  # the target is below what is pruned already: masks would grow back
+        layers = [self.scorer.scored_layer(name, kept.get(name), scores) for name in names]
+        if scaled:
+            totals = self.masked.sum_over_ranks([layer_total(layer) for layer in layers], torch.float64)
+            if not all(math.isfinite(t) for t in totals):
+                bad = [n for n, t in zip(names, totals, strict=True) if not math.isfinite(t)]
+                self.masked.warn_non_finite(bad, step)
+                raise SkippedUpdate
+            layers = [
+                replace(layer, scale=mean_scale(total, self.planner.numel[name]))
+                for layer, name, total in zip(layers, names, totals, strict=True)
+            ]
+        try:
+            selected = select_lowest_streamed(layers, count, group=self.masked.group)
+        except NonFiniteScores as error:
+            self.masked.warn_non_finite([names[i] for i in error.layers], step)
+            raise SkippedUpdate from None
+        if selected is None:
+            raise NeedsExactSelection
+        return dict(zip(names, selected, strict=True))
+
+    # -------------------------------------------------------------------------------------------------- exact
+    def exact(
+        self,
+        sparsity: float,
+        final_sparsity: float | None,
+        scores: Mapping[str, Tensor] | None,
+        step: int | None,
+        *,
+        keep_pruned: bool,
+        sensitivities: Mapping[str, float] | None = None,
+    ) -> dict[str, Tensor] | None:
+        """Whole new masks for the plan (``None``, warned, on NaN/Inf scores). Layers planned alone are scored and
+        masked one at a time; the layers sharing a threshold are selected together; a plan that depends on scores
+        is made from every layer's scores. ``keep_pruned``: entries pruned now stay pruned."""
+        pruned = {name: ~mask for name, mask in self.masked.masks.items()} if keep_pruned else {}
+        plan = self.planner.plan(sparsity, final_sparsity)
+        if plan is None:
+            return self._from_scores(sparsity, final_sparsity, scores, step, pruned, sensitivities)
+        masks: dict[str, Tensor] = {}
+        for name, layer_sparsity in plan.per_layer.items():
+            layer = scores[name] if scores is not None else self.scorer.score(name)
+            if not self.masked.all_finite({name: layer}, step):
+                return None
+            masks[name] = self.layer_mask(name, layer, layer_sparsity, pruned.get(name))
+            del layer
+        if plan.shared:
+            shared = {n: scores[n] if scores is not None else self.scorer.score(n) for n in plan.shared}
+            if not self.masked.all_finite(shared, step):
+                return None
+            if plan.scaled:  # mean-normalised, the mean taken over every rank's entries
+                totals = [layer_total(ScoredLayer.of(shared[n])) for n in plan.shared]
+                totals = self.masked.sum_over_ranks(totals, torch.float64)
+                for name, total in zip(plan.shared, totals, strict=True):
+                    shared[name] = shared[name].float() / mean_scale(total, self.planner.numel[name])
+            for name in plan.shared:
+                if name in pruned:  # entries pruned before stay pruned
+                    shared[name] = shared[name].float().masked_fill(pruned[name], float("-inf"))
+            selected = select_lowest([shared.pop(n) for n in plan.shared], plan.shared_budget, self.masked.group)
+            masks.update({name: ~chosen for name, chosen in zip(plan.shared, selected, strict=True)})
+            if self.masked.group is None and any(not bool(masks[n].any()) for n in plan.shared):
+                return self._from_scores(sparsity, final_sparsity, scores, step, pruned, sensitivities)  # keep one
+        names = list(masks)
+        counts = self.masked.sum_over_ranks([m.numel() - int(m.count_nonzero()) for m in masks.values()])
+        self.planner.warn_nearly_empty({n: c / self.planner.numel[n] for n, c in zip(names, counts, strict=True)}, step)
+        return masks
+
+    def _from_scores(
+        self,
+        sparsity: float,
+        final_sparsity: float | None,
+        scores: Mapping[str, Tensor] | None,
+        step: int | None,
+        pruned: Mapping[str, Tensor],
+        sensitivities: Mapping[str, float] | None,
+    ) -> dict[str, Tensor] | None:
+        """Every layer scored, the split made from the scores (caps, floors, sensitivity), each layer masked."""
+        scores = dict(scores) if scores is not None else self.scorer.scores()
+        if not self.masked.all_finite(scores, step):
+            return None
+        plan = self.planner.plan_from_scores(
+            scores, sparsity, final_sparsity, sensitivities=sensitivities, pruned=pruned or None
+        )
+        self.planner.warn_nearly_empty(plan.per_layer, step)
+        return {name: self.layer_mask(name, scores[name], plan.per_layer[name], pruned.get(name)) for name in scores}
+
+    def layer_mask(self, name: str, scores: Tensor, sparsity: float, pruned: Tensor | None = None) -> Tensor:
+        """One layer's keep-mask at ``sparsity`` (``pruned``: entries that score lowest, so they stay pruned):
+        unstructured by exact selection (ties in index order, over ranks when sharded), else by the pattern."""
+        if pruned is not None:
+            scores = scores.float().masked_fill(pruned.to(scores.device), float("-inf"))
+        if isinstance(self.pattern, UnstructuredPattern):
+            return ~select_lowest([scores], prune_count(self.planner.numel[name], sparsity), self.masked.group)[0]
+        if name in self.transposed and scores.dim() == 2:
+            return self.pattern.mask(scores.t(), sparsity).t()
+        return self.pattern.mask(scores, sparsity)
