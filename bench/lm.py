@@ -116,11 +116,11 @@ SCREENED: dict[str, tuple[list[str], int]] = {
         1,
     ),
     "screen taylor global regrow 0.1": (
-        [*_gradual("taylor"), "pruning.regrow_fraction=0.1", "pruning.start_fraction=0.4", "pruning.end_fraction=0.75"],
+        [*_gradual("taylor"), "pruning.drop_fraction=0.1", "pruning.start_fraction=0.4", "pruning.end_fraction=0.75"],
         1,
     ),
     "screen taylor global 0-50 regrow 0.2": (
-        [*_gradual("taylor"), "pruning.regrow_fraction=0.2", "pruning.start_fraction=0.0", "pruning.end_fraction=0.5"],
+        [*_gradual("taylor"), "pruning.drop_fraction=0.2", "pruning.start_fraction=0.0", "pruning.end_fraction=0.5"],
         1,
     ),
     "screen exponential taylor global": (

@@ -84,7 +84,8 @@ class GradualPruningConf(_CommonPruningConf, _ScheduleWindowConf):
     _target_: str = "pat_callbacks.GradualPruning"
     phase_steps: Optional[int] = None
     phase_epochs: Optional[float] = None
-    regrow_fraction: float = 0.0
+    drop_fraction: float = 0.0
+    regrow_fraction: Optional[float] = None  # the former name of drop_fraction
     pattern: str = "unstructured"
     criterion: str = "taylor"
     allocation: Optional[str] = None  # global; uniform with an N:M pattern

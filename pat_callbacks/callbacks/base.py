@@ -294,11 +294,3 @@ class PruningCallback(Callback):
                 f"{type(self).__name__} is used before `on_fit_start`: pass it to Trainer(callbacks=...)"
             )
         return self.pruner
-
-    def _warn_if_unreached(self, trainer: pl.Trainer, end_step: int) -> None:
-        total = trainer.estimated_stepping_batches
-        if isinstance(total, (int, float)) and total != float("inf") and end_step >= total:
-            rank_zero_warn(
-                f"{type(self).__name__}: the schedule ends at step {end_step} but training has {int(total)} "
-                "optimizer steps; the final sparsity will not be reached"
-            )

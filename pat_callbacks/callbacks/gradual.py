@@ -16,15 +16,16 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from torch import Tensor
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from pat_callbacks.callbacks._batches import cross_entropy, probe_batches
 from pat_callbacks.callbacks._rewind import Rewinding
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback, resolve_target
-from pat_callbacks.core._validation import check_fraction, check_int
+from pat_callbacks.core._validation import check_fraction, check_int, renamed
 from pat_callbacks.core.criteria import Criterion
 from pat_callbacks.core.pruner import Pruner, PruningOptions
 from pat_callbacks.core.schedules import Schedule
+from pat_callbacks.core.windows import WindowArguments
 
 __all__ = ["GradualPruning"]
 
@@ -60,10 +61,12 @@ class GradualPruning(ScheduledPruningCallback):
             row (NVIDIA's convention: ``"2:4"`` keeps 2 of 4, 50% sparsity). With N:M, ``sparsity`` defaults
             to ``1 - N/M`` (any other value is refused), the schedule's intermediate targets round down to whole
             weights per group, and allocation is per layer (``"uniform"``).
-        regrow_fraction: pruning reversal. At each update, after masking to the target, this fraction of the
+        drop_fraction: pruning reversal. At each update, after masking to the target, this fraction of the
             active weights with the lowest magnitude is swapped for as many pruned weights with the largest
             dense-gradient magnitude (as in RigL), which re-enter at zero with zeroed optimizer state; the
-            target sparsity still holds per layer. ``0`` (default): a pruned weight never returns.
+            target sparsity still holds per layer. ``0`` (default): a pruned weight never returns. The same word as
+            :class:`~pat_callbacks.DynamicSparseTraining`'s ``drop_fraction`` and :meth:`Pruner.regrow`'s.
+        regrow_fraction: the former name of ``drop_fraction`` (a DeprecationWarning; giving both is an error).
         criterion: ``"taylor"`` (default: ``|w * g|`` averaged over the training steps since the last update, no
             extra pass; it needs automatic optimization), ``"magnitude"``, ``"movement"``, ``"fisher"``,
             ``"random"`` or a :class:`~pat_callbacks.core.criteria.Criterion`.
@@ -104,18 +107,8 @@ class GradualPruning(ScheduledPruningCallback):
         schedule: str | Schedule | Callable[[int], float] = "cubic",
         *,
         final_sparsity: float | None = None,
-        initial_sparsity: float | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        start_epoch: float | None = None,
-        end_epoch: float | None = None,
-        start_fraction: float | None = None,
-        end_fraction: float | None = None,
-        update_every: int | None = None,
-        phase_steps: int | None = None,
-        phase_epochs: float | None = None,
-        power: float | None = None,
-        regrow_fraction: float = 0.0,
+        drop_fraction: float = 0.0,
+        regrow_fraction: float | None = None,
         pattern: str = "unstructured",
         criterion: str | Criterion = "taylor",
         allocation: str | None = None,
@@ -135,6 +128,7 @@ class GradualPruning(ScheduledPruningCallback):
         log_per_layer: bool = True,
         prog_bar: bool = True,
         verbose: bool = True,
+        **window: Unpack[WindowArguments],
     ) -> None:
         if allocation is None:
             allocation = "uniform" if PruningOptions(pattern=pattern).pattern.fixed_sparsity is not None else "global"  # type: ignore[union-attr]
@@ -151,10 +145,11 @@ class GradualPruning(ScheduledPruningCallback):
             max_sparsity=max_sparsity,
             allow_vectors=allow_vectors,
         )
-        self.regrow_fraction = check_fraction("regrow_fraction", regrow_fraction, allow_one=True)
+        drop_fraction, drop_key = renamed("regrow_fraction", regrow_fraction, "drop_fraction", drop_fraction, 0.0)
+        self.drop_fraction = check_fraction(drop_key, drop_fraction, allow_one=True)
         fixed = options.pattern.fixed_sparsity  # type: ignore[union-attr]
-        if self.regrow_fraction > 0 and not options.pattern.allows_regrowth:  # type: ignore[union-attr]
-            raise ValueError(f"regrow_fraction={self.regrow_fraction} would break the {pattern!r} pattern; use 0")
+        if self.drop_fraction > 0 and not options.pattern.allows_regrowth:  # type: ignore[union-attr]
+            raise ValueError(f"{drop_key}={self.drop_fraction} would break the {pattern!r} pattern; use 0")
         target, key = resolve_target(sparsity, final_sparsity)
         if fixed is not None:
             if target is None and isinstance(schedule, str):
@@ -165,21 +160,11 @@ class GradualPruning(ScheduledPruningCallback):
             target if key == "sparsity" else None,
             schedule,
             final_sparsity=target if key == "final_sparsity" else None,
-            initial_sparsity=initial_sparsity,
-            start_step=start_step,
-            end_step=end_step,
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            start_fraction=start_fraction,
-            end_fraction=end_fraction,
-            update_every=update_every,
-            phase_steps=phase_steps,
-            phase_epochs=phase_epochs,
-            power=power,
             remask_weights=remask_weights,
             log_per_layer=log_per_layer,
             prog_bar=prog_bar,
             verbose=verbose,
+            **window,
         )
         self.options = options
         self.rewind_step = None if rewind_step is None else check_int("rewind_step", rewind_step, minimum=0)
@@ -189,6 +174,11 @@ class GradualPruning(ScheduledPruningCallback):
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Expected `loss_fn` to be callable, but got {loss_fn!r}")
         self.loss_fn = loss_fn or cross_entropy
+
+    @property
+    def regrow_fraction(self) -> float:
+        """The former name of :attr:`drop_fraction`."""
+        return self.drop_fraction
 
     @property
     def criterion(self) -> Criterion:
@@ -285,8 +275,8 @@ class GradualPruning(ScheduledPruningCallback):
         step = trainer.global_step
         if not pruner.prune_to(target, final_sparsity=self.final_sparsity, optimizers=optimizers, step=step):
             return False
-        if self.regrow_fraction > 0 and target > 0:
-            metrics = pruner.regrow(self.regrow_fraction, "rigl", optimizers=optimizers, step=step)
+        if self.drop_fraction > 0 and target > 0:
+            metrics = pruner.regrow(self.drop_fraction, "rigl", optimizers=optimizers, step=step)
             self._extra_metrics = metrics or {}
         if self.rewinding is not None and step >= self._require_schedule().end_step:
             self.rewinding.request()  # after this step's optimizer step, in on_train_batch_end

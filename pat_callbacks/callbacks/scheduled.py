@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core.schedules import Schedule
-from pat_callbacks.core.windows import ScheduleSpec
+from pat_callbacks.core.windows import ScheduleSpec, WindowArguments, check_window_arguments
 
 __all__ = ["ScheduledPruningCallback", "few_updates_message", "resolve_target"]
 
@@ -34,8 +34,9 @@ class ScheduledPruningCallback(PruningCallback):
         sparsity: sparsity reached at the end of the window, in [0, 1).
         schedule: a registered name, a :class:`~pat_callbacks.core.schedules.Schedule` (which carries its own steps and
             sparsity) or a plain callable ``step -> sparsity`` (see :class:`~pat_callbacks.core.windows.ScheduleSpec`).
-        initial_sparsity, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction,
-            update_every, phase_steps, phase_epochs, power: the window and the schedule's own arguments.
+        **window: the window and the schedule's own arguments (:class:`~pat_callbacks.core.windows.WindowArguments`:
+            ``initial_sparsity``, ``start_step`` / ``start_epoch`` / ``start_fraction``, ``end_step`` / ``end_epoch``
+            / ``end_fraction``, ``update_every``, ``phase_steps``, ``phase_epochs``, ``power``).
         final_sparsity: the former name of ``sparsity``, still accepted (giving both is an error).
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
@@ -56,40 +57,16 @@ class ScheduledPruningCallback(PruningCallback):
         schedule: str | Schedule | Callable[[int], float] = "cubic",
         *,
         final_sparsity: float | None = None,
-        initial_sparsity: float | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        start_epoch: float | None = None,
-        end_epoch: float | None = None,
-        start_fraction: float | None = None,
-        end_fraction: float | None = None,
-        update_every: int | None = None,
-        phase_steps: int | None = None,
-        phase_epochs: float | None = None,
-        power: float | None = None,
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
         verbose: bool = True,
+        **window: Unpack[WindowArguments],
     ) -> None:
         super().__init__(remask_weights=remask_weights, log_per_layer=log_per_layer, prog_bar=prog_bar, verbose=verbose)
         target, self._target_key = resolve_target(sparsity, final_sparsity)
-        self.spec = ScheduleSpec(
-            schedule,
-            target,
-            target_key=self._target_key,
-            start_step=start_step,
-            end_step=end_step,
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            start_fraction=start_fraction,
-            end_fraction=end_fraction,
-            phase_epochs=phase_epochs,
-            initial_sparsity=initial_sparsity,
-            update_every=update_every,
-            power=power,
-            phase_steps=phase_steps,
-        )
+        check_window_arguments(type(self).__name__, window)
+        self.spec = ScheduleSpec(schedule, target, target_key=self._target_key, **window)
         self.schedule: Schedule | None = self.spec.fixed
         self.schedule_name = self.spec.name
         # Part of the checkpoint key: known at construction (a callable's target is only known once resolved).
@@ -172,6 +149,14 @@ class ScheduledPruningCallback(PruningCallback):
         message = few_updates_message(self.schedule)
         if message:
             rank_zero_warn(f"{type(self).__name__}: {message}")
+
+    def _warn_if_unreached(self, trainer: pl.Trainer, end_step: int) -> None:
+        total = trainer.estimated_stepping_batches
+        if isinstance(total, (int, float)) and total != float("inf") and end_step >= total:
+            rank_zero_warn(
+                f"{type(self).__name__}: the schedule ends at step {end_step} but training has {int(total)} "
+                "optimizer steps; the final sparsity will not be reached"
+            )
 
     def _require_schedule(self) -> Schedule:
         if self.schedule is None:

@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
-from typing_extensions import override
+from typing_extensions import Unpack, override
 
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
 from pat_callbacks.core.schedules import Schedule
 from pat_callbacks.core.targets import normalize_patterns
+from pat_callbacks.core.windows import WindowArguments
 from pat_callbacks.structured import StructuredImportance, StructuredPruner, get_structured_importance
 
 __all__ = ["StructuredPruning"]
@@ -72,37 +73,21 @@ class StructuredPruning(ScheduledPruningCallback):
         ignore: str | Sequence[str] | None = None,
         attention: Sequence[Mapping[str, Any]] | None = None,
         example_inputs: Any = None,
-        initial_sparsity: float | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        start_epoch: float | None = None,
-        end_epoch: float | None = None,
-        start_fraction: float | None = None,
-        end_fraction: float | None = None,
-        update_every: int | None = None,
-        power: float | None = None,
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
         prog_bar: bool = True,
         verbose: bool = True,
+        **window: Unpack[WindowArguments],
     ) -> None:
         super().__init__(
             sparsity,
             schedule,
             final_sparsity=final_sparsity,
-            initial_sparsity=initial_sparsity,
-            start_step=start_step,
-            end_step=end_step,
-            start_epoch=start_epoch,
-            end_epoch=end_epoch,
-            start_fraction=start_fraction,
-            end_fraction=end_fraction,
-            update_every=update_every,
-            power=power,
             remask_weights=remask_weights,
             log_per_layer=log_per_layer,
             prog_bar=prog_bar,
             verbose=verbose,
+            **window,
         )
         self.importance = get_structured_importance(importance)
         self.ignore = normalize_patterns("ignore", ignore)

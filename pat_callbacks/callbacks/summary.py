@@ -5,8 +5,9 @@ log directory (``trainer.log_dir``: the CSV or TensorBoard version folder, else 
 
 - ``sparsity`` / ``layer_sparsity``: exact zeros of the weights every pruning callback of the trainer targets
   (any callback with a ``store`` whose ``params`` maps names to parameters), overall and per tensor;
-- ``weight_sparsity`` / ``weight_layer_sparsity``: exact zeros of every weight matrix of the model (parameters with
-  two or more dimensions, embeddings excepted), pruned or not;
+- ``weight_sparsity`` / ``weight_layer_sparsity``: exact zeros of every weight matrix of the model (see
+  :func:`~pat_callbacks.core.targets.weight_matrices`: parameters with two or more dimensions, embeddings included,
+  tied tensors once), pruned or not;
 - ``method``, ``target_sparsity``: what the pruning callbacks aimed at (``"dense"`` and 0 without one);
 - ``metrics``: every float in ``trainer.callback_metrics`` seen at the end of fit and test (later values win);
 - ``global_step``, ``fit_seconds``, ``time`` (when the file was written) and ``stage``.
@@ -41,8 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
+
+from pat_callbacks.core.targets import weight_matrices
 
 __all__ = ["PruningSummary", "pruning_callbacks", "weight_matrices"]
 
@@ -57,26 +60,6 @@ def pruning_callbacks(callbacks: Iterable[Any]) -> list[Any]:
         >>> pruning_callbacks([pruning, SimpleNamespace(store=None), object()]) == [pruning]
         True"""
     return [c for c in callbacks if isinstance(getattr(getattr(c, "store", None), "params", None), Mapping)]
-
-
-def weight_matrices(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter with two or more dimensions except those of embeddings, each tied tensor once.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
-        >>> net[1].weight = net[0].weight  # tied: counted once, as an embedding
-        >>> list(weight_matrices(net))
-        []
-        >>> list(weight_matrices(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Conv1d(3, 2, 3))))
-        ['0.weight', '1.weight']"""
-    skipped = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for p in m.parameters()}
-    out: dict[str, Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if param.ndim >= 2 and id(param) not in skipped:
-            skipped.add(id(param))
-            out[name] = param
-    return out
 
 
 def _zeros(params: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:

@@ -7,6 +7,7 @@ with a message that says what is allowed.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from numbers import Integral, Real
 from typing import Any
@@ -89,3 +90,23 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)) or value < minimum:
         raise ValueError(f"Expected `{name}` to be a number >= {minimum:g}, but got {value!r}")
     return float(value)
+
+
+def renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -> tuple[Any, str]:
+    """The value of an argument that was renamed, and the key it came from: ``old`` still works with a
+    :class:`DeprecationWarning`; giving both (``new`` not at its ``default``) is an error naming both.
+
+    Example:
+        >>> renamed("regrow_fraction", None, "drop_fraction", 0.1, 0.0)
+        (0.1, 'drop_fraction')
+        >>> renamed("regrow_fraction", 0.2, "drop_fraction", 0.1, 0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Give `drop_fraction` (the new name of `regrow_fraction`), not both: got 0.1 and 0.2
+    """
+    if old_value is None:
+        return new_value, new
+    if new_value != default:
+        raise ValueError(f"Give `{new}` (the new name of `{old}`), not both: got {new_value!r} and {old_value!r}")
+    warnings.warn(f"`{old}` is now called `{new}`; the old name still works", DeprecationWarning, stacklevel=3)
+    return old_value, old

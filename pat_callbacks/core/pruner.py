@@ -257,14 +257,14 @@ class Pruner(MaskedParameters):
 
     def regrow(
         self,
-        fraction: float,
+        drop_fraction: float,
         method: str = "rigl",
         *,
         generator: torch.Generator | None = None,
         optimizers: Iterable[torch.optim.Optimizer] = (),
         step: int | None = None,
     ) -> dict[str, float] | None:
-        """Swap ``fraction`` of each masked layer's active weights for inactive ones (see
+        """Swap ``drop_fraction`` of each masked layer's active weights for inactive ones (see
         :func:`~pat_callbacks.core.regrowth.swapped_entries`): drop the lowest |w|, regrow by dense-gradient
         magnitude (``"rigl"``) or at random (``"set"``). Regrown entries restart at zero with zeroed optimizer state;
         each layer's count is unchanged. Returns metrics, or ``None`` (with a warning) if weights or gradients are
@@ -289,7 +289,7 @@ class Pruner(MaskedParameters):
             )
         if not self.all_finite(inputs, step):
             return None
-        return regrow_in_place(self, fraction, method, generator, optimizers)
+        return regrow_in_place(self, drop_fraction, method, generator, optimizers)
 
     def to_devices(self) -> None:
         """Move masks and criterion history to their parameters' devices (after the model moved)."""

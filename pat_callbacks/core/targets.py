@@ -261,14 +261,22 @@ pruning them is rarely intended: narrow the pattern (e.g. '*.weight') or pass al
     return selected
 
 
-def weight_matrices(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every distinct parameter with 2 or more dimensions (embeddings included): what ``sparsity_all`` counts.
+def weight_matrices(model: nn.Module, *, embeddings: bool = True) -> dict[str, nn.Parameter]:
+    """The model's *weights*, as every report means them: each distinct parameter with 2 or more dimensions, a tied
+    tensor once under its first name, embeddings included (``pruning/sparsity_all``, ``metrics.json``'s
+    ``sparsity_all`` and ``weight_sparsity``). ``embeddings=False`` leaves out embedding tables and the output
+    heads tied to them.
 
     Example:
-        >>> list(weight_matrices(nn.Sequential(nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 2))))
-        ['0.weight', '2.weight']
+        >>> model = nn.Sequential(nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 5))
+        >>> model[2].weight = model[0].weight  # a tied output head
+        >>> list(weight_matrices(model)), list(weight_matrices(model, embeddings=False))
+        (['0.weight'], [])
     """
-    return {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+    skipped = set()
+    if not embeddings:
+        skipped = {id(p) for m in model.modules() if isinstance(m, _EMBEDDING_TYPES) for p in m.parameters()}
+    return {name: p for name, p in model.named_parameters() if p.dim() >= 2 and id(p) not in skipped}
 
 
 def describe_targets(model: nn.Module, targets: Mapping[str, nn.Parameter]) -> str:

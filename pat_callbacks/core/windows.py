@@ -21,10 +21,48 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from typing_extensions import TypedDict
+
 from pat_callbacks.core._validation import check_fraction, check_int, check_number, check_positive
 from pat_callbacks.core.schedules import SCHEDULES, FunctionSchedule, Schedule, as_schedule, make_schedule
 
-__all__ = ["DEFAULT_UPDATE_EVERY", "ScheduleSpec"]
+__all__ = ["DEFAULT_UPDATE_EVERY", "ScheduleSpec", "WindowArguments", "check_window_arguments"]
+
+
+class WindowArguments(TypedDict, total=False):
+    """The pruning window and the schedule's own keyword arguments, declared once: every schedule-driven callback
+    takes them as ``**window`` and hands them to :class:`ScheduleSpec` (each bound in one unit: steps, epochs or
+    fractions of the run)."""
+
+    initial_sparsity: float | None
+    start_step: int | None
+    end_step: int | None
+    start_epoch: float | None
+    end_epoch: float | None
+    start_fraction: float | None
+    end_fraction: float | None
+    update_every: int | None
+    phase_steps: int | None
+    phase_epochs: float | None
+    power: float | None
+
+
+def check_window_arguments(owner: str, window: dict[str, Any]) -> None:
+    """Refuse keyword arguments that are not window arguments, naming them and the allowed ones.
+
+    Example:
+        >>> check_window_arguments("GradualPruning", {"start_stp": 10})
+        Traceback (most recent call last):
+        ...
+        TypeError: GradualPruning got unexpected arguments ['start_stp']; window arguments are: end_epoch, \
+end_fraction, end_step, initial_sparsity, phase_epochs, phase_steps, power, start_epoch, start_fraction, start_step, \
+update_every
+    """
+    unknown = sorted(set(window) - set(WindowArguments.__annotations__))
+    if unknown:
+        allowed = ", ".join(sorted(WindowArguments.__annotations__))
+        raise TypeError(f"{owner} got unexpected arguments {unknown}; window arguments are: {allowed}")
+
 
 DEFAULT_UPDATE_EVERY = 100
 _UNITS = ("step", "epoch", "fraction")

@@ -240,7 +240,9 @@ def test_sparsity_is_logged_per_layer_and_in_the_progress_bar(tmp_path, digits):
         ({"power": 2}, "`power` does not apply to schedule 'cubic'"),
         ({"remask_weights": "sometimes"}, "`remask_weights` to be True, False or 'auto'"),
         ({"exclude": 5}, "Expected `exclude` to be a glob pattern or a list of them, but got 5"),
+        ({"drop_fraction": 2}, "`drop_fraction` to be a float in [0, 1], but got 2"),
         ({"regrow_fraction": 2}, "`regrow_fraction` to be a float in [0, 1], but got 2"),
+        ({"regrow_fraction": 0.1, "drop_fraction": 0.2}, "Give `drop_fraction`"),
         ({"min_sparsity": 0.9, "max_sparsity": 0.5}, "Expected `min_sparsity` <= `max_sparsity`, but got 0.9 > 0.5"),
         ({"layer_sparsity": {"fc.*": 1.5}}, "Expected `layer_sparsity['fc.*']` to be a float in [0, 1), but got 1.5"),
         ({"layer_sparsity": [0.5]}, "Expected `layer_sparsity` to be a mapping of pattern -> sparsity"),
@@ -340,7 +342,7 @@ def test_pruning_reversal_regrows_high_gradient_weights_and_keeps_the_target(fit
                 regrown_per_update[trainer.global_step] = count
             previous.update({k: v.clone() for k, v in pruning.store.masks.items()})
 
-    pruning = _pruning(final_sparsity=0.8, regrow_fraction=0.1)
+    pruning = _pruning(final_sparsity=0.8, drop_fraction=0.1)
     fit([pruning, Recorder(), ZeroChecker(pruning)])
     assert sum(regrown_per_update.values()) > 0
     for name, param in pruning.store.params.items():
@@ -554,7 +556,7 @@ def test_two_four_pattern_ends_with_exactly_two_of_every_four(fit):
         ({"pattern": "4:2"}, "did you mean '2:4'?"),
         ({"pattern": "2:4", "final_sparsity": 0.9}, "pattern='2:4' reaches sparsity 0.5, but got final_sparsity=0.9"),
         ({"pattern": "2:4", "allocation": "global"}, "use allocation='uniform', not 'global'"),
-        ({"pattern": "2:4", "regrow_fraction": 0.1}, "would break the '2:4' pattern"),
+        ({"pattern": "2:4", "drop_fraction": 0.1}, "would break the '2:4' pattern"),
     ],
 )
 def test_bad_nm_arguments_fail_at_construction(kwargs, message):
@@ -675,3 +677,9 @@ def test_rewinding_is_checked_and_kept_in_the_checkpoint(fit, tmp_path):
     resumed = _pruning(rewind_step=5)
     resumed.load_state_dict(copy.deepcopy(state))
     assert all(torch.equal(resumed._rewind_to[n], v) for n, v in state["rewind_to"].items())
+
+
+def test_the_former_name_regrow_fraction_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="`regrow_fraction` is now called `drop_fraction`"):
+        pruning = GradualPruning(sparsity=0.8, regrow_fraction=0.1, start_step=0, end_step=10)
+    assert pruning.drop_fraction == pruning.regrow_fraction == 0.1

@@ -75,7 +75,7 @@ def test_real_pruning_callback_reaches_its_target_on_the_weights(fit, tmp_path):
     assert written["target_sparsity"] == 0.75
 
 
-def test_weight_matrices_skip_embeddings_and_count_tied_weights_once():
+def test_weight_matrices_are_one_definition_embeddings_included_tied_weights_once():
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -86,7 +86,8 @@ def test_weight_matrices_skip_embeddings_and_count_tied_weights_once():
             self.head_t = nn.Linear(4, 4)
             self.head_t.weight = self.body.weight  # a tied parameter
 
-    assert list(weight_matrices(Tied())) == ["body.weight", "head.weight"]
+    assert list(weight_matrices(Tied())) == ["embed.weight", "body.weight", "head.weight"]
+    assert list(weight_matrices(Tied(), embeddings=False)) == ["body.weight", "head.weight"]
 
 
 def test_pruning_callbacks_are_duck_typed():
