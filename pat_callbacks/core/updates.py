@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from pat_callbacks.core import selection as _selection
+import pat_callbacks.core.selection as _selection
 from pat_callbacks.core.allocation import SHAPE_ALLOCATIONS, mean_scale
 from pat_callbacks.core.masked import MaskedParameters
 from pat_callbacks.core.patterns import NMPattern, Pattern, UnstructuredPattern, prune_count
