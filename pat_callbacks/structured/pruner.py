@@ -268,7 +268,8 @@ def _canonicalize(groups: Sequence[ChannelGroup], model: nn.Module) -> None:
 
 def _check_uniform(found: Sequence[ChannelGroup], kept: Sequence[ChannelGroup]) -> None:
     """``uniform_per_layer``: every attention block alike, every MLP alike, none kept whole."""
-    whole = sorted(g.root for g in found if g not in kept)
+    kept_ids = {id(g) for g in kept}
+    whole = sorted(g.root for g in found if id(g) not in kept_ids)
     if whole:
         raise ValueError(
             f"uniform_per_layer=True, but `ignore` keeps {whole} whole: the shrunk layers would differ in size; "

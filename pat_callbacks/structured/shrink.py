@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,7 +57,7 @@ def shrink(
     done = transformer_roots | recurrent_roots
     rest = {root: channels for root, channels in pruned.items() if root not in done and channels}
     if not rest:
-        update_config(model, uniform_per_layer)
+        _update_configs(model, uniform_per_layer)
         return model
     import torch_pruning as tp
 
@@ -68,5 +69,10 @@ def shrink(
         group = graph.get_pruning_group(module, handler, idxs=sorted(int(c) for c in channels))
         if graph.check_pruning_group(group):
             group.prune()
-    update_config(model, uniform_per_layer)
+    _update_configs(model, uniform_per_layer)
     return model
+
+
+def _update_configs(model: nn.Module, uniform_per_layer: bool) -> None:
+    for note in update_config(model, uniform_per_layer):
+        warnings.warn(f"shrink: {note}", UserWarning, stacklevel=3)

@@ -103,7 +103,8 @@ def test_layers_of_different_sizes_are_refused_when_uniform_else_recorded_and_re
     module = _llama().eval()  # the failed shrink left the model cut: start again
     pruner = StructuredPruner(module, None, ignore=["net.model.layers.1.mlp"])
     pruner.prune_to(0.5)
-    shrink(module, None, pruner.pruned_channels())
+    with pytest.warns(UserWarning, match="layers differ in .'intermediate_size'.*from_pretrained_shrunk"):
+        shrink(module, None, pruner.pruned_channels())
     config = module.net.config
     assert config.intermediate_size == 128 and getattr(config, LAYER_SIZES_KEY) == {
         "model.layers.0.mlp": {"intermediate_size": 64}
