@@ -19,8 +19,10 @@ Example:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -53,42 +55,71 @@ def channel_groups(
 
     Parameters tied under two names (an output head sharing the token embedding) are named once, by the name
     ``model.named_parameters()`` gives them. Tracing past ``time_limit`` seconds (``None``: no bound) stops with
-    an error saying how to name the structure instead.
+    a ``TimeoutError`` saying how to name the structure instead.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> [(g.root, g.n_channels) for g in channel_groups(model, torch.zeros(1, 4), ignore=["2.weight"])]
         [('0.weight', 3)]"""
-    start = time.perf_counter()
-    graph = _graph(model, example_inputs)
-    module_names = {module: name for name, module in model.named_modules(remove_duplicate=False)}
-    for name, module in model.named_modules():  # the first name of a module reached twice
-        module_names[module] = name
-    ignored = [
-        m
-        for name, m in model.named_modules()
-        if any(fnmatchcase(f"{name}.weight".lstrip("."), p) or (name and fnmatchcase(name, p)) for p in ignore)
-    ]
-    canonical = _canonical_names(model)
-    params = dict(model.named_parameters())
-    groups = []
-    for group in graph.get_all_groups(root_module_types=[nn.Conv1d, nn.Conv2d, nn.Linear], ignored_layers=ignored):
-        elapsed = time.perf_counter() - start
-        if time_limit is not None and elapsed > time_limit:
-            raise RuntimeError(
-                f"Tracing the channel couplings of {type(model).__name__} took over {time_limit:g} s "
-                f"({len(groups)} groups so far, {sum(1 for _ in model.modules())} modules): too large to trace. Name "
-                "its attention instead (`attention=[{q, k, v, out, num_heads, num_kv_heads}]` for separate "
-                "projections; Hugging Face Llama / Qwen2 / Mistral / Gemma / GPT-2 / BERT attention is found "
-                "without tracing), keep parts whole with `ignore=` globs, or raise `trace_timeout`"
-            )
-        root_dep, root_idxs = group[0].dep, [int(i) for i in group[0].idxs]
-        root = root_dep.target.module
-        result = ChannelGroup(root=canonical[f"{module_names[root]}.weight".lstrip(".")], n_channels=len(root_idxs))
-        result.slices = _channel_slices(group, module_names, canonical, root_idxs)
-        _check_bounds(result, params, module_names[root])
-        groups.append(result)
+    with _time_limit(time_limit, lambda: _too_long(model, time_limit)):
+        graph = _graph(model, example_inputs)
+        module_names = {module: name for name, module in model.named_modules(remove_duplicate=False)}
+        for name, module in model.named_modules():  # the first name of a module reached twice
+            module_names[module] = name
+        ignored = [
+            m
+            for name, m in model.named_modules()
+            if any(fnmatchcase(f"{name}.weight".lstrip("."), p) or (name and fnmatchcase(name, p)) for p in ignore)
+        ]
+        canonical = _canonical_names(model)
+        params = dict(model.named_parameters())
+        groups = []
+        roots = [nn.Conv1d, nn.Conv2d, nn.Linear]
+        for group in graph.get_all_groups(root_module_types=roots, ignored_layers=ignored):
+            root_dep, root_idxs = group[0].dep, [int(i) for i in group[0].idxs]
+            root = root_dep.target.module
+            root_name = canonical[f"{module_names[root]}.weight".lstrip(".")]
+            result = ChannelGroup(root=root_name, n_channels=len(root_idxs))
+            result.slices = _channel_slices(group, module_names, canonical, root_idxs)
+            _check_bounds(result, params, module_names[root])
+            groups.append(result)
     return groups
+
+
+def _too_long(model: nn.Module, seconds: float | None) -> str:
+    return (
+        f"Tracing the channel couplings of {type(model).__name__} ({sum(1 for _ in model.modules())} modules) with "
+        f"Torch-Pruning took over {seconds:g} s: too large to trace. Name its attention instead "
+        "(`attention=[{q, k, v, out, num_heads, num_kv_heads}]` for separate projections; Hugging Face Llama / Qwen2 "
+        "/ Mistral / Gemma / GPT-2 / BERT attention is found without tracing), keep parts whole with `ignore=` "
+        "globs, or raise `trace_timeout`"
+    )
+
+
+@contextmanager
+def _time_limit(seconds: float | None, message: Callable[[], str]) -> Iterator[None]:
+    """Raise ``TimeoutError(message())`` if the block runs past ``seconds`` (a real-time interval timer: on the main
+    thread of a platform with ``SIGALRM``; elsewhere the block is not bounded)."""
+    usable = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getitimer(signal.ITIMER_REAL)[0] == 0  # someone else's timer: leave it alone
+    )
+    if not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(message())
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _check_bounds(group: ChannelGroup, params: dict[str, Tensor], root_module: str) -> None:

@@ -4,6 +4,9 @@ bounded tracing, and a GPT whose output head is tied to its token embedding."""
 
 from __future__ import annotations
 
+import signal
+import time
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -13,7 +16,7 @@ from transformers import LlamaForCausalLM
 
 from pat_callbacks import StructuredPruning
 from pat_callbacks.app.models import MLP, LanguageModel
-from pat_callbacks.structured import StructuredPruner, shrink
+from pat_callbacks.structured import StructuredPruner, channel_groups, shrink
 from pat_callbacks.structured.hf import LAYER_SIZES_KEY, from_pretrained_shrunk
 from tests.conftest import make_trainer
 from tests.zoo.models import CONTEXT, DECODERS, VOCAB_SIZE, text_data
@@ -132,8 +135,13 @@ def test_a_module_without_forward_is_told_what_is_needed_unless_nothing_is_trace
 
 
 def test_tracing_is_bounded_with_the_way_out():
-    with pytest.raises(RuntimeError, match=r"took over 1e-09 s.*`attention=.*`ignore=`"):
-        StructuredPruner(MLP(64, (32, 32), 10), torch.zeros(2, 64), trace_timeout=1e-9)
+    """The tiny Llama traced by Torch-Pruning runs for minutes (issue #21): refused after ``trace_timeout``."""
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match=r"took over 0.5 s: too large to trace.*`attention=.*`ignore=`"):
+        channel_groups(_llama().eval(), _tokens(), ignore=["net.lm_head.weight"], time_limit=0.5)
+    assert time.perf_counter() - start < 10
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0  # the timer is gone
+    assert len(channel_groups(MLP(64, (32,), 10).eval(), torch.zeros(2, 64), time_limit=None)) == 2
 
 
 class TiedGPT(nn.Module):
