@@ -91,6 +91,8 @@ def test_round_to_keeps_multiples_of_neurons_and_is_validated():
             StructuredPruner(module, None, round_to=bad)
     with pytest.raises(ValueError, match="`round_to`"):
         StructuredPruning(sparsity=0.5, round_to=-8)
+    with pytest.raises(ValueError, match="'auto', 'kv_groups', 'query_heads'"):
+        StructuredPruning(sparsity=0.5, heads="kv")
 
 
 def test_layers_of_different_sizes_are_refused_when_uniform_else_recorded_and_reloaded(tmp_path):
