@@ -86,6 +86,10 @@ def test_round_to_keeps_multiples_of_neurons_and_is_validated():
     channels = pruner.pruned_channels()
     assert {len(channels[f"net.model.layers.{i}.mlp.up_proj.weight"]) for i in range(2)} == {80}
     assert {len(channels[ATTENTION.format(i, "k_proj.weight")]) for i in range(2)} == {1}  # heads: not rounded
+    mlp = MLP(64, (32, 32), 10)
+    traced = StructuredPruner(mlp, torch.zeros(2, 64), round_to=8)
+    traced.prune_to(0.7)  # 32 channels: 22 would go, 10 stay; rounded up to 16
+    assert {root: len(c) for root, c in traced.pruned_channels().items()} == {"layers.0.weight": 16, "layers.2.weight": 16}
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="`round_to`"):
             StructuredPruner(module, None, round_to=bad)
