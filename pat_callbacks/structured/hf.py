@@ -41,6 +41,7 @@ __all__ = ["LAYER_SIZES_KEY", "from_pretrained_shrunk", "layer_sizes", "update_c
 
 LAYER_SIZES_KEY = "pat_layer_sizes"
 _HEAD_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim")
+_OTHER_FFN = "ffn_size"  # a gated MLP the config does not size by ``intermediate_size``: always recorded
 
 
 def _pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -70,8 +71,10 @@ def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
         shape = _gqa_shape(module, name)
         if shape is not None:
             sizes[name] = dict(zip(_HEAD_KEYS, shape, strict=True))
-        elif (roles := _ffn_roles(module)) is not None and roles[2] is not None and name.endswith("mlp"):
-            sizes[name] = {"intermediate_size": int(module.get_submodule(roles[0]).out_features)}
+        elif (roles := _ffn_roles(module)) is not None and roles[2] is not None:
+            # a decoder layer's ``mlp`` is what ``intermediate_size`` sizes; any other (a shared expert) is recorded
+            key = "intermediate_size" if name.endswith("mlp") else _OTHER_FFN
+            sizes[name] = {key: int(module.get_submodule(roles[0]).out_features)}
     return sizes
 
 
@@ -97,22 +100,25 @@ def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str
         keys = [k for k in (*_HEAD_KEYS, "intermediate_size") if any(k in s for s in sizes.values())]
         values = {k: sorted({s[k] for s in sizes.values() if k in s}) for k in keys}
         uneven = {k: v for k, v in values.items() if len(v) > 1}
+        if any(_OTHER_FFN in s for s in sizes.values()):
+            uneven[_OTHER_FFN] = sorted({s[_OTHER_FFN] for s in sizes.values() if _OTHER_FFN in s})
         if uneven and uniform_per_layer:
             where = "; ".join(f"{k}: " + ", ".join(f"{n}={s[k]}" for n, s in sizes.items() if k in s) for k in uneven)
             raise ValueError(
                 f"uniform_per_layer=True, but the layers of {prefix or type(hf_model).__name__!r} differ ({where}); "
                 "prune every layer alike (no layer in `ignore`) or shrink with uniform_per_layer=False and reload "
-                "with pat_callbacks.structured.hf.from_pretrained_shrunk"
+                "with pat_callbacks.structured.from_pretrained_shrunk"
             )
         for key, options in values.items():
             setattr(config, key, max(options))
         if uneven:
             largest = {k: max(v) for k, v in values.items()}
-            record = {n: {k: v for k, v in s.items() if v != largest[k]} for n, s in sizes.items()}
+            record = {n: {k: v for k, v in s.items() if v != largest.get(k)} for n, s in sizes.items()}
             setattr(config, LAYER_SIZES_KEY, {n: s for n, s in record.items() if s})
             notes.append(
-                f"{prefix or type(hf_model).__name__}: layers differ in {sorted(uneven)}; the config holds the largest "
-                f"and `{LAYER_SIZES_KEY}` each layer's: reload with pat_callbacks.structured.hf.from_pretrained_shrunk"
+                f"{prefix or type(hf_model).__name__}: one config cannot hold every layer's {sorted(uneven)}; it holds "
+                f"the largest and `{LAYER_SIZES_KEY}` each layer's: reload with "
+                "pat_callbacks.structured.from_pretrained_shrunk"
             )
         elif hasattr(config, LAYER_SIZES_KEY):
             delattr(config, LAYER_SIZES_KEY)
@@ -131,9 +137,10 @@ def shrink_to_sizes(model: nn.Module, record: Mapping[str, Mapping[str, int]]) -
     for name, wanted in record.items():
         module = model.get_submodule(name)
         p = f"{name}." if name else ""
-        if "intermediate_size" in wanted:
+        width = wanted.get("intermediate_size", wanted.get(_OTHER_FFN))
+        if width is not None:
             (group,) = [g for g in ffn_groups(model) if g.layout["module"] == name]
-            _shrink_ffn(model, group, list(range(int(wanted["intermediate_size"]))))
+            _shrink_ffn(model, group, list(range(int(width))))
             continue
         heads, kv_heads, _ = _gqa_shape(module, name) or (0, 0, 0)
         want_kv = int(wanted.get("num_key_value_heads", kv_heads))
@@ -168,13 +175,14 @@ def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
 def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None, **kwargs: Any) -> nn.Module:
     """Load a model saved with ``save_pretrained`` after :func:`~pat_callbacks.structured.shrink`, from a local
     directory. A config without per-layer sizes goes to ``model_class.from_pretrained`` (Hugging Face's own); one
-    with them (layers shrunk differently) is built from the config, cut to each layer's size, and loaded from the
-    directory's safetensors files.
+    with them (layers shrunk differently) is loaded by ``from_pretrained`` at the config's (largest) sizes with the
+    smaller layers skipped, which are then cut to their recorded sizes and loaded from the directory's safetensors
+    files.
 
     Args:
         path: the directory ``save_pretrained`` wrote.
         model_class: a Hugging Face model class (default ``AutoModelForCausalLM``).
-        kwargs: passed to ``from_pretrained`` (uniform models only).
+        kwargs: passed to ``from_pretrained``.
 
     Example:
         >>> import tempfile
@@ -184,7 +192,7 @@ def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None
         >>> model = LlamaForCausalLM(config)
         >>> _ = shrink_transformer(model, {"model.layers.0.mlp.up_proj.weight": list(range(40))})
         >>> update_config(model)[0].split(";")[0]
-        "LlamaForCausalLM: layers differ in ['intermediate_size']"
+        "LlamaForCausalLM: one config cannot hold every layer's ['intermediate_size']"
         >>> with tempfile.TemporaryDirectory() as path:
         ...     model.save_pretrained(path)
         ...     loaded = from_pretrained_shrunk(path, LlamaForCausalLM)
@@ -199,14 +207,21 @@ def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None
     record = getattr(config, LAYER_SIZES_KEY, None)
     if not record:
         return model_class.from_pretrained(path, **kwargs)
-    model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+    # Hugging Face loads (and converts) every weight whose shape the config gives; the layers recorded as smaller
+    # are then cut to size and take their own weights, which are plain Linear weights under their module names.
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table of the skipped (smaller) layers: expected here
+    try:
+        model = model_class.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     shrink_to_sizes(model, record)
-    state = _state_dict_from(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the rebuilt model; missing {missing}, unexpected {unexpected}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    saved = _state_dict_from(path)
+    wanted = {f"{name}.{p}" for name in record for p, _ in model.get_submodule(name).named_parameters()}
+    absent = sorted(wanted - saved.keys())
+    if absent:
+        raise ValueError(f"{path}: the saved weights lack {absent} of the layers recorded in `{LAYER_SIZES_KEY}`")
+    model.load_state_dict({key: saved[key] for key in wanted}, strict=False)
     return model.eval()

@@ -89,7 +89,10 @@ def test_round_to_keeps_multiples_of_neurons_and_is_validated():
     mlp = MLP(64, (32, 32), 10)
     traced = StructuredPruner(mlp, torch.zeros(2, 64), round_to=8)
     traced.prune_to(0.7)  # 32 channels: 22 would go, 10 stay; rounded up to 16
-    assert {root: len(c) for root, c in traced.pruned_channels().items()} == {"layers.0.weight": 16, "layers.2.weight": 16}
+    assert {root: len(c) for root, c in traced.pruned_channels().items()} == {
+        "layers.0.weight": 16,
+        "layers.2.weight": 16,
+    }
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="`round_to`"):
             StructuredPruner(module, None, round_to=bad)
@@ -112,7 +115,7 @@ def test_layers_of_different_sizes_are_refused_when_uniform_else_recorded_and_re
     module = _llama().eval()  # the failed shrink left the model cut: start again
     pruner = StructuredPruner(module, None, ignore=["net.model.layers.1.mlp"])
     pruner.prune_to(0.5)
-    with pytest.warns(UserWarning, match="layers differ in .'intermediate_size'.*from_pretrained_shrunk"):
+    with pytest.warns(UserWarning, match="cannot hold every layer's .'intermediate_size'.*from_pretrained_shrunk"):
         shrink(module, None, pruner.pruned_channels())
     config = module.net.config
     assert config.intermediate_size == 128 and getattr(config, LAYER_SIZES_KEY) == {
@@ -121,6 +124,39 @@ def test_layers_of_different_sizes_are_refused_when_uniform_else_recorded_and_re
     module.net.save_pretrained(tmp_path)
     reloaded = from_pretrained_shrunk(tmp_path, LlamaForCausalLM)
     assert [layer.mlp.up_proj.out_features for layer in reloaded.model.layers] == [64, 128]
+    with torch.no_grad():
+        assert torch.allclose(reloaded(_tokens()).logits, expected, atol=1e-4)
+
+
+def test_a_shared_expert_is_pruned_the_fused_experts_are_left_whole_and_it_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    pruner = StructuredPruner(model, None)
+    assert any("the experts of 2 mixture-of-experts blocks" in note for note in pruner.notes)
+    assert {g.layout["module"] for g in pruner.groups if g.kind == "ffn"} == {
+        f"model.layers.{i}.mlp.shared_expert" for i in range(2)
+    }
+    pruner.prune_to(0.5)
+    with torch.no_grad():
+        expected = model(_tokens()).logits
+    with pytest.warns(UserWarning, match="ffn_size"):  # the config sizes shared experts by another name
+        shrink(model, None, pruner.pruned_channels())
+    model.save_pretrained(tmp_path)
+    reloaded = from_pretrained_shrunk(tmp_path)
+    assert reloaded.model.layers[0].mlp.shared_expert.up_proj.out_features == 32
     with torch.no_grad():
         assert torch.allclose(reloaded(_tokens()).logits, expected, atol=1e-4)
 
