@@ -646,8 +646,9 @@ def _shrink_heads(model: nn.Module, group: ChannelGroup, keep: list[int]) -> Non
     if kind == "bert":
         attention = model.get_submodule(layout["q"].rpartition(".")[0])
         attention.num_attention_heads, attention.all_head_size = len(keep), len(keep) * head_dim
-    elif kind == "gqa":
-        _set_head_counts(model.get_submodule(layout["module"]), len(q_heads), len(kv_keep))
+    else:  # found by role or a layout by hand: the module holding the projections keeps the counts
+        owner = layout["q"].rpartition(".")[0]
+        _set_head_counts(model.get_submodule(owner) if owner else model, len(q_heads), len(kv_keep))
     if layout.get("heads_attr"):
         owner, _, attr = str(layout["heads_attr"]).rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, len(q_heads))

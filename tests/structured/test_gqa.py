@@ -57,6 +57,15 @@ def test_a_wrong_hand_layout_is_refused_in_setup_with_the_layer_and_the_numbers(
     right = StructuredPruner(module, None, attention=_layouts(num_heads=4, num_kv_heads=2))
     found = StructuredPruner(module, None)
     assert [(g.root, g.n_channels) for g in right.groups] == [(g.root, g.n_channels) for g in found.groups]
+    layouts = _layouts(num_heads=4, num_kv_heads=2)
+    by_hand = StructuredPruner(module.eval(), None, attention=layouts, heads="query_heads")
+    by_hand.prune_to(0.5)
+    with torch.no_grad():
+        expected = module(_tokens())
+    shrink(module, None, by_hand.pruned_channels(), layouts)
+    assert module.net.model.layers[1].self_attn.num_key_value_groups == 1
+    with torch.no_grad():
+        assert torch.allclose(module(_tokens()), expected, atol=1e-4)
 
 
 def test_query_heads_leave_every_key_value_group_the_same_share_and_reload(tmp_path):
