@@ -1,10 +1,13 @@
 """Transformer structure for structured pruning: attention heads and FFN neurons, found by role, and cut for real.
 
 Heads of ``nn.MultiheadAttention`` (packed q/k/v), of Hugging Face GPT-2 attention (``c_attn`` / ``c_proj``,
-``Conv1D`` stored in x out), of BERT-style attention (``query`` / ``key`` / ``value`` + ``output.dense``) and of
-separate q/k/v/o projection layouts given by name; hidden neurons of transformer MLPs (``nn.TransformerEncoderLayer``
-``linear1`` / ``linear2``, GPT-2 ``c_fc`` / ``c_proj``, BERT ``intermediate.dense`` / ``output.dense``, and any
-``nn.Sequential(Linear, activation, Linear)`` block). The residual stream (model width) is left whole: it couples
+``Conv1D`` stored in x out), of BERT-style attention (``query`` / ``key`` / ``value`` + ``output.dense``), of
+Llama / Qwen2 / Mistral / Gemma-style ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` attention with grouped-query
+or multi-query key/value heads (:func:`gqa_group`), and of separate q/k/v/o projection layouts given by name; hidden
+neurons of transformer MLPs (``nn.TransformerEncoderLayer`` ``linear1`` / ``linear2``, GPT-2 ``c_fc`` / ``c_proj``,
+BERT ``intermediate.dense`` / ``output.dense``, gated ``gate_proj`` / ``up_proj`` / ``down_proj`` (SwiGLU) MLPs, and
+any ``nn.Sequential(Linear, activation, Linear)`` block). Mixture-of-experts blocks with fused expert weights
+(Mixtral, Qwen2-MoE) keep their experts whole (:func:`moe_blocks`). The residual stream (model width) is left whole: it couples
 embeddings, positions, every norm and every projection.
 
 :func:`shrink_transformer` removes pruned heads and neurons: the Linear / Conv1D layers are sliced in place (their

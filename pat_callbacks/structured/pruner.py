@@ -101,6 +101,10 @@ class StructuredPruner(Pruner):
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"Expected `round_to` to be a positive int (e.g. 8, 16, 64) or None, but got {round_to!r}")
         self.round_to = round_to
+        if trace_timeout is not None and not trace_timeout > 0:
+            raise ValueError(
+                f"Expected `trace_timeout` to be a positive number of seconds or None, but got {trace_timeout!r}"
+            )
         names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_modules() if name]
         for pattern in ignore:
             if not any(fnmatchcase(name, pattern) for name in names):
