@@ -7,8 +7,8 @@ or multi-query key/value heads (:func:`gqa_group`), and of separate q/k/v/o proj
 neurons of transformer MLPs (``nn.TransformerEncoderLayer`` ``linear1`` / ``linear2``, GPT-2 ``c_fc`` / ``c_proj``,
 BERT ``intermediate.dense`` / ``output.dense``, gated ``gate_proj`` / ``up_proj`` / ``down_proj`` (SwiGLU) MLPs, and
 any ``nn.Sequential(Linear, activation, Linear)`` block). Mixture-of-experts blocks with fused expert weights
-(Mixtral, Qwen2-MoE) keep their experts whole (:func:`moe_blocks`). The residual stream (model width) is left whole: it couples
-embeddings, positions, every norm and every projection.
+(Mixtral, Qwen2-MoE) keep their experts whole (:func:`moe_blocks`). The residual stream (model width) is left
+whole: it couples embeddings, positions, every norm and every projection.
 
 :func:`shrink_transformer` removes pruned heads and neurons: the Linear / Conv1D layers are sliced in place (their
 modules keep their identity and names, so a shrunk model's ``state_dict`` reloads into an equally shrunk one), the
