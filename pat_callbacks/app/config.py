@@ -131,6 +131,10 @@ class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
     importance: str = "l2"
     ignore: Optional[List[str]] = None
     attention: Optional[List[Any]] = None
+    heads: str = "auto"
+    round_to: Optional[int] = None
+    uniform_per_layer: bool = False
+    trace_timeout: Optional[float] = 60.0
 
 
 def check_against_schema(node: Any, key: str = "pruning") -> None:

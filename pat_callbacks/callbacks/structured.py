@@ -13,13 +13,17 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from typing_extensions import Unpack, override
 
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
+from pat_callbacks.core._validation import check_choice
 from pat_callbacks.core.schedules import Schedule
 from pat_callbacks.core.targets import normalize_patterns
 from pat_callbacks.core.windows import WindowArguments
-from pat_callbacks.structured import StructuredImportance, StructuredPruner, get_structured_importance
+from pat_callbacks.structured import StructuredImportance, StructuredPruner, get_structured_importance, shrink
+from pat_callbacks.structured.attention import HEAD_UNITS, HeadUnit
+from pat_callbacks.structured.groups import TRACE_SECONDS
 
 __all__ = ["StructuredPruning"]
 
@@ -49,6 +53,20 @@ class StructuredPruning(ScheduledPruningCallback):
         attention: attention blocks written as separate projections, each
             ``{"q": name, "k": name, "v": name, "out": name, "num_heads": H}`` (module names): pruned by head.
             ``nn.MultiheadAttention`` modules are found without it.
+            A layout may give ``num_kv_heads`` (grouped-query attention) and ``head_dim``; every layout is checked
+            against the weights' shapes in ``setup``. Hugging Face Llama / Qwen2 / Mistral / Gemma attention
+            (``q_proj``/``k_proj``/``v_proj``/``o_proj``, grouped-query or multi-query) is found without it.
+        heads: the unit of grouped-query attention: ``"kv_groups"`` (a key/value head with every query head sharing
+            it, so the query-per-key/value ratio stays), ``"query_heads"`` (query heads, the same number from every
+            key/value group; the key/value heads stay) or ``"auto"`` (default: key/value groups, but query heads
+            for multi-query attention, whose single key/value head cannot go).
+        round_to: keep a multiple of ``round_to`` MLP neurons / channels in every group (rounded up, e.g. 8, 16, 64
+            for tensor cores); heads are not rounded.
+        uniform_per_layer: require the same heads and MLP width in every layer (checked in ``setup``), so a shrunk
+            Hugging Face model reloads with its own ``from_pretrained``; :meth:`shrink` then also refuses layers
+            that differ.
+        trace_timeout: seconds allowed for tracing a model whose attention is not found by role (``None``:
+            unbounded); past it, setup stops with what to give instead (``attention=``, ``ignore=``).
         example_inputs: a batch of inputs for tracing the dependency graph.
         schedule, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction, update_every,
             initial_sparsity, power, remask_weights, log_per_layer, prog_bar, verbose: as for
@@ -72,6 +90,10 @@ class StructuredPruning(ScheduledPruningCallback):
         importance: str | StructuredImportance = "l2",
         ignore: str | Sequence[str] | None = None,
         attention: Sequence[Mapping[str, Any]] | None = None,
+        heads: HeadUnit = "auto",
+        round_to: int | None = None,
+        uniform_per_layer: bool = False,
+        trace_timeout: float | None = TRACE_SECONDS,
         example_inputs: Any = None,
         remask_weights: bool | Literal["auto"] = "auto",
         log_per_layer: bool = True,
@@ -97,6 +119,16 @@ class StructuredPruning(ScheduledPruningCallback):
                 f"Expected `attention` to be a list of q/k/v/out/num_heads mappings, but got {attention!r}"
             )
         self.attention = [dict(layout) for layout in attention or []]
+        self.heads = check_choice("heads", heads, HEAD_UNITS)
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"Expected `round_to` to be a positive int (e.g. 8, 16, 64) or None, but got {round_to!r}")
+        self.round_to = round_to
+        self.uniform_per_layer = bool(uniform_per_layer)
+        if trace_timeout is not None and not trace_timeout > 0:
+            raise ValueError(
+                f"Expected `trace_timeout` to be a positive number of seconds or None, but got {trace_timeout!r}"
+            )
+        self.trace_timeout = trace_timeout
 
     @property
     def method_name(self) -> str:
@@ -116,6 +148,10 @@ class StructuredPruning(ScheduledPruningCallback):
             importance=self.importance,
             ignore=self.ignore,
             attention=self.attention,
+            heads=self.heads,
+            round_to=self.round_to,
+            uniform_per_layer=self.uniform_per_layer,
+            trace_timeout=self.trace_timeout,
         )
         if self.verbose:
             for note in pruner.notes:
@@ -147,3 +183,16 @@ class StructuredPruning(ScheduledPruningCallback):
             {}
         """
         return self.pruner.pruned_channels() if isinstance(self.pruner, StructuredPruner) else {}
+
+    def shrink(self, model: nn.Module, example_inputs: Any = None) -> nn.Module:
+        """Remove the pruned channels from ``model`` (the module this callback pruned), in place, with this
+        callback's ``attention`` layouts and ``uniform_per_layer``; Hugging Face configs inside are updated (see
+        :func:`~pat_callbacks.structured.shrink`).
+
+        Example:
+            >>> from torch import nn
+            >>> StructuredPruning(sparsity=0.5, start_step=0, end_step=10).shrink(nn.Linear(2, 2)).out_features
+            2
+        """
+        inputs = example_inputs if example_inputs is not None else self.example_inputs
+        return shrink(model, inputs, self.pruned_channels(), self.attention, uniform_per_layer=self.uniform_per_layer)

@@ -6,7 +6,8 @@
   transformers (heads, MLP neurons) and stacked RNNs, and how to cut them;
 - :mod:`~pat_callbacks.structured.importance`: one score per channel;
 - :mod:`~pat_callbacks.structured.pruner`: :class:`StructuredPruner`, the Trainer-free core;
-- :mod:`~pat_callbacks.structured.shrink`: :func:`shrink`, the physically smaller model.
+- :mod:`~pat_callbacks.structured.shrink`: :func:`shrink`, the physically smaller model;
+- :mod:`~pat_callbacks.structured.hf`: Hugging Face configs of shrunk models and :func:`from_pretrained_shrunk`.
 
 Example:
     >>> import torch
@@ -20,9 +21,10 @@ Example:
     3
 """
 
-from pat_callbacks.structured.attention import head_groups, projection_head_groups
+from pat_callbacks.structured.attention import gqa_group, head_groups, projection_head_groups
 from pat_callbacks.structured.channels import ChannelGroup
 from pat_callbacks.structured.groups import channel_groups
+from pat_callbacks.structured.hf import from_pretrained_shrunk
 from pat_callbacks.structured.importance import (
     STRUCTURED_IMPORTANCES,
     GateImportance,
@@ -49,7 +51,9 @@ __all__ = [
     "channel_groups",
     "channel_masks",
     "channel_scores",
+    "from_pretrained_shrunk",
     "get_structured_importance",
+    "gqa_group",
     "head_groups",
     "projection_head_groups",
     "register_importance",

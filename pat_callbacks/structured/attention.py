@@ -1,11 +1,14 @@
 """Transformer structure for structured pruning: attention heads and FFN neurons, found by role, and cut for real.
 
 Heads of ``nn.MultiheadAttention`` (packed q/k/v), of Hugging Face GPT-2 attention (``c_attn`` / ``c_proj``,
-``Conv1D`` stored in x out), of BERT-style attention (``query`` / ``key`` / ``value`` + ``output.dense``) and of
-separate q/k/v/o projection layouts given by name; hidden neurons of transformer MLPs (``nn.TransformerEncoderLayer``
-``linear1`` / ``linear2``, GPT-2 ``c_fc`` / ``c_proj``, BERT ``intermediate.dense`` / ``output.dense``, and any
-``nn.Sequential(Linear, activation, Linear)`` block). The residual stream (model width) is left whole: it couples
-embeddings, positions, every norm and every projection.
+``Conv1D`` stored in x out), of BERT-style attention (``query`` / ``key`` / ``value`` + ``output.dense``), of
+Llama / Qwen2 / Mistral / Gemma-style ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` attention with grouped-query
+or multi-query key/value heads (:func:`gqa_group`), and of separate q/k/v/o projection layouts given by name; hidden
+neurons of transformer MLPs (``nn.TransformerEncoderLayer`` ``linear1`` / ``linear2``, GPT-2 ``c_fc`` / ``c_proj``,
+BERT ``intermediate.dense`` / ``output.dense``, gated ``gate_proj`` / ``up_proj`` / ``down_proj`` (SwiGLU) MLPs, and
+any ``nn.Sequential(Linear, activation, Linear)`` block). Mixture-of-experts blocks with fused expert weights
+(Mixtral, Qwen2-MoE) keep their experts whole (:func:`moe_blocks`). The residual stream (model width) is left
+whole: it couples embeddings, positions, every norm and every projection.
 
 :func:`shrink_transformer` removes pruned heads and neurons: the Linear / Conv1D layers are sliced in place (their
 modules keep their identity and names, so a shrunk model's ``state_dict`` reloads into an equally shrunk one), the
@@ -31,7 +34,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +43,12 @@ from torch import Tensor, nn
 from pat_callbacks.structured.channels import ChannelGroup, Slice
 
 __all__ = [
+    "HEAD_UNITS",
     "PrunedMultiheadAttention",
     "ffn_groups",
+    "gqa_group",
     "head_groups",
+    "moe_blocks",
     "projection_head_groups",
     "shrink_transformer",
     "transformer_groups",
@@ -81,11 +87,22 @@ def _heads_group(
     return group
 
 
-def head_groups(model: nn.Module) -> list[ChannelGroup]:
+HeadUnit = Literal["auto", "kv_groups", "query_heads"]
+HEAD_UNITS: tuple[str, ...] = ("auto", "kv_groups", "query_heads")
+
+
+def head_groups(model: nn.Module, heads: HeadUnit = "auto") -> list[ChannelGroup]:
     """One group per attention module found by role (``nn.MultiheadAttention`` with packed q/k/v, Hugging Face
-    GPT-2 and BERT-style attention): per head, its q, k and v rows (columns for GPT-2's ``Conv1D``) with their
-    biases and its output-projection columns (rows); the gate is the head's v slices, whose scaling scales the
-    head's output (so ``gate`` importance is Michel et al. 2019's head importance).
+    GPT-2, BERT-style attention, and Llama / Qwen2 / Mistral / Gemma-style ``q_proj`` / ``k_proj`` / ``v_proj`` /
+    ``o_proj`` attention with grouped-query (GQA) or multi-query (MQA) key/value heads): per head, its q, k and v
+    rows (columns for GPT-2's ``Conv1D``) with their biases and its output-projection columns (rows); the gate is
+    the head's v slices, whose scaling scales the head's output (so ``gate`` importance is Michel et al. 2019's head
+    importance).
+
+    With fewer key/value heads than query heads, ``heads`` chooses the unit (see :func:`gqa_group`):
+    ``"kv_groups"`` (a key/value head with every query head sharing it; root: the k projection) or
+    ``"query_heads"`` (query heads, pruned by the same count in every key/value group; root: the q projection);
+    ``"auto"``: key/value groups, except multi-query attention (one key/value head): query heads.
 
     Example:
         >>> attention = nn.MultiheadAttention(8, 2)
@@ -95,6 +112,11 @@ def head_groups(model: nn.Module) -> list[ChannelGroup]:
     groups = []
     for name, module in model.named_modules():
         p = _prefix(name)
+        if (shape := _gqa_shape(module, name)) is not None:
+            n_heads, n_kv, head_dim = shape
+            layout = {"type": "gqa", "module": name, **{key: f"{p}{attr}" for key, attr in _GQA_ROLES.items()}}
+            groups.append(gqa_group(model, layout, n_heads, n_kv, head_dim, heads))
+            continue
         if isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)):
             if not getattr(module, "_qkv_same_embed_dim", True) and not isinstance(module, PrunedMultiheadAttention):
                 raise ValueError(f"{name!r}: only MultiheadAttention with a packed in_proj_weight is supported")
@@ -154,39 +176,145 @@ def _bert_self_attention(module: nn.Module) -> nn.Module | None:
     return self_attention
 
 
-def _projection_group(model: nn.Module, layout: Mapping[str, Any], heads: int, width: int) -> ChannelGroup:
-    modules = dict(model.named_modules())
+_GQA_ROLES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "o_proj"}
 
-    def slices(head: int) -> list[Slice]:
-        block = torch.arange(head * width, (head + 1) * width)
-        out: list[Slice] = []
-        for key in ("q", "k", "v"):
-            out.append((f"{layout[key]}.weight", 0, block))
-            if modules[layout[key]].bias is not None:
-                out.append((f"{layout[key]}.bias", 0, block))
-        return [*out, (f"{layout['out']}.weight", 1, block)]
 
-    def gate(head: int) -> list[Slice]:
-        block = torch.arange(head * width, (head + 1) * width)
-        v = modules[layout["v"]]
-        return [(f"{layout['v']}.weight", 0, block)] + (
-            [(f"{layout['v']}.bias", 0, block)] if v.bias is not None else []
+def _gqa_shape(module: nn.Module, name: str) -> tuple[int, int, int] | None:
+    """``(query heads, key/value heads, head_dim)`` of Llama-style attention (``q_proj`` / ``k_proj`` / ``v_proj`` /
+    ``o_proj`` Linear layers with a ``head_dim`` attribute or a config giving it), read from the weights' shapes;
+    ``None`` if ``module`` is not one. Inconsistent shapes are an error naming the module and the numbers."""
+    q, k, v, o = (getattr(module, attr, None) for attr in _GQA_ROLES.values())
+    if not all(isinstance(m, nn.Linear) for m in (q, k, v, o)):
+        return None
+    config = getattr(module, "config", None)
+    head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
+    if not head_dim and getattr(config, "num_attention_heads", None):
+        head_dim = config.hidden_size // config.num_attention_heads
+    if not head_dim and getattr(module, "num_heads", None):
+        head_dim = q.out_features // int(module.num_heads)
+    if not isinstance(head_dim, int) or head_dim < 1:
+        return None  # no way to tell the heads apart: an ``attention=`` layout can name them
+    _check_heads(name, q.out_features // head_dim, k.out_features // head_dim, head_dim, q, k, v, o)
+    return q.out_features // head_dim, k.out_features // head_dim, head_dim
+
+
+def _check_heads(
+    name: str, heads: int, kv_heads: int, head_dim: int, q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear
+) -> None:
+    """Every projection's size against ``heads`` query heads and ``kv_heads`` key/value heads of ``head_dim``."""
+    expected = {
+        "q outputs": (q.out_features, heads * head_dim),
+        "k outputs": (k.out_features, kv_heads * head_dim),
+        "v outputs": (v.out_features, kv_heads * head_dim),
+        "out inputs": (o.in_features, heads * head_dim),
+    }
+    wrong = [f"{what} {got} (expected {want})" for what, (got, want) in expected.items() if got != want]
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        wrong.append(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    if wrong:
+        raise ValueError(
+            f"Attention {name!r} with {heads} heads, {kv_heads} key/value heads and head_dim {head_dim} does not "
+            f"match its weights: {'; '.join(wrong)}"
         )
 
-    return _heads_group(f"{layout['q']}.weight", heads, slices, gate, 0, dict(layout))
+
+def _rows(heads: Sequence[int], head_dim: int) -> Tensor:
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
 
 
-def projection_head_groups(model: nn.Module, layouts: Sequence[Mapping[str, Any]]) -> list[ChannelGroup]:
+def gqa_group(
+    model: nn.Module,
+    layout: Mapping[str, Any],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    unit: HeadUnit = "auto",
+) -> ChannelGroup:
+    """The head group of attention written as separate q/k/v/out projections (``layout`` names them), with
+    ``heads`` query heads sharing ``kv_heads`` key/value heads (grouped-query attention; multi-query at 1, plain
+    multi-head attention when equal).
+
+    ``unit="kv_groups"`` (and always when ``heads == kv_heads``): a channel is one key/value head with the
+    ``heads // kv_heads`` query heads sharing it: its k and v rows, the query heads' q rows and output-projection
+    columns (biases included); removing it keeps the sharing ratio. The gate is its v rows. The root is the k
+    projection (the q projection for plain multi-head attention).
+    ``unit="query_heads"``: a channel is one query head (its q rows and output columns); the key/value heads stay,
+    and every key/value group loses the same number of query heads (``blocks``), so the ratio stays uniform. The gate
+    is its output columns. The root is the q projection.
+    ``unit="auto"``: ``"kv_groups"``, except for multi-query attention (``kv_heads == 1``): ``"query_heads"``.
+
+    Example:
+        >>> attn = nn.ModuleDict({"q": nn.Linear(8, 8), "k": nn.Linear(8, 4), "v": nn.Linear(8, 4),
+        ...                       "o": nn.Linear(8, 8)})
+        >>> layout = {"q": "q", "k": "k", "v": "v", "out": "o"}
+        >>> kv = gqa_group(attn, layout, 4, 2, 2)
+        >>> kv.root, kv.n_channels
+        ('k.weight', 2)
+        >>> for name, dim, index in kv.slices[1]:  # key/value head 1 and query heads 2, 3 sharing it
+        ...     print(name, dim, index.tolist())
+        q.weight 0 [4, 5, 6, 7]
+        q.bias 0 [4, 5, 6, 7]
+        k.weight 0 [2, 3]
+        k.bias 0 [2, 3]
+        v.weight 0 [2, 3]
+        v.bias 0 [2, 3]
+        o.weight 1 [4, 5, 6, 7]
+        >>> query = gqa_group(attn, layout, 4, 2, 2, unit="query_heads")
+        >>> query.root, query.n_channels, query.blocks
+        ('q.weight', 4, 2)
+    """
+    modules = dict(model.named_modules())
+    per = heads // kv_heads
+
+    def part(key: str, index: Tensor, dim: int = 0) -> list[Slice]:
+        bias = [(f"{layout[key]}.bias", 0, index)] if dim == 0 and modules[layout[key]].bias is not None else []
+        return [(f"{layout[key]}.weight", dim, index), *bias]
+
+    full = dict(layout, type=layout.get("type", "projection"), num_heads=heads, num_kv_heads=kv_heads)
+    if unit == "auto":
+        unit = "query_heads" if kv_heads == 1 else "kv_groups"
+    full.update(head_dim=head_dim, unit=unit if per > 1 else "kv_groups")
+    if full["unit"] == "query_heads":
+        group = ChannelGroup(f"{layout['q']}.weight", heads, kind="heads", layout=full, blocks=kv_heads)
+        for head in range(heads):
+            block = _rows([head], head_dim)
+            group.slices.append(part("q", block) + part("out", block, 1))
+            group.gate_slices.append(part("out", block, 1))
+        return group
+    root = layout["k"] if per > 1 else layout["q"]
+    group = ChannelGroup(f"{root}.weight", kv_heads, kind="heads", layout=full)
+    for kv in range(kv_heads):
+        q_rows, kv_rows = _rows(range(kv * per, (kv + 1) * per), head_dim), _rows([kv], head_dim)
+        group.slices.append(part("q", q_rows) + part("k", kv_rows) + part("v", kv_rows) + part("out", q_rows, 1))
+        group.gate_slices.append(part("v", kv_rows))
+    return group
+
+
+def _projection_group(model: nn.Module, layout: Mapping[str, Any], heads: int, width: int) -> ChannelGroup:
+    return gqa_group(model, layout, heads, heads, width)
+
+
+def projection_head_groups(
+    model: nn.Module, layouts: Sequence[Mapping[str, Any]], heads: HeadUnit = "auto"
+) -> list[ChannelGroup]:
     """Head groups for attention written as separate projections (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``
-    Linear layers, as in most transformer code). Each layout names the four modules and ``num_heads``, and may name
-    ``heads_attr`` (``"module.attribute"`` holding the head count, updated by :func:`shrink_transformer`); per head,
-    its rows of q/k/v (and their biases) and its columns of the output projection; the gate is its v rows.
+    Linear layers, as in most transformer code). Each layout names the four modules and ``num_heads``, and may give
+    ``num_kv_heads`` (grouped-query attention; default ``num_heads``), ``head_dim`` (default: q outputs /
+    ``num_heads``) and ``heads_attr`` (``"module.attribute"`` holding the head count, updated by
+    :func:`shrink_transformer`). Every projection's size is checked against the layout: a mismatch is an error naming
+    the layer and the numbers. Groups as :func:`gqa_group` builds them (``heads`` is its ``unit``).
 
     Example:
         >>> attn = nn.ModuleDict({n: nn.Linear(8, 8) for n in ("q", "k", "v", "o")})
         >>> layout = {"q": "q", "k": "k", "v": "v", "out": "o", "num_heads": 2}
         >>> [(g.root, g.n_channels) for g in projection_head_groups(attn, [layout])]
         [('q.weight', 2)]
+        >>> attn.k = nn.Linear(8, 4)
+        >>> try:
+        ...     projection_head_groups(attn, [layout])
+        ... except ValueError as error:
+        ...     print(str(error).split(": ")[-1])
+        k outputs 4 (expected 8)
     """
     modules = dict(model.named_modules())
     groups = []
@@ -197,37 +325,54 @@ def projection_head_groups(model: nn.Module, layouts: Sequence[Mapping[str, Any]
         for key in ("q", "k", "v", "out"):
             if not isinstance(modules.get(layout[key]), nn.Linear):
                 raise ValueError(f"Attention layout `{key}`={layout[key]!r} is not a Linear module of the model")
-        heads = int(layout["num_heads"])
-        width, remainder = divmod(modules[layout["q"]].out_features, heads) if heads > 0 else (0, 1)
-        if remainder or heads < 1:
+        q, k, v, o = (modules[layout[key]] for key in ("q", "k", "v", "out"))
+        n_heads = int(layout["num_heads"])
+        n_kv = int(layout.get("num_kv_heads", n_heads))
+        head_dim = int(layout.get("head_dim", q.out_features // n_heads if n_heads > 0 else 0))
+        if n_heads < 1 or head_dim < 1:
             raise ValueError(
-                f"num_heads={heads} does not divide {layout['q']!r}'s {modules[layout['q']].out_features} outputs"
+                f"Attention layout for {layout['q']!r}: num_heads={n_heads} and head_dim={head_dim} must be >= 1 "
+                f"({layout['q']!r} has {q.out_features} outputs)"
             )
-        groups.append(_projection_group(model, {"type": "projection", **layout}, heads, width))
+        _check_heads(layout["q"], n_heads, n_kv, head_dim, q, k, v, o)
+        groups.append(gqa_group(model, {"type": "projection", **layout}, n_heads, n_kv, head_dim, heads))
     return groups
 
 
 def ffn_groups(model: nn.Module) -> list[ChannelGroup]:
     """One group per transformer MLP: its hidden neurons, each the up-projection's row (column for ``Conv1D``) and
-    bias entry and the down-projection's column (row for ``Conv1D``). The gate is the up-projection slices.
+    bias entry and the down-projection's column (row for ``Conv1D``); in a gated MLP (SwiGLU / GeGLU:
+    ``down_proj(act(gate_proj(x)) * up_proj(x))``, Llama / Qwen2 / Mistral / Gemma) also the gate projection's row.
+    The gate (for ``gate`` importance) is the up-projection slices, whose scaling scales the neuron's output.
 
     Example:
         >>> block = nn.ModuleDict({"mlp": nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 4))})
         >>> [(g.root, g.n_channels) for g in ffn_groups(block)]
         [('mlp.0.weight', 16)]
+        >>> glu = nn.ModuleDict({n: nn.Linear(4, 8) for n in ("gate_proj", "up_proj")} | {"down_proj": nn.Linear(8, 4)})
+        >>> for name, dim, index in ffn_groups(nn.ModuleDict({"mlp": glu}))[0].slices[5]:
+        ...     print(name, dim, index.tolist())
+        mlp.up_proj.weight 0 [5]
+        mlp.up_proj.bias 0 [5]
+        mlp.gate_proj.weight 0 [5]
+        mlp.gate_proj.bias 0 [5]
+        mlp.down_proj.weight 1 [5]
     """
     groups = []
     for name, module in model.named_modules():
-        pair = _ffn_pair(module)
-        if pair is None:
+        roles = _ffn_roles(module)
+        if roles is None:
             continue
-        up_name, down_name = pair
+        up_name, down_name, gate_name = roles
         up, down = module.get_submodule(up_name), module.get_submodule(down_name)
         p = _prefix(name)
         up_dim = 1 if _is_conv1d(up) else 0
         down_dim = 0 if _is_conv1d(down) else 1
         hidden = up.weight.shape[up_dim]
-        layout = {"type": "ffn", "up": f"{p}{up_name}", "down": f"{p}{down_name}"}
+        layout = {"type": "ffn", "module": name, "up": f"{p}{up_name}", "down": f"{p}{down_name}"}
+        if gate_name is not None:
+            layout["gate"] = f"{p}{gate_name}"
+        gate_bias = gate_name is not None and module.get_submodule(gate_name).bias is not None
         group = ChannelGroup(root=f"{p}{up_name}.weight", n_channels=hidden, kind="ffn", root_dim=up_dim, layout=layout)
         for neuron in range(hidden):
             index = torch.tensor([neuron])
@@ -235,9 +380,39 @@ def ffn_groups(model: nn.Module) -> list[ChannelGroup]:
             if up.bias is not None:
                 gate.append((f"{p}{up_name}.bias", 0, index))
             group.gate_slices.append(gate)
-            group.slices.append([*gate, (f"{p}{down_name}.weight", down_dim, index)])
+            gated = [(f"{p}{gate_name}.weight", 0, index)] if gate_name is not None else []
+            gated += [(f"{p}{gate_name}.bias", 0, index)] if gate_bias else []
+            group.slices.append([*gate, *gated, (f"{p}{down_name}.weight", down_dim, index)])
         groups.append(group)
     return groups
+
+
+def _ffn_roles(module: nn.Module) -> tuple[str, str, str | None] | None:
+    """The (up, down, gate) projections of a transformer MLP, by role (gate ``None`` when not gated)."""
+    gated = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if all(isinstance(m, nn.Linear) for m in gated):
+        gate, up, down = gated
+        if gate.out_features == up.out_features == down.in_features:
+            return "up_proj", "down_proj", "gate_proj"
+    pair = _ffn_pair(module)
+    return None if pair is None else (*pair, None)
+
+
+def moe_blocks(model: nn.Module) -> list[str]:
+    """Names of mixture-of-experts blocks (a module with ``experts`` and a router ``gate`` or ``router``) whose
+    experts are not separate gated MLPs: their expert weights are left whole by structured pruning.
+
+    Example:
+        >>> moe_blocks(nn.Sequential(nn.Linear(2, 2)))
+        []
+    """
+    names = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        routed = isinstance(experts, nn.Module) and (hasattr(module, "gate") or hasattr(module, "router"))
+        if routed and not any(_ffn_roles(m) is not None for m in experts.modules()):
+            names.append(name)
+    return names
 
 
 def _ffn_pair(module: nn.Module) -> tuple[str, str] | None:
@@ -269,20 +444,23 @@ def _ffn_pair(module: nn.Module) -> tuple[str, str] | None:
 
 
 def transformer_groups(
-    model: nn.Module, layouts: Sequence[Mapping[str, Any]] = ()
+    model: nn.Module, layouts: Sequence[Mapping[str, Any]] = (), heads: HeadUnit = "auto"
 ) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
     """``(head groups, FFN groups)`` of a model with attention; ``([], [])`` for a model without any (then channels
-    are traced as conv filters / linear neurons instead).
+    are traced as conv filters / linear neurons instead). Attention named in ``layouts`` replaces the same attention
+    found by role; ``heads`` is the unit of grouped-query attention (see :func:`gqa_group`).
 
     Example:
         >>> heads, ffn = transformer_groups(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
         >>> heads, ffn
         ([], [])
     """
-    heads = head_groups(model) + projection_head_groups(model, layouts)
-    if not heads:
+    given = projection_head_groups(model, layouts, heads)
+    named = {name for g in given for name in g.params()}
+    found = [g for g in head_groups(model, heads) if not g.params() & named]
+    if not found + given:
         return [], []
-    return heads, ffn_groups(model)
+    return found + given, ffn_groups(model)
 
 
 # ------------------------------------------------------------------------------------------------------- shrinking
@@ -451,18 +629,47 @@ def _shrink_heads(model: nn.Module, group: ChannelGroup, keep: list[int]) -> Non
         _cut(module.c_proj, 0, block, with_bias=False)
         module.num_heads, module.split_size = len(keep), len(keep) * width
         return
-    q = model.get_submodule(layout["q"])
-    width = q.out_features // group.n_channels
-    block = torch.cat([torch.arange(h * width, (h + 1) * width) for h in keep])
-    for key in ("q", "k", "v"):
-        _cut(model.get_submodule(layout[key]), 0, block, with_bias=True)
-    _cut(model.get_submodule(layout["out"]), 1, block, with_bias=False)
+    head_dim, heads, kv_heads = int(layout["head_dim"]), int(layout["num_heads"]), int(layout["num_kv_heads"])
+    per = heads // kv_heads
+    if layout["unit"] == "query_heads":
+        counts = {sum(1 for h in keep if h // per == kv) for kv in range(kv_heads)}
+        if len(counts) != 1:
+            raise ValueError(
+                f"shrink of {layout['q']!r}: every key/value group must keep the same number of query heads, but "
+                f"the kept heads {keep} leave {sorted(counts)} per group"
+            )
+        q_heads, kv_keep = keep, list(range(kv_heads))
+    else:
+        q_heads, kv_keep = [kv * per + i for kv in keep for i in range(per)], keep
+    q_rows, kv_rows = _rows(q_heads, head_dim), _rows(kv_keep, head_dim)
+    _cut(model.get_submodule(layout["q"]), 0, q_rows, with_bias=True)
+    for key in ("k", "v"):
+        _cut(model.get_submodule(layout[key]), 0, kv_rows, with_bias=True)
+    _cut(model.get_submodule(layout["out"]), 1, q_rows, with_bias=False)
     if kind == "bert":
         attention = model.get_submodule(layout["q"].rpartition(".")[0])
-        attention.num_attention_heads, attention.all_head_size = len(keep), len(keep) * width
-    elif layout.get("heads_attr"):
+        attention.num_attention_heads, attention.all_head_size = len(keep), len(keep) * head_dim
+    else:  # found by role or a layout by hand: the module holding the projections keeps the counts
+        owner = layout["q"].rpartition(".")[0]
+        _set_head_counts(model.get_submodule(owner) if owner else model, len(q_heads), len(kv_keep))
+    if layout.get("heads_attr"):
         owner, _, attr = str(layout["heads_attr"]).rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, len(keep))
+        setattr(model.get_submodule(owner) if owner else model, attr, len(q_heads))
+
+
+def _set_head_counts(attention: nn.Module, heads: int, kv_heads: int) -> None:
+    """Update the head counts a Llama-style attention module keeps (its config is shared by every layer: it is
+    updated by :func:`~pat_callbacks.structured.hf.update_config`)."""
+    values = {
+        "num_key_value_groups": heads // kv_heads,
+        "num_heads": heads,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "num_kv_heads": kv_heads,
+    }
+    for attr, value in values.items():
+        if isinstance(getattr(attention, attr, None), int):
+            setattr(attention, attr, value)
 
 
 def shrink_transformer(
@@ -478,8 +685,9 @@ def shrink_transformer(
         >>> shrink_transformer(mlp, {"ffn.0.weight": [0, 1, 2]}).ffn[0].out_features
         29
     """
-    heads, ffn = transformer_groups(model, layouts)
-    by_root = {group.root: group for group in heads + ffn}
+    heads, ffn = transformer_groups(model, layouts, heads="kv_groups")
+    query_heads, _ = transformer_groups(model, layouts, heads="query_heads")
+    by_root = {group.root: group for group in query_heads + heads + ffn}
     for root, channels in pruned.items():
         group = by_root.get(root)
         if group is None or not channels:
@@ -490,8 +698,17 @@ def shrink_transformer(
         if group.kind == "heads":
             _shrink_heads(model, group, keep)
         else:
-            index = torch.tensor(keep)
-            up, down = model.get_submodule(group.layout["up"]), model.get_submodule(group.layout["down"])
-            _cut(up, 1 if _is_conv1d(up) else 0, index, with_bias=True)
-            _cut(down, 0 if _is_conv1d(down) else 1, index, with_bias=False)
+            _shrink_ffn(model, group, keep)
     return model
+
+
+def _shrink_ffn(model: nn.Module, group: ChannelGroup, keep: list[int]) -> None:
+    index = torch.tensor(keep)
+    up, down = model.get_submodule(group.layout["up"]), model.get_submodule(group.layout["down"])
+    _cut(up, 1 if _is_conv1d(up) else 0, index, with_bias=True)
+    _cut(down, 0 if _is_conv1d(down) else 1, index, with_bias=False)
+    if "gate" in group.layout:
+        _cut(model.get_submodule(group.layout["gate"]), 0, index, with_bias=True)
+    owner = model.get_submodule(group.layout["module"])
+    if isinstance(getattr(owner, "intermediate_size", None), int):
+        owner.intermediate_size = len(keep)

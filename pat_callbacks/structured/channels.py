@@ -42,6 +42,9 @@ class ChannelGroup:
     layout: dict[str, Any] = field(default_factory=dict)
     # Slices whose joint scaling scales the channel's output (its "gate"); default: the root layer's out slices.
     gate_slices: list[list[tuple[str, int, Tensor]]] = field(default_factory=list)
+    # The channels split into ``blocks`` equal contiguous runs, each pruned by the same count (the query heads of each
+    # key/value group of grouped-query attention keep one ratio); ``1``: one run.
+    blocks: int = 1
     _flat: dict[tuple[str, str], dict[tuple[str, int], Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def gates(self) -> list[list[tuple[str, int, Tensor]]]:

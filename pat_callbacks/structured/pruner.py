@@ -10,15 +10,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pat_callbacks.core._validation import check_fraction
+from pat_callbacks.core._validation import check_choice, check_fraction
 from pat_callbacks.core.masked import MaskedParameters
 from pat_callbacks.core.patterns import lowest_k, prune_count
 from pat_callbacks.core.targets import DEFAULT_MODULE_TYPES
-from pat_callbacks.structured.attention import (
-    transformer_groups,
-)
+from pat_callbacks.structured.attention import HEAD_UNITS, HeadUnit, moe_blocks, transformer_groups
 from pat_callbacks.structured.channels import ChannelGroup
-from pat_callbacks.structured.groups import channel_groups
+from pat_callbacks.structured.groups import TRACE_SECONDS, _canonical_names, channel_groups
 from pat_callbacks.structured.importance import StructuredImportance, get_structured_importance
 from pat_callbacks.structured.recurrent import rnn_groups
 
@@ -66,7 +64,19 @@ class StructuredPruner(MaskedParameters):
             the last Conv / Linear layer (the model's outputs, e.g. the classes). A pattern matching nothing is an
             error.
         attention: separate q/k/v/out projection layouts (see
-            :func:`~pat_callbacks.structured.attention.projection_head_groups`).
+            :func:`~pat_callbacks.structured.attention.projection_head_groups`), checked against the weights.
+        heads: the unit of grouped-query attention (fewer key/value heads than query heads): ``"kv_groups"`` (a
+            key/value head with all the query heads sharing it), ``"query_heads"`` (query heads, the same number from
+            every key/value group; key/value heads stay) or ``"auto"`` (default: key/value groups, but query heads
+            for multi-query attention, whose one key/value head cannot go). See
+            :func:`~pat_callbacks.structured.attention.gqa_group`.
+        round_to: keep a multiple of ``round_to`` channels in every group of MLP neurons or conv / linear channels
+            (rounded up, as Torch-Pruning's ``round_to``; at most all of them), so shrunk layers keep sizes tensor
+            cores like (8, 16, 64). Heads are not rounded (each is ``head_dim`` wide).
+        uniform_per_layer: require every attention block to have the same heads and every MLP the same neurons (so
+            the shrunk Hugging Face model has one config for all layers); a layer kept whole by ``ignore`` or of
+            another size is an error.
+        trace_timeout: seconds allowed for tracing a model without attention found by role (``None``: unbounded).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
@@ -85,8 +95,20 @@ class StructuredPruner(MaskedParameters):
         importance: str | StructuredImportance = "l2",
         ignore: Sequence[str] = (),
         attention: Sequence[Mapping[str, Any]] = (),
+        heads: HeadUnit = "auto",
+        round_to: int | None = None,
+        uniform_per_layer: bool = False,
+        trace_timeout: float | None = TRACE_SECONDS,
     ) -> None:
         self.importance = get_structured_importance(importance)
+        self.heads = check_choice("heads", heads, HEAD_UNITS)
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"Expected `round_to` to be a positive int (e.g. 8, 16, 64) or None, but got {round_to!r}")
+        self.round_to = round_to
+        if trace_timeout is not None and not trace_timeout > 0:
+            raise ValueError(
+                f"Expected `trace_timeout` to be a positive number of seconds or None, but got {trace_timeout!r}"
+            )
         names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_modules() if name]
         for pattern in ignore:
             if not any(fnmatchcase(name, pattern) for name in names):
@@ -95,15 +117,25 @@ class StructuredPruner(MaskedParameters):
         layers = [name for name, m in model.named_modules() if isinstance(m, DEFAULT_MODULE_TYPES)]
         self.ignore = ((f"{layers[-1]}.weight",) if layers else ()) + tuple(ignore)
         self.notes: list[str] = []
-        heads, ffn = transformer_groups(model, attention)
-        if heads:
-            groups = heads + ffn
+        head_groups, ffn = transformer_groups(model, attention, self.heads)
+        if head_groups:
+            groups = head_groups + ffn
+            units = {g.layout.get("unit", "heads") for g in head_groups}
+            unit = "key/value groups" if units == {"kv_groups"} and self._grouped(head_groups) else "heads"
             self.notes.append(
-                f"{len(heads)} attention blocks ({sum(g.n_channels for g in heads)} heads) and {len(ffn)} MLPs "
-                f"({sum(g.n_channels for g in ffn)} neurons) are pruned; the residual stream (model width) is left "
-                "whole: it couples embeddings, positions, every norm and every projection"
+                f"{len(head_groups)} attention blocks ({sum(g.n_channels for g in head_groups)} {unit}) and "
+                f"{len(ffn)} MLPs ({sum(g.n_channels for g in ffn)} neurons) are pruned; the residual stream (model "
+                "width) is left whole: it couples embeddings, positions, every norm and every projection"
             )
+            moe = moe_blocks(model)
+            if moe:
+                self.notes.append(
+                    f"the experts of {len(moe)} mixture-of-experts blocks ({', '.join(moe[:3])}"
+                    f"{', ...' if len(moe) > 3 else ''}) are left whole: their fused expert weights have no "
+                    "per-expert neuron groups here; prune them with GradualPruning"
+                )
         else:
+            _require_forward(model)
             if example_inputs is None:
                 raise ValueError(
                     f"StructuredPruning needs `example_inputs` to trace {type(model).__name__}'s channel couplings "
@@ -112,7 +144,7 @@ class StructuredPruner(MaskedParameters):
             was_training = model.training
             model.eval()
             try:
-                groups = channel_groups(model, example_inputs) + rnn_groups(model)
+                groups = channel_groups(model, example_inputs, self.ignore, trace_timeout) + rnn_groups(model)
             finally:
                 model.train(was_training)
         self.groups = [g for g in groups if not self._ignored(g)]
@@ -128,9 +160,16 @@ class StructuredPruner(MaskedParameters):
             raise ValueError(
                 f"No prunable channel group in {type(model).__name__} (ignored: {list(self.ignore)}){hint}"
             )
+        if uniform_per_layer:
+            _check_uniform(groups, self.groups)
         named = dict(model.named_parameters())
+        _canonicalize(self.groups, model)
         super().__init__({name: named[name] for name in sorted({n for g in self.groups for n in g.params()})})
         self.model = model
+
+    @staticmethod
+    def _grouped(groups: Sequence[ChannelGroup]) -> bool:
+        return any(g.layout.get("num_kv_heads", 0) < g.layout.get("num_heads", 0) for g in groups)
 
     def _ignored(self, group: ChannelGroup) -> bool:
         owner = group.root.rpartition(".")[0]
@@ -174,18 +213,29 @@ class StructuredPruner(MaskedParameters):
         scores = dict(scores) if scores is not None else self.channel_scores()
         if not self.all_finite(scores, step):
             return False
-        counts = {g.root: min(prune_count(g.n_channels, sparsity), g.n_channels - 1) for g in self.groups}
-        full = sorted(g.root for g in self.groups if prune_count(g.n_channels, sparsity) >= g.n_channels)
+        full = sorted(
+            g.root for g in self.groups if prune_count(g.n_channels // g.blocks, sparsity) >= g.n_channels // g.blocks
+        )
         if full:
             warnings.warn(
                 f"StructuredPruner: sparsity {sparsity} would remove every channel of {full}; one is kept in each",
                 UserWarning,
                 stacklevel=2,
             )
-        pruned = {g.root: lowest_k(scores[g.root], counts[g.root]) for g in self.groups}
+        pruned = {g.root: self._lowest(g, scores[g.root], sparsity) for g in self.groups}
         self.target_sparsity = sparsity
         self.set_masks(channel_masks(self.groups, pruned, self.params), optimizers=optimizers)
         return True
+
+    def _lowest(self, group: ChannelGroup, scores: Tensor, sparsity: float) -> Tensor:
+        """Bool over ``group``'s channels: the lowest-scoring ``sparsity`` of each of its blocks (at least one
+        channel kept per block; the kept count rounded up to a multiple of ``round_to`` for neurons / channels)."""
+        size = group.n_channels // group.blocks
+        count = min(prune_count(size, sparsity), size - 1)
+        if self.round_to and group.kind != "heads":
+            count = size - min(size, -(-(size - count) // self.round_to) * self.round_to)
+        blocks = scores.reshape(group.blocks, size)
+        return torch.cat([lowest_k(block, count) for block in blocks])
 
     def pruned_channels(self) -> dict[str, list[int]]:
         """Per root weight, the indices of the channels currently pruned (input to :func:`shrink`)."""
@@ -200,3 +250,46 @@ class StructuredPruner(MaskedParameters):
             alive = torch.zeros(group.n_channels, device=mask.device).index_add_(0, owner, kept)
             result[group.root] = torch.nonzero(alive == 0).flatten().tolist()
         return result
+
+
+def _require_forward(model: nn.Module) -> None:
+    """Tracing runs ``model``'s forward: a module without one (a LightningModule that only defines
+    ``training_step``) gets an error saying what is needed, not the tracer's ``NotImplementedError``."""
+    owner = next((cls for cls in type(model).__mro__ if "forward" in vars(cls)), nn.Module)
+    if owner is nn.Module or owner.__module__.split(".")[0] in ("lightning", "pytorch_lightning"):
+        raise ValueError(
+            f"StructuredPruning traces {type(model).__name__}'s forward to find which channels are coupled, but "
+            f"{type(model).__name__} defines no `forward`: add one that runs the network on a batch's inputs "
+            "(e.g. `def forward(self, x): return self.net(x)`), or give attention layouts with `attention=` "
+            "(Hugging Face Llama / Qwen2 / Mistral / Gemma / GPT-2 / BERT attention is found without tracing)"
+        )
+
+
+def _canonicalize(groups: Sequence[ChannelGroup], model: nn.Module) -> None:
+    """Name every slice by its parameter's ``named_parameters()`` name (a tied output head is its embedding)."""
+    canonical = _canonical_names(model)
+    for group in groups:
+        if all(name in canonical and canonical[name] == name for name in group.params()):
+            continue
+        unknown = sorted(name for name in group.params() if name not in canonical)
+        if unknown:
+            raise ValueError(f"Channel group {group.root!r} names parameters the model does not have: {unknown}")
+        group.slices = [[(canonical[n], d, i) for n, d, i in channel] for channel in group.slices]
+        group.gate_slices = [[(canonical[n], d, i) for n, d, i in channel] for channel in group.gate_slices]
+        group.root = canonical[group.root]
+        group._flat.clear()
+
+
+def _check_uniform(found: Sequence[ChannelGroup], kept: Sequence[ChannelGroup]) -> None:
+    """``uniform_per_layer``: every attention block alike, every MLP alike, none kept whole."""
+    kept_ids = {id(g) for g in kept}
+    whole = sorted(g.root for g in found if id(g) not in kept_ids)
+    if whole:
+        raise ValueError(
+            f"uniform_per_layer=True, but `ignore` keeps {whole} whole: the shrunk layers would differ in size; "
+            "drop them from `ignore` or set uniform_per_layer=False"
+        )
+    for kind in ("heads", "ffn"):
+        sizes = {g.root: g.n_channels for g in kept if g.kind == kind}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"uniform_per_layer=True, but the {kind} groups differ in size: {sizes}")

@@ -12,6 +12,7 @@ import string
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -190,3 +191,68 @@ ZOO: dict[str, ZooCase] = {
         example=_tokens,
     ),
 }
+
+
+# ---------------------------------------------------------------- today's decoders (GQA / MQA attention, SwiGLU MLPs)
+def _decoder_config(kind: str) -> Any:
+    """A tiny random config (2 layers, width 64, 4 query heads): Llama and Qwen2 (q/k/v biases) with 2 key/value
+    heads, Mistral with 2 and a sliding window shorter than the context, Gemma with one (multi-query) and a tied
+    head, Mixtral with 4 experts (2 per token)."""
+    import transformers
+
+    common = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2 * CONTEXT,
+        "pad_token_id": 0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    extra: dict[str, Any] = {
+        "llama": {},
+        "qwen2": {},
+        "mistral": {"sliding_window": CONTEXT // 2},
+        "gemma": {"num_key_value_heads": 1, "head_dim": 16, "tie_word_embeddings": True},
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64},
+    }[kind]
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+        "gemma": transformers.GemmaConfig,
+        "mixtral": transformers.MixtralConfig,
+    }[kind]
+    return config_class(**(common | extra))
+
+
+def hf_decoder(kind: str) -> nn.Module:
+    """A tiny random Hugging Face causal LM of ``kind`` (``from_config``: nothing is downloaded)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(_decoder_config(kind))
+
+
+@dataclass
+class DecoderCase:
+    kind: str
+    heads: int = 4  # query heads per layer
+    kv_heads: int = 2
+    moe: bool = False  # experts fused in 3D weights: left whole, with a note
+    tied: bool = False
+
+    def build(self) -> pl.LightningModule:
+        return LanguageModel(hf_decoder(self.kind), warmup_steps=2)
+
+
+DECODERS: dict[str, DecoderCase] = {
+    "hf_llama": DecoderCase("llama"),
+    "hf_qwen2": DecoderCase("qwen2"),
+    "hf_mistral": DecoderCase("mistral"),
+    "hf_gemma": DecoderCase("gemma", kv_heads=1, tied=True),
+    "hf_mixtral": DecoderCase("mixtral", moe=True),
+}
+"""Llama / Qwen2 / Mistral / Gemma-style decoders (and a mixture-of-experts one), pruned by StructuredPruning."""
