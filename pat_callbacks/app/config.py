@@ -123,13 +123,15 @@ class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
 
     Example:
         >>> from omegaconf import OmegaConf
-        >>> OmegaConf.structured(StructuredPruningConf).importance
+        >>> OmegaConf.structured(StructuredPruningConf).criterion
         'l2'
     """
 
     _target_: str = "pat_callbacks.StructuredPruning"
-    importance: str = "l2"
-    ignore: Optional[List[str]] = None
+    criterion: str = "l2"
+    exclude: Optional[List[str]] = None
+    importance: Optional[str] = None  # the former name of criterion
+    ignore: Optional[List[str]] = None  # the former name of exclude
     attention: Optional[List[Any]] = None
     heads: str = "auto"
     round_to: Optional[int] = None

@@ -1,7 +1,7 @@
 """StructuredPruning: remove whole output channels (conv filters, linear neurons) along a sparsity schedule.
 
 Example:
-    >>> pruning = StructuredPruning(sparsity=0.5, importance="l2", start_step=0, end_step=100)
+    >>> pruning = StructuredPruning(sparsity=0.5, criterion="l2", start_step=0, end_step=100)
     >>> pruning.method_name
     'cubic/structured-l2'
 """
@@ -17,7 +17,7 @@ from torch import nn
 from typing_extensions import Unpack, override
 
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
-from pat_callbacks.core._validation import check_choice
+from pat_callbacks.core._validation import check_choice, renamed
 from pat_callbacks.core.schedules import Schedule
 from pat_callbacks.core.targets import normalize_patterns
 from pat_callbacks.core.windows import WindowArguments
@@ -42,14 +42,15 @@ class StructuredPruning(ScheduledPruningCallback):
     Args:
         sparsity: fraction of each layer's channels removed at the end of the window.
         final_sparsity: the former name of ``sparsity``, still accepted (giving both is an error).
-        importance: channel score over all coupled slices, a name in
+        criterion: channel score over all coupled slices (formerly ``importance``, still accepted), a name in
             :data:`~pat_callbacks.structured.STRUCTURED_IMPORTANCES` or a
             :class:`~pat_callbacks.structured.StructuredImportance`: ``"l2"`` / ``"l1"`` norm (Li et al. 2016),
             ``"group_taylor"`` ``(sum g * w)^2`` with this step's dense gradients (Molchanov et al. 2019; formerly
             ``"taylor"``), or ``"gate"``: ``|dL/d gate|`` of a gate scaling the channel's (or attention head's)
             output (Michel et al. 2019).
-        ignore: glob patterns of weight or module names whose channels are never removed, in addition to the last
-            Conv/Linear layer (its outputs are the model's outputs, e.g. the classes), which is always kept whole.
+        exclude: (formerly ``ignore``, still accepted) glob patterns of weight or module names whose channels are
+            never removed, in addition to the last Conv/Linear layer (its outputs are the model's outputs, e.g. the
+            classes), which is always kept whole.
         attention: attention blocks written as separate projections, each
             ``{"q": name, "k": name, "v": name, "out": name, "num_heads": H}`` (module names): pruned by head.
             ``nn.MultiheadAttention`` modules are found without it.
@@ -66,16 +67,16 @@ class StructuredPruning(ScheduledPruningCallback):
             Hugging Face model reloads with its own ``from_pretrained``; :meth:`shrink` then also refuses layers
             that differ.
         trace_timeout: seconds allowed for tracing a model whose attention is not found by role (``None``:
-            unbounded); past it, setup stops with what to give instead (``attention=``, ``ignore=``).
+            unbounded); past it, setup stops with what to give instead (``attention=``, ``exclude=``).
         example_inputs: a batch of inputs for tracing the dependency graph.
         schedule, start_step, end_step, start_epoch, end_epoch, start_fraction, end_fraction, update_every,
             initial_sparsity, power, remask_weights, log_per_layer, prog_bar, verbose: as for
             :class:`~pat_callbacks.GradualPruning`.
 
     Example:
-        >>> StructuredPruning(sparsity=0.5, importance="group_taylor", start_step=0, end_step=10).importance
+        >>> StructuredPruning(sparsity=0.5, criterion="group_taylor", start_step=0, end_step=10).importance
         GroupTaylorImportance()
-        >>> StructuredPruning(sparsity=0.5, importance="l3", start_step=0, end_step=10)
+        >>> StructuredPruning(sparsity=0.5, criterion="l3", start_step=0, end_step=10)
         Traceback (most recent call last):
         ...
         ValueError: Unknown `importance` 'l3'; expected one of: 'gate', 'group_taylor', 'l1', 'l2'
@@ -87,7 +88,9 @@ class StructuredPruning(ScheduledPruningCallback):
         schedule: str | Schedule | Callable[[int], float] = "cubic",
         *,
         final_sparsity: float | None = None,
-        importance: str | StructuredImportance = "l2",
+        criterion: str | StructuredImportance | None = None,
+        exclude: str | Sequence[str] | None = None,
+        importance: str | StructuredImportance | None = None,
         ignore: str | Sequence[str] | None = None,
         attention: Sequence[Mapping[str, Any]] | None = None,
         heads: HeadUnit = "auto",
@@ -111,8 +114,10 @@ class StructuredPruning(ScheduledPruningCallback):
             verbose=verbose,
             **window,
         )
-        self.importance = get_structured_importance(importance)
-        self.ignore = normalize_patterns("ignore", ignore)
+        criterion, _ = renamed("importance", importance, "criterion", criterion, None)
+        exclude, exclude_key = renamed("ignore", ignore, "exclude", exclude, None)
+        self.importance = get_structured_importance("l2" if criterion is None else criterion)
+        self.ignore = normalize_patterns(exclude_key, exclude)
         self.example_inputs = example_inputs
         if attention is not None and not all(isinstance(layout, Mapping) for layout in attention):
             raise ValueError(
@@ -145,8 +150,8 @@ class StructuredPruning(ScheduledPruningCallback):
         pruner = StructuredPruner(
             pl_module,
             self._example_inputs(trainer, pl_module),
-            importance=self.importance,
-            ignore=self.ignore,
+            criterion=self.importance,
+            exclude=self.ignore,
             attention=self.attention,
             heads=self.heads,
             round_to=self.round_to,

@@ -91,7 +91,7 @@ def _too_long(model: nn.Module, seconds: float | None) -> str:
         f"Tracing the channel couplings of {type(model).__name__} ({sum(1 for _ in model.modules())} modules) with "
         f"Torch-Pruning took over {seconds:g} s: too large to trace. Name its attention instead "
         "(`attention=[{q, k, v, out, num_heads, num_kv_heads}]` for separate projections; Hugging Face Llama / Qwen2 "
-        "/ Mistral / Gemma / GPT-2 / BERT attention is found without tracing), keep parts whole with `ignore=` "
+        "/ Mistral / Gemma / GPT-2 / BERT attention is found without tracing), keep parts whole with `exclude=` "
         "globs, or raise `trace_timeout`"
     )
 
@@ -132,7 +132,7 @@ def _check_bounds(group: ChannelGroup, params: dict[str, Tensor], root_module: s
                 raise ValueError(
                     f"Torch-Pruning's trace couples the channels of {group.root!r} to index {int(index.max())} of "
                     f"{name!r} (dim {dim} has {size}): it cannot follow this layer's reshapes (attention heads split "
-                    f"from a fused projection?). Keep it whole with `ignore=[{root_module!r}]`, or write the attention "
+                    f"from a fused projection?). Keep it whole with `exclude=[{root_module!r}]`, or write the attention "
                     "as separate q/k/v/out projections and name them with `attention=`"
                 )
 

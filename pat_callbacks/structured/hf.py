@@ -106,7 +106,7 @@ def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str
             where = "; ".join(f"{k}: " + ", ".join(f"{n}={s[k]}" for n, s in sizes.items() if k in s) for k in uneven)
             raise ValueError(
                 f"uniform_per_layer=True, but the layers of {prefix or type(hf_model).__name__!r} differ ({where}); "
-                "prune every layer alike (no layer in `ignore`) or shrink with uniform_per_layer=False and reload "
+                "prune every layer alike (no layer in `exclude`) or shrink with uniform_per_layer=False and reload "
                 "with pat_callbacks.structured.from_pretrained_shrunk"
             )
         for key, options in values.items():

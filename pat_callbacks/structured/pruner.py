@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pat_callbacks.core._validation import check_choice, check_fraction
+from pat_callbacks.core._validation import check_choice, check_fraction, renamed
 from pat_callbacks.core.masked import MaskedParameters
 from pat_callbacks.core.patterns import lowest_k, prune_count
 from pat_callbacks.core.targets import DEFAULT_MODULE_TYPES
@@ -59,10 +59,11 @@ class StructuredPruner(MaskedParameters):
     Args:
         model: the network.
         example_inputs: a batch of inputs for tracing (unused for transformers).
-        importance: a name in :data:`STRUCTURED_IMPORTANCES` or a :class:`StructuredImportance`.
-        ignore: glob patterns of weight names (or module names) whose channels are never removed, in addition to
-            the last Conv / Linear layer (the model's outputs, e.g. the classes). A pattern matching nothing is an
-            error.
+        criterion: a name in :data:`STRUCTURED_IMPORTANCES` or a :class:`StructuredImportance` (``importance``: its
+            former name, still accepted).
+        exclude: (formerly ``ignore``, still accepted) glob patterns of weight names (or module names) whose
+            channels are never removed, in addition to the last Conv / Linear layer (the model's outputs, e.g. the
+            classes). A pattern matching nothing is an error.
         attention: separate q/k/v/out projection layouts (see
             :func:`~pat_callbacks.structured.attention.projection_head_groups`), checked against the weights.
         heads: the unit of grouped-query attention (fewer key/value heads than query heads): ``"kv_groups"`` (a
@@ -80,7 +81,7 @@ class StructuredPruner(MaskedParameters):
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-        >>> pruner = StructuredPruner(model, torch.zeros(1, 4), importance="l1")
+        >>> pruner = StructuredPruner(model, torch.zeros(1, 4), criterion="l1")
         >>> pruner.prune_to(0.5)
         True
         >>> {root: len(channels) for root, channels in pruner.pruned_channels().items()}
@@ -92,15 +93,19 @@ class StructuredPruner(MaskedParameters):
         model: nn.Module,
         example_inputs: Any,
         *,
-        importance: str | StructuredImportance = "l2",
-        ignore: Sequence[str] = (),
+        criterion: str | StructuredImportance | None = None,
+        exclude: Sequence[str] = (),
+        importance: str | StructuredImportance | None = None,
+        ignore: Sequence[str] | None = None,
         attention: Sequence[Mapping[str, Any]] = (),
         heads: HeadUnit = "auto",
         round_to: int | None = None,
         uniform_per_layer: bool = False,
         trace_timeout: float | None = TRACE_SECONDS,
     ) -> None:
-        self.importance = get_structured_importance(importance)
+        criterion, _ = renamed("importance", importance, "criterion", criterion, None)
+        ignore, ignore_key = renamed("ignore", ignore, "exclude", tuple(exclude), ())
+        self.importance = get_structured_importance("l2" if criterion is None else criterion)
         self.heads = check_choice("heads", heads, HEAD_UNITS)
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"Expected `round_to` to be a positive int (e.g. 8, 16, 64) or None, but got {round_to!r}")
@@ -113,7 +118,9 @@ class StructuredPruner(MaskedParameters):
         for pattern in ignore:
             if not any(fnmatchcase(name, pattern) for name in names):
                 sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-                raise ValueError(f"`ignore` pattern {pattern!r} matches no parameter or module; names are: {sample}")
+                raise ValueError(
+                    f"`{ignore_key}` pattern {pattern!r} matches no parameter or module; names are: {sample}"
+                )
         layers = [name for name, m in model.named_modules() if isinstance(m, DEFAULT_MODULE_TYPES)]
         self.ignore = ((f"{layers[-1]}.weight",) if layers else ()) + tuple(ignore)
         self.notes: list[str] = []
@@ -286,8 +293,8 @@ def _check_uniform(found: Sequence[ChannelGroup], kept: Sequence[ChannelGroup]) 
     whole = sorted(g.root for g in found if id(g) not in kept_ids)
     if whole:
         raise ValueError(
-            f"uniform_per_layer=True, but `ignore` keeps {whole} whole: the shrunk layers would differ in size; "
-            "drop them from `ignore` or set uniform_per_layer=False"
+            f"uniform_per_layer=True, but `exclude` keeps {whole} whole: the shrunk layers would differ in size; "
+            "drop them from `exclude` or set uniform_per_layer=False"
         )
     for kind in ("heads", "ffn"):
         sizes = {g.root: g.n_channels for g in kept if g.kind == kind}

@@ -234,15 +234,18 @@ def test_the_residual_stream_is_left_whole_with_a_note(fit):
     assert "residual stream (model width) is left whole" in pruning.pruner.notes[0]
 
 
-def test_ignore_takes_globs_validates_them_and_keeps_the_classifier(fit):
-    with pytest.raises(ValueError, match=r"`ignore` pattern 'net\.conv9\*' matches no parameter or module"):
+def test_exclude_takes_globs_validates_them_and_keeps_the_classifier(fit):
+    with pytest.raises(ValueError, match=r"`exclude` pattern 'net\.conv9\*' matches no parameter or module"):
         fit(
-            [StructuredPruning(final_sparsity=0.5, ignore=["net.conv9*"], start_step=0, end_step=5)],
+            [StructuredPruning(final_sparsity=0.5, exclude=["net.conv9*"], start_step=0, end_step=5)],
             module=Classifier(SmallCNN()),
         )
-    pruning = StructuredPruning(final_sparsity=0.5, ignore=["net.conv2*"], start_step=0, end_step=10, update_every=5)
+    with pytest.warns(DeprecationWarning, match="`ignore` is now called `exclude`"):  # the former name still works
+        pruning = StructuredPruning(
+            final_sparsity=0.5, ignore=["net.conv2*"], start_step=0, end_step=10, update_every=5
+        )
     fit([pruning], module=Classifier(SmallCNN()), max_steps=12)
-    assert sorted(pruning.pruned_channels()) == ["net.conv1.weight"]  # conv2 ignored, fc (classifier) still kept
+    assert sorted(pruning.pruned_channels()) == ["net.conv1.weight"]  # conv2 excluded, fc (classifier) still kept
 
 
 def test_no_group_is_ever_pruned_to_nothing(fit):
@@ -251,3 +254,14 @@ def test_no_group_is_ever_pruned_to_nothing(fit):
         fit([pruning], module=Classifier(SmallCNN()), max_steps=12)
     channels = pruning.pruned_channels()
     assert len(channels["net.conv1.weight"]) == 7 and len(channels["net.conv2.weight"]) == 11
+
+
+def test_criterion_is_the_word_importance_its_former_name():
+    with pytest.warns(DeprecationWarning, match="`importance` is now called `criterion`"):
+        old = StructuredPruning(sparsity=0.5, importance="l1", start_step=0, end_step=10)
+    assert (
+        old.importance.name
+        == StructuredPruning(sparsity=0.5, criterion="l1", start_step=0, end_step=10).importance.name
+    )
+    with pytest.raises(ValueError, match="Give `criterion`"):
+        StructuredPruning(sparsity=0.5, importance="l1", criterion="l2", start_step=0, end_step=10)

@@ -113,7 +113,7 @@ def test_round_to_keeps_multiples_of_neurons_and_is_validated():
 
 def test_layers_of_different_sizes_are_refused_when_uniform_else_recorded_and_reloaded(tmp_path):
     module = _llama().eval()
-    with pytest.raises(ValueError, match="uniform_per_layer=True, but `ignore` keeps"):
+    with pytest.raises(ValueError, match="uniform_per_layer=True, but `exclude` keeps"):
         StructuredPruner(module, None, ignore=["net.model.layers.1.mlp"], uniform_per_layer=True)
     pruner = StructuredPruner(module, None, ignore=["net.model.layers.1.mlp"])
     pruner.prune_to(0.5)
@@ -188,7 +188,7 @@ def test_a_module_without_forward_is_told_what_is_needed_unless_nothing_is_trace
 def test_tracing_is_bounded_with_the_way_out():
     """The tiny Llama traced by Torch-Pruning runs for minutes (issue #21): refused after ``trace_timeout``."""
     start = time.perf_counter()
-    with pytest.raises(TimeoutError, match=r"took over 0.5 s: too large to trace.*`attention=.*`ignore=`"):
+    with pytest.raises(TimeoutError, match=r"took over 0.5 s: too large to trace.*`attention=.*`exclude=`"):
         channel_groups(_llama().eval(), _tokens(), ignore=["net.lm_head.weight"], time_limit=0.5)
     assert time.perf_counter() - start < 10
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0  # the timer is gone
@@ -227,7 +227,7 @@ def test_a_head_tied_to_the_embedding_is_named_once_and_masked_with_it(tmp_path)
     """Was ``KeyError: 'net.lm_head.weight'`` in setup: the traced groups named the tied head by its alias."""
     pl.seed_everything(0, verbose=False)
     module = LanguageModel(TiedGPT(), warmup_steps=2)
-    with pytest.raises(ValueError, match=r"cannot follow this layer's reshapes.*ignore=\['net.attn.\d.c_attn'\]"):
+    with pytest.raises(ValueError, match=r"cannot follow this layer's reshapes.*exclude=\['net.attn.\d.c_attn'\]"):
         StructuredPruner(module, _tokens())
     pruning = StructuredPruning(
         sparsity=0.5, ignore=["*.c_attn"], example_inputs=_tokens(), start_step=0, end_step=4, update_every=2
