@@ -132,8 +132,8 @@ def _check_bounds(group: ChannelGroup, params: dict[str, Tensor], root_module: s
                 raise ValueError(
                     f"Torch-Pruning's trace couples the channels of {group.root!r} to index {int(index.max())} of "
                     f"{name!r} (dim {dim} has {size}): it cannot follow this layer's reshapes (attention heads split "
-                    f"from a fused projection?). Keep it whole with `exclude=[{root_module!r}]`, or write the attention "
-                    "as separate q/k/v/out projections and name them with `attention=`"
+                    f"from a fused projection?). Keep it whole with `exclude=[{root_module!r}]`, or write the "
+                    "attention as separate q/k/v/out projections and name them with `attention=`"
                 )
 
 
