@@ -111,8 +111,19 @@ def _add(state: dict[str, Tensor], key: str, value: Tensor) -> None:
         state[key] = value.detach().float().clone()
 
 
+def _add_owned(state: dict[str, Tensor], key: str, value: Tensor) -> None:
+    """:func:`_add` for a ``value`` made for it (a temporary): the first one becomes the float32 history itself."""
+    if key in state:
+        state[key].add_(value)
+    else:
+        state[key] = value.float()
+
+
 def _count(state: dict[str, Tensor]) -> None:
-    _add(state, "count", torch.ones((), device=next(iter(state.values())).device if state else "cpu"))
+    if "count" in state:
+        state["count"].add_(1.0)  # in place: no new tensor per step
+    else:
+        _add(state, "count", torch.ones((), device=next(iter(state.values())).device if state else "cpu"))
 
 
 class MagnitudeCriterion(Criterion):
@@ -148,7 +159,8 @@ class TaylorCriterion(Criterion):
     resets_after_update: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
-        _add(state, "sum", (param.detach() * grad.detach()).abs())
+        product = torch.mul(param.detach(), grad.detach())
+        _add_owned(state, "sum", product.abs_())  # |w * g| in place: one temporary per step, the same numbers
         _count(state)
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
@@ -180,7 +192,7 @@ class MovementCriterion(Criterion):
     needs_history: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
-        _add(state, "sum", -(param.detach() * grad.detach()))
+        _add_owned(state, "sum", torch.mul(param.detach(), grad.detach()).neg_())
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         if "sum" in state:
@@ -211,7 +223,9 @@ class FisherCriterion(Criterion):
     resets_after_update: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
-        _add(state, "sum_sq_grad", grad.detach().float().square())
+        grad = grad.detach()
+        squared = grad.square() if grad.dtype == torch.float32 else grad.float().square_()  # never the grad's memory
+        _add_owned(state, "sum_sq_grad", squared)
         _count(state)
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
