@@ -36,6 +36,7 @@ __all__ = [
     "ScoredLayer",
     "all_finite",
     "count_below",
+    "layer_total",
     "ordered_keys",
     "select_lowest",
     "select_lowest_kept",
@@ -434,6 +435,23 @@ def select_lowest_kept(layers: Sequence[ScoredLayer], k: int, group: Any = None)
         values = values / layer.scale if layer.scale != 1.0 else values
         scores.append(values if layer.kept is None else torch.where(layer.kept, values, torch.inf))
     return select_lowest(scores, k, group)
+
+
+def layer_total(layer: ScoredLayer, chunk_size: int | None = None) -> float:
+    """Sum of a layer's scores over every entry (the global allocation's mean): float32 sums of ``CHUNK_SIZE``
+    chunks added in float64 in order, the arithmetic of ``Pruner._layer_total`` to the bit, but accumulated on the
+    scores' device with one host read at the end instead of one per chunk.
+
+    Example:
+        >>> import torch
+        >>> layer_total(ScoredLayer.of(torch.tensor([0.5, 1.5, 2.0])), chunk_size=2)
+        4.0
+    """
+    size = chunk_size or CHUNK_SIZE
+    total = torch.zeros((), dtype=torch.float64, device=_device(layer))
+    for start in range(0, layer.numel, size):
+        total += layer.chunk(start, min(start + size, layer.numel)).sum()
+    return float(total)
 
 
 # ------------------------------------------------------------------------------------------------ device strategy

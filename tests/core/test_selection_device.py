@@ -124,6 +124,12 @@ def test_auto_strategy_is_host_on_a_cpu_and_unknown_ones_are_refused(monkeypatch
         selection.uses_device_strategy(torch.device("cpu"))
 
 
+def test_layer_total_is_the_pruners_sum_to_the_bit():
+    scores = torch.rand(300_001, generator=torch.Generator().manual_seed(0)) * 1e3
+    layer = ScoredLayer.of(scores)
+    assert selection.layer_total(layer) == Pruner._layer_total(layer)
+
+
 def test_count_below_counts_over_chunks():
     assert count_below([torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])], 2.5) == 3
 
