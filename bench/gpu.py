@@ -428,7 +428,7 @@ def part_updates(rows: Rows, sizes: Sizes, device: torch.device, smoke: bool) ->
     for layers, width in sizes.update_layers:
         weights = layers * width * width
         for variant in ("uniform", "global", "rigl"):
-            for strategy in strategies:
+            for strategy in strategies if weights < 5e8 or device.type != "cuda" else ["auto"]:  # host: seconds
                 previous = selection.STRATEGY
                 selection.STRATEGY = strategy
                 try:
