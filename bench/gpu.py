@@ -411,11 +411,43 @@ def _update_once(variant: str, model: nn.Module) -> tuple[Callable[[], Any], Any
     return (lambda: pruner.prune_to(0.8)), pruner
 
 
+def measure_update(
+    variant: str, layers: int, width: int, device: torch.device, dtype: torch.dtype, strategy: str, chunk: int
+) -> tuple[float, float, float | None]:
+    """``(pass seconds, update seconds, extra peak memory / weight bytes)`` of one update of a fresh Linear stack
+    under a selection ``strategy`` and device chunk size (the extra memory only on CUDA)."""
+    from pat_callbacks.core import selection
+
+    saved = selection.STRATEGY, selection.DEVICE_CHUNK_SIZE
+    selection.STRATEGY, selection.DEVICE_CHUNK_SIZE = strategy, chunk
+    try:
+        model = _linear_stack(layers, width, device, dtype)
+        params = list(model.parameters())
+        pass_s = timed(lambda ps=params: [p.detach().abs() for p in ps], device)
+        update, _pruner = _update_once(variant, model)
+        weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        sync(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        measure = peak_bytes(device)
+        start = time.perf_counter()
+        update()
+        sync(device)
+        update_s = time.perf_counter() - start
+        extra = None if measure is None or before is None else (measure() - before) / weight_bytes
+    finally:
+        selection.STRATEGY, selection.DEVICE_CHUNK_SIZE = saved
+    del model, update, _pruner, params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return pass_s, update_s, extra
+
+
 def part_updates(rows: Rows, sizes: Sizes, device: torch.device, smoke: bool) -> None:
     from pat_callbacks.core import selection
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     strategies = ["auto", "host"] if device.type == "cuda" else ["host", "device"]  # side by side
+    chunk = selection.DEVICE_CHUNK_SIZE
     lines = [
         f"## Mask updates on square {str(dtype).replace('torch.', '')} Linear stacks ({device.type})",
         "",
@@ -429,25 +461,7 @@ def part_updates(rows: Rows, sizes: Sizes, device: torch.device, smoke: bool) ->
         weights = layers * width * width
         for variant in ("uniform", "global", "rigl"):
             for strategy in strategies if weights < 5e8 or device.type != "cuda" else ["auto"]:  # host: seconds
-                previous = selection.STRATEGY
-                selection.STRATEGY = strategy
-                try:
-                    model = _linear_stack(layers, width, device, dtype)
-                    params = list(model.parameters())
-                    pass_s = timed(lambda params=params: [p.detach().abs() for p in params], device)
-                    update, _pruner = _update_once(variant, model)
-                    weight_bytes = sum(p.numel() * p.element_size() for p in params)
-                    sync(device)
-                    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-                    measure = peak_bytes(device)
-                    sync(device)
-                    start = time.perf_counter()
-                    update()
-                    sync(device)
-                    update_s = time.perf_counter() - start
-                    extra = None if measure is None else (measure() - before) / weight_bytes
-                finally:
-                    selection.STRATEGY = previous
+                pass_s, update_s, extra = measure_update(variant, layers, width, device, dtype, strategy, chunk)
                 name = f"{weights / 1e6:.0f}M {variant}"
                 rows.add("updates", name, f"{strategy}_passes", round(update_s / pass_s, 1))
                 rows.add("updates", name, f"{strategy}_update_ms", round(1e3 * update_s, 2))
@@ -457,9 +471,21 @@ def part_updates(rows: Rows, sizes: Sizes, device: torch.device, smoke: bool) ->
                     f"| {weights / 1e6:.2f}M | {variant} | {strategy} | {1e3 * pass_s:.3f} | {1e3 * update_s:.2f} | "
                     f"{update_s / pass_s:.1f} | {'-' if extra is None else f'{extra:.3f}'} |"
                 )
-                del model, update, _pruner
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    layers, width = sizes.update_layers[0]
+    lines += [
+        "",
+        f"### The device strategy's chunk size (uniform, {layers * width * width / 1e6:.2f}M weights)",
+        "",
+        "| DEVICE_CHUNK_SIZE | update ms | passes | extra memory / weight bytes |",
+        "|---|---|---|---|",
+    ]
+    for size in (1 << 21, 1 << 22, 1 << 23, 1 << 24):
+        pass_s, update_s, extra = measure_update("uniform", layers, width, device, dtype, "device", size)
+        rows.add("updates", f"chunk 2**{size.bit_length() - 1}", "device_passes", round(update_s / pass_s, 1))
+        lines.append(
+            f"| 2**{size.bit_length() - 1} | {1e3 * update_s:.2f} | {update_s / pass_s:.1f} | "
+            f"{'-' if extra is None else f'{extra:.3f}'} |"
+        )
     rows.section("updates", lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import time
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = history_rows(args.width, args.repeats) + selection_rows(args.width, max(3, args.repeats // 3))
+    rows = history_rows(args.width, args.repeats) + selection_rows(args.width, max(3, args.repeats // 4))
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "update_cost.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`python bench/update_cost.py --width {args.width} --repeats {args.repeats} --threads {args.threads}`: "
         f"4 x {args.width}x{args.width} float32 ({weights / 1e6:.1f}M weights), torch {torch.__version__}, "
-        f"{args.threads} thread(s); medians of interleaved repeats, ratios within this one run.",
+        f"{args.threads} thread(s); medians of interleaved repeats, ratios within this one run; load average "
+        f"{os.getloadavg()[0]:.1f} at the end (the machine is shared: timings move from run to run).",
         "",
         "## History accumulation per optimizer step (before: the formulas as written before; now: in place)",
         "",

@@ -9,7 +9,7 @@ no rank ever holds another rank's shard.
 
 Two strategies run these selections, with the same results (counts, ties): the *host* one above, built for a CPU
 (128k-entry chunks, a sampled bracket, a few host reads per chunk), and the *device* one (:data:`STRATEGY`,
-:func:`uses_device_strategy`), for CUDA scores: 16-bit histograms of the keys over chunks of up to 16M entries
+:func:`uses_device_strategy`), for CUDA scores: 16-bit histograms of the keys over chunks of up to 8M entries
 (``torch.histc``; no ``topk``/``kthvalue``/``sort`` over a layer), a host read only after each histogram pass, masks
 written in place. ``auto`` (the default) picks by the scores' device; tests force ``"device"`` on a CPU.
 
@@ -460,8 +460,9 @@ def layer_total(layer: ScoredLayer, chunk_size: int | None = None) -> float:
 # "auto" (the device strategy for CUDA scores, the host one elsewhere). Tests force "device" on a CPU.
 STRATEGIES = ("auto", "host", "device")
 STRATEGY = "auto"
-# Entries scored at once by the device strategy; at most 2**24, so a float32 histogram counts them exactly.
-DEVICE_CHUNK_SIZE = 1 << 24
+# Entries scored at once by the device strategy (at most 2**24, so a float32 histogram counts them exactly): larger
+# chunks launch fewer kernels, smaller ones hold less (about 16 bytes per entry of a chunk). bench/gpu.py sweeps it.
+DEVICE_CHUNK_SIZE = 1 << 23
 _MAX_DEVICE_CHUNK = 1 << 24
 _BINS = 1 << 16
 _OUTSIDE = -65536.0  # a digit below every histogram's range: entries that are not kept are not counted
