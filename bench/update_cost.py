@@ -2,7 +2,8 @@
 
 - ``history``: one optimizer step's history accumulation of the gradient criteria (taylor, movement, fisher) on
   four 1024 x 1024 float32 layers: the formulas as written before (``state["sum"].add_((w * g).abs())``: two
-  temporaries, a new count tensor per step) against :meth:`Criterion.accumulate` now (one temporary, in place);
+  temporaries, a new count tensor per step), :meth:`Criterion.accumulate` now (one temporary, in place) and
+  :meth:`Criterion.accumulate_many` (multi-tensor kernels over every parameter);
 - ``selection``: ``Pruner.prune_to`` 0.7 -> 0.8 (uniform, global) and RigL's ``regrow(0.3)`` under the host
   strategy (the CPU's) and the device strategy (the GPU's, forced here), with one ``abs()`` pass as the unit.
 
@@ -80,8 +81,16 @@ def history_rows(width: int, repeats: int) -> list[dict[str, Any]]:
             for w, g, state in zip(params, grads, new_states, strict=True):
                 criterion.accumulate(w, g, state)
 
-        medians = interleaved({"before": old, "now": new}, repeats)
-        same = all(all(torch.equal(a[key], b[key]) for key in a) for a, b in zip(old_states, new_states, strict=True))
+        many_states: list[dict[str, torch.Tensor]] = [{} for _ in params]
+
+        def many(many_states: list[dict[str, torch.Tensor]] = many_states, criterion: Any = criterion) -> None:
+            criterion.accumulate_many(params, grads, many_states)
+
+        medians = interleaved({"before": old, "now": new, "many": many}, repeats)
+        same = all(
+            all(torch.equal(a[key], b[key]) and torch.equal(a[key], c[key]) for key in a)
+            for a, b, c in zip(old_states, new_states, many_states, strict=True)
+        )
         rows.append(
             {
                 "part": "history",
@@ -90,6 +99,8 @@ def history_rows(width: int, repeats: int) -> list[dict[str, Any]]:
                 "now_ms": round(1e3 * medians["now"], 3),
                 "now_over_before": round(medians["now"] / medians["before"], 3),
                 "same_numbers": same,
+                "many_ms": round(1e3 * medians["many"], 3),
+                "many_over_before": round(medians["many"] / medians["before"], 3),
             }
         )
     return rows
@@ -154,7 +165,18 @@ def _copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-FIELDS = ("part", "name", "before_ms", "now_ms", "now_over_before", "same_numbers", "host_passes", "device_passes")
+FIELDS = (
+    "part",
+    "name",
+    "before_ms",
+    "now_ms",
+    "now_over_before",
+    "same_numbers",
+    "many_ms",
+    "many_over_before",
+    "host_passes",
+    "device_passes",
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,13 +202,17 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} thread(s); medians of interleaved repeats, ratios within this one run; load average "
         f"{os.getloadavg()[0]:.1f} at the end (the machine is shared: timings move from run to run).",
         "",
-        "## History accumulation per optimizer step (before: the formulas as written before; now: in place)",
+        "## History accumulation per optimizer step",
         "",
-        "| criterion | before ms | now ms | now / before | same numbers |",
-        "|---|---|---|---|---|",
+        "before: the formulas as written before; now: `accumulate` per parameter, in place; together: "
+        "`accumulate_many` over the 4 parameters (multi-tensor kernels). Same numbers: all three histories equal.",
+        "",
+        "| criterion | before ms | now ms | now / before | together ms | together / before | same numbers |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['name']} | {r['before_ms']} | {r['now_ms']} | {r['now_over_before']} | {r['same_numbers']} |"
+        f"| {r['name']} | {r['before_ms']} | {r['now_ms']} | {r['now_over_before']} | {r['many_ms']} | "
+        f"{r['many_over_before']} | {r['same_numbers']} |"
         for r in rows
         if r["part"] == "history"
     ]
