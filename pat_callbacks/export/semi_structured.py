@@ -331,7 +331,7 @@ def _choose(
         return choice("dense", "not run by the example input"), None
     try:
         sparse = kernel(weight.contiguous())
-    except (RuntimeError, ValueError, TypeError) as error:  # shape, dtype or device the kernel refuses
+    except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:  # shape, dtype or device refused
         return choice("dense", f"the 2:4 kernel refused it: {str(error).splitlines()[0][:120]}"), None
     if mode == "all":
         return choice("2:4", "mode='all'"), sparse

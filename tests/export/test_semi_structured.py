@@ -110,3 +110,19 @@ def test_bad_options_are_refused():
         to_semi_structured(nn.Linear(8, 8), torch.zeros(1, 8), mode="fast", kernel=_stand_in_kernel)
     with pytest.raises(ValueError, match="min_speedup"):
         to_semi_structured(nn.Linear(8, 8), torch.zeros(1, 8), min_speedup=0, kernel=_stand_in_kernel)
+
+
+def test_a_layer_the_kernel_refuses_stays_dense_with_the_kernels_words():
+    model = nn.Sequential(nn.Linear(16, 8))
+    _two_four_(model[0].weight, along=1)
+
+    def refusing(weight):
+        raise RuntimeError("cuSPARSELt: rows must be a multiple of 32\nmore detail")
+
+    report = to_semi_structured(model, torch.zeros(2, 16), kernel=refusing, timer=_timer(set()))
+    (layer,) = report.layers
+    assert (
+        layer.choice == "dense"
+        and layer.reason == "the 2:4 kernel refused it: cuSPARSELt: rows must be a multiple of 32"
+    )
+    assert isinstance(model[0].weight, nn.Parameter) and report.converted == 0
