@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -458,8 +459,9 @@ def layer_total(layer: ScoredLayer, chunk_size: int | None = None) -> float:
 # How selections run: "host" (the sampled bracket and chunked passes above, built for a CPU: small chunks, a few
 # host reads per chunk), "device" (the histogram radix select below: large chunks, no host read inside a loop) or
 # "auto" (the device strategy for CUDA scores, the host one elsewhere). Tests force "device" on a CPU.
+# PAT_SELECTION_STRATEGY sets it for a whole run, launched ranks included.
 STRATEGIES = ("auto", "host", "device")
-STRATEGY = "auto"
+STRATEGY = os.environ.get("PAT_SELECTION_STRATEGY", "auto")
 # Entries scored at once by the device strategy (at most 2**24, so a float32 histogram counts them exactly): larger
 # chunks launch fewer kernels, smaller ones hold less (about 16 bytes per entry of a chunk). bench/gpu.py sweeps it.
 DEVICE_CHUNK_SIZE = 1 << 23
@@ -480,7 +482,10 @@ def uses_device_strategy(device: torch.device) -> bool:
         False
     """
     if STRATEGY not in STRATEGIES:
-        raise ValueError(f"Expected selection.STRATEGY to be one of {list(STRATEGIES)}, but got {STRATEGY!r}")
+        raise ValueError(
+            f"Expected selection.STRATEGY (or PAT_SELECTION_STRATEGY) to be one of {list(STRATEGIES)}, but got "
+            f"{STRATEGY!r}"
+        )
     if STRATEGY != "auto":
         return STRATEGY == "device"
     return device.type == "cuda" and not torch.are_deterministic_algorithms_enabled()

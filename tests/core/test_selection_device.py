@@ -151,6 +151,16 @@ def test_layer_total_is_the_pruners_sum_to_the_bit():
     assert selection.layer_total(layer) == Pruner._layer_total(layer)
 
 
+def test_the_strategy_can_be_set_for_a_whole_run_by_the_environment():
+    import subprocess
+    import sys
+
+    code = "import pat_callbacks.core.selection as s; print(s.STRATEGY)"
+    env = {**os.environ, "PAT_SELECTION_STRATEGY": "device"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "device"
+
+
 def test_count_below_counts_over_chunks():
     assert count_below([torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0])], 2.5) == 3
 
