@@ -471,10 +471,9 @@ _OUTSIDE = -65536.0  # a digit below every histogram's range: entries that are n
 
 
 def uses_device_strategy(device: torch.device) -> bool:
-    """Whether selections on scores living on ``device`` take the device strategy (see ``STRATEGY``).
-
-    CUDA scores take it unless deterministic algorithms are enforced (its histogram is ``torch.histc``, which
-    PyTorch flags as nondeterministic on CUDA although integer counts below 2**24 are exact).
+    """Whether selections on scores living on ``device`` take the device strategy (see ``STRATEGY``): ``"auto"``
+    takes it for CUDA scores. (Its histograms are exact either way: ``torch.histc``, or ``torch.bincount`` where
+    deterministic algorithms are enforced.)
 
     Example:
         >>> import torch
@@ -488,7 +487,7 @@ def uses_device_strategy(device: torch.device) -> bool:
         )
     if STRATEGY != "auto":
         return STRATEGY == "device"
-    return device.type == "cuda" and not torch.are_deterministic_algorithms_enabled()
+    return device.type == "cuda"
 
 
 def signed_keys(scores: Tensor) -> Tensor:
@@ -527,7 +526,14 @@ def _low_bits_set(scores: Tensor) -> Tensor:
 
 def _histogram(digits: Tensor, valid: Tensor | None, low: float) -> Tensor:
     """Counts of the integer ``digits`` in ``[low, low + 65536)`` where ``valid`` (float32; exact: at most 2**24
-    entries). Entries outside the range are not counted, so invalid ones are moved below it."""
+    entries). ``torch.histc`` skips entries outside the range, so invalid ones are moved below it. Under
+    ``torch.use_deterministic_algorithms(True)`` (which refuses ``histc`` on CUDA) ``torch.bincount`` counts instead,
+    at the price of one host read per call on CUDA."""
+    if torch.are_deterministic_algorithms_enabled():
+        shifted = digits.to(torch.int64) - int(low)
+        if valid is not None:
+            shifted = shifted.masked_fill_(~valid, _BINS)  # an extra last bin, dropped
+        return torch.bincount(shifted, minlength=_BINS + 1)[:_BINS].to(torch.float32)
     values = digits.to(torch.float32)
     if valid is not None:
         values = values.masked_fill_(~valid, _OUTSIDE + low)
@@ -569,7 +575,7 @@ def _select_on_device(
     """
     device = _device(layers[0]) if layers else torch.device("cpu")
     size = max(1, min(chunk_size or DEVICE_CHUNK_SIZE, _MAX_DEVICE_CHUNK))
-    high_hist = torch.zeros(_BINS, dtype=torch.float64, device=device)
+    high_hist = torch.zeros(_BINS, dtype=torch.int64, device=device)  # integer sums: exact, deterministic
     sums_bad = torch.zeros(len(layers), dtype=torch.bool, device=device)
     low_bits = torch.zeros(1, dtype=torch.bool, device=device)
     for index, layer in enumerate(layers):
@@ -577,12 +583,12 @@ def _select_on_device(
             if check_finite:
                 sums_bad[index : index + 1].logical_or_(~torch.isfinite(raw.sum()))
             low_bits.logical_or_(_low_bits_set(scores))
-            high_hist += _histogram(_high_keys(scores), kept, -(_BINS // 2))
+            high_hist += _histogram(_high_keys(scores), kept, -(_BINS // 2)).long()
     local_high = high_hist.clone() if group is not None else high_hist
-    summary = _all_reduce(torch.cat([high_hist, sums_bad.double(), low_bits.double()]), group)
+    summary = _all_reduce(torch.cat([high_hist, sums_bad.long(), low_bits.long()]), group)
     high_hist = summary[:_BINS]
     cumulative = high_hist.cumsum(0)
-    k_tensor = torch.tensor([float(k)], dtype=torch.float64, device=device)
+    k_tensor = torch.tensor([k], dtype=torch.int64, device=device)
     top = torch.searchsorted(cumulative, k_tensor).clamp_(max=_BINS - 1)
     below = (cumulative - high_hist)[top]
     *flags, any_low_bits, kept_total, top_bin, below_top = _read(summary[_BINS:], cumulative[-1:], top, below)
@@ -594,7 +600,7 @@ def _select_on_device(
     top_bin, remaining = int(top_bin), k - int(below_top)
     top_key = top_bin - _BINS // 2  # the k-th key's top 16 bits, signed
     if any_low_bits:  # pass 2: the low 16 bits of the keys in the top bin
-        low_hist = torch.zeros(_BINS, dtype=torch.float64, device=device)
+        low_hist = torch.zeros(_BINS, dtype=torch.int64, device=device)
         for layer in layers:
             for _, _, _, scores, kept in _chunks(layer, size):
                 keys = signed_keys(scores)
@@ -602,11 +608,11 @@ def _select_on_device(
                 if kept is not None:
                     inside &= kept
                 keys &= 0xFFFF
-                low_hist += _histogram(keys, inside, 0.0)
+                low_hist += _histogram(keys, inside, 0.0).long()
         local_low = low_hist.clone() if group is not None else low_hist
         low_hist = _all_reduce(low_hist, group)
         cumulative = low_hist.cumsum(0)
-        low = torch.searchsorted(cumulative, torch.tensor([float(remaining)], device=device, dtype=torch.float64))
+        low = torch.searchsorted(cumulative, torch.tensor([remaining], device=device, dtype=torch.int64))
         low = low.clamp_(max=_BINS - 1)
         low_bin, below_low, local_ties = _read(low, (cumulative - low_hist)[low], local_low[low])
         low_bin = int(low_bin)

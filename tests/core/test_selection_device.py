@@ -139,7 +139,7 @@ def test_device_strategy_never_reads_the_host_inside_a_loop(monkeypatch):
 
 def test_auto_strategy_is_host_on_a_cpu_and_unknown_ones_are_refused(monkeypatch):
     assert not selection.uses_device_strategy(torch.device("cpu"))
-    assert selection.uses_device_strategy(torch.device("cuda")) != torch.are_deterministic_algorithms_enabled()
+    assert selection.uses_device_strategy(torch.device("cuda"))
     monkeypatch.setattr(selection, "STRATEGY", "gpu")
     with pytest.raises(ValueError, match="'gpu'"):
         selection.uses_device_strategy(torch.device("cpu"))
@@ -149,6 +149,25 @@ def test_layer_total_is_the_pruners_sum_to_the_bit():
     scores = torch.rand(300_001, generator=torch.Generator().manual_seed(0)) * 1e3
     layer = ScoredLayer.of(scores)
     assert selection.layer_total(layer) == Pruner._layer_total(layer)
+
+
+def test_deterministic_mode_counts_with_bincount_and_selects_the_same(monkeypatch):
+    scores = _scores("ties", seed=5) + _scores("normal", seed=6)
+    generator = torch.Generator().manual_seed(7)
+    layers = [ScoredLayer.of(s, torch.rand(s.numel(), generator=generator) > 0.2) for s in scores]
+    monkeypatch.setattr(selection, "STRATEGY", "host")
+    host = select_lowest_streamed(layers, 2000)
+    monkeypatch.setattr(selection, "STRATEGY", "device")
+    histc = torch.histc
+    monkeypatch.setattr(torch, "histc", lambda *a, **k: pytest.fail("histc under deterministic algorithms"))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        device = select_lowest_streamed(layers, 2000, chunk_size=500)
+    finally:
+        torch.use_deterministic_algorithms(was)
+        monkeypatch.setattr(torch, "histc", histc)
+    assert all(torch.equal(h, d) for h, d in zip(host, device, strict=True))
 
 
 def test_the_strategy_can_be_set_for_a_whole_run_by_the_environment():
