@@ -353,10 +353,18 @@ def _model_sparsity(model: nn.Module) -> float:
 def part_steps(rows: Rows, sizes: Sizes, device: torch.device, smoke: bool) -> None:
     state = {k: v.clone() for k, v in gpt2(sizes.gpt2).state_dict().items()}
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in STEP_VARIANTS}
-    for repetition in range(sizes.repetitions):
-        order = STEP_VARIANTS if repetition % 2 == 0 else tuple(reversed(STEP_VARIANTS))
-        for variant in order:
-            results[variant].append(_one_fit(variant, sizes, state, device, smoke))
+    try:
+        for repetition in range(sizes.repetitions):
+            order = STEP_VARIANTS if repetition % 2 == 0 else tuple(reversed(STEP_VARIANTS))
+            for variant in order:
+                results[variant].append(_one_fit(variant, sizes, state, device, smoke))
+    finally:  # what finished is written even if the part runs out of time
+        _steps_table(rows, sizes, device, smoke, results)
+
+
+def _steps_table(
+    rows: Rows, sizes: Sizes, device: torch.device, smoke: bool, results: dict[str, list[dict[str, Any]]]
+) -> None:
     dense = results["dense"]
     lines = [
         f"## Training steps: GPT-2{' (tiny config)' if smoke else ' small'}, batch {sizes.batch} x {sizes.context}, "
@@ -367,7 +375,7 @@ def part_steps(rows: Rows, sizes: Sizes, device: torch.device, smoke: bool) -> N
         "|---|---|---|---|---|---|---|---|",
     ]
     for variant in STEP_VARIANTS:
-        for rep, r in enumerate(results[variant]):
+        for rep, r in enumerate(results[variant][: len(dense)]):
             steady = r["steady_s"]
             ratio = steady / dense[rep]["steady_s"]
             extra = None if r["update_s"] is None else r["update_s"] - r["steady_s"]
@@ -652,18 +660,9 @@ def run(parts: list[str], smoke: bool, out: Path) -> Rows:
                 RUNNERS[part](rows, sizes, device, smoke)
         except Exception as error:  # one part failing must not lose the others' results
             rows.add(part, "part", "failed", f"{type(error).__name__}: {error}")
-            rows.section(
-                part,
-                [
-                    f"## {part}",
-                    "",
-                    f"Failed: `{type(error).__name__}: {error}`",
-                    "",
-                    "```",
-                    traceback.format_exc(limit=4),
-                    "```",
-                ],
-            )
+            done = rows.sections.get(part, [f"## {part}"])  # a part may have written what it finished
+            failure = [f"Failed: `{type(error).__name__}: {error}`", "", "```", traceback.format_exc(limit=4), "```"]
+            rows.section(part, [*done, "", *failure])
         rows.add(part, "part", "seconds", round(time.perf_counter() - start, 1))
         rows.write()
     return rows

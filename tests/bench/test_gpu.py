@@ -34,3 +34,13 @@ def test_smoke_training_steps_of_every_variant(tmp_path):
     assert ratios == {"dense", "default", "magnitude-uniform", "rigl", "modelpruning"}
     extras = {r["name"] for r in rows if r["part"] == "steps" and r["metric"].endswith("update_extra_ms")}
     assert extras == {"default", "magnitude-uniform", "rigl", "modelpruning"}
+
+
+def test_a_part_over_its_limit_keeps_what_it_finished_and_says_so(tmp_path, monkeypatch):
+    from bench import gpu
+
+    monkeypatch.setitem(gpu.SMOKE.limits, "steps", 1)  # 10 Lightning fits never finish in a second
+    rows = run(["steps"], smoke=True, out=tmp_path).rows
+    assert [r["value"] for r in rows if r["metric"] == "failed"] == ["PartTimeout: over its 1 s limit"]
+    text = (tmp_path / "gpu.md").read_text()
+    assert "## Training steps" in text and "Failed: `PartTimeout: over its 1 s limit`" in text
