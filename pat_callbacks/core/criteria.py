@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -87,6 +88,23 @@ class Criterion(ABC):
         if self.needs_history:
             raise NotImplementedError(f"{type(self).__name__} declares needs_history but does not accumulate")
 
+    def accumulate_many(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]]
+    ) -> None:
+        """:meth:`accumulate` for many parameters at once, with the same numbers; the gradient criteria do it with
+        a few multi-tensor (``torch._foreach_*``) kernels per step instead of a few kernels per parameter.
+
+        Example:
+            >>> import torch
+            >>> taylor, states = get_criterion("taylor"), [{}, {}]
+            >>> for _ in range(2):
+            ...     taylor.accumulate_many([torch.ones(2), torch.ones(3)], [torch.ones(2), -torch.ones(3)], states)
+            >>> states[1]["sum"], states[1]["count"]
+            (tensor([2., 2., 2.]), tensor(2.))
+        """
+        for param, grad, state in zip(params, grads, states, strict=True):
+            self.accumulate(param, grad, state)
+
     def reset(self, state: dict[str, Tensor]) -> None:
         """Forget the history in ``state`` (after a mask update, for criteria averaged since the last one)."""
         state.clear()
@@ -111,8 +129,41 @@ def _add(state: dict[str, Tensor], key: str, value: Tensor) -> None:
         state[key] = value.detach().float().clone()
 
 
+def _add_owned(state: dict[str, Tensor], key: str, value: Tensor) -> None:
+    """:func:`_add` for a ``value`` made for it (a temporary): the first one becomes the float32 history itself."""
+    if key in state:
+        state[key].add_(value)
+    else:
+        state[key] = value.float()
+
+
+def _accumulate_many(
+    criterion: Criterion,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[dict[str, Tensor]],
+    key: str,
+    terms: Callable[[list[Tensor], list[Tensor]], list[Tensor]],
+    counted: bool,
+) -> None:
+    """Histories that exist take one multi-tensor add of ``terms(params, grads)`` (and of 1 to their counts); the
+    others start with :meth:`Criterion.accumulate`, one parameter at a time."""
+    ready = [i for i, state in enumerate(states) if key in state and (not counted or "count" in state)]
+    for i in sorted(set(range(len(states))) - set(ready)):
+        criterion.accumulate(params[i], grads[i], states[i])
+    if not ready:
+        return
+    values = terms([params[i].detach() for i in ready], [grads[i].detach() for i in ready])
+    torch._foreach_add_([states[i][key] for i in ready], values)
+    if counted:
+        torch._foreach_add_([states[i]["count"] for i in ready], 1.0)
+
+
 def _count(state: dict[str, Tensor]) -> None:
-    _add(state, "count", torch.ones((), device=next(iter(state.values())).device if state else "cpu"))
+    if "count" in state:
+        state["count"].add_(1.0)  # in place: no new tensor per step
+    else:
+        _add(state, "count", torch.ones((), device=next(iter(state.values())).device if state else "cpu"))
 
 
 class MagnitudeCriterion(Criterion):
@@ -148,8 +199,19 @@ class TaylorCriterion(Criterion):
     resets_after_update: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
-        _add(state, "sum", (param.detach() * grad.detach()).abs())
+        product = torch.mul(param.detach(), grad.detach())
+        _add_owned(state, "sum", product.abs_())  # |w * g| in place: one temporary per step, the same numbers
         _count(state)
+
+    def accumulate_many(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]]
+    ) -> None:
+        def terms(w: list[Tensor], g: list[Tensor]) -> list[Tensor]:
+            products = torch._foreach_mul(w, g)
+            torch._foreach_abs_(products)
+            return products
+
+        _accumulate_many(self, params, grads, states, "sum", terms, counted=True)
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         if "sum" in state:
@@ -180,7 +242,17 @@ class MovementCriterion(Criterion):
     needs_history: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
-        _add(state, "sum", -(param.detach() * grad.detach()))
+        _add_owned(state, "sum", torch.mul(param.detach(), grad.detach()).neg_())
+
+    def accumulate_many(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]]
+    ) -> None:
+        def terms(w: list[Tensor], g: list[Tensor]) -> list[Tensor]:
+            products = torch._foreach_mul(w, g)
+            torch._foreach_neg_(products)
+            return products
+
+        _accumulate_many(self, params, grads, states, "sum", terms, counted=False)
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         if "sum" in state:
@@ -211,8 +283,19 @@ class FisherCriterion(Criterion):
     resets_after_update: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
-        _add(state, "sum_sq_grad", grad.detach().float().square())
+        grad = grad.detach()
+        squared = grad.square() if grad.dtype == torch.float32 else grad.float().square_()  # never the grad's memory
+        _add_owned(state, "sum_sq_grad", squared)
         _count(state)
+
+    def accumulate_many(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]]
+    ) -> None:
+        def terms(w: list[Tensor], g: list[Tensor]) -> list[Tensor]:
+            floats = [x.float() for x in g]
+            return torch._foreach_mul(floats, floats)  # x * x: the same numbers as x.square()
+
+        _accumulate_many(self, params, grads, states, "sum_sq_grad", terms, counted=True)
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         if "sum_sq_grad" in state:

@@ -7,6 +7,12 @@ the threshold. Transient memory is one int32 key tensor of the largest chunk (co
 pass); nothing is concatenated, so a global threshold over a billion weights needs no copy of all the scores, and
 no rank ever holds another rank's shard.
 
+Two strategies run these selections, with the same results (counts, ties): the *host* one above, built for a CPU
+(128k-entry chunks, a sampled bracket, a few host reads per chunk), and the *device* one (:data:`STRATEGY`,
+:func:`uses_device_strategy`), for CUDA scores: 16-bit histograms of the keys over chunks of up to 8M entries
+(``torch.histc``; no ``topk``/``kthvalue``/``sort`` over a layer), a host read only after each histogram pass, masks
+written in place. ``auto`` (the default) picks by the scores' device; tests force ``"device"`` on a CPU.
+
 Example:
     >>> import torch
     >>> chunks = [torch.tensor([0.5, -1.0, 3.0]), torch.tensor([2.0, 0.5, 0.1])]
@@ -17,7 +23,9 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +37,14 @@ __all__ = [
     "ScoredLayer",
     "all_finite",
     "count_below",
+    "layer_total",
     "ordered_keys",
     "select_lowest",
     "select_lowest_kept",
     "select_lowest_streamed",
+    "signed_keys",
     "sum_over_ranks",
+    "uses_device_strategy",
 ]
 
 _SIGN = torch.iinfo(torch.int32).min  # 0x80000000 as a signed int32
@@ -70,6 +81,10 @@ def select_lowest(chunks: Sequence[Tensor], k: int, group: Any = None) -> list[T
         [True, False, False, True]
     """
     device = chunks[0].device if chunks else torch.device("cpu")
+    if uses_device_strategy(device):
+        layers = [ScoredLayer.of(chunk) for chunk in chunks]
+        chosen = _select_on_device(layers, int(k), group, check_finite=False, what="entries")
+        return [mask.view(chunk.shape) for mask, chunk in zip(chosen, chunks, strict=True)]
     total = _all_reduce(torch.tensor([sum(c.numel() for c in chunks)], dtype=torch.int64, device=device), group)
     k = int(k)
     if not 0 <= k <= int(total):
@@ -131,7 +146,9 @@ def count_below(chunks: Sequence[Tensor], value: float, group: Any = None) -> in
         2
     """
     device = chunks[0].device if chunks else torch.device("cpu")
-    total = torch.tensor([sum(int((c < value).sum()) for c in chunks)], dtype=torch.int64, device=device)
+    total = torch.zeros(1, dtype=torch.int64, device=device)
+    for chunk in chunks:
+        total += (chunk < value).sum()  # on the chunks' device: one host read at the end
     return int(_all_reduce(total, group))
 
 
@@ -232,7 +249,9 @@ def select_lowest_streamed(
     an exact selection among those settles the rest. Transient memory is one chunk of scores plus the bracket's
     candidates (about 2% of the entries); time is about one scoring pass plus a few passes over bool chunks. Returns
     ``None`` on every rank if the bracket missed (a chance of about 1e-9 per call: the caller then selects exactly
-    on whole tensors), and raises :class:`NonFiniteScores` on every rank if a score is NaN or infinite.
+    on whole tensors), and raises :class:`NonFiniteScores` on every rank if a score is NaN or infinite. Scores on a
+    CUDA device take the device strategy instead (see :func:`uses_device_strategy`): two or three passes over the
+    scores, no host read inside a loop, never ``None``; ``sample_size`` is then unused.
 
     Example:
         >>> import torch
@@ -241,8 +260,10 @@ def select_lowest_streamed(
         [[True, True, False], [False, False, True]]
     """
     k = int(k)
-    sample_size, chunk_size = sample_size or SAMPLE_SIZE, chunk_size or CHUNK_SIZE
     device = _device(layers[0]) if layers else torch.device("cpu")
+    if uses_device_strategy(device):
+        return _select_on_device(layers, k, group, chunk_size=chunk_size)
+    sample_size, chunk_size = sample_size or SAMPLE_SIZE, chunk_size or CHUNK_SIZE
     generator = torch.Generator().manual_seed(seed)
     numel_total, kept_total = sum_over_ranks([sum(x.numel for x in layers), _kept_count(layers)], group, device)
     sample_size = min(sample_size, max(_MIN_SAMPLE, numel_total // 64))  # the bracket's cost stays a fraction
@@ -415,3 +436,230 @@ def select_lowest_kept(layers: Sequence[ScoredLayer], k: int, group: Any = None)
         values = values / layer.scale if layer.scale != 1.0 else values
         scores.append(values if layer.kept is None else torch.where(layer.kept, values, torch.inf))
     return select_lowest(scores, k, group)
+
+
+def layer_total(layer: ScoredLayer, chunk_size: int | None = None) -> float:
+    """Sum of a layer's scores over every entry (the global allocation's mean): float32 sums of ``CHUNK_SIZE``
+    chunks added in float64 in order, the arithmetic of ``Pruner._layer_total`` to the bit, but accumulated on the
+    scores' device with one host read at the end instead of one per chunk.
+
+    Example:
+        >>> import torch
+        >>> layer_total(ScoredLayer.of(torch.tensor([0.5, 1.5, 2.0])), chunk_size=2)
+        4.0
+    """
+    size = chunk_size or CHUNK_SIZE
+    total = torch.zeros((), dtype=torch.float64, device=_device(layer))
+    for start in range(0, layer.numel, size):
+        total += layer.chunk(start, min(start + size, layer.numel)).sum()
+    return float(total)
+
+
+# ------------------------------------------------------------------------------------------------ device strategy
+# How selections run: "host" (the sampled bracket and chunked passes above, built for a CPU: small chunks, a few
+# host reads per chunk), "device" (the histogram radix select below: large chunks, no host read inside a loop) or
+# "auto" (the device strategy for CUDA scores, the host one elsewhere). Tests force "device" on a CPU.
+# PAT_SELECTION_STRATEGY sets it for a whole run, launched ranks included.
+STRATEGIES = ("auto", "host", "device")
+STRATEGY = os.environ.get("PAT_SELECTION_STRATEGY", "auto")
+# Entries scored at once by the device strategy (at most 2**24, so a float32 histogram counts them exactly): larger
+# chunks launch fewer kernels, smaller ones hold less (about 16 bytes per entry of a chunk). bench/gpu.py sweeps it.
+DEVICE_CHUNK_SIZE = 1 << 23
+_MAX_DEVICE_CHUNK = 1 << 24
+_BINS = 1 << 16
+_OUTSIDE = -65536.0  # a digit below every histogram's range: entries that are not kept are not counted
+
+
+def uses_device_strategy(device: torch.device) -> bool:
+    """Whether selections on scores living on ``device`` take the device strategy (see ``STRATEGY``): ``"auto"``
+    takes it for CUDA scores. (Its histograms are exact either way: ``torch.histc``, or ``torch.bincount`` where
+    deterministic algorithms are enforced.)
+
+    Example:
+        >>> import torch
+        >>> uses_device_strategy(torch.device("cpu"))  # STRATEGY = "auto": the host strategy on a CPU
+        False
+    """
+    if STRATEGY not in STRATEGIES:
+        raise ValueError(
+            f"Expected selection.STRATEGY (or PAT_SELECTION_STRATEGY) to be one of {list(STRATEGIES)}, but got "
+            f"{STRATEGY!r}"
+        )
+    if STRATEGY != "auto":
+        return STRATEGY == "device"
+    return device.type == "cuda"
+
+
+def signed_keys(scores: Tensor) -> Tensor:
+    """int32 keys whose *signed* order is the float order of float32 ``scores`` (bits of negatives flipped except
+    the sign): the same order as :func:`ordered_keys`, ``signed_keys(x) == ordered_keys(x) ^ 0x80000000``.
+
+    Example:
+        >>> import torch
+        >>> values = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 3.0])
+        >>> keys = signed_keys(values)
+        >>> keys.tolist() == sorted(keys.tolist()), torch.equal(keys, ordered_keys(values) ^ _SIGN)
+        (True, True)
+    """
+    bits = scores.contiguous().view(torch.int32)
+    keys = bits >> 31
+    keys &= 0x7FFFFFFF
+    keys ^= bits
+    return keys
+
+
+def _high_keys(scores: Tensor) -> Tensor:
+    """The top 16 bits of :func:`signed_keys` (int16, signed order), read from the float32 bits' upper halves."""
+    halves = scores.contiguous().view(torch.int16).view(-1, 2)
+    high = halves[:, 1 if sys.byteorder == "little" else 0]
+    keys = high >> 15
+    keys &= 0x7FFF
+    keys ^= high
+    return keys
+
+
+def _low_bits_set(scores: Tensor) -> Tensor:
+    """Whether any float32 score has a non-zero lower half (``False``: every score is a bf16 value exactly)."""
+    halves = scores.contiguous().view(torch.int16).view(-1, 2)
+    return halves[:, 0 if sys.byteorder == "little" else 1].any()
+
+
+def _histogram(digits: Tensor, valid: Tensor | None, low: float) -> Tensor:
+    """Counts of the integer ``digits`` in ``[low, low + 65536)`` where ``valid`` (float32; exact: at most 2**24
+    entries). ``torch.histc`` skips entries outside the range, so invalid ones are moved below it. Under
+    ``torch.use_deterministic_algorithms(True)`` (which refuses ``histc`` on CUDA) ``torch.bincount`` counts instead,
+    at the price of one host read per call on CUDA."""
+    if torch.are_deterministic_algorithms_enabled():
+        shifted = digits.to(torch.int64) - int(low)
+        if valid is not None:
+            shifted = shifted.masked_fill_(~valid, _BINS)  # an extra last bin, dropped
+        return torch.bincount(shifted, minlength=_BINS + 1)[:_BINS].to(torch.float32)
+    values = digits.to(torch.float32)
+    if valid is not None:
+        values = values.masked_fill_(~valid, _OUTSIDE + low)
+    return torch.histc(values, bins=_BINS, min=low, max=low + _BINS)
+
+
+def _chunks(layer: ScoredLayer, size: int) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor | None]]:
+    """``(start, stop, scores, scores / scale, kept)`` over a layer, ``size`` entries at a time (flat)."""
+    for start in range(0, layer.numel, size):
+        stop = min(start + size, layer.numel)
+        scores = layer.chunk(start, stop).reshape(-1).to(torch.float32)
+        scaled = scores / layer.scale if layer.scale != 1.0 else scores  # as the host strategy normalises
+        yield start, stop, scores, scaled, None if layer.kept is None else layer.kept[start:stop]
+
+
+def _read(*tensors: Tensor) -> list[float]:
+    """Small device tensors as one host list (one synchronisation)."""
+    return torch.cat([t.reshape(-1).double() for t in tensors]).tolist()
+
+
+def _select_on_device(
+    layers: Sequence[ScoredLayer],
+    k: int,
+    group: Any,
+    *,
+    chunk_size: int | None = None,
+    check_finite: bool = True,
+    what: str = "kept entries",
+) -> list[Tensor]:
+    """The device strategy of :func:`select_lowest_streamed` (and of :func:`select_lowest`): an exact radix select
+    on :func:`signed_keys` of ``score / scale`` in two 16-bit digits, with no host read inside a loop.
+
+    Pass 1 scores each chunk and adds the histogram of its keys' top 16 bits (kept entries only), a flag for a
+    non-finite score (from the chunk's sum, confirmed exactly on the layer where raised) and a flag for scores that
+    are not bf16 values. One host read gives the top bin holding the k-th key. Pass 2, only where some score is not
+    a bf16 value, histograms the low 16 bits inside that bin (a second read). The last pass writes each mask in
+    place: keys below the threshold, then the ties at it in rank, layer and index order. Transient memory is a few
+    bytes per entry of one chunk; the result equals the host strategy's exactly (same count, same ties).
+    """
+    device = _device(layers[0]) if layers else torch.device("cpu")
+    size = max(1, min(chunk_size or DEVICE_CHUNK_SIZE, _MAX_DEVICE_CHUNK))
+    high_hist = torch.zeros(_BINS, dtype=torch.int64, device=device)  # integer sums: exact, deterministic
+    sums_bad = torch.zeros(len(layers), dtype=torch.bool, device=device)
+    low_bits = torch.zeros(1, dtype=torch.bool, device=device)
+    for index, layer in enumerate(layers):
+        for _, _, raw, scores, kept in _chunks(layer, size):
+            if check_finite:
+                sums_bad[index : index + 1].logical_or_(~torch.isfinite(raw.sum()))
+            low_bits.logical_or_(_low_bits_set(scores))
+            high_hist += _histogram(_high_keys(scores), kept, -(_BINS // 2)).long()
+    local_high = high_hist.clone() if group is not None else high_hist
+    summary = _all_reduce(torch.cat([high_hist, sums_bad.long(), low_bits.long()]), group)
+    high_hist = summary[:_BINS]
+    cumulative = high_hist.cumsum(0)
+    k_tensor = torch.tensor([k], dtype=torch.int64, device=device)
+    top = torch.searchsorted(cumulative, k_tensor).clamp_(max=_BINS - 1)
+    below = (cumulative - high_hist)[top]
+    *flags, any_low_bits, kept_total, top_bin, below_top = _read(summary[_BINS:], cumulative[-1:], top, below)
+    if check_finite:
+        _raise_if_bad(_confirmed_non_finite(layers, [i for i, f in enumerate(flags) if f], size, group, device))
+    kept_total = int(kept_total)
+    if not 0 <= k <= kept_total:
+        raise ValueError(f"Expected 0 <= k <= {kept_total} {what}, but got k={k}")
+    top_bin, remaining = int(top_bin), k - int(below_top)
+    top_key = top_bin - _BINS // 2  # the k-th key's top 16 bits, signed
+    if any_low_bits:  # pass 2: the low 16 bits of the keys in the top bin
+        low_hist = torch.zeros(_BINS, dtype=torch.int64, device=device)
+        for layer in layers:
+            for _, _, _, scores, kept in _chunks(layer, size):
+                keys = signed_keys(scores)
+                inside = (keys >> 16) == top_key
+                if kept is not None:
+                    inside &= kept
+                keys &= 0xFFFF
+                low_hist += _histogram(keys, inside, 0.0).long()
+        local_low = low_hist.clone() if group is not None else low_hist
+        low_hist = _all_reduce(low_hist, group)
+        cumulative = low_hist.cumsum(0)
+        low = torch.searchsorted(cumulative, torch.tensor([remaining], device=device, dtype=torch.int64))
+        low = low.clamp_(max=_BINS - 1)
+        low_bin, below_low, local_ties = _read(low, (cumulative - low_hist)[low], local_low[low])
+        low_bin = int(low_bin)
+        remaining -= int(below_low)
+        threshold, full = top_key * _BINS + low_bin, True
+    else:  # every score is a bf16 value: keys in the top bin are all equal
+        (local_ties,) = _read(local_high[top])
+        threshold, full = top_key, False
+    quota = _tie_quota([int(local_ties)], remaining, group, device)
+    return _masks_at(layers, threshold, full, quota, int(local_ties), size)
+
+
+def _masks_at(
+    layers: Sequence[ScoredLayer], threshold: int, full: bool, quota: int, ties: int, size: int
+) -> list[Tensor]:
+    """Masks of the kept keys below ``threshold`` (full 32-bit keys, or their top 16 bits), plus the first
+    ``quota`` of this rank's ``ties`` kept keys equal to it, in layer then index order; written in place."""
+    chosen = [torch.zeros(layer.numel, dtype=torch.bool, device=_device(layer)) for layer in layers]
+    device = _device(layers[0]) if layers else torch.device("cpu")
+    taken = torch.zeros((), dtype=torch.int64, device=device)
+    for layer, mask in zip(layers, chosen, strict=True):
+        for start, stop, _, scores, kept in _chunks(layer, size):
+            keys = signed_keys(scores) if full else _high_keys(scores)
+            out = mask[start:stop]
+            if quota == 0:
+                torch.lt(keys, threshold, out=out)
+            elif quota == ties:
+                torch.le(keys, threshold, out=out)
+            else:  # some ties only: a running count on the device
+                torch.lt(keys, threshold, out=out)
+                tie = keys == threshold
+                if kept is not None:
+                    tie &= kept
+                limit = (quota - taken).clamp(0, torch.iinfo(torch.int32).max).to(torch.int32)
+                taken += tie.sum()
+                tie &= tie.cumsum(0, dtype=torch.int32) <= limit
+                out |= tie
+            if kept is not None:
+                out &= kept
+    return chosen
+
+
+def _confirmed_non_finite(
+    layers: Sequence[ScoredLayer], flagged: list[int], size: int, group: Any, device: torch.device
+) -> list[int]:
+    """Per layer, 1 where a score is NaN or infinite (checked exactly on the layers whose sums were not finite)."""
+    bad = [0] * len(layers)
+    for index in flagged:
+        bad[index] = int(not all(all_finite(raw) for _, _, raw, _, _ in _chunks(layers[index], size)))
+    return sum_over_ranks(bad, group, device) if flagged else bad

@@ -3,7 +3,7 @@
 - :mod:`~pat_callbacks.export.checkpoint`: :func:`save_sparse` / :func:`load_sparse` (exact bitmask or CSR
   encodings, ``torch.load(weights_only=True)``);
 - :mod:`~pat_callbacks.export.sparse`: :func:`make_permanent`, :func:`to_sparse_inference` (CSR ``SparseLinear``);
-- :mod:`~pat_callbacks.export.semi_structured`: :func:`to_semi_structured` (2:4 kernels on CUDA);
+- :mod:`~pat_callbacks.export.semi_structured`: :func:`to_semi_structured` (2:4 kernels on CUDA where faster);
 - :mod:`~pat_callbacks.export.cli`: the ``pat-export`` command.
 
 Example:
@@ -23,12 +23,13 @@ from pat_callbacks.export.checkpoint import (
     save_sparse,
 )
 from pat_callbacks.export.cli import main
-from pat_callbacks.export.semi_structured import to_semi_structured
+from pat_callbacks.export.semi_structured import SemiStructuredReport, semi_structured_unavailable, to_semi_structured
 from pat_callbacks.export.sparse import FUSED_READERS, SparseLinear, make_permanent, to_sparse_inference
 
 __all__ = [
     "FORMAT_VERSION",
     "FUSED_READERS",
+    "SemiStructuredReport",
     "SizeReport",
     "SparseLinear",
     "compress_state_dict",
@@ -37,6 +38,7 @@ __all__ = [
     "main",
     "make_permanent",
     "save_sparse",
+    "semi_structured_unavailable",
     "to_semi_structured",
     "to_sparse_inference",
 ]
