@@ -36,8 +36,7 @@ from torch import Tensor, nn
 
 from pat_callbacks.core._validation import check_choice, check_fraction
 from pat_callbacks.core.patterns import prune_count, unstructured_mask
-from pat_callbacks.core.scoring import layer_total
-from pat_callbacks.core.selection import ScoredLayer
+from pat_callbacks.core.selection import ScoredLayer, layer_total
 
 __all__ = [
     "ALLOCATIONS",
@@ -128,7 +127,7 @@ def global_allocation(
 
 def mean_scale(total: float, numel: int) -> float:
     """What ``allocation="global"`` divides a layer's scores by: their mean (``total / numel``, the total summed chunk
-    by chunk, see :func:`~pat_callbacks.core.scoring.layer_total`), or 1 where the mean is not positive. The one
+    by chunk, see :func:`~pat_callbacks.core.selection.layer_total`), or 1 where the mean is not positive. The one
     definition every selection path uses.
 
     Example:

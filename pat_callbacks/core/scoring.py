@@ -23,10 +23,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from pat_callbacks.core.criteria import Criterion
-from pat_callbacks.core.selection import CHUNK_SIZE, ScoredLayer
+from pat_callbacks.core.selection import ScoredLayer
 from pat_callbacks.core.sharding import gather_full, local, local_rows
 
-__all__ = ["Scorer", "layer_total"]
+__all__ = ["Scorer"]
 
 
 class Scorer:
@@ -53,9 +53,12 @@ class Scorer:
         """Add this step's weights and dense gradients to the criterion's history (no-op without history)."""
         if not self.criterion.needs_history:
             return
-        for name, param in self.params.items():
-            if param.grad is not None:
-                self.criterion.accumulate(local(param), local(param.grad), self.state.setdefault(name, {}))
+        names = [name for name, param in self.params.items() if param.grad is not None]
+        self.criterion.accumulate_many(  # a few multi-tensor kernels per step for the gradient criteria
+            [local(self.params[n]) for n in names],
+            [local(self.params[n].grad) for n in names],
+            [self.state.setdefault(n, {}) for n in names],
+        )
 
     def score(self, name: str) -> Tensor:
         """The scores of every entry of ``name`` (this rank's rows when sharded)."""
@@ -133,18 +136,3 @@ class Scorer:
     def _require_grad(self, name: str) -> None:
         if self.criterion.needs_grad and self.params[name].grad is None:
             raise RuntimeError(f"criterion={self.name!r} needs a gradient, but {name!r} has none")
-
-
-def layer_total(layer: ScoredLayer) -> float:
-    """Sum of a layer's scores over every entry (pruned ones too), for the global allocation's mean: chunk by chunk
-    (each chunk's float32 sum is exact to ~1e-7; a float32 sum of a whole large layer is not).
-
-    Example:
-        >>> import torch
-        >>> layer_total(ScoredLayer.of(torch.full((1000,), 0.1)))  # doctest: +ELLIPSIS
-        100.0000...
-    """
-    return sum(
-        float(layer.chunk(start, min(start + CHUNK_SIZE, layer.numel)).sum())
-        for start in range(0, layer.numel, CHUNK_SIZE)
-    )

@@ -39,8 +39,15 @@ from pat_callbacks.core.allocation import SHAPE_ALLOCATIONS, mean_scale
 from pat_callbacks.core.masked import MaskedParameters
 from pat_callbacks.core.patterns import NMPattern, Pattern, UnstructuredPattern, prune_count
 from pat_callbacks.core.planning import Planner, UpdatePlan
-from pat_callbacks.core.scoring import Scorer, layer_total
-from pat_callbacks.core.selection import NonFiniteScores, ScoredLayer, all_finite, select_lowest, select_lowest_streamed
+from pat_callbacks.core.scoring import Scorer
+from pat_callbacks.core.selection import (
+    NonFiniteScores,
+    ScoredLayer,
+    all_finite,
+    layer_total,
+    select_lowest,
+    select_lowest_streamed,
+)
 from pat_callbacks.core.sharding import local
 
 __all__ = ["NeedsExactSelection", "Selection", "SkippedUpdate"]

@@ -145,10 +145,13 @@ def test_auto_strategy_is_host_on_a_cpu_and_unknown_ones_are_refused(monkeypatch
         selection.uses_device_strategy(torch.device("cpu"))
 
 
-def test_layer_total_is_the_pruners_sum_to_the_bit():
+def test_layer_total_is_the_chunked_float64_sum_to_the_bit():
     scores = torch.rand(300_001, generator=torch.Generator().manual_seed(0)) * 1e3
     layer = ScoredLayer.of(scores)
-    assert selection.layer_total(layer) == Pruner._layer_total(layer)
+    chunked = sum(
+        float(scores[a : a + selection.CHUNK_SIZE].sum()) for a in range(0, scores.numel(), selection.CHUNK_SIZE)
+    )
+    assert selection.layer_total(layer) == chunked
 
 
 def test_deterministic_mode_counts_with_bincount_and_selects_the_same(monkeypatch):
