@@ -115,3 +115,51 @@ def test_training_rng_is_untouched_by_calibration(tmp_path, digits):
         )
         trainer.fit(make_module(), datamodule=digits)
     assert all(torch.equal(a, b) for a, b in zip(inputs[:3], inputs[3:], strict=True))
+
+
+class _RanksAgree(pl_callback()):
+    """Right after the one-shot step, masks and (SparseGPT-updated) weights must be equal on every rank: each rank
+    calibrates on its own batches, so this holds only if the statistics were summed over the ranks."""
+
+    def __init__(self, pruning) -> None:
+        self.pruning = pruning
+        self.checked = False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step != 0:
+            return
+        for name, param in self.pruning.store.params.items():
+            weights = trainer.strategy.all_gather(param.detach())
+            if not torch.equal(weights[0], weights[1]):
+                raise AssertionError(f"ranks disagree on {name} after the one-shot step")
+        self.checked = True
+
+    def on_train_end(self, trainer, pl_module):
+        if not self.checked:
+            raise AssertionError("nothing was checked")
+
+
+def test_ddp_ranks_calibrate_on_their_own_batches_and_agree(tmp_path, digits):
+    pruning = OneShotPruning("sparsegpt", 0.5, calibration_batches=2, verbose=False)
+    trainer = make_trainer(
+        tmp_path, [pruning, _RanksAgree(pruning)], strategy="ddp_fork", devices=2, max_steps=2, deterministic=False
+    )
+    trainer.fit(make_module(), datamodule=digits)  # a disagreement raises inside the workers
+
+
+def test_resumed_run_restores_the_masks_and_does_not_prune_again(tmp_path, digits):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first = OneShotPruning("wanda", 0.5, calibration_batches=2, verbose=False)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=5)
+    make_trainer(tmp_path, [first, saver], max_steps=5, enable_checkpointing=True).fit(make_module(), datamodule=digits)
+    masks = {n: m.clone() for n, m in first.store.masks.items()}
+    again = OneShotPruning("wanda", 0.5, calibration_batches=2, verbose=False)
+    calls = []
+    original = again._calibration_batches
+    again._calibration_batches = lambda *a: calls.append(1) or original(*a)
+    trainer = make_trainer(tmp_path, [again], max_steps=10)
+    trainer.fit(make_module(seed=1), datamodule=digits, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert not calls and again.last_update_step == 0
+    assert all(torch.equal(again.store.masks[n], m) for n, m in masks.items())
+    assert all(bool((p[~again.store.masks[n]] == 0).all()) for n, p in again.store.params.items())
