@@ -172,6 +172,12 @@ class OneShotResult:
         calibration_batches: batches read per calibration pass (0 for plain magnitude).
         passes: calibration passes over the batches.
         seconds: wall time.
+
+    Example:
+        >>> from torch import nn
+        >>> result = one_shot_prune(nn.Linear(8, 4), "magnitude", 0.25)
+        >>> result.sparsity, result.passes, sorted(result.masks)
+        (0.25, 0, ['weight'])
     """
 
     options: OneShotOptions
@@ -221,6 +227,19 @@ def one_shot_prune(
 
     Returns:
         A :class:`OneShotResult`; sparsity and per-layer values are counted on the masks, where the weights are 0.
+
+    Example:
+        >>> import torch
+        >>> from pat_callbacks.app.models import CharGPT
+        >>> torch.manual_seed(0) and None
+        >>> net = CharGPT(vocab_size=10, context=8, dim=16, layers=2, heads=2)
+        >>> windows = [torch.randint(0, 10, (4, 9)) for _ in range(2)]   # tokens + the shifted target
+        >>> result = one_shot_prune(net, "sparsegpt", 0.7, owl=True, calibration=windows,
+        ...                         forward=lambda model, batch: model(batch[:, :-1]))
+        >>> round(result.sparsity, 2), result.passes                    # OWL's pass + one per transformer block
+        (0.7, 3)
+        >>> float((net.blocks[0].mlp[0].weight == 0).float().mean()) == result.layer_sparsity["blocks.0.mlp.0.weight"]
+        True
     """
     opts = options if options is not None else OneShotOptions(method, sparsity, pattern, owl, **kwargs)
     start = time.perf_counter()
