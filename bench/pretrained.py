@@ -40,7 +40,8 @@ from bench.pretrain import (  # noqa: E402  (after the path insert, for `python 
     shakespeare_windows,
 )
 from pat_callbacks.app.models import CharGPT  # noqa: E402
-from pat_callbacks.oneshot import one_shot_prune  # noqa: E402
+from pat_callbacks.core.pruner import Pruner  # noqa: E402
+from pat_callbacks.oneshot import Calibration, one_shot_prune, outlier_ratios, owl_sparsities, wanda_scores  # noqa: E402
 
 TARGETS = ("0.5", "2:4", "0.7", "0.8")
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -106,6 +107,27 @@ def run_one(
         "seconds": round(seconds, 2),
         "calibration_windows": windows if (method != "magnitude" or owl) else 0,
     }
+
+
+def owl_diagnostic(net: CharGPT, train: torch.Tensor, windows: int) -> list[str]:
+    """OWL's inputs and outputs on seed 0's calibration windows: outlier ratio per block, planned sparsities."""
+    model = copy.deepcopy(net)
+    params = Pruner(model).params
+    calib = Calibration(model, params).collect(calibration_batches(train, windows, 0), lambda m, b: m(b[:, :-1]))
+    scores = wanda_scores(params, {n: calib.norms(n) for n in params})
+    ratios = outlier_ratios(scores)
+    lines = [
+        "Outlier ratios (Wanda scores > 5 x the block's mean, seed 0): "
+        + ", ".join(f"{group} {ratio:.4f}" for group, ratio in ratios.items())
+        + "."
+    ]
+    for target in (0.5, 0.7, 0.8):
+        planned = owl_sparsities(scores, target)
+        by_block = {}
+        for name, value in planned.items():
+            by_block.setdefault(name.split(".")[0] + "." + name.split(".")[1], value)
+        lines.append(f"OWL plan at {target}: " + ", ".join(f"{g} {v:.2f}" for g, v in by_block.items()) + ".")
+    return lines
 
 
 def _cells(rows: list[dict[str, Any]]) -> dict[tuple[str, bool, str], list[float]]:
@@ -206,6 +228,13 @@ def write(out: Path, rows: list[dict[str, Any]], record: dict[str, Any], meta: d
         "",
         *verdicts(rows, dense),
         "",
+        "## OWL on this model",
+        "",
+        *[f"- {line}" for line in meta.get("owl", [])],
+        "- OWL maps the blocks' outlier ratios linearly onto [target - lambda, target + lambda]: the blocks with the "
+        "fewest and the most outliers always get the two ends, so with 2 blocks every block sits at an end "
+        "(target +- 0.08) however close their ratios are.",
+        "",
     ]
     (out / "pretrained.md").write_text("\n".join(lines))
 
@@ -254,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense_val_bpc": dense,
         "checkpoint": checkpoint,
         "windows": windows,
+        "owl": owl_diagnostic(net, train, windows),
     }
     write(args.out, rows, record, meta)
     print(f"dense {dense:.4f} bits/char; {len(rows)} rows -> {args.out / 'pretrained.md'}")
