@@ -20,7 +20,7 @@ def test_plan_skips_owl_at_two_four_and_runs_plain_magnitude_once():
 
 
 def test_smoke_writes_rows_at_their_sparsity_and_the_verdicts(tmp_path):
-    assert pretrained.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert pretrained.main(["--smoke", "--recover", "2", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "pretrained.csv").open()))
     assert {(r["method"], r["owl"], r["target"]) for r in rows} == {
         (m, str(o), t) for m, o, t, _ in pretrained.plan(1, ("0.5", "2:4"))
@@ -30,3 +30,4 @@ def test_smoke_writes_rows_at_their_sparsity_and_the_verdicts(tmp_path):
         assert 0 < float(row["val_bpc"]) < 10
     report = (tmp_path / "pretrained.md").read_text()
     assert "Does the published ordering reproduce?" in report and "far better than magnitude at 2:4" in report
+    assert "## After 2 steps of recovery" in report and "| sparsegpt | 2:4 |" in report
