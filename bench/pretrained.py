@@ -348,6 +348,12 @@ def write(out: Path, rows: list[dict[str, Any]], record: dict[str, Any], meta: d
     (out / "pretrained.md").write_text("\n".join(lines))
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (as given otherwise)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_PATH)
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         net, record = load_pretrained(args.checkpoint)
         train, val, _ = shakespeare_windows(record["model"]["context"])
-        jobs, windows, checkpoint = plan(args.seeds), args.calibration, args.checkpoint.relative_to(ROOT)
+        jobs, windows, checkpoint = plan(args.seeds), args.calibration, _shown(args.checkpoint)
     dense = bits_per_char(net, val)
     rows = []
     for method, owl, target, seed in jobs:
