@@ -1,8 +1,8 @@
 """Hydra structured-config schemas for the pruning configs in ``conf/pruning/``.
 
-Registered in Hydra's ConfigStore under ``schema/pruning/{gradual,dynamic}``; each YAML of ``conf/pruning/``
-starts from one (``defaults: [/schema/pruning/gradual@_here_, _self_]``), so a misspelled key or a value of
-the wrong type fails when the config is composed, before anything is built. Range checks (a sparsity of 1.5,
+Registered in Hydra's ConfigStore under ``schema/pruning/{gradual,dynamic,structured,oneshot}``; each YAML of
+``conf/pruning/`` starts from one (``defaults: [/schema/pruning/gradual@_here_, _self_]``), so a misspelled key or a
+value of the wrong type fails when the config is composed, before anything is built. Range checks (a sparsity of 1.5,
 an end before the start) are the callbacks' own and run when the config is instantiated, still before training.
 
 Example:
@@ -25,6 +25,7 @@ from hydra.core.config_store import ConfigStore
 __all__ = [
     "DynamicSparseTrainingConf",
     "GradualPruningConf",
+    "OneShotPruningConf",
     "StructuredPruningConf",
     "check_against_schema",
     "register_configs",
@@ -139,6 +140,37 @@ class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
     trace_timeout: Optional[float] = 60.0
 
 
+@dataclass
+class OneShotPruningConf(_LoggingConf):
+    """Schema of :class:`pat_callbacks.OneShotPruning` configs (``conf/pruning/wanda.yaml``, ``sparsegpt.yaml``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(OneShotPruningConf).method
+        'wanda'
+    """
+
+    _target_: str = "pat_callbacks.OneShotPruning"
+    method: str = "wanda"
+    sparsity: Optional[float] = 0.5
+    pattern: str = "unstructured"
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    calibration_batches: int = 16
+    calibration: str = "train"  # train | val (a DataLoader only from Python)
+    at_step: int = 0
+    per_row: Optional[bool] = None
+    allocation: str = "uniform"
+    sequential: bool = True
+    block_size: int = 128
+    damping: float = 0.01
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    keep_first: bool = False
+    keep_last: bool = False
+
+
 def check_against_schema(node: Any, key: str = "pruning") -> None:
     """Refuse keys that a config node's schema does not have, even those added with ``+`` on the command line.
 
@@ -186,6 +218,7 @@ def register_configs() -> None:
     store.store(group="schema/pruning", name="gradual", node=GradualPruningConf)
     store.store(group="schema/pruning", name="dynamic", node=DynamicSparseTrainingConf)
     store.store(group="schema/pruning", name="structured", node=StructuredPruningConf)
+    store.store(group="schema/pruning", name="oneshot", node=OneShotPruningConf)
 
 
 register_configs()

@@ -4,6 +4,7 @@ from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.callbacks.dynamic import DynamicSparseTraining
 from pat_callbacks.callbacks.gradual import GradualPruning
 from pat_callbacks.callbacks.keep import KeepSparsity
+from pat_callbacks.callbacks.oneshot import OneShotPruning
 from pat_callbacks.callbacks.structured import StructuredPruning
 from pat_callbacks.callbacks.summary import PruningSummary
 
@@ -11,6 +12,7 @@ __all__ = [
     "DynamicSparseTraining",
     "GradualPruning",
     "KeepSparsity",
+    "OneShotPruning",
     "PruningCallback",
     "PruningSummary",
     "StructuredPruning",

@@ -1,0 +1,59 @@
+"""One-shot pruning of a trained model from calibration data (Trainer-free; never imports Lightning).
+
+- :mod:`~pat_callbacks.oneshot.calibration`: per-layer input statistics (``||X_j||^2``, ``X^T X``) over calibration
+  batches, read by hooks that exist only while calibrating;
+- :mod:`~pat_callbacks.oneshot.wanda`: Wanda scores ``|W| * ||X||`` (for ``Pruner.prune_to(scores=...)`` or per
+  output row);
+- :mod:`~pat_callbacks.oneshot.sparsegpt`: SparseGPT's OBS update from the input Hessian, blockwise, unstructured
+  and N:M;
+- :mod:`~pat_callbacks.oneshot.owl`: OWL layer-wise sparsities from outlier ratios;
+- :mod:`~pat_callbacks.oneshot.prune`: :func:`one_shot_prune`, the entry point.
+
+Recovery training keeps the masks: ``result.pruner.mask_grads()`` in a plain loop, or the
+:class:`~pat_callbacks.callbacks.oneshot.OneShotPruning` callback, which prunes at fit start and keeps them.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from pat_callbacks.oneshot import one_shot_prune
+    >>> torch.manual_seed(0) and None
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> result = one_shot_prune(model, "wanda", 0.5, owl=True, calibration=[torch.randn(32, 8)])
+    >>> result.sparsity
+    0.5
+"""
+
+from pat_callbacks.oneshot.calibration import Calibration, InputReader, default_forward, input_readers
+from pat_callbacks.oneshot.owl import OWL_LAMBDA, OWL_M, layer_groups, outlier_ratios, owl_sparsities
+from pat_callbacks.oneshot.prune import (
+    ONE_SHOT_ALLOCATIONS,
+    ONE_SHOT_METHODS,
+    OneShotOptions,
+    OneShotResult,
+    one_shot_prune,
+)
+from pat_callbacks.oneshot.sparsegpt import refuse_sharded, sparsegpt_prune
+from pat_callbacks.oneshot.wanda import row_mask, row_masks, wanda_score, wanda_scores
+
+__all__ = [
+    "ONE_SHOT_ALLOCATIONS",
+    "ONE_SHOT_METHODS",
+    "OWL_LAMBDA",
+    "OWL_M",
+    "Calibration",
+    "InputReader",
+    "OneShotOptions",
+    "OneShotResult",
+    "default_forward",
+    "input_readers",
+    "layer_groups",
+    "one_shot_prune",
+    "outlier_ratios",
+    "owl_sparsities",
+    "refuse_sharded",
+    "row_mask",
+    "row_masks",
+    "sparsegpt_prune",
+    "wanda_score",
+    "wanda_scores",
+]

@@ -1,0 +1,127 @@
+"""Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for Large Language Models"): prune by
+``|W_ij| * ||X_j||_2``, the weight's magnitude times the norm of the input feature it multiplies.
+
+Two ways to use the scores:
+
+- as ``scores=`` of :meth:`Pruner.prune_to <pat_callbacks.core.pruner.Pruner.prune_to>`: every allocation
+  (uniform, global, ERK, ``layer_sparsity``) and every pattern (unstructured, N:M) of the Pruner then applies;
+- with the paper's comparison group, the output row (:func:`row_masks`): every output row of a layer loses the same
+  number of weights (the paper measured it better than a per-layer comparison for LLMs).
+
+Example:
+    >>> import torch
+    >>> w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    >>> wanda_score(w, torch.tensor([4.0, 1.0])).tolist()      # |W| * ||X||: column j scaled by norm j
+    [[4.0, 2.0], [12.0, 0.5]]
+    >>> row_masks({"w": wanda_score(w, torch.tensor([4.0, 1.0]))}, {"w": 0.5})["w"].tolist()
+    [[True, False], [True, False]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from pat_callbacks.core.patterns import prune_count
+from pat_callbacks.core.sharding import is_sharded, local
+
+__all__ = ["row_mask", "row_masks", "wanda_score", "wanda_scores"]
+
+
+def wanda_score(weight: Tensor, norms: Tensor, *, transposed: bool = False) -> Tensor:
+    """``|W_ij| * ||X_j||_2`` in ``weight``'s shape (float32; this rank's rows when sharded).
+
+    Args:
+        weight: ``out x in...`` (a conv's ``in`` is ``in_channels x kernel``, flattened), or ``in x out`` when
+            ``transposed`` (Hugging Face ``Conv1D``).
+        norms: ``||X_j||_2`` per input column (see :meth:`Calibration.norms
+            <pat_callbacks.oneshot.calibration.Calibration.norms>`).
+        transposed: the weight is stored ``in x out``.
+
+    Example:
+        >>> import torch
+        >>> wanda_score(torch.tensor([[1.0, -2.0], [3.0, 0.5]]).t(), torch.tensor([4.0, 1.0]), transposed=True).t()
+        tensor([[ 4.0000,  2.0000],
+                [12.0000,  0.5000]])
+    """
+    w = local(weight).detach().float()
+    n = norms.detach().to(device=w.device, dtype=torch.float32)
+    if transposed:
+        if is_sharded(weight):
+            raise ValueError("Wanda scores of a sharded (FSDP2) in x out matrix are not supported: its rows are inputs")
+        if w.dim() != 2 or w.shape[0] != n.numel():
+            raise ValueError(f"Expected {n.numel()} input rows in an in x out weight, but got shape {tuple(w.shape)}")
+        return w.abs() * n.view(-1, 1)
+    rows = w.reshape(w.shape[0], -1)
+    if rows.shape[1] != n.numel():
+        raise ValueError(f"Expected {n.numel()} input columns, but the weight has shape {tuple(w.shape)}")
+    return (rows.abs() * n.view(1, -1)).view(w.shape)
+
+
+def wanda_scores(
+    params: Mapping[str, Tensor], norms: Mapping[str, Tensor], transposed: Iterable[str] = ()
+) -> dict[str, Tensor]:
+    """:func:`wanda_score` of every parameter (``transposed``: the names stored ``in x out``, e.g. a Pruner's
+    ``transposed``); the ``scores=`` of :meth:`Pruner.prune_to <pat_callbacks.core.pruner.Pruner.prune_to>`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from pat_callbacks.core.pruner import Pruner
+        >>> from pat_callbacks.oneshot.calibration import Calibration
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> pruner = Pruner(model, pattern="2:4")
+        >>> calib = Calibration(model, pruner.params).collect([torch.randn(16, 8)])
+        >>> scores = wanda_scores(pruner.params, {n: calib.norms(n) for n in pruner.params}, pruner.transposed)
+        >>> pruner.prune_to(0.5, scores=scores), pruner.sparsity()
+        (True, 0.5)
+    """
+    flipped = set(transposed)
+    return {name: wanda_score(p, norms[name], transposed=name in flipped) for name, p in params.items()}
+
+
+def row_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask pruning the ``prune_count(row size, sparsity)`` lowest scores of every output row (the first
+    dimension; the rest flattened): Wanda's per-output comparison group.
+
+    Example:
+        >>> import torch
+        >>> row_mask(torch.tensor([[1.0, 2.0, 3.0, 4.0], [8.0, 7.0, 6.0, 5.0]]), 0.5).int().tolist()
+        [[0, 0, 1, 1], [1, 1, 0, 0]]
+    """
+    rows = scores.detach().reshape(scores.shape[0], -1)
+    k = prune_count(rows.shape[1], sparsity)
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if 2 * k <= rows.shape[1]:
+        mask = torch.ones_like(rows, dtype=torch.bool)
+        mask.scatter_(1, torch.topk(rows, k, dim=1, largest=False, sorted=False).indices, False)
+    else:
+        mask = torch.zeros_like(rows, dtype=torch.bool)
+        if k < rows.shape[1]:
+            mask.scatter_(1, torch.topk(rows, rows.shape[1] - k, dim=1, largest=True, sorted=False).indices, True)
+    return mask.view(scores.shape)
+
+
+def row_masks(
+    scores: Mapping[str, Tensor], sparsities: Mapping[str, float], transposed: Iterable[str] = ()
+) -> dict[str, Tensor]:
+    """:func:`row_mask` of every layer at its own sparsity; ``in x out`` matrices compare along their columns
+    (their output rows). Every layer keeps at least one weight per row only if its sparsity leaves one.
+
+    Example:
+        >>> import torch
+        >>> row_masks({"t": torch.tensor([[1.0, 9.0], [2.0, 8.0]])}, {"t": 0.5}, transposed=["t"])["t"].int().tolist()
+        [[0, 1], [1, 0]]
+    """
+    flipped = set(transposed)
+    masks = {}
+    for name, layer in scores.items():
+        if name in flipped:
+            masks[name] = row_mask(layer.t(), sparsities[name]).t()
+        else:
+            masks[name] = row_mask(layer, sparsities[name])
+    return masks
