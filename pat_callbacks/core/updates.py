@@ -98,6 +98,8 @@ class Selection:
             chosen.update(self._select_streamed([name], needed, kept, scores, step, scaled=False))
         if plan.shared:
             shared = list(plan.shared)
+            if self._zeros_over_budget(shared, plan.shared_budget):
+                raise NeedsExactSelection  # the exact path masks every exact zero
             count = plan.shared_budget - sum(already[n] for n in shared)
             selected = self._select_streamed(shared, count, kept, scores, step, scaled=plan.scaled)
             counts = self.masked.sum_over_ranks([int(selected[n].count_nonzero()) for n in shared])
@@ -110,6 +112,32 @@ class Selection:
             {n: (already[n] + c) / numel[n] for n, c in zip(names, counts, strict=True)}, step
         )
         return {name: chosen[name].view(local(params[name]).shape) for name in params}
+
+    def _zeros_over_budget(self, names: list[str], budget: int) -> dict[str, Tensor]:
+        """The exact zeros of the layers sharing one threshold, when they outnumber its ``budget`` (else ``{}``).
+
+        Exact zeros are pruned in fact. Were they fewer than the budget, the criterion would decide among them
+        like any other entry (magnitude criteria pick them first). When they outnumber it, selecting ``budget``
+        of the tied zeros (in index order) would leave the other zeros unmasked: the masks would count less than
+        the weights show, and the zeros would train away. So every zero is masked instead (one weight of an
+        all-zero layer is kept, the first one its mask keeps), the other layers are left as they are, and the
+        sparsity exceeds the target: the model was already sparser. In one process only (sharded ranks: ``{}``).
+        """
+        if self.masked.group is not None:
+            return {}
+        params = self.masked.params
+        counts = [local(params[n]).numel() - int(local(params[n]).count_nonzero()) for n in names]
+        if sum(counts) <= budget:
+            return {}
+        zeros: dict[str, Tensor] = {}
+        for name, count in zip(names, counts, strict=True):
+            zero = local(params[name]).detach() == 0
+            if count == zero.numel():  # an all-zero layer keeps one weight, as every layer does
+                mask = self.masked.masks.get(name)
+                keep = int(mask.reshape(-1).nonzero()[0]) if mask is not None and bool(mask.any()) else 0
+                zero.view(-1)[keep] = False
+            zeros[name] = zero
+        return zeros
 
     def _pruned_now(self, kept: Mapping[str, Tensor]) -> dict[str, int]:
         """Entries pruned now per parameter, from its (flat) mask, over every rank."""
@@ -215,6 +243,11 @@ class Selection:
             masks[name] = self.layer_mask(name, layer, layer_sparsity, pruned.get(name))
             del layer
         if plan.shared:
+            budget = plan.shared_budget
+            zeros = self._zeros_over_budget(list(plan.shared), budget)
+            if zeros:  # exact zeros count as pruned: the mask covers them all, the other layers keep their weights
+                pruned = {**pruned, **{n: zeros[n] | pruned[n] if n in pruned else zeros[n] for n in zeros}}
+                budget = sum(int(pruned[n].count_nonzero()) for n in plan.shared)
             shared = {n: scores[n] if scores is not None else self.scorer.score(n) for n in plan.shared}
             if not self.masked.all_finite(shared, step):
                 return None
@@ -226,7 +259,7 @@ class Selection:
             for name in plan.shared:
                 if name in pruned:  # entries pruned before stay pruned
                     shared[name] = shared[name].float().masked_fill(pruned[name], float("-inf"))
-            selected = select_lowest([shared.pop(n) for n in plan.shared], plan.shared_budget, self.masked.group)
+            selected = select_lowest([shared.pop(n) for n in plan.shared], budget, self.masked.group)
             masks.update({name: ~chosen for name, chosen in zip(plan.shared, selected, strict=True)})
             if self.masked.group is None and any(not bool(masks[n].any()) for n in plan.shared):
                 return self._from_scores(sparsity, final_sparsity, scores, step, pruned, sensitivities)  # keep one
