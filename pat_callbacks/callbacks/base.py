@@ -58,8 +58,8 @@ class PruningCallback(RunInterplay):
     Logged at every mask change: ``pruning/sparsity`` (over the targets), ``pruning/sparsity_all`` (exact zeros
     over every weight matrix of the model, embeddings included), ``pruning/target`` and per-layer values.
 
-    With the rest of a run (weight averaging, a second fit, layers or optimizers replaced mid-run, other pruning
-    callbacks, frozen layers): see :class:`~pat_callbacks.callbacks._interplay.RunInterplay`.
+    Lightning's weight averaging (SWA, EMA) averages within the masks; a second fit, layers or optimizers replaced
+    mid-run, other pruning callbacks, frozen layers: see :class:`~pat_callbacks.callbacks._interplay.RunInterplay`.
     """
 
     def __init__(

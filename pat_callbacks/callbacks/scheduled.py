@@ -40,6 +40,11 @@ class ScheduledPruningCallback(PruningCallback):
         final_sparsity: the former name of ``sparsity``, still accepted (giving both is an error).
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
+    Under ``Trainer(fast_dev_run=...)`` the window is not used: masks are made once, at step 0, at the final sparsity
+    (a warning says so), so the smoke test runs the pruning path. A window that starts at or after the run's last
+    optimizer step is refused when the trainer knows the run's length. A second ``fit`` of the same model with the
+    same callback keeps the masks reached so far: the schedule's targets below that sparsity are raised to it.
+
     Example:
         >>> from pat_callbacks.core.pruner import Pruner
         >>> class MagnitudeOnly(ScheduledPruningCallback):  # a complete schedule-driven callback
