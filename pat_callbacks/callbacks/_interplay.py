@@ -101,14 +101,43 @@ class RunInterplay(Callback):
             self._mask_averages(trainer)
 
     def _warn_frozen(self, pl_module: pl.LightningModule) -> None:
-        """Name the weights left dense because they are frozen when fitting starts."""
+        """Name the weights left dense because they are frozen when fitting starts (and follow them, if this
+        callback can: see :meth:`_follows_unfrozen`)."""
         frozen = _guards.frozen_targets(target_roles(pl_module), pl_module, self.pruner.params)
+        self._frozen_at_start = {name: pl_module.get_parameter(name) for name in frozen}
         if frozen:
+            later = (
+                "they become targets at the first step they train (requires_grad=True, e.g. unfrozen by "
+                "BackboneFinetuning)"
+                if self._follows_unfrozen()
+                else "they are not pruned, even if unfrozen later (e.g. by BackboneFinetuning); name them in "
+                "`include` (with criterion='magnitude') to prune them"
+            )
             rank_zero_warn(
                 f"{type(self).__name__}: {frozen[:5]}{f' and {len(frozen) - 5} more' if len(frozen) > 5 else ''} "
-                "are frozen (requires_grad=False) when fitting starts, so they are not pruned, even if unfrozen later "
-                "(e.g. by BackboneFinetuning); name them in `include` (with criterion='magnitude') to prune them"
+                f"are frozen (requires_grad=False) when fitting starts, so they are left dense for now; {later}"
             )
+
+    def _follows_unfrozen(self) -> bool:
+        """Whether weights frozen at fit start join the targets once they train (the pruner is rebuilt over the
+        model's targets then, keeping the masks and history of the others)."""
+        return False
+
+    def _adopt_unfrozen(self, pl_module: pl.LightningModule, step: int) -> None:
+        frozen = getattr(self, "_frozen_at_start", {})
+        unfrozen = [name for name, param in frozen.items() if param.requires_grad]
+        if not unfrozen or not self._follows_unfrozen():
+            return
+        old = self.pruner
+        pruner = self._build_pruner(pl_module.trainer, pl_module)  # type: ignore[attr-defined]
+        if not set(old.params) <= set(pruner.params):
+            return  # targets changed in another way: keep the pruner as it is
+        pruner.load_state_dict(old.state_dict())
+        self.pruner = pruner
+        for name in unfrozen:
+            del frozen[name]
+        rank_zero_info(f"{type(self).__name__}: {unfrozen} train from step {step} on and are pruned from now on")
+        self._refresh_sparsity()
 
     def _continues(self, pl_module: pl.LightningModule) -> bool:
         """Whether this fit continues a previous one of the same model (same parameters): masks are kept."""
@@ -147,6 +176,7 @@ class RunInterplay(Callback):
             pruner.apply()
             self._matrices = weight_matrices(pl_module)
             self._refresh_sparsity()
+        self._adopt_unfrozen(pl_module, step)
 
     def _check_other_pruners(self, trainer: pl.Trainer) -> None:
         pruner = self.pruner

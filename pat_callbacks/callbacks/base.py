@@ -176,21 +176,21 @@ class PruningCallback(RunInterplay):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        pruner = self._require_pruner()
         step = trainer.global_step
         if not self._remask_after_step and self.remask_weights == "auto" and not keeps_zeros(optimizer):
             self._remask_after_step = True  # an optimizer replaced mid-run by one not known to keep zeros at zero
             rank_zero_info(f"{type(self).__name__}: {type(optimizer).__name__} steps now: weights are re-masked")
         if step != self._last_seen_step:  # once per step, also with several optimizers
             self._last_seen_step = step
-            self._check_targets(pl_module, step)
+            self._check_targets(pl_module, step)  # may rebind the pruner (targets replaced or unfrozen)
+            pruner = self._require_pruner()
             if self._accumulating(step):
                 pruner.accumulate()
             if self._on_step(trainer, step):
                 self.last_update_step = step
                 self._refresh_sparsity()
                 pruner.after_update()
-        pruner.mask_grads()
+        self._require_pruner().mask_grads()
         self._stepped = True
 
     @override

@@ -215,6 +215,10 @@ class GradualPruning(ScheduledPruningCallback):
         return pruner
 
     @override
+    def _follows_unfrozen(self) -> bool:  # default targets; not with a rewind snapshot or measured sensitivities
+        return not self.options.include and self.rewind_step is None and self.allocation != "sensitivity"
+
+    @override
     def _resolve(self, trainer: pl.Trainer) -> None:
         known = not math.isnan(self.final_sparsity)
         super()._resolve(trainer)

@@ -205,10 +205,31 @@ class FrozenBackbone(Classifier):
 
 
 def test_weights_frozen_at_fit_start_are_named_in_a_warning(fit):
-    pruning = GradualPruning(sparsity=0.5, criterion="magnitude", verbose=False, **WINDOW)
-    with pytest.warns(UserWarning, match=r"\['net.layers.0.weight', 'net.layers.2.weight'\] are frozen"):
+    pruning = DynamicSparseTraining(sparsity=0.5, verbose=False, stop_step=10)
+    with pytest.warns(UserWarning, match=r"\['net.layers.0.weight', 'net.layers.2.weight'\] are frozen .* not pruned"):
         fit([pruning], module=FrozenBackbone(), max_steps=5)
     assert list(pruning.store.params) == ["net.layers.4.weight"]
+
+
+class Unfreeze(Callback):
+    """BackboneFinetuning's effect, in short: the frozen layers train from `step` on."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            pl_module.requires_grad_(True)
+
+
+def test_gradual_pruning_prunes_a_backbone_once_it_is_unfrozen(fit):
+    pruning = GradualPruning(sparsity=0.8, verbose=False, start_step=0, end_step=40, update_every=5)
+    with pytest.warns(UserWarning, match=r"\['net.layers.0.weight', 'net.layers.2.weight'\] are frozen .* become"):
+        _, module = fit([Unfreeze(12), pruning], module=FrozenBackbone(), max_steps=45)
+    assert list(pruning.store.params) == ["net.layers.0.weight", "net.layers.2.weight", "net.layers.4.weight"]
+    assert zeros(pruned_weights(module)) == pytest.approx(0.8, abs=1e-3)
+    for name, mask in pruning.store.masks.items():
+        assert (module.get_parameter(name).detach()[~mask] == 0).all(), name
 
 
 # ---------------------------------------------------------------- 8: manual optimization
