@@ -98,7 +98,7 @@ class Selection:
             chosen.update(self._select_streamed([name], needed, kept, scores, step, scaled=False))
         if plan.shared:
             shared = list(plan.shared)
-            if self._zeros_over_budget(shared, plan.shared_budget):
+            if self._zeros_over_budget(shared, plan.shared_budget - sum(already[n] for n in shared)):
                 raise NeedsExactSelection  # the exact path masks every exact zero
             count = plan.shared_budget - sum(already[n] for n in shared)
             selected = self._select_streamed(shared, count, kept, scores, step, scaled=plan.scaled)
@@ -114,29 +114,32 @@ class Selection:
         return {name: chosen[name].view(local(params[name]).shape) for name in params}
 
     def _zeros_over_budget(self, names: list[str], budget: int) -> dict[str, Tensor]:
-        """The exact zeros of the layers sharing one threshold, when they outnumber its ``budget`` (else ``{}``).
+        """The exact zeros that no mask explains in the layers sharing one threshold, when they outnumber what is
+        left of its ``budget`` once the entries pruned now are counted (else ``{}``).
 
-        Exact zeros are pruned in fact. Were they fewer than the budget, the criterion would decide among them
-        like any other entry (magnitude criteria pick them first). When they outnumber it, selecting ``budget``
-        of the tied zeros (in index order) would leave the other zeros unmasked: the masks would count less than
-        the weights show, and the zeros would train away. So every zero is masked instead (one weight of an
-        all-zero layer is kept, the first one its mask keeps), the other layers are left as they are, and the
-        sparsity exceeds the target: the model was already sparser. In one process only (sharded ranks: ``{}``).
+        Such zeros are pruned in fact. Were they fewer than the budget, the criterion would decide among them like
+        any other entry (magnitude criteria pick them first). When they outnumber it, selecting part of the tied
+        zeros (in index order) would leave the others unmasked: the masks would count less than the weights show,
+        and those zeros would train away. So every such zero is masked instead (a layer whose kept entries are all
+        zero keeps one of them, as every layer keeps a weight), the other layers are left as they are, and the
+        sparsity exceeds the target: the model was already sparser. Entries zero because a mask prunes them are not
+        counted (a falling target still lifts masks). In one process only (sharded ranks: ``{}``).
         """
         if self.masked.group is not None:
             return {}
-        params = self.masked.params
-        counts = [local(params[n]).numel() - int(local(params[n]).count_nonzero()) for n in names]
-        if sum(counts) <= budget:
-            return {}
+        params, masks = self.masked.params, self.masked.masks
         zeros: dict[str, Tensor] = {}
-        for name, count in zip(names, counts, strict=True):
+        for name in names:
             zero = local(params[name]).detach() == 0
-            if count == zero.numel():  # an all-zero layer keeps one weight, as every layer does
-                mask = self.masked.masks.get(name)
+            mask = masks.get(name)
+            if mask is not None:
+                zero &= mask
+            if int(zero.count_nonzero()) == (zero.numel() if mask is None else int(mask.count_nonzero())):
                 keep = int(mask.reshape(-1).nonzero()[0]) if mask is not None and bool(mask.any()) else 0
-                zero.view(-1)[keep] = False
+                zero.view(-1)[keep] = False  # every kept entry is zero: one stays kept
             zeros[name] = zero
+        if sum(int(z.count_nonzero()) for z in zeros.values()) <= budget:
+            return {}
         return zeros
 
     def _pruned_now(self, kept: Mapping[str, Tensor]) -> dict[str, int]:
@@ -244,7 +247,9 @@ class Selection:
             del layer
         if plan.shared:
             budget = plan.shared_budget
-            zeros = self._zeros_over_budget(list(plan.shared), budget)
+            zeros = self._zeros_over_budget(
+                list(plan.shared), budget - sum(int(pruned[n].count_nonzero()) for n in plan.shared if n in pruned)
+            )
             if zeros:  # exact zeros count as pruned: the mask covers them all, the other layers keep their weights
                 pruned = {**pruned, **{n: zeros[n] | pruned[n] if n in pruned else zeros[n] for n in zeros}}
                 budget = sum(int(pruned[n].count_nonzero()) for n in plan.shared)

@@ -56,3 +56,12 @@ def test_an_empty_parameter_is_left_out_with_a_warning():
 def test_an_empty_include_list_is_refused():
     with pytest.raises(ValueError, match=r"Expected `include` to hold at least one glob pattern, but got \[\]"):
         PruningOptions(include=[])
+
+
+def test_a_falling_target_still_lifts_masks_whose_weights_are_zero_because_they_are_masked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 4))
+    pruner = Pruner(model, allocation="global")
+    pruner.prune_to(0.8)
+    assert pruner.prune_to(0.3)
+    assert pruner.sparsity() == pytest.approx(0.3, abs=1e-3)
