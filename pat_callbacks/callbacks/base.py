@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from pat_callbacks.callbacks._interplay import ZERO_PRESERVING_OPTIMIZERS, RunInterplay, keeps_zeros
 from pat_callbacks.callbacks._state import saved_state_key
 from pat_callbacks.core.masked import MaskedParameters
 from pat_callbacks.core.masks import MaskStore
@@ -35,18 +35,8 @@ from pat_callbacks.core.targets import describe_targets, weight_matrices
 
 __all__ = ["ZERO_PRESERVING_OPTIMIZERS", "PruningCallback"]
 
-# Optimizers for which "masked gradients + zeroed state for newly pruned entries" keeps pruned weights exactly
-# zero, so weights need masking only at mask updates (checked for each in tests/callbacks/test_gradual.py).
-ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.RMSprop,
-    torch.optim.Adagrad,
-)
 
-
-class PruningCallback(Callback):
+class PruningCallback(RunInterplay):
     """Base class: a :class:`~pat_callbacks.core.pruner.Pruner` driven by Lightning's hooks, with logging and
     checkpoint state.
 
@@ -67,6 +57,9 @@ class PruningCallback(Callback):
 
     Logged at every mask change: ``pruning/sparsity`` (over the targets), ``pruning/sparsity_all`` (exact zeros
     over every weight matrix of the model, embeddings included), ``pruning/target`` and per-layer values.
+
+    Lightning's weight averaging (SWA, EMA) averages within the masks; a second fit, layers or optimizers replaced
+    mid-run, other pruning callbacks, frozen layers: see :class:`~pat_callbacks.callbacks._interplay.RunInterplay`.
     """
 
     def __init__(
@@ -151,8 +144,12 @@ class PruningCallback(Callback):
                 f"{type(self).__name__} does not support {strategy} (it hides or flattens the parameters it trains); "
                 "use ModelParallelStrategy (FSDP2, fully_shard in configure_model) or DDP"
             )
-        self.pruner = self._build_pruner(trainer, pl_module)
+        self._last_seen_step = -1
+        if not self._continues(pl_module):
+            self.pruner = self._build_pruner(trainer, pl_module)
         self._matrices = weight_matrices(pl_module)
+        self._check_other_pruners(trainer)
+        self._warn_frozen(pl_module)
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: what is pruned\n{describe_targets(pl_module, self.pruner.params)}")
         if self.pruner.needs_grad and not pl_module.automatic_optimization:
@@ -168,9 +165,7 @@ class PruningCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve(trainer)
-        auto_ok = pl_module.automatic_optimization and all(
-            type(opt) in ZERO_PRESERVING_OPTIMIZERS for opt in trainer.optimizers
-        )
+        auto_ok = pl_module.automatic_optimization and all(keeps_zeros(opt) for opt in trainer.optimizers)
         self._remask_after_step = self.remask_weights is True or (self.remask_weights == "auto" and not auto_ok)
         pruner = self._require_pruner()
         pruner.to_devices()  # a checkpoint restore may have run before the strategy moved the model
@@ -181,17 +176,21 @@ class PruningCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        pruner = self._require_pruner()
         step = trainer.global_step
+        if not self._remask_after_step and self.remask_weights == "auto" and not keeps_zeros(optimizer):
+            self._remask_after_step = True  # an optimizer replaced mid-run by one not known to keep zeros at zero
+            rank_zero_info(f"{type(self).__name__}: {type(optimizer).__name__} steps now: weights are re-masked")
         if step != self._last_seen_step:  # once per step, also with several optimizers
             self._last_seen_step = step
+            self._check_targets(pl_module, step)  # may rebind the pruner (targets replaced or unfrozen)
+            pruner = self._require_pruner()
             if self._accumulating(step):
                 pruner.accumulate()
             if self._on_step(trainer, step):
                 self.last_update_step = step
                 self._refresh_sparsity()
                 pruner.after_update()
-        pruner.mask_grads()
+        self._require_pruner().mask_grads()
         self._stepped = True
 
     @override
@@ -202,13 +201,16 @@ class PruningCallback(Callback):
         if self._remask_after_step and (self._stepped or not pl_module.automatic_optimization):
             pruner.apply()
         self._stepped = False
+        self._mask_averages(trainer)
         if self._log_pending:
             self._log_sparsity(trainer, pl_module)
             self._log_pending = False
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_targets(pl_module, trainer.global_step)
         self._require_pruner().apply()
+        self._mask_averages(trainer)
 
     @override
     def on_load_checkpoint(
@@ -222,6 +224,8 @@ class PruningCallback(Callback):
         """
         states = checkpoint.get("callbacks") or {}
         key = saved_state_key(self, trainer.callbacks, states)
+        if key is None:
+            self._warn_foreign_states(trainer, states)
         if key is None or key == self.state_key:
             return  # nothing saved, or Lightning restores it
         self._check_resumable(key, states[key])

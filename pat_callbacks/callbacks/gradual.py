@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import Unpack, override
 
@@ -22,7 +23,7 @@ from pat_callbacks.callbacks._batches import cross_entropy, probe_batches
 from pat_callbacks.callbacks._rewind import Rewinding
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback, resolve_target
 from pat_callbacks.core._validation import check_fraction, check_int, renamed
-from pat_callbacks.core.criteria import Criterion
+from pat_callbacks.core.criteria import Criterion, get_criterion
 from pat_callbacks.core.pruner import Pruner, PruningOptions
 from pat_callbacks.core.schedules import Schedule
 from pat_callbacks.core.windows import WindowArguments
@@ -69,7 +70,9 @@ class GradualPruning(ScheduledPruningCallback):
         regrow_fraction: the former name of ``drop_fraction`` (a DeprecationWarning; giving both is an error).
         criterion: ``"taylor"`` (default: ``|w * g|`` averaged over the training steps since the last update, no
             extra pass; it needs automatic optimization), ``"magnitude"``, ``"movement"``, ``"fisher"``,
-            ``"random"`` or a :class:`~pat_callbacks.core.criteria.Criterion`.
+            ``"random"`` or a :class:`~pat_callbacks.core.criteria.Criterion`. Left unset on a module with manual
+            optimization (e.g. a GAN), the default becomes ``"magnitude"`` (one info line), since no hook sees every
+            gradient there; ``criterion="taylor"`` given explicitly is refused there instead, with the reason.
         allocation: ``"global"`` (the default, except with an N:M pattern, which fixes every layer's sparsity:
             ``"uniform"``): one threshold over all layers on mean-normalised scores, so layers that matter less
             are pruned more; ``"uniform"`` (every layer at the target), ``"global_raw"``,
@@ -110,7 +113,7 @@ class GradualPruning(ScheduledPruningCallback):
         drop_fraction: float = 0.0,
         regrow_fraction: float | None = None,
         pattern: str = "unstructured",
-        criterion: str | Criterion = "taylor",
+        criterion: str | Criterion | None = None,
         allocation: str | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
@@ -132,8 +135,9 @@ class GradualPruning(ScheduledPruningCallback):
     ) -> None:
         if allocation is None:
             allocation = "uniform" if PruningOptions(pattern=pattern).pattern.fixed_sparsity is not None else "global"  # type: ignore[union-attr]
+        self._criterion_given = criterion is not None
         options = PruningOptions(
-            criterion=criterion,
+            criterion="taylor" if criterion is None else criterion,
             allocation=allocation,
             pattern=pattern,
             include=include,
@@ -197,12 +201,22 @@ class GradualPruning(ScheduledPruningCallback):
 
     @override
     def _build_pruner(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Pruner:
+        if not pl_module.automatic_optimization and not self._criterion_given and self.criterion.needs_grad:
+            self.options.criterion = get_criterion("magnitude")
+            rank_zero_info(
+                f"{type(self).__name__}: manual optimization: the default criterion 'taylor' needs every step's "
+                "gradients, so criterion='magnitude' is used (pass `criterion` to choose)"
+            )
         pruner = Pruner(pl_module, self.options)
         if self.rewind_step is not None and pruner.group is not None:
             raise ValueError(f"rewind_step={self.rewind_step} is not supported with sharded (FSDP2) parameters yet")
         if not math.isnan(self.final_sparsity):  # a plain callable's target is checked once resolved
             pruner.check_reachable(self.final_sparsity, key=self._target_key)
         return pruner
+
+    @override
+    def _follows_unfrozen(self) -> bool:  # default targets; not with a rewind snapshot or measured sensitivities
+        return not self.options.include and self.rewind_step is None and self.allocation != "sensitivity"
 
     @override
     def _resolve(self, trainer: pl.Trainer) -> None:

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import Unpack, override
 
 from pat_callbacks.callbacks.base import PruningCallback
-from pat_callbacks.core.schedules import Schedule
+from pat_callbacks.core.schedules import OneShotSchedule, Schedule
 from pat_callbacks.core.windows import ScheduleSpec, WindowArguments, check_window_arguments
 
 __all__ = ["ScheduledPruningCallback", "few_updates_message", "resolve_target"]
@@ -39,6 +39,11 @@ class ScheduledPruningCallback(PruningCallback):
             / ``end_fraction``, ``update_every``, ``phase_steps``, ``phase_epochs``, ``power``).
         final_sparsity: the former name of ``sparsity``, still accepted (giving both is an error).
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
+
+    Under ``Trainer(fast_dev_run=...)`` the window is not used: masks are made once, at step 0, at the final sparsity
+    (a warning says so), so the smoke test runs the pruning path. A window that starts at or after the run's last
+    optimizer step is refused when the trainer knows the run's length. A second ``fit`` of the same model with the
+    same callback keeps the masks reached so far: the schedule's targets below that sparsity are raised to it.
 
     Example:
         >>> from pat_callbacks.core.pruner import Pruner
@@ -72,6 +77,7 @@ class ScheduledPruningCallback(PruningCallback):
         # Part of the checkpoint key: known at construction (a callable's target is only known once resolved).
         self._key_sparsity = None if math.isnan(self.spec.final_sparsity) else self.spec.final_sparsity
         self._retry = False  # an update was skipped (NaN/Inf scores): retried at every following step
+        self._floor = 0.0  # a new fit of the same model never lifts the masks reached by the previous one
 
     @property
     def sparsity(self) -> float:
@@ -109,9 +115,13 @@ class ScheduledPruningCallback(PruningCallback):
         schedule = self._require_schedule()
         if not (schedule.is_update_step(step) or self._retry):
             return False
-        updated = self._update_masks(trainer, schedule(step))
+        updated = self._update_masks(trainer, max(schedule(step), self._floor))
         self._retry = not updated
         return updated
+
+    @override
+    def _continue_fit(self) -> None:
+        self._floor = self._require_pruner().target_sparsity
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -144,7 +154,22 @@ class ScheduledPruningCallback(PruningCallback):
 
     @override
     def _resolve(self, trainer: pl.Trainer) -> None:
+        if trainer.fast_dev_run and not math.isnan(self.spec.final_sparsity):
+            # Lightning's smoke test runs a few batches: the window would not fit, so prune once, at the first step.
+            self.schedule = OneShotSchedule(final_sparsity=self.spec.final_sparsity, start_step=0)
+            rank_zero_warn(
+                f"{type(self).__name__}: fast_dev_run: the pruning window is not used; masks are made once, at step "
+                f"0, at the final sparsity {self.spec.final_sparsity:g}"
+            )
+            return
         self.schedule = self.spec.resolve(_optimizer_steps_per_epoch(trainer), trainer.estimated_stepping_batches)
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total) and self.schedule.start_step >= total and self.schedule(self.schedule.end_step) > 0:
+            raise ValueError(
+                f"{type(self).__name__}: the pruning window starts at step {self.schedule.start_step}, but training "
+                f"has {int(total)} optimizer steps: it would train dense; start the window before step {int(total)} "
+                "(e.g. start_fraction / end_fraction) or train longer"
+            )
         self._warn_if_unreached(trainer, self.schedule.end_step)
         message = few_updates_message(self.schedule)
         if message:

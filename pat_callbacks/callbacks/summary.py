@@ -70,6 +70,30 @@ def _zeros(params: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
     return (zeros / total if total else 0.0), per_layer
 
 
+def _live(params: Mapping[str, Tensor], model: Any) -> dict[str, Tensor]:
+    """The model's own parameters under the targets' names (a layer replaced mid-run is counted as it is now; a
+    target the model no longer has is left out), or ``params`` as given when the model cannot be asked.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 2)
+        >>> old = {"weight": model.weight}
+        >>> model.weight = nn.Parameter(torch.zeros(2, 2))
+        >>> bool((_live(old, model)["weight"] == 0).all())
+        True
+    """
+    if not hasattr(model, "get_parameter"):
+        return dict(params)
+    live = {}
+    for name in params:
+        try:
+            live[name] = model.get_parameter(name)
+        except AttributeError:
+            continue
+    return live
+
+
 def _target(callback: Any) -> float | None:
     for attr in ("sparsity", "final_sparsity"):
         value = getattr(callback, attr, None)
@@ -101,8 +125,11 @@ class PruningSummary(pl.Callback):
     """
 
     def __init__(self, filename: str = "metrics.json", dirpath: str | Path | None = None) -> None:
-        if not isinstance(filename, str) or not filename or Path(filename).name != filename:
-            raise ValueError(f"Expected `filename` to be a plain file name, but got {filename!r}")
+        if not isinstance(filename, str) or Path(filename).name != filename or filename in ("", ".", ".."):
+            raise ValueError(
+                f"Expected `filename` to be a plain file name, but got {filename!r} (a name without a folder, not "
+                "'.' or '..')"
+            )
         self.filename = filename
         self.dirpath = dirpath
         self.metrics: dict[str, float] = {}
@@ -139,7 +166,7 @@ class PruningSummary(pl.Callback):
         targets: dict[str, Tensor] = {}
         seen: set[int] = set()
         for callback in pruners:
-            for name, param in callback.store.params.items():
+            for name, param in _live(callback.store.params, pl_module).items():
                 if id(param) not in seen:
                     seen.add(id(param))
                     targets[name] = param

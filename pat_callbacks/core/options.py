@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -73,6 +74,11 @@ class PruningOptions:
     allow_vectors: bool = False
 
     def __post_init__(self) -> None:
+        if self.include is not None and not isinstance(self.include, str) and len(tuple(self.include)) == 0:
+            raise ValueError(
+                f"Expected `include` to hold at least one glob pattern, but got {self.include!r}: an empty list would "
+                "prune nothing; leave `include` unset (None) for the default targets"
+            )
         self.criterion = get_criterion(self.criterion)
         self.allocation = check_choice("allocation", self.allocation, ALLOCATIONS)
         self.pattern = make_pattern(self.pattern)
@@ -136,6 +142,10 @@ class PruningOptions:
             {names[-1]} if self.keep_last and names else set()
         )
         params = {name: p for name, p in params.items() if name not in dense}
+        empty = [name for name, p in params.items() if p.numel() == 0]
+        if empty:
+            warnings.warn(f"{empty} have no entries (a dimension of size 0) and are left out of pruning", stacklevel=3)
+            params = {name: p for name, p in params.items() if name not in empty}
         if not params:
             raise ValueError(f"keep_first/keep_last leave no parameter to prune (targets were {names})")
         for pattern in self.layer_sparsity or {}:

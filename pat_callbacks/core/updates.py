@@ -105,6 +105,8 @@ class Selection:
             chosen.update(self._select_streamed([name], needed, kept, scores, step, scaled=False))
         if plan.shared:
             shared = list(plan.shared)
+            if self._zeros_over_budget(shared, plan.shared_budget - sum(already[n] for n in shared)):
+                raise NeedsExactSelection  # the exact path masks every exact zero
             count = plan.shared_budget - sum(already[n] for n in shared)
             selected = self._select_streamed(shared, count, kept, scores, step, scaled=plan.scaled)
             counts = self.masked.sum_over_ranks([int(selected[n].count_nonzero()) for n in shared])
@@ -117,6 +119,35 @@ class Selection:
             {n: (already[n] + c) / numel[n] for n, c in zip(names, counts, strict=True)}, step
         )
         return {name: chosen[name].view(local(params[name]).shape) for name in params}
+
+    def _zeros_over_budget(self, names: list[str], budget: int) -> dict[str, Tensor]:
+        """The exact zeros that no mask explains in the layers sharing one threshold, when they outnumber what is
+        left of its ``budget`` once the entries pruned now are counted (else ``{}``).
+
+        Such zeros are pruned in fact. Were they fewer than the budget, the criterion would decide among them like
+        any other entry (magnitude criteria pick them first). When they outnumber it, selecting part of the tied
+        zeros (in index order) would leave the others unmasked: the masks would count less than the weights show,
+        and those zeros would train away. So every such zero is masked instead (a layer whose kept entries are all
+        zero keeps one of them, as every layer keeps a weight), the other layers are left as they are, and the
+        sparsity exceeds the target: the model was already sparser. Entries zero because a mask prunes them are not
+        counted (a falling target still lifts masks). In one process only (sharded ranks: ``{}``).
+        """
+        if self.masked.group is not None:
+            return {}
+        params, masks = self.masked.params, self.masked.masks
+        zeros: dict[str, Tensor] = {}
+        for name in names:
+            zero = local(params[name]).detach() == 0
+            mask = masks.get(name)
+            if mask is not None:
+                zero &= mask
+            if int(zero.count_nonzero()) == (zero.numel() if mask is None else int(mask.count_nonzero())):
+                keep = int(mask.reshape(-1).nonzero()[0]) if mask is not None and bool(mask.any()) else 0
+                zero.view(-1)[keep] = False  # every kept entry is zero: one stays kept
+            zeros[name] = zero
+        if sum(int(z.count_nonzero()) for z in zeros.values()) <= budget:
+            return {}
+        return zeros
 
     def _pruned_now(self, kept: Mapping[str, Tensor]) -> dict[str, int]:
         """Entries pruned now per parameter, from its (flat) mask, over every rank."""
@@ -222,6 +253,13 @@ class Selection:
             masks[name] = self.layer_mask(name, layer, layer_sparsity, pruned.get(name))
             del layer
         if plan.shared:
+            budget = plan.shared_budget
+            zeros = self._zeros_over_budget(
+                list(plan.shared), budget - sum(int(pruned[n].count_nonzero()) for n in plan.shared if n in pruned)
+            )
+            if zeros:  # exact zeros count as pruned: the mask covers them all, the other layers keep their weights
+                pruned = {**pruned, **{n: zeros[n] | pruned[n] if n in pruned else zeros[n] for n in zeros}}
+                budget = sum(int(pruned[n].count_nonzero()) for n in plan.shared)
             shared = {n: scores[n] if scores is not None else self.scorer.score(n) for n in plan.shared}
             if not self.masked.all_finite(shared, step):
                 return None
@@ -233,7 +271,7 @@ class Selection:
             for name in plan.shared:
                 if name in pruned:  # entries pruned before stay pruned
                     shared[name] = shared[name].float().masked_fill(pruned[name], float("-inf"))
-            selected = select_lowest([shared.pop(n) for n in plan.shared], plan.shared_budget, self.masked.group)
+            selected = select_lowest([shared.pop(n) for n in plan.shared], budget, self.masked.group)
             masks.update({name: ~chosen for name, chosen in zip(plan.shared, selected, strict=True)})
             if self.masked.group is None and any(not bool(masks[n].any()) for n in plan.shared):
                 return self._from_scores(sparsity, final_sparsity, scores, step, pruned, sensitivities)  # keep one

@@ -11,8 +11,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from pat_callbacks import GradualPruning
 from pat_callbacks.app.data import DigitsDataModule
 from pat_callbacks.callbacks.summary import PruningSummary, pruning_callbacks, weight_matrices
+from tests.callbacks.test_interplay import ReplaceLayer
 from tests.conftest import make_module, make_trainer
 
 
@@ -98,3 +100,18 @@ def test_pruning_callbacks_are_duck_typed():
 def test_bad_filename_is_refused():
     with pytest.raises(ValueError, match=r"`filename` to be a plain file name, but got 'logs/m.json'"):
         PruningSummary(filename="logs/m.json")
+
+
+@pytest.mark.parametrize("filename", ["..", ".", "", "runs/metrics.json"])
+def test_a_filename_that_is_not_a_plain_file_name_is_refused_at_construction(filename):
+    with pytest.raises(ValueError, match="Expected `filename` to be a plain file name"):
+        PruningSummary(filename=filename)
+
+
+def test_the_summary_counts_a_target_replaced_mid_run_as_the_model_holds_it(fit, tmp_path):
+    pruning = GradualPruning(sparsity=0.8, criterion="magnitude", verbose=False, start_step=0, end_step=10)
+    with pytest.warns(UserWarning, match="was replaced"):
+        _, module = fit([ReplaceLayer(12), pruning, PruningSummary(dirpath=tmp_path)], max_steps=20)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    live = module.net.layers[2].weight
+    assert summary["layer_sparsity"]["net.layers.2.weight"] == float((live == 0).float().mean())

@@ -1,0 +1,153 @@
+"""Checks of what the pruning callbacks share with the rest of a run: weight-averaging callbacks that keep their
+own copy of the weights, targets replaced or removed mid-run, other pruning callbacks on the same parameters,
+checkpoints saved by another pruning callback, and frozen layers left out of the targets.
+
+Each is a small function of its inputs; :class:`~pat_callbacks.callbacks.base.PruningCallback` calls them from
+its hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import StochasticWeightAveraging
+from torch import Tensor, nn
+
+__all__ = ["averaged_copies", "foreign_states", "frozen_targets", "mask_averaged_copies", "shared_targets", "stale"]
+
+try:  # Lightning >= 2.6
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    _AVERAGING: tuple[type, ...] = (StochasticWeightAveraging, WeightAveraging)
+except ImportError:  # pragma: no cover - older Lightning
+    _AVERAGING = (StochasticWeightAveraging,)
+
+
+def averaged_copies(callbacks: Iterable[Any]) -> list[nn.Module]:
+    """The averaged models kept by Lightning's weight-averaging callbacks (``StochasticWeightAveraging``,
+    ``WeightAveraging`` and ``EMAWeightAveraging``), once they exist; a copy whose parameters have the model's names.
+
+    Both keep it in ``_average_model`` (a copy of the LightningModule for SWA, a ``torch.optim.swa_utils.AveragedModel``
+    wrapping one for ``WeightAveraging``); there is no public accessor.
+
+    Example:
+        >>> averaged_copies([StochasticWeightAveraging(swa_lrs=0.1)])  # nothing before `setup`
+        []
+    """
+    copies = []
+    for callback in callbacks:
+        if isinstance(callback, _AVERAGING):
+            model = getattr(callback, "_average_model", None)
+            if isinstance(model, torch.optim.swa_utils.AveragedModel):
+                model = model.module
+            if isinstance(model, nn.Module):
+                copies.append(model)
+    return copies
+
+
+def mask_averaged_copies(masks: Mapping[str, Tensor], copies: Iterable[nn.Module]) -> None:
+    """Zero the pruned entries (``~mask``) of the same-named parameters of every averaged copy, in place.
+
+    Example:
+        >>> copy = nn.Linear(2, 2)
+        >>> mask_averaged_copies({"weight": torch.tensor([[True, False], [False, True]])}, [copy])
+        >>> (copy.weight == 0).tolist()
+        [[False, True], [True, False]]
+    """
+    with torch.no_grad():
+        for model in copies:
+            for name, mask in masks.items():
+                try:
+                    param = model.get_parameter(name)
+                except AttributeError:
+                    continue
+                if param.shape == mask.shape:
+                    param.masked_fill_(~mask.to(param.device), 0)
+
+
+def stale(params: Mapping[str, nn.Parameter], model: nn.Module) -> tuple[dict[str, nn.Parameter], list[str]]:
+    """Targets the model no longer holds: ``(replaced, gone)``. ``replaced``: ``{name: the model's new parameter}``
+    for a name now bound to another tensor of the same shape; ``gone``: names that are no longer a parameter of the
+    model, or now of another shape.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> params = dict(model.named_parameters())
+        >>> model[1] = nn.Linear(2, 2)
+        >>> replaced, gone = stale(params, model)
+        >>> sorted(replaced), gone
+        (['1.bias', '1.weight'], [])
+        >>> model[1] = nn.Identity()
+        >>> stale(params, model)[1]
+        ['1.weight', '1.bias']
+    """
+    replaced: dict[str, nn.Parameter] = {}
+    gone: list[str] = []
+    for name, param in params.items():
+        try:
+            live = model.get_parameter(name)
+        except AttributeError:
+            gone.append(name)
+            continue
+        if live is not param:
+            if live.shape == param.shape:
+                replaced[name] = live
+            else:
+                gone.append(name)
+    return replaced, gone
+
+
+def shared_targets(mine: Mapping[str, Tensor], theirs: Mapping[str, Tensor]) -> list[str]:
+    """Names of ``mine`` whose tensor is also one of ``theirs`` (the same object).
+
+    Example:
+        >>> w = nn.Parameter(torch.ones(2, 2))
+        >>> shared_targets({"a": w, "b": nn.Parameter(torch.ones(2))}, {"x": w})
+        ['a']
+    """
+    ids = {id(t) for t in theirs.values()}
+    return [name for name, t in mine.items() if id(t) in ids]
+
+
+def foreign_states(own: type, classes: Iterable[type], states: Mapping[Any, Any], claimed: Iterable[str]) -> list[str]:
+    """Keys of ``states`` saved by another class of ``classes`` than ``own`` that no callback of the run claims.
+
+    Example:
+        >>> class A: ...
+        >>> class B: ...
+        >>> foreign_states(A, [A, B], {"B{'sparsity': 0.9}": {}, "A{}": {}, "Other{}": {}}, claimed=["A{}"])
+        ["B{'sparsity': 0.9}"]
+    """
+    names = {cls.__qualname__ for cls in classes if cls is not own}
+    taken = set(claimed)
+    return [key for key in states if isinstance(key, str) and key.split("{", 1)[0] in names and key not in taken]
+
+
+def frozen_targets(roles: Iterable[str], model: nn.Module, targets: Mapping[str, Any]) -> list[str]:
+    """Parameters that would be targets by their role but are frozen (``requires_grad=False``), hence left out.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> _ = model[0].weight.requires_grad_(False)
+        >>> frozen_targets(["0.weight", "1.weight"], model, {"1.weight": model[1].weight})
+        ['0.weight']
+    """
+    named = dict(model.named_parameters())
+    return [name for name in roles if name in named and not named[name].requires_grad and name not in targets]
+
+
+def all_subclasses(cls: type) -> list[type]:
+    """``cls`` and every subclass of it, recursively.
+
+    Example:
+        >>> class A: ...
+        >>> class B(A): ...
+        >>> [c.__name__ for c in all_subclasses(A)]
+        ['A', 'B']
+    """
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(c for c in all_subclasses(sub) if c not in found)
+    return found
