@@ -13,9 +13,18 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-__all__ = ["averaged_copies", "foreign_states", "frozen_targets", "mask_averaged_copies", "shared_targets", "stale"]
+__all__ = [
+    "averaged_copies",
+    "foreign_states",
+    "frozen_targets",
+    "mask_averaged_copies",
+    "shared_targets",
+    "stale",
+    "warn_if_unreached",
+]
 
 try:  # Lightning >= 2.6
     from lightning.pytorch.callbacks import WeightAveraging
@@ -151,3 +160,23 @@ def all_subclasses(cls: type) -> list[type]:
     for sub in cls.__subclasses__():
         found.extend(c for c in all_subclasses(sub) if c not in found)
     return found
+
+
+def warn_if_unreached(owner: str, trainer: Any, step: int, what: str = "the schedule ends") -> None:
+    """Warn when ``step`` (where ``what`` happens) lies at or after the end of training: its sparsity is not reached.
+
+    Example:
+        >>> import warnings
+        >>> from types import SimpleNamespace
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_if_unreached("GradualPruning", SimpleNamespace(estimated_stepping_batches=100), 150)
+        >>> "the schedule ends at step 150 but training has 100 optimizer steps" in str(caught[0].message)
+        True
+    """
+    total = trainer.estimated_stepping_batches
+    if isinstance(total, (int, float)) and total != float("inf") and step >= total:
+        rank_zero_warn(
+            f"{owner}: {what} at step {step} but training has {int(total)} optimizer steps; the final sparsity will "
+            "not be reached"
+        )

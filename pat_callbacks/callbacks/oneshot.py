@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from pat_callbacks.callbacks._batches import cross_entropy, first_nonempty
+from pat_callbacks.callbacks._guards import warn_if_unreached
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core._validation import check_int
 from pat_callbacks.core.pruner import Pruner, PruningOptions
@@ -178,7 +179,7 @@ class OneShotPruning(PruningCallback):
     @override
     def _resolve(self, trainer: pl.Trainer) -> None:
         if not self.pruned:
-            self._warn_if_unreached(trainer, self.at_step)
+            warn_if_unreached(type(self).__name__, trainer, self.at_step, what="one-shot pruning happens")
 
     @override
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:

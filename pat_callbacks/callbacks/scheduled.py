@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import Unpack, override
 
+from pat_callbacks.callbacks._guards import warn_if_unreached
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core.schedules import OneShotSchedule, Schedule
 from pat_callbacks.core.windows import ScheduleSpec, WindowArguments, check_window_arguments
@@ -170,18 +171,10 @@ class ScheduledPruningCallback(PruningCallback):
                 f"has {int(total)} optimizer steps: it would train dense; start the window before step {int(total)} "
                 "(e.g. start_fraction / end_fraction) or train longer"
             )
-        self._warn_if_unreached(trainer, self.schedule.end_step)
+        warn_if_unreached(type(self).__name__, trainer, self.schedule.end_step)
         message = few_updates_message(self.schedule)
         if message:
             rank_zero_warn(f"{type(self).__name__}: {message}")
-
-    def _warn_if_unreached(self, trainer: pl.Trainer, end_step: int) -> None:
-        total = trainer.estimated_stepping_batches
-        if isinstance(total, (int, float)) and total != float("inf") and end_step >= total:
-            rank_zero_warn(
-                f"{type(self).__name__}: the schedule ends at step {end_step} but training has {int(total)} "
-                "optimizer steps; the final sparsity will not be reached"
-            )
 
     def _require_schedule(self) -> Schedule:
         if self.schedule is None:

@@ -17,7 +17,12 @@ __all__ = ["all_ranks_agree", "broadcast_masks", "several_processes"]
 
 
 def several_processes() -> bool:
-    """Whether torch.distributed runs with more than one process."""
+    """Whether torch.distributed runs with more than one process.
+
+    Example:
+        >>> several_processes()
+        False
+    """
     return (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()
@@ -26,7 +31,12 @@ def several_processes() -> bool:
 
 
 def all_ranks_agree(flag: bool) -> bool:
-    """Under torch.distributed, whether ``flag`` holds on every rank; ``flag`` itself in one process."""
+    """Under torch.distributed, whether ``flag`` holds on every rank; ``flag`` itself in one process.
+
+    Example:
+        >>> all_ranks_agree(False)
+        False
+    """
     if not several_processes():
         return flag
     value = torch.tensor([int(flag)])
@@ -37,7 +47,13 @@ def all_ranks_agree(flag: bool) -> bool:
 
 
 def broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Under torch.distributed, make every rank hold rank 0's masks (ranks may score differently)."""
+    """Under torch.distributed, make every rank hold rank 0's masks (ranks may score differently).
+
+    Example:
+        >>> import torch
+        >>> broadcast_masks({"w": torch.tensor([True])})
+        {'w': tensor([True])}
+    """
     if not several_processes():
         return masks
     synced = {}

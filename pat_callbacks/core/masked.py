@@ -37,6 +37,14 @@ class MaskedParameters:
 
     Args:
         params: ``{name: parameter}`` that may be masked (local shards when sharded by FSDP2).
+
+    Example:
+        >>> import torch
+        >>> weight = torch.nn.Parameter(torch.ones(2, 2))
+        >>> masked = MaskedParameters({"w": weight})
+        >>> masked.prune_entries({"w": torch.tensor([[True, False], [False, False]])})
+        >>> masked.sparsity(), masked.state_dict()["target_sparsity"]
+        (0.25, 0.0)
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter]) -> None:

@@ -41,6 +41,10 @@ class UpdatePlan:
         shared: the layers pruned by one threshold over their scores, in model order.
         shared_budget: entries of ``shared`` pruned after the update, in total (every layer keeps one).
         scaled: whether ``shared`` scores are divided by each layer's mean (``allocation="global"``).
+
+    Example:
+        >>> UpdatePlan(0.5, {"w": 0.5}).per_layer
+        {'w': 0.5}
     """
 
     sparsity: float
@@ -56,6 +60,11 @@ class Planner:
     Args:
         options: the pruning options.
         shapes: ``{name: shape}`` of the pruned parameters (whole, not a rank's shard).
+
+    Example:
+        >>> from pat_callbacks.core.options import PruningOptions
+        >>> Planner(PruningOptions(allocation="erk"), {"a": (10, 10), "b": (100, 100)}).plan(0.9).per_layer["a"] < 0.9
+        True
     """
 
     def __init__(self, options: PruningOptions, shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -36,6 +36,16 @@ class Scorer:
         criterion: the importance criterion.
         params: ``{name: parameter}`` scored (local shards when sharded).
         group: the shard group of sharded (FSDP2) parameters: checkpoints hold whole history tensors.
+
+    Example:
+        >>> import torch
+        >>> from pat_callbacks.core.criteria import get_criterion
+        >>> weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        >>> weight.grad = torch.tensor([0.5, 0.5])
+        >>> scorer = Scorer(get_criterion("taylor"), {"w": weight})
+        >>> scorer.accumulate()
+        >>> scorer.score("w")
+        tensor([0.5000, 1.0000])
     """
 
     def __init__(self, criterion: Criterion, params: Mapping[str, nn.Parameter], group: Any = None) -> None:

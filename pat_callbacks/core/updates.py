@@ -54,11 +54,21 @@ __all__ = ["NeedsExactSelection", "Selection", "SkippedUpdate"]
 
 
 class NeedsExactSelection(Exception):
-    """A streamed update cannot decide; the update falls back to exact selection on whole score tensors."""
+    """A streamed update cannot decide; the update falls back to exact selection on whole score tensors.
+
+    Example:
+        >>> issubclass(NeedsExactSelection, Exception)
+        True
+    """
 
 
 class SkippedUpdate(Exception):
-    """NaN/Inf scores (already warned about): the update is skipped."""
+    """NaN/Inf scores (already warned about): the update is skipped.
+
+    Example:
+        >>> issubclass(SkippedUpdate, Exception)
+        True
+    """
 
 
 class Selection:
@@ -70,6 +80,14 @@ class Selection:
         planner: the per-layer split (also warns about nearly empty layers).
         pattern: the mask shape.
         transposed: names of matrices stored in x out (HF ``Conv1D``): patterns run along their inputs.
+
+    Example:
+        >>> from torch import nn
+        >>> from pat_callbacks.core.pruner import Pruner
+        >>> pruner = Pruner(nn.Linear(4, 4), pattern="block:2x2")
+        >>> pruner.selection.can_stream(0.5, 0.0), int((~pruner.selection.exact(0.5, None, None, None,
+        ...     keep_pruned=False)["weight"]).sum())
+        (False, 8)
     """
 
     def __init__(

@@ -32,7 +32,12 @@ __all__ = ["DEFAULT_UPDATE_EVERY", "ScheduleSpec", "WindowArguments", "check_win
 class WindowArguments(TypedDict, total=False):
     """The pruning window and the schedule's own keyword arguments, declared once: every schedule-driven callback
     takes them as ``**window`` and hands them to :class:`ScheduleSpec` (each bound in one unit: steps, epochs or
-    fractions of the run)."""
+    fractions of the run).
+
+    Example:
+        >>> sorted(WindowArguments.__annotations__)[:3]
+        ['end_epoch', 'end_fraction', 'end_step']
+    """
 
     initial_sparsity: float | None
     start_step: int | None

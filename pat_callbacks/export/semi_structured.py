@@ -73,6 +73,10 @@ class LayerChoice:
         sparse_ms: time of the 2:4 kernel on that input (``None``: not timed).
         choice: ``"2:4"`` or ``"dense"``.
         reason: why, in words.
+
+    Example:
+        >>> LayerChoice("fc", "Linear", (8, 8), 16, 1.0, 2.0, "dense", "the 2:4 kernel was slower").choice
+        'dense'
     """
 
     name: str
