@@ -124,12 +124,12 @@ class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
 
     Example:
         >>> from omegaconf import OmegaConf
-        >>> OmegaConf.structured(StructuredPruningConf).criterion
-        'l2'
+        >>> OmegaConf.structured(StructuredPruningConf).criterion is None  # the callback's default: l2
+        True
     """
 
     _target_: str = "pat_callbacks.StructuredPruning"
-    criterion: str = "l2"
+    criterion: Optional[str] = None  # l2 (unset, so the former key `importance` can still be given alone)
     exclude: Optional[List[str]] = None
     importance: Optional[str] = None  # the former name of criterion
     ignore: Optional[List[str]] = None  # the former name of exclude
