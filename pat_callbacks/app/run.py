@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from pat_callbacks.app.config import check_against_schema
+from pat_callbacks.app.config import check_against_schema, check_trainer_keys
 from pat_callbacks.app.report import weight_sparsity
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core.targets import select_parameters, weight_matrices
@@ -49,6 +49,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     _check_optimized_metric(cfg)
     if cfg.get("pruning"):
         check_against_schema(cfg.pruning, "pruning")
+    check_trainer_keys(cfg.trainer, "trainer")
     # Noise from Lightning internals: an absent validation split is intended, and LeafSpec is its own deprecation.
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
