@@ -75,7 +75,8 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     start_step = _StartStep()
     trainer.callbacks.append(start_step)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only=True whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: a checkpoint to resume from runs no code.
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_seconds = time.perf_counter() - start  # this process only: a resumed run says where it took over
     resumed_at = start_step.step if start_step.step else None
     val_metrics: dict[str, float] = {}
