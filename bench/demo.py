@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "outputs" / "demo_seeds")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--note", default="", help="a sentence for demo.md on the conditions (e.g. machine load)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "demo.csv"
@@ -172,15 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method} seed {seed}: {row['test_acc']}% at {row['sparsity']} in {row['wall_s']} s", flush=True)
             rows.append(row)
             _write(csv_path, rows)
-    total = sum(float(row["wall_s"]) for row in rows if int(row["seed"]) == args.seeds[0])
+    first = [row for row in rows if int(row["seed"]) == args.seeds[0]]
+    walls = [f"{float(row['wall_s']):.0f}" for row in first]
     text = (
         "# `make demo` over seeds\n\n"
         f"Command: `python bench/demo.py --seeds {' '.join(map(str, args.seeds))}` (each row is the Makefile's "
-        "`python train.py ...` plus `seed=S`, run one after another on the 2 shared CPU cores of this machine). "
+        "`python train.py ...` plus `seed=S`, run as a subprocess on the 2 CPU cores of this machine). "
         "Test accuracy %, mean ± sample sd over the seeds; seconds per command, start-up and test included (wall: "
         "on a machine shared with other jobs, run under `nice -n 10`; CPU: user + system time of the command).\n\n"
         f"{table(rows)}\n\n"
-        f"The three commands of seed {args.seeds[0]} took {total:.0f} s together.\n"
+        f"The three commands of seed {args.seeds[0]} took {' + '.join(walls)} = "
+        f"{sum(float(row['wall_s']) for row in first):.0f} s wall.{' ' + args.note if args.note else ''}\n"
     )
     (args.out / "demo.md").write_text(text)
     print(text)

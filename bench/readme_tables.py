@@ -113,7 +113,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def _demo(results: Path) -> str:
     text = (results / "demo.md").read_text()
-    times = re.search(r"^The three commands .*$", text, re.M)
+    times = re.search(r"^The three commands .*$", text, re.M)  # the line, with the --note that follows it
     return first_table(text) + (f"\n\n{times.group(0)}" if times else "")
 
 
