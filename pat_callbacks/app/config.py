@@ -1,9 +1,11 @@
-"""Hydra structured-config schemas for the pruning configs in ``conf/pruning/``.
+"""Hydra structured-config schemas for the pruning configs in ``conf/pruning/`` and the trainer configs.
 
-Registered in Hydra's ConfigStore under ``schema/pruning/{gradual,dynamic,structured,oneshot}``; each YAML of
-``conf/pruning/`` starts from one (``defaults: [/schema/pruning/gradual@_here_, _self_]``), so a misspelled key or a
-value of the wrong type fails when the config is composed, before anything is built. Range checks (a sparsity of 1.5,
-an end before the start) are the callbacks' own and run when the config is instantiated, still before training.
+Registered in Hydra's ConfigStore under ``schema/pruning/{gradual,dynamic,structured,oneshot}`` and
+``schema/trainer/lightning``; each YAML of ``conf/pruning/`` and ``conf/trainer/`` starts from one
+(``defaults: [/schema/pruning/gradual@_here_, _self_]``), so a misspelled key or a value of the wrong type
+(``trainer.max_steps=abc``) fails when the config is composed, naming the key, before anything is built. Range
+checks (a sparsity of 1.5, an end before the start) are the callbacks' own and run when the config is
+instantiated, still before training.
 
 Example:
     >>> from omegaconf import OmegaConf
@@ -17,8 +19,9 @@ Example:
 """
 
 import difflib
+import inspect
 from dataclasses import dataclass, fields
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
@@ -27,7 +30,10 @@ __all__ = [
     "GradualPruningConf",
     "OneShotPruningConf",
     "StructuredPruningConf",
+    "TrainerConf",
     "check_against_schema",
+    "check_trainer_keys",
+    "promote_swept_group_keys",
     "register_configs",
 ]
 
@@ -171,6 +177,115 @@ class OneShotPruningConf(_LoggingConf):
     keep_last: bool = False
 
 
+@dataclass
+class TrainerConf:
+    """Schema of the ``trainer`` group: the ``lightning.pytorch.Trainer`` arguments the shipped configs set, typed.
+
+    Other Trainer arguments are added with ``+trainer.NAME=VALUE`` (checked against the Trainer's signature by
+    :func:`check_trainer_keys`); ``callbacks``, ``logger`` and ``default_root_dir`` come from ``train.py``.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> schema = OmegaConf.structured(TrainerConf)
+        >>> schema.max_steps = "abc"
+        Traceback (most recent call last):
+        ...
+        omegaconf.errors.ValidationError: Value 'abc' of type 'str' could not be converted to Integer
+            full_key: max_steps
+            object_type=TrainerConf
+    """
+
+    _target_: str = "lightning.pytorch.Trainer"
+    max_steps: int = -1
+    max_epochs: Optional[int] = None
+    accelerator: str = "auto"
+    devices: Any = "auto"  # an int, a list of ids or a string ("auto", "0,1")
+    precision: Optional[str] = None  # "32-true", "bf16-mixed", "16-mixed", ...
+    log_every_n_steps: Optional[int] = None
+    enable_model_summary: Optional[bool] = None
+    enable_progress_bar: Optional[bool] = None
+    deterministic: Any = None  # true, false or "warn"
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+
+
+# Trainer arguments train.py passes itself: a `+trainer.logger=...` would be silently overridden.
+_SET_BY_TRAIN_PY = {
+    "callbacks": "the `callbacks` key",
+    "logger": "the `logger` group",
+    "default_root_dir": "hydra.run.dir",
+}
+
+
+def check_trainer_keys(node: Any, key: str = "trainer") -> None:
+    """Refuse ``trainer`` keys that are not arguments of ``lightning.pytorch.Trainer`` (added with ``+``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> check_trainer_keys(OmegaConf.create({"max_steps": 5, "limit_val_batches": 1}))
+        >>> check_trainer_keys(OmegaConf.create({"max_step": 5}))
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown key `trainer.max_step` (added with +?): not an argument of lightning.pytorch.Trainer; \
+did you mean `max_steps`?
+    """
+    from lightning.pytorch import Trainer
+
+    known = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    for name in node:
+        if name in _SET_BY_TRAIN_PY:
+            raise ValueError(f"`{key}.{name}` is set by train.py: use {_SET_BY_TRAIN_PY[name]} instead")
+        if name not in known and name not in ("_target_", "defaults"):
+            close = difflib.get_close_matches(str(name), sorted(known), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ValueError(
+                f"Unknown key `{key}.{name}` (added with +?): not an argument of lightning.pytorch.Trainer{hint}"
+            )
+
+
+def promote_swept_group_keys(overrides: Sequence[str]) -> list[str]:
+    """The overrides of a multirun, with ``G.key=value`` made ``++G.key=value`` where ``+G=a,b`` sweeps a group
+    that has no default (``+pruning=cubic,rigl``).
+
+    Hydra composes a sweep's base config without the swept groups' options, so there a plain ``pruning.key=5``
+    has no ``pruning`` node to change ("Key 'pruning' is not in struct") although every job would have one;
+    ``++`` sets the key in every job (its type still checked by the job's schema, an unknown key still refused by
+    :func:`check_against_schema`). Single runs, swept keys (``pruning.sparsity=0.8,0.9``) and keys with a
+    prefix are left as they are. ``train.py`` applies it to its command line; an own project may do the same.
+
+    Example:
+        >>> promote_swept_group_keys(["-m", "+pruning=cubic,rigl", "pruning.sparsity=0.8,0.9",
+        ...                           "pruning.update_every=5"])
+        ['-m', '+pruning=cubic,rigl', 'pruning.sparsity=0.8,0.9', '++pruning.update_every=5']
+        >>> promote_swept_group_keys(["+pruning=cubic", "pruning.update_every=5"])  # a single run composes as is
+        ['+pruning=cubic', 'pruning.update_every=5']
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    args = list(overrides)
+    if not any(arg in ("-m", "--multirun") for arg in args):
+        return args
+    parser = OverridesParser.create()
+    parsed: dict[int, Any] = {}
+    for index, arg in enumerate(args):
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            parsed[index] = parser.parse_override(arg)
+        except HydraException:  # Hydra reports it itself, with its own message
+            continue
+    swept = {
+        o.key_or_group for o in parsed.values() if o.is_add() and o.is_sweep_override() and "." not in o.key_or_group
+    }
+    for index, override in parsed.items():
+        group = override.key_or_group.split(".", 1)[0]
+        plain = override.get_key_element() == override.key_or_group  # no + / ++ / ~ prefix
+        if group in swept and "." in override.key_or_group and plain and not override.is_sweep_override():
+            args[index] = f"++{args[index]}"
+    return args
+
+
 def check_against_schema(node: Any, key: str = "pruning") -> None:
     """Refuse keys that a config node's schema does not have, even those added with ``+`` on the command line.
 
@@ -219,6 +334,7 @@ def register_configs() -> None:
     store.store(group="schema/pruning", name="dynamic", node=DynamicSparseTrainingConf)
     store.store(group="schema/pruning", name="structured", node=StructuredPruningConf)
     store.store(group="schema/pruning", name="oneshot", node=OneShotPruningConf)
+    store.store(group="schema/trainer", name="lightning", node=TrainerConf)
 
 
 register_configs()

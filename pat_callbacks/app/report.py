@@ -76,14 +76,87 @@ def weight_sparsity(params: Mapping[str, Tensor]) -> tuple[float, dict[str, floa
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
+# Keys of a metrics.json the report computes with: a string there is an error, not a value to guess at.
+_NUMBER_KEYS = ("sparsity", "target_sparsity", "fit_seconds", "global_step")
+# Accuracy-like keys: NaN or inf there (a diverged run) is reported as missing, with a warning.
+_METRIC_KEYS = ("test_acc", "val_acc")
+
+
+def _warn(message: str) -> None:
+    print(f"pat-report: warning: {message}", file=sys.stderr)
+
+
+def _shown(value: Any) -> str:
+    """``repr`` of a bad value on one line, at most 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(file: Path, key: str, value: Any) -> None:
+    if value is None:
+        return
+    if not _is_number(value):
+        raise ValueError(f"{file}: key '{key}' must be a number or null, but got {_shown(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{file}: key '{key}' is {value}, not a finite number")
+
+
+def _finite_or_none(file: Path, key: str, value: Any) -> Any:
+    """``value``, or None with a warning when it is NaN or infinite."""
+    if _is_number(value) and not math.isfinite(value):
+        _warn(f"{file}: key '{key}' is {'NaN' if math.isnan(value) else value}: reported as missing (n/a)")
+        return None
+    return value
+
+
+def _check_run(data: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The run of a ``metrics.json`` after checking every value the report uses; names the file and key if bad.
+
+    Example:
+        >>> _check_run({"sparsity": "high"}, Path("run/metrics.json"))
+        Traceback (most recent call last):
+        ...
+        ValueError: run/metrics.json: key 'sparsity' must be a number or null, but got 'high'
+    """
+    method = data.get("method")
+    if method is not None and not isinstance(method, str):
+        raise ValueError(f"{file}: key 'method' must be a string, but got {_shown(method)}")
+    for key in _NUMBER_KEYS:
+        _check_number(file, key, data.get(key))
+    for key in _METRIC_KEYS:
+        value = data.get(key)
+        if value is not None and not _is_number(value):
+            raise ValueError(f"{file}: key '{key}' must be a number or null, but got {_shown(value)}")
+        if key in data:
+            data[key] = _finite_or_none(file, key, value)
+    for key in ("metrics", "layer_sparsity"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ValueError(f"{file}: key '{key}' must be an object, but got {_shown(data[key])}")
+    for layer, value in (data.get("layer_sparsity") or {}).items():
+        _check_number(file, f"layer_sparsity.{layer}", value)
+        if value is None:
+            raise ValueError(f"{file}: key 'layer_sparsity.{layer}' must be a number, but got None")
+    if data.get("metrics"):
+        data["metrics"] = {
+            name: _finite_or_none(file, f"metrics.{name}", value) for name, value in data["metrics"].items()
+        }
+    return data
+
+
 def _read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{file} is not valid JSON ({error})") from None
+    except OSError as error:
+        raise ValueError(f"{file} cannot be read ({error.strerror or error})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object of run metrics")
-    return {**data, "run_dir": str(file.parent), "source": "metrics.json"}
+    return {**_check_run(data, file), "run_dir": str(file.parent), "source": "metrics.json"}
 
 
 def _float(text: str | None) -> float | None:
@@ -130,9 +203,13 @@ def _read_csv(file: Path) -> dict[str, Any] | None:
 
 def _run_files(root: Path) -> list[Path]:
     """Every ``metrics.json`` below ``root``; every ``metrics.csv`` without a ``metrics.json`` in or above its dir."""
-    jsons = sorted(root.rglob("metrics.json"))
+    found = {name: sorted(root.rglob(name)) for name in ("metrics.json", "metrics.csv")}
+    for path in (*found["metrics.json"], *found["metrics.csv"]):
+        if not path.is_file():  # a folder named so: the rest of the sweep is still worth a report
+            _warn(f"skipped {path}: a folder, not a file")
+    jsons = [file for file in found["metrics.json"] if file.is_file()]
     owners = {file.parent for file in jsons}
-    csvs = [f for f in sorted(root.rglob("metrics.csv")) if not owners.intersection([f.parent, *f.parents])]
+    csvs = [f for f in found["metrics.csv"] if f.is_file() and not owners.intersection([f.parent, *f.parents])]
     return sorted([*jsons, *csvs])
 
 
@@ -194,10 +271,10 @@ def run_score(run: Mapping[str, Any], metric: str | None = None) -> tuple[str, f
     """
     values: dict[str, float] = {}
     for name, value in (run.get("metrics") or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if _is_number(value) and math.isfinite(value):
             values[name] = float(value)
     for name in ("test_acc", "val_acc"):  # train.py's metrics.json keeps them at the top level
-        if isinstance(run.get(name), (int, float)):
+        if _is_number(run.get(name)) and math.isfinite(run[name]):
             values.setdefault(name, float(run[name]))
     if metric is not None:
         return (metric, values[metric]) if metric in values else None
@@ -240,6 +317,16 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _cell(value: Any) -> str:
+    """``value`` as one markdown table cell: line breaks become spaces and ``|`` is escaped (no injected rows).
+
+    Example:
+        >>> _cell("cubic\\n| fake | row |")
+        'cubic \\\\| fake \\\\| row \\\\|'
+    """
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
 def _seconds(value: Any) -> str:
     return f"{float(value):.1f}" if isinstance(value, (int, float)) else "n/a"
 
@@ -269,7 +356,7 @@ def summary_table(runs: Sequence[Mapping[str, Any]], metric: str | None = None) 
             float(runs[i]["fit_seconds"]) for i in indices if isinstance(runs[i].get("fit_seconds"), (int, float))
         ]
         lines.append(
-            f"| {method} | {target:g} | {len(indices)} | {score} | {reached:.4f} "
+            f"| {_cell(method)} | {target:g} | {len(indices)} | {score} | {reached:.4f} "
             f"| {_seconds(statistics.mean(seconds) if seconds else None)} |"
         )
     return "\n".join(lines)
@@ -282,7 +369,7 @@ def _runs_table(runs: Sequence[Mapping[str, Any]], metric: str | None = None) ->
     lines = [f"| run | method | {header} | sparsity | target | steps | fit s |", "|---|---|---|---|---|---|---|"]
     for run, score in zip(runs, scores, strict=True):
         lines.append(
-            f"| {run.get('name', Path(run['run_dir']).name)} | {run.get('method', '?')} "
+            f"| {_cell(run.get('name', Path(run['run_dir']).name))} | {_cell(run.get('method', '?'))} "
             f"| {'n/a' if score is None else f'{score:.4f}' if not percent else f'{score:.2f}'} "
             f"| {float(run.get('sparsity') or 0.0):.4f} | {_target(run):.4f} | {run.get('global_step', 'n/a')} "
             f"| {_seconds(run.get('fit_seconds'))} |"
@@ -491,10 +578,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.metric and not any(run_score(run, args.metric) for run in runs):
         raise SystemExit(f"pat-report: error: no run at or below {', '.join(args.paths)} logged {args.metric!r}")
     out = args.out or Path(args.paths[0]) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"pat-report: error: --out {out} is a file, not a folder")
     table = summary_table(runs, args.metric)
     per_run = _runs_table(runs, args.metric)
-    (out / "report.md").write_text(f"# pat-callbacks report\n\n{table}\n\n## Runs\n\n{per_run}\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(f"# pat-callbacks report\n\n{table}\n\n## Runs\n\n{per_run}\n")
+    except OSError as error:
+        raise SystemExit(f"pat-report: error: cannot write into --out {out} ({error.strerror or error})") from None
     if not args.no_plots:
         written = [
             plot_accuracy_vs_sparsity(runs, out / "accuracy_vs_sparsity.png", args.metric),

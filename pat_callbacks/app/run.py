@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from pat_callbacks.app.config import check_against_schema
+from pat_callbacks.app.config import check_against_schema, check_trainer_keys
 from pat_callbacks.app.report import weight_sparsity
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core.targets import select_parameters, weight_matrices
@@ -49,6 +49,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     _check_optimized_metric(cfg)
     if cfg.get("pruning"):
         check_against_schema(cfg.pruning, "pruning")
+    check_trainer_keys(cfg.trainer, "trainer")
     # Noise from Lightning internals: an absent validation split is intended, and LeafSpec is its own deprecation.
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -74,7 +75,8 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     start_step = _StartStep()
     trainer.callbacks.append(start_step)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only=True whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: a checkpoint to resume from runs no code.
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     fit_seconds = time.perf_counter() - start  # this process only: a resumed run says where it took over
     resumed_at = start_step.step if start_step.step else None
     val_metrics: dict[str, float] = {}
