@@ -90,7 +90,7 @@ def stack(sparsity: float, seed: int = 0) -> nn.Module:
     model = nn.Sequential(*(nn.Linear(2048, 2048) for _ in range(3)))
     with torch.no_grad():
         for layer in model:
-            layer.weight.mul_(torch.rand_like(layer.weight) >= sparsity)
+            layer.weight.mul_(torch.rand_like(layer.weight) >= sparsity).add_(0.0)  # +0.0 zeros, as MaskStore leaves
     return model.eval()
 
 

@@ -146,14 +146,15 @@ class MaskStore:
     # ---------------------------------------------------------------- enforcement
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero the pruned weights in place (one fused pass over masked parameters)."""
+        """Zero the pruned weights in place (fused passes over masked parameters). Pruned entries become ``+0.0``: a
+        multiply leaves ``-0.0`` where a weight was negative, which a sparse export would have to store a sign for;
+        adding ``0.0`` clears it and changes no other value."""
         if not self.masks:
             return
         names = list(self.masks)
-        _foreach_mask_(
-            [local(self.params[n].data) for n in names],
-            [self.masks[n] for n in names],
-        )
+        tensors = [local(self.params[n].data) for n in names]
+        _foreach_mask_(tensors, [self.masks[n] for n in names])
+        torch._foreach_add_(tensors, 0.0)
 
     @torch.no_grad()
     def mask_grads(self) -> None:

@@ -99,3 +99,12 @@ def test_bad_masks_are_refused():
         store.set_masks({"nope": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="not pruned parameters of this model"):
         store.load_state_dict({"masks": {"other.weight": torch.ones(1, dtype=torch.bool)}})
+
+
+def test_pruned_weights_are_positive_zeros_so_exports_store_no_signs():
+    weight = torch.nn.Parameter(torch.tensor([-1.5, 2.0, -3.0, 4.0]))
+    store = MaskStore({"w": weight})
+    store.set_masks({"w": torch.tensor([False, True, False, True])})
+    store.apply()
+    assert weight.tolist() == [0.0, 2.0, 0.0, 4.0]
+    assert not bool(torch.signbit(weight.detach()[[0, 2]]).any())  # +0.0, not -0.0
