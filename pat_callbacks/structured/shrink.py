@@ -30,7 +30,9 @@ def shrink(
     :func:`~pat_callbacks.structured.attention.shrink_transformer`; conv filters and linear neurons by Torch-Pruning.
 
     ``pruned`` maps a group's root weight name to the channel indices to remove (see
-    :meth:`~pat_callbacks.callbacks.structured.StructuredPruning.pruned_channels`); ``attention`` repeats the
+    :meth:`~pat_callbacks.callbacks.structured.StructuredPruning.pruned_channels`), named in ``model`` or in a module
+    that holds it (``net.c2.weight`` from a LightningModule whose ``net`` is ``model``: the common prefix is dropped);
+    ``attention`` repeats the
     q/k/v/o layouts given to ``StructuredPruning``, if any. To rebuild the shrunk model later, keep ``pruned``
     (plain ints) with its ``state_dict``: build the original architecture, ``shrink`` it with the same ``pruned``,
     then ``load_state_dict`` (``torch.load(weights_only=True)`` works for both).
@@ -48,6 +50,7 @@ def shrink(
         >>> shrink(model, torch.zeros(1, 4), {"0.weight": [1, 4]})[0].out_features
         4
     """
+    pruned = relative_names(model, pruned)
     heads, ffn = transformer_groups(model, attention, heads="kv_groups")
     query_heads, _ = transformer_groups(model, attention, heads="query_heads")
     transformer_roots = {group.root for group in heads + query_heads + ffn}
@@ -76,3 +79,37 @@ def shrink(
 def _update_configs(model: nn.Module, uniform_per_layer: bool) -> None:
     for note in update_config(model, uniform_per_layer):
         warnings.warn(f"shrink: {note}", UserWarning, stacklevel=3)
+
+
+def relative_names(model: nn.Module, pruned: Mapping[str, Sequence[int]]) -> dict[str, Sequence[int]]:
+    """``pruned`` with its names as ``model`` knows them: a prefix shared by every name (e.g. ``net.`` from the
+    LightningModule around ``model``) is dropped when that makes them ``model``'s parameter names.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> relative_names(model, {"net.0.weight": [1]})
+        {'0.weight': [1]}
+        >>> relative_names(model, {"net.9.weight": [1]})
+        Traceback (most recent call last):
+        ...
+        ValueError: shrink: 'net.9.weight' is no parameter of Sequential (nor is any of its suffixes); parameters: \
+0.weight, 0.bias, 2.weight, 2.bias
+    """
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    if all(root in names for root in pruned):
+        return dict(pruned)
+    for root in pruned:
+        parts = root.split(".")
+        for cut in range(1, len(parts)):
+            prefix = ".".join(parts[:cut]) + "."
+            if ".".join(parts[cut:]) in names and all(
+                r.startswith(prefix) and r[len(prefix) :] in names for r in pruned
+            ):
+                return {r[len(prefix) :]: channels for r, channels in pruned.items()}
+        if root not in names:
+            sample = ", ".join(list(dict.fromkeys(n for n, _ in model.named_parameters()))[:8])
+            raise ValueError(
+                f"shrink: {root!r} is no parameter of {type(model).__name__} (nor is any of its suffixes); "
+                f"parameters: {sample}"
+            )
+    raise ValueError(f"shrink: the names {sorted(pruned)} mix prefixes; give them as {type(model).__name__} names them")

@@ -15,6 +15,7 @@ from pat_callbacks.structured import (
     channel_scores,
     get_structured_importance,
     head_groups,
+    shrink,
 )
 
 
@@ -114,3 +115,29 @@ def test_a_structured_pruner_has_no_single_weight_regrowth():
     assert not hasattr(pruner, "regrow")
     assert set(pruner.pruned_channels()) == {"0.weight"}
     assert len(pruner.pruned_channels()["0.weight"]) == 3
+
+
+class _Wrapper(nn.Module):
+    """What a LightningModule is to its network: the names of the weights gain a ``net.`` prefix."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_shrink_takes_the_names_of_the_module_around_the_network():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(3, 4)
+    pruner = StructuredPruner(_Wrapper(net), x[:1], criterion="l1")
+    assert pruner.prune_to(0.5)
+    pruned = pruner.pruned_channels()
+    assert set(pruned) == {"net.0.weight"}  # named from the wrapper, as pruned_channels() of a callback are
+    expected = net(x)
+    small = shrink(net, x[:1], pruned)  # the inner network: the prefix is dropped (was KeyError 'net.0.weight')
+    assert small[0].out_features == 3 and torch.allclose(small(x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'net\.9\.weight' is no parameter of Sequential"):
+        shrink(net, x[:1], {"net.9.weight": [0]})
