@@ -35,21 +35,25 @@ _compat.install()  # old module paths (pat_callbacks.pruner, pat_callbacks.model
 
 if TYPE_CHECKING:
     from pat_callbacks.callbacks import (
+        Distillation,
         DynamicSparseTraining,
         GradualPruning,
         KeepSparsity,
         PruningCallback,
         PruningSummary,
+        QuantizationAwareTraining,
         StructuredPruning,
     )
 
 # The Lightning callbacks load on first use, so the core (Pruner, schedules, ...) imports without Lightning.
 _CALLBACKS = (
+    "Distillation",
     "DynamicSparseTraining",
     "GradualPruning",
     "KeepSparsity",
     "PruningCallback",
     "PruningSummary",
+    "QuantizationAwareTraining",
     "StructuredPruning",
 )
 
@@ -65,6 +69,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConstantSchedule",
     "CubicSchedule",
+    "Distillation",
     "DynamicSparseTraining",
     "ExponentialSchedule",
     "FunctionSchedule",
@@ -79,6 +84,7 @@ __all__ = [
     "PruningCallback",
     "PruningOptions",
     "PruningSummary",
+    "QuantizationAwareTraining",
     "Schedule",
     "ScheduleSpec",
     "StructuredPruner",

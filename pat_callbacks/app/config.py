@@ -23,8 +23,10 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 __all__ = [
+    "DistillationConf",
     "DynamicSparseTrainingConf",
     "GradualPruningConf",
+    "QuantizationConf",
     "StructuredPruningConf",
     "check_against_schema",
     "register_configs",
@@ -132,6 +134,48 @@ class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
     attention: Optional[List[Any]] = None
 
 
+@dataclass
+class DistillationConf:
+    """Schema of :class:`pat_callbacks.Distillation` configs (``conf/recovery/distill.yaml``, at
+    ``callbacks.distill``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(DistillationConf).temperature
+        2.0"""
+
+    _target_: str = "pat_callbacks.Distillation"
+    temperature: float = 2.0
+    alpha: float = 1.0
+    hidden_layers: Any = None  # a list of names or {student: teacher}
+    hidden_weight: float = 1.0
+    teacher_step: Any = "pruning_start"  # or a step number
+    teacher_dtype: Optional[str] = None
+    teacher_device: Optional[str] = None
+    student_module: str = ""
+    save_teacher: bool = True
+    log: bool = True
+
+
+@dataclass
+class QuantizationConf:
+    """Schema of :class:`pat_callbacks.QuantizationAwareTraining` configs (``conf/recovery/qat_*.yaml``, at
+    ``callbacks.qat``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(QuantizationConf).bits
+        8"""
+
+    _target_: str = "pat_callbacks.QuantizationAwareTraining"
+    bits: int = 8
+    group_size: Optional[int] = None
+    start_step: int = 0
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    finalize: bool = True
+
+
 def check_against_schema(node: Any, key: str = "pruning") -> None:
     """Refuse keys that a config node's schema does not have, even those added with ``+`` on the command line.
 
@@ -179,6 +223,8 @@ def register_configs() -> None:
     store.store(group="schema/pruning", name="gradual", node=GradualPruningConf)
     store.store(group="schema/pruning", name="dynamic", node=DynamicSparseTrainingConf)
     store.store(group="schema/pruning", name="structured", node=StructuredPruningConf)
+    store.store(group="schema/recovery", name="distillation", node=DistillationConf)
+    store.store(group="schema/recovery", name="quantization", node=QuantizationConf)
 
 
 register_configs()

@@ -122,3 +122,15 @@ def test_loss_without_a_watched_forward_says_why() -> None:
 def test_unknown_hidden_layer_is_refused_up_front() -> None:
     with pytest.raises(ValueError, match="not submodules of the teacher"):
         Distiller(nn.Linear(2, 2), hidden_layers=["blocks.0"])
+
+
+def test_the_recovery_package_never_imports_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pat_callbacks.recovery, pat_callbacks.recovery.lora, pat_callbacks.export.quantized; "
+        "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
