@@ -4,6 +4,8 @@ Registered in Hydra's ConfigStore under ``schema/pruning/{gradual,dynamic}``; ea
 starts from one (``defaults: [/schema/pruning/gradual@_here_, _self_]``), so a misspelled key or a value of
 the wrong type fails when the config is composed, before anything is built. Range checks (a sparsity of 1.5,
 an end before the start) are the callbacks' own and run when the config is instantiated, still before training.
+The recovery configs (``conf/recovery/``: distillation, QAT) start from ``schema/recovery/{distillation,quantization}``
+the same way; they are packaged under ``callbacks.*``, so ``run_training`` builds them with the other callbacks.
 
 Example:
     >>> from omegaconf import OmegaConf

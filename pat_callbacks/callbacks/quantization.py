@@ -49,6 +49,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from typing_extensions import override
 
@@ -169,7 +170,8 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.training or trainer.global_step >= self.start_step:  # a standalone validate() too
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting or trainer.global_step >= self.start_step:  # a standalone validate() too
             self._quantize(trainer)
 
     @override
