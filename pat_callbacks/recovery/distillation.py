@@ -152,7 +152,15 @@ def freeze(module: nn.Module, *, dtype: torch.dtype | None = None, device: Any =
 
 @dataclass
 class StudentCall:
-    """What one watched forward of the student saw: its inputs, its output and the named layers' outputs."""
+    """What one watched forward of the student saw: its inputs, its output and the named layers' outputs.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> with Distiller(nn.Linear(2, 1)).watch(net) as call:
+        ...     _ = net(torch.ones(3, 2))
+        >>> call.seen, call.args[0].shape, call.output.shape
+        (True, torch.Size([3, 2]), torch.Size([3, 1]))
+    """
 
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)

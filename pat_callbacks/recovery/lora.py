@@ -76,6 +76,13 @@ def add_lora(
 
     Returns:
         The ``peft.PeftModel``.
+
+    Example:
+        >>> model = add_lora(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), r=2)
+        >>> sorted(lora_modules(model))                       # every nn.Linear got an adapter
+        ['0', '2']
+        >>> any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)   # the base is frozen
+        False
     """
     peft = _peft()
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -99,7 +106,12 @@ def add_lora(
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """``{name in the unwrapped model: LoRA layer}`` of a PEFT model."""
+    """``{name in the unwrapped model: LoRA layer}`` of a PEFT model.
+
+    Example:
+        >>> list(lora_modules(add_lora(nn.Sequential(nn.Linear(4, 4)), target_modules=["0"], r=2)))
+        ['0']
+    """
     peft = _peft()
     layers = {}
     for name, module in model.named_modules():
@@ -132,6 +144,16 @@ def merge_lora(model: nn.Module, masks: MaskStore | Mapping[str, Tensor] | None 
 
     Returns:
         The unwrapped base model, its weights ``w + mask ⊙ Δw``: every pruned weight exactly zero.
+
+    Example:
+        >>> base = nn.Sequential(nn.Linear(4, 4))
+        >>> mask = torch.tensor([[True, False] * 2] * 4)
+        >>> model = add_lora(base, target_modules=["0"], r=2)
+        >>> with torch.no_grad():
+        ...     _ = model.base_model.model[0].lora_B["default"].weight.fill_(1.0)
+        >>> merged = merge_lora(model, masks={"0.weight": mask})
+        >>> torch.equal(merged[0].weight != 0, mask)
+        True
     """
     if isinstance(masks, MaskStore):
         masks = masks.masks
