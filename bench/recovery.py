@@ -504,13 +504,16 @@ def main(argv: list[str] | None = None) -> None:
                     record(future.result())
     cost = teacher_cost(checkpoint, args.model, args.batch, args.repeats)
     minutes = (time.perf_counter() - wall) / 60
+    run_minutes = sum(float(r["seconds"]) for r in rows) / 60
     command = "python bench/recovery.py " + " ".join(argv if argv is not None else sys.argv[1:])
     spec = parse_model(args.model)
     header = [
         "# Recovery after pruning: distillation, 2:4 + int8 (CharGPT on Shakespeare)",
         "",
-        f"Command: `{command.strip()}` ({len(jobs)} runs, {args.workers} parallel process(es) of 1 thread, "
-        f"{minutes:.1f} min wall including pretraining and the teacher-cost measurement).",
+        f"Command: `{command.strip()}` ({len(jobs)} runs: {len(jobs_left)} in this invocation, {minutes:.1f} min wall "
+        f"with pretraining (if not cached) and the teacher-cost measurement; {len(jobs) - len(jobs_left)} reused from "
+        f"recovery.csv; {run_minutes:.1f} min of run time summed over the rows; {args.workers} parallel process(es) "
+        "of 1 thread, on 2 cores shared with other jobs).",
         "",
         f"Model: CharGPT d={spec['dim']}, {spec['layers']} layers, {spec['heads']} heads, context {spec['context']}, "
         f"batch {args.batch}. Starting point: {source}. Every row trains {args.steps} steps from it "
