@@ -29,3 +29,14 @@ def test_smoke_writes_every_row_with_exact_zeros_and_the_teacher_cost(tmp_path):
     assert qat["export_exact"] == "True" and int(qat["bytes_sparse_int8"]) < int(qat["bytes_dense"])
     report = (tmp_path / "recovery.md").read_text()
     assert "## Teacher's cost" in report and "KD, bf16 teacher" in report and "## Export sizes" in report
+
+
+def test_checkpoint_loads_from_a_lightning_checkpoint_or_a_state_dict(tmp_path):
+    import torch
+
+    net = recovery._net("d16-l1-h2-c16")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "epoch": 0}, tmp_path / "a.ckpt")
+    torch.save(net.state_dict(), tmp_path / "b.pt")
+    for path in (tmp_path / "a.ckpt", tmp_path / "b.pt"):
+        loaded = recovery.load_pretrained(path, "d16-l1-h2-c16")
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
