@@ -127,6 +127,17 @@ def load_pretrained(path: str | Path, model: str) -> Any:
     return net
 
 
+def checkpoint_model(path: str | Path) -> str | None:
+    """The ``dD-lL-hH-cC`` spec a checkpoint names (bench/pretrain.py stores ``{"model": {...}}``), else None."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    spec = state.get("model") if isinstance(state, dict) else None
+    if isinstance(spec, dict) and {"dim", "layers", "heads", "context"} <= set(spec):
+        return f"d{spec['dim']}-l{spec['layers']}-h{spec['heads']}-c{spec['context']}"
+    return None
+
+
 def pretrain(model: str, batch: int, steps: int, out: Path) -> Path:
     """Pretrain a dense CharGPT (seed 0, bench/lm.py's learning rate) unless cached; return its state_dict file."""
     import lightning.pytorch as pl
@@ -444,6 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--repeats", type=int, default=30, help="timed steps of the teacher-cost measurement")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the rows already in the CSV (no new run)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, 12 steps, 1 seed, 0.5 and 2:4")
     parser.add_argument(
         "--out", type=Path, default=None, help="default bench/results (--smoke: outputs/bench_recovery)"
@@ -457,6 +471,10 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter()
     if args.checkpoint is not None:
         checkpoint, source = str(args.checkpoint), f"given: {args.checkpoint}"
+        named = checkpoint_model(checkpoint)
+        if named is not None and named != args.model:
+            print(f"the checkpoint holds a CharGPT {named}: --model {named}", flush=True)
+            args.model = named
     else:
         checkpoint = str(pretrain(args.model, args.batch, args.pretrain_steps, out))
         source = f"pretrained here: {args.pretrain_steps} steps, seed 0, lr {LR} ({Path(checkpoint).name})"
@@ -474,7 +492,9 @@ def main(argv: list[str] | None = None) -> None:
                 if same and int(r["steps"]) in (0, args.steps):
                     rows.append(r)
     done = {(r["row"], r["target"], int(r["seed"])) for r in rows}
-    jobs_left = [j for j in jobs if j not in done]
+    jobs_left = [] if args.report_only else [j for j in jobs if j not in done]
+    if args.report_only:
+        jobs = [j for j in jobs if j in done]
     print(f"{len(jobs_left)} runs from {checkpoint} ({len(rows)} reused from {csv_path})", flush=True)
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
