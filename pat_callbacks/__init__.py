@@ -35,23 +35,27 @@ _compat.install()  # old module paths (pat_callbacks.pruner, pat_callbacks.model
 
 if TYPE_CHECKING:
     from pat_callbacks.callbacks import (
+        Distillation,
         DynamicSparseTraining,
         GradualPruning,
         KeepSparsity,
         OneShotPruning,
         PruningCallback,
         PruningSummary,
+        QuantizationAwareTraining,
         StructuredPruning,
     )
 
 # The Lightning callbacks load on first use, so the core (Pruner, schedules, ...) imports without Lightning.
 _CALLBACKS = (
+    "Distillation",
     "DynamicSparseTraining",
     "GradualPruning",
     "KeepSparsity",
     "OneShotPruning",
     "PruningCallback",
     "PruningSummary",
+    "QuantizationAwareTraining",
     "StructuredPruning",
 )
 
@@ -67,6 +71,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConstantSchedule",
     "CubicSchedule",
+    "Distillation",
     "DynamicSparseTraining",
     "ExponentialSchedule",
     "FunctionSchedule",
@@ -82,6 +87,7 @@ __all__ = [
     "PruningCallback",
     "PruningOptions",
     "PruningSummary",
+    "QuantizationAwareTraining",
     "Schedule",
     "ScheduleSpec",
     "StructuredPruner",

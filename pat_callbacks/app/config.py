@@ -5,7 +5,9 @@ Registered in Hydra's ConfigStore under ``schema/pruning/{gradual,dynamic,struct
 (``defaults: [/schema/pruning/gradual@_here_, _self_]``), so a misspelled key or a value of the wrong type
 (``trainer.max_steps=abc``) fails when the config is composed, naming the key, before anything is built. Range
 checks (a sparsity of 1.5, an end before the start) are the callbacks' own and run when the config is
-instantiated, still before training.
+instantiated, still before training. The recovery configs (``conf/recovery/``: distillation, QAT) start from
+``schema/recovery/{distillation,quantization}`` the same way; they are packaged under ``callbacks.*``, so
+``run_training`` builds them with the other callbacks.
 
 Example:
     >>> from omegaconf import OmegaConf
@@ -26,9 +28,11 @@ from typing import Any, List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 
 __all__ = [
+    "DistillationConf",
     "DynamicSparseTrainingConf",
     "GradualPruningConf",
     "OneShotPruningConf",
+    "QuantizationConf",
     "StructuredPruningConf",
     "TrainerConf",
     "check_against_schema",
@@ -286,6 +290,48 @@ def promote_swept_group_keys(overrides: Sequence[str]) -> list[str]:
     return args
 
 
+@dataclass
+class DistillationConf:
+    """Schema of :class:`pat_callbacks.Distillation` configs (``conf/recovery/distill.yaml``, at
+    ``callbacks.distill``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(DistillationConf).temperature
+        2.0"""
+
+    _target_: str = "pat_callbacks.Distillation"
+    temperature: float = 2.0
+    alpha: float = 1.0
+    hidden_layers: Any = None  # a list of names or {student: teacher}
+    hidden_weight: float = 1.0
+    teacher_step: Any = "pruning_start"  # or a step number
+    teacher_dtype: Optional[str] = None
+    teacher_device: Optional[str] = None
+    student_module: str = ""
+    save_teacher: bool = True
+    log: bool = True
+
+
+@dataclass
+class QuantizationConf:
+    """Schema of :class:`pat_callbacks.QuantizationAwareTraining` configs (``conf/recovery/qat_*.yaml``, at
+    ``callbacks.qat``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(QuantizationConf).bits
+        8"""
+
+    _target_: str = "pat_callbacks.QuantizationAwareTraining"
+    bits: int = 8
+    group_size: Optional[int] = None
+    start_step: int = 0
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    finalize: bool = True
+
+
 def check_against_schema(node: Any, key: str = "pruning") -> None:
     """Refuse keys that a config node's schema does not have, even those added with ``+`` on the command line.
 
@@ -335,6 +381,8 @@ def register_configs() -> None:
     store.store(group="schema/pruning", name="structured", node=StructuredPruningConf)
     store.store(group="schema/pruning", name="oneshot", node=OneShotPruningConf)
     store.store(group="schema/trainer", name="lightning", node=TrainerConf)
+    store.store(group="schema/recovery", name="distillation", node=DistillationConf)
+    store.store(group="schema/recovery", name="quantization", node=QuantizationConf)
 
 
 register_configs()

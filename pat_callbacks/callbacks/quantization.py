@@ -1,0 +1,199 @@
+"""QuantizationAwareTraining: fake-quantized (int8 / int4, weight-only) training of the kept weights.
+
+Lightning wiring of :class:`~pat_callbacks.recovery.quantization.FakeQuantizer`:
+
+- ``on_train_batch_start`` (from ``start_step`` on): the full-precision weights are set aside and their
+  fake-quantized values (pruned entries exactly zero) written into the parameters, so the forward and backward of
+  this micro-batch see the quantized model; with gradient accumulation the swap stays for every micro-batch of
+  the step;
+- ``on_after_backward``: the full-precision weights come back. It runs inside Lightning's closure, before the
+  GradScaler's ``unscale_`` and before every ``on_before_optimizer_step``, so the pruning callbacks score, mask
+  and regrow the full-precision weights with the gradients of the quantized forward, and the optimizer updates
+  the full-precision weights (straight-through estimator). Also in ``on_before_optimizer_step`` and
+  ``on_train_batch_end``, in case a step had no backward;
+- validation / test: the quantized weights in place for the loop, the full-precision ones after;
+- ``on_train_end`` (``finalize=True``): the fake-quantized values become the weights, so the fitted model is
+  exactly what :func:`~pat_callbacks.export.quantized.save_quantized` stores.
+
+Masks are the pruning callbacks' (every :class:`~pat_callbacks.callbacks.base.PruningCallback` of the trainer,
+matched by parameter); symmetric quantization maps zero to zero anyway. Checkpoints hold the full-precision
+weights under their usual keys (ModelCheckpoint runs after the restore). DDP: the swap is on each rank's own
+parameters before the forward, and the gradients DDP all-reduces are those of the quantized forward. Under
+``bf16-mixed`` the matmuls round the int8 grid's values to bf16 (8 significant bits; ``16-mixed`` keeps int4
+values exact), as any bf16 computation would.
+
+Example:
+    >>> import torch
+    >>> from lightning import Trainer
+    >>> from pat_callbacks import GradualPruning
+    >>> from pat_callbacks.app.models import MLP, Classifier
+    >>> from pat_callbacks.app.data import DigitsDataModule
+    >>> torch.manual_seed(0) and None
+    >>> model = Classifier(MLP(64, (32,), 10))
+    >>> pruning = GradualPruning(pattern="2:4", start_step=0, end_step=4, update_every=1, verbose=False)
+    >>> qat = QuantizationAwareTraining(bits=8, start_step=4)
+    >>> trainer = Trainer(callbacks=[pruning, qat], max_steps=10, logger=False, enable_checkpointing=False,
+    ...                   enable_progress_bar=False, enable_model_summary=False)
+    >>> trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    >>> w = model.net.layers[0].weight
+    >>> bool((w.reshape(-1, 4) != 0).sum(1).le(2).all()), len(torch.unique(w[0] / qat.quantizer.last_scales[
+    ...     "net.layers.0.weight"][0].float())) <= 255                    # 2:4 and on the int8 grid
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from typing_extensions import override
+
+from pat_callbacks.callbacks.base import PruningCallback
+from pat_callbacks.core._validation import check_int
+from pat_callbacks.core.sharding import is_sharded
+from pat_callbacks.recovery.quantization import FakeQuantizer, QuantSpec
+
+__all__ = ["QuantizationAwareTraining"]
+
+
+class QuantizationAwareTraining(Callback):
+    """Train with fake-quantized weights (symmetric, weight-only), pruned weights held at exactly zero.
+
+    Args:
+        bits: 8 or 4.
+        group_size: one scale per ``group_size`` consecutive inputs of each output channel; ``None`` (default):
+            one scale per output channel.
+        start_step: first optimizer step trained quantized (e.g. the end of the pruning window).
+        include, exclude: which weights are quantized (see
+            :func:`~pat_callbacks.core.targets.select_parameters`; default: the weights of Linear, Conv,
+            MultiheadAttention and Hugging Face Conv1D layers; embeddings, norms and biases stay float).
+        finalize: at the end of fit, make the fake-quantized values the weights.
+
+    Example:
+        >>> QuantizationAwareTraining(bits=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `bits` to be 8 or 4, but got 2
+    """
+
+    def __init__(
+        self,
+        bits: int = 8,
+        *,
+        group_size: int | None = None,
+        start_step: int = 0,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        finalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spec = QuantSpec(bits=bits, group_size=group_size)
+        self.start_step = check_int("start_step", start_step)
+        self.include, self.exclude = include, exclude
+        self.finalize = bool(finalize)
+        self.quantizer: FakeQuantizer | None = None
+        self._masks_by_id: dict[int, Tensor] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(bits=self.spec.bits, group_size=self.spec.group_size)
+
+    @property
+    def method_name(self) -> str:
+        """``int8`` / ``int4:g32`` (for reports)."""
+        return str(self.spec)
+
+    def _require(self) -> FakeQuantizer:
+        if self.quantizer is None:
+            raise RuntimeError(
+                "QuantizationAwareTraining is used before `on_fit_start`: pass it to Trainer(callbacks=)"
+            )
+        return self.quantizer
+
+    def _masks(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        """The pruning callbacks' masks, by the quantizer's names."""
+        by_id: dict[int, Tensor] = {}
+        for callback in trainer.callbacks:
+            store = callback.store if isinstance(callback, PruningCallback) else None
+            if store is not None:
+                by_id.update({id(store.params[name]): mask for name, mask in store.masks.items()})
+        quantizer = self._require()
+        return {name: by_id[id(p)] for name, p in quantizer.params.items() if id(p) in by_id}
+
+    def _quantize(self, trainer: pl.Trainer) -> None:
+        self._require().quantize_(self._masks(trainer))
+
+    # -------------------------------------------------------------- Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.quantizer is None and stage != "fit":  # validate / test without fit: quantize for the loop
+            self.quantizer = FakeQuantizer.from_model(pl_module, self.spec, include=self.include, exclude=self.exclude)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy.startswith(("DeepSpeed", "FSDPStrategy")):
+            raise ValueError(f"QuantizationAwareTraining does not support {strategy}; use DDP or a single device")
+        self.quantizer = FakeQuantizer.from_model(pl_module, self.spec, include=self.include, exclude=self.exclude)
+        sharded = [name for name, p in self.quantizer.params.items() if is_sharded(p)]
+        if sharded:
+            raise ValueError(f"QuantizationAwareTraining does not support sharded (FSDP2) parameters: {sharded[:3]}")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step >= self.start_step:
+            self._quantize(trainer)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require().restore_()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._require().restore_()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._require().restore_()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting or trainer.global_step >= self.start_step:  # a standalone validate() too
+            self._quantize(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require().restore_()
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._quantize(trainer)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._require().restore_()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        quantizer = self._require()
+        quantizer.restore_()
+        if self.finalize and trainer.global_step >= self.start_step:
+            quantizer.finalize_(self._masks(trainer))
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.quantizer is not None:
+            self.quantizer.restore_()

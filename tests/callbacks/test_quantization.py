@@ -1,0 +1,98 @@
+"""QuantizationAwareTraining through Lightning: zeros exact during and after training, 2:4 kept, on the grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from pat_callbacks import DynamicSparseTraining, GradualPruning, QuantizationAwareTraining
+from pat_callbacks.export.quantized import dequantize_state_dict, quantize_state_dict
+from pat_callbacks.recovery.quantization import fake_quantize
+from tests.conftest import make_module
+
+
+class QuantizedForwardChecker(Callback):
+    """Inside every training step: the weights the forward sees are fake-quantized, pruned ones exactly zero."""
+
+    def __init__(self, pruning, qat) -> None:
+        self.pruning, self.qat = pruning, qat
+        self.checked = 0
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += 1
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        quantizer = self.qat.quantizer
+        if not quantizer.swapped_in:
+            return
+        for name, param in quantizer.params.items():
+            master = quantizer._masters[name]
+            assert torch.equal(param.detach(), fake_quantize(master, quantizer.spec)), name
+            mask = self.pruning.store.masks.get(name)
+            if mask is not None:
+                assert bool((param.detach()[~mask] == 0).all()), name
+        self.checked += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        assert not self.qat.quantizer.swapped_in  # the optimizer and the pruning callbacks see full precision
+
+
+def _two_four() -> GradualPruning:
+    return GradualPruning(
+        pattern="2:4", start_step=0, end_step=10, update_every=1, criterion="magnitude", verbose=False
+    )
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, None), (4, 16)])
+def test_qat_with_2_4_keeps_zeros_during_and_after_training(fit, bits, group_size) -> None:
+    pruning = _two_four()
+    qat = QuantizationAwareTraining(bits=bits, group_size=group_size, start_step=4)
+    checker = QuantizedForwardChecker(pruning, qat)
+    _, model = fit([pruning, qat, checker], max_steps=20)
+    assert checker.checked == 16  # steps 4..19
+    for name, mask in pruning.store.masks.items():
+        weight = pruning.store.params[name].detach()
+        assert torch.equal(weight != 0, mask) or bool((weight[~mask] == 0).all()), name
+        assert int((weight.reshape(-1, 4) != 0).sum(1).max()) <= 2, name  # 2:4 on the final weights
+        assert torch.equal(fake_quantize(weight, qat.spec), weight), name  # finalized: on the grid
+    loaded = dequantize_state_dict(quantize_state_dict(model, qat.spec))  # the export is exact
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_qat_changes_training_and_resumes_full_precision_masters(fit) -> None:
+    pruning, qat = _two_four(), QuantizationAwareTraining(bits=4, start_step=0, finalize=False)
+    _, quantized = fit([pruning, qat], max_steps=15)
+    _, plain = fit([_two_four()], module=make_module(), max_steps=15)
+    weight = quantized.net.layers[0].weight
+    assert not torch.equal(weight, plain.net.layers[0].weight)
+    assert not torch.equal(fake_quantize(weight, qat.spec), weight)  # finalize=False: the masters stay
+
+
+def test_accumulation_bf16_and_dynamic_sparse_training(fit) -> None:
+    pruning = DynamicSparseTraining(sparsity=0.8, update_every=4, verbose=False)
+    qat = QuantizationAwareTraining(bits=8)
+    checker = QuantizedForwardChecker(pruning, qat)
+    trainer, _ = fit([pruning, qat, checker], max_steps=12, accumulate_grad_batches=2, precision="bf16-mixed")
+    # Every micro-batch saw the quantized weights (23 of them: an epoch of 23 batches ends with a step of one).
+    assert trainer.global_step == 12 and checker.checked == checker.batches == 23
+    for name, mask in pruning.store.masks.items():
+        assert bool((pruning.store.params[name].detach()[~mask] == 0).all()), name
+    assert round(pruning.store.sparsity(), 2) == 0.8
+
+
+def test_validation_sees_the_quantized_model(tmp_path) -> None:
+    from pat_callbacks.app.data import DigitsDataModule
+    from tests.conftest import make_trainer
+
+    seen = {}
+
+    class Peek(Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen["swapped"] = qat.quantizer.swapped_in
+
+    qat = QuantizationAwareTraining(bits=8, finalize=False)
+    trainer = make_trainer(tmp_path, [qat, Peek()], max_steps=3, limit_val_batches=1, val_check_interval=3)
+    trainer.fit(make_module(), datamodule=DigitsDataModule(batch_size=64, val_size=64))
+    assert seen == {"swapped": True} and not qat.quantizer.swapped_in
