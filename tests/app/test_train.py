@@ -307,9 +307,10 @@ def test_app_help_names_every_shipped_option_and_not_the_schema_group(tmp_path):
         if label is not None:
             listed[label] = listed.get(label, "") + " " + line
     conf = Path(CONF_DIR)
-    for group in ("model", "datamodule", "trainer", "logger", "pruning", "recipe", "hparams_search", "hydra/launcher"):
+    groups = ("model", "datamodule", "trainer", "logger", "pruning", "recovery", "recipe", "hparams_search")
+    for group in (*groups, "hydra/launcher"):
         options = sorted(p.stem for p in (conf / group).glob("*.yaml"))
-        text = listed[f"+{group}" if group in ("pruning", "recipe") else group]
+        text = listed[f"+{group}" if group in ("pruning", "recovery", "recipe") else group]
         missing = [o for o in options if re.search(rf"\b{o}\b", text) is None]
         assert options and not missing, f"{group}: {missing} not in --help"
     assert set(listed) == {
@@ -318,6 +319,7 @@ def test_app_help_names_every_shipped_option_and_not_the_schema_group(tmp_path):
         "trainer",
         "logger",
         "+pruning",
+        "+recovery",
         "+recipe",
         "hparams_search",
         "hydra/launcher",
