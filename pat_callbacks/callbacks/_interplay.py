@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from pat_callbacks.callbacks import _guards
+import pat_callbacks.callbacks._guards as _guards
 from pat_callbacks.core.targets import target_roles, weight_matrices
 
 __all__ = ["RunInterplay", "keeps_zeros"]
