@@ -66,7 +66,8 @@ def shakespeare_windows(context: int, seed: int = 0) -> tuple[Tensor, Tensor, Te
 
 def load_pretrained(path: str | Path = DEFAULT_PATH) -> tuple[CharGPT, dict[str, Any]]:
     """The cached network (eval mode) and the file's record (config, curve, dense bits/char)."""
-    record = torch.load(Path(path), map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):  # the record's torch version
+        record = torch.load(Path(path), map_location="cpu", weights_only=True)  # plain values and tensors: no code
     net = CharGPT(**record["model"])
     net.load_state_dict(record["state_dict"])
     return net.eval(), record

@@ -118,7 +118,8 @@ def load_pretrained(path: str | Path, model: str) -> Any:
     CharGPT state_dict (with or without the ``net.`` prefix)."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):  # bench/pretrain.py's record
+        state = torch.load(path, map_location="cpu", weights_only=True)  # plain values and tensors: no code runs
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = {k.removeprefix("net."): v for k, v in state.items()}
@@ -131,7 +132,8 @@ def checkpoint_model(path: str | Path) -> str | None:
     """The ``dD-lL-hH-cC`` spec a checkpoint names (bench/pretrain.py stores ``{"model": {...}}``), else None."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):  # bench/pretrain.py's record
+        state = torch.load(path, map_location="cpu", weights_only=True)  # plain values and tensors: no code runs
     spec = state.get("model") if isinstance(state, dict) else None
     if isinstance(spec, dict) and {"dim", "layers", "heads", "context"} <= set(spec):
         return f"d{spec['dim']}-l{spec['layers']}-h{spec['heads']}-c{spec['context']}"
