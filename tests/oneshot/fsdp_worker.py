@@ -51,6 +51,7 @@ def _run(rank: int, out: str) -> None:
             {"weights": full, "batches": _batches(0) + _batches(1), "sparsity": result.sparsity}, f"{out}/wanda.pt"
         )
         Path(out, "sparsegpt.txt").write_text(refusal)
+    dist.barrier()  # neither rank tears gloo down while the other still writes or reduces
     dist.destroy_process_group()
 
 
