@@ -119,10 +119,6 @@ class Pruner(MaskedParameters):
         """The criterion's history per parameter (e.g. Taylor's running ``|w * g|``)."""
         return self.scorer.state
 
-    @criterion_state.setter
-    def criterion_state(self, value: dict[str, dict[str, Tensor]]) -> None:
-        self.scorer.state = value
-
     @property
     def needs_grad(self) -> bool:
         """Whether scoring reads gradients (then ``prune_to`` must run between ``backward`` and the step)."""
@@ -212,9 +208,10 @@ class Pruner(MaskedParameters):
             return True
         if self.options.allocation == "sensitivity" and self.sensitivities is None:
             raise RuntimeError("allocation='sensitivity' needs measure_sensitivity(...) before the first prune_to")
-        if self._streamable(sparsity):
+        plan = self.planner.plan(sparsity, final_sparsity)  # once per update; None: the split needs the scores
+        if plan is not None and self._streamable(sparsity):
             try:
-                entries = self.selection.streamed(self.planner.plan(sparsity, final_sparsity), scores, step)  # type: ignore[arg-type]
+                entries = self.selection.streamed(plan, scores, step)
             except NeedsExactSelection:
                 entries = {}
             except SkippedUpdate:
@@ -227,7 +224,7 @@ class Pruner(MaskedParameters):
                 return True
         keep_pruned = bool(self.masks) and sparsity >= self.target_sparsity
         masks = self.selection.exact(
-            sparsity, final_sparsity, scores, step, keep_pruned=keep_pruned, sensitivities=self.sensitivities
+            plan, sparsity, final_sparsity, scores, step, keep_pruned=keep_pruned, sensitivities=self.sensitivities
         )
         if masks is None:
             return False

@@ -85,7 +85,8 @@ class Selection:
         >>> from torch import nn
         >>> from pat_callbacks.core.pruner import Pruner
         >>> pruner = Pruner(nn.Linear(4, 4), pattern="block:2x2")
-        >>> pruner.selection.can_stream(0.5, 0.0), int((~pruner.selection.exact(0.5, None, None, None,
+        >>> plan = pruner.planner.plan(0.5)
+        >>> pruner.selection.can_stream(0.5, 0.0), int((~pruner.selection.exact(plan, 0.5, None, None, None,
         ...     keep_pruned=False)["weight"]).sum())
         (False, 8)
     """
@@ -248,6 +249,7 @@ class Selection:
     # -------------------------------------------------------------------------------------------------- exact
     def exact(
         self,
+        plan: UpdatePlan | None,
         sparsity: float,
         final_sparsity: float | None,
         scores: Mapping[str, Tensor] | None,
@@ -256,11 +258,10 @@ class Selection:
         keep_pruned: bool,
         sensitivities: Mapping[str, float] | None = None,
     ) -> dict[str, Tensor] | None:
-        """Whole new masks for the plan (``None``, warned, on NaN/Inf scores). Layers planned alone are scored and
-        masked one at a time; the layers sharing a threshold are selected together; a plan that depends on scores
-        is made from every layer's scores. ``keep_pruned``: entries pruned now stay pruned."""
+        """Whole new masks for ``plan`` (``None``, warned, on NaN/Inf scores). Layers planned alone are scored and
+        masked one at a time; the layers sharing a threshold are selected together; without a plan (the split
+        depends on scores) it is made from every layer's scores. ``keep_pruned``: entries pruned now stay pruned."""
         pruned = {name: ~mask for name, mask in self.masked.masks.items()} if keep_pruned else {}
-        plan = self.planner.plan(sparsity, final_sparsity)
         if plan is None:
             return self._from_scores(sparsity, final_sparsity, scores, step, pruned, sensitivities)
         masks: dict[str, Tensor] = {}
