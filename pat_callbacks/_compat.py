@@ -86,11 +86,11 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             stacklevel=2,
         )
         module = importlib.import_module(target)  # type: ignore[arg-type]
-        self._spec = module.__spec__  # importlib overwrites __spec__ with the alias's: put the real one back
+        spec.loader_state = module.__spec__  # importlib overwrites __spec__ with the alias's: exec_module restores it
         return module
 
     def exec_module(self, module: ModuleType) -> None:
-        module.__spec__ = self._spec
+        module.__spec__ = module.__spec__.loader_state  # type: ignore[union-attr]
 
 
 def install() -> None:
