@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--max-minutes", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between validations (default 200)")
+    parser.add_argument("--patience", type=int, default=3, help="evaluations without a --min-delta gain to stop")
+    parser.add_argument("--min-delta", type=float, default=0.002, help="bits/char a validation must gain")
     parser.add_argument("--force", action="store_true", help="retrain even if --out exists")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -203,9 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         train, val, test = train[:512], val[:64], test[:64]
     max_steps = args.max_steps or (20 if args.smoke else 2000)
-    eval_every = 10 if args.smoke else 200
+    eval_every = args.eval_every or (10 if args.smoke else 200)
     command = "python bench/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    record = pretrain(model, train, val, max_steps=max_steps, eval_every=eval_every, max_minutes=args.max_minutes)
+    record = pretrain(
+        model,
+        train,
+        val,
+        max_steps=max_steps,
+        eval_every=eval_every,
+        patience=args.patience,
+        min_delta=args.min_delta,
+        max_minutes=args.max_minutes,
+    )
     net = CharGPT(**record["model"])
     net.load_state_dict(record["state_dict"])
     record["test_bpc"] = bits_per_char(net, test)

@@ -8,8 +8,11 @@ order per seed, AdamW, warm-up then cosine) and reports validation bits/char:
 - ``dense (pretrained)``: the starting point, evaluated;
 - ``dense (same budget)``: the starting point trained the same steps without pruning (the reference of the gaps:
   a short pretraining leaves the start under-trained, and every row trains further);
-- ``one-shot magnitude``: the pretrained model pruned at once by magnitude (uniform per layer; 2:4 per row),
-  not trained: the start every recovery must beat;
+- ``one-shot magnitude`` / ``one-shot wanda`` / ``one-shot sparsegpt``: the pretrained model pruned at once
+  (``one_shot_prune``; uniform per layer, Wanda per output row, SparseGPT blocks of 128; 2:4 per row), Wanda and
+  SparseGPT calibrated on the first 4 training batches of the seed, not trained: the starts to beat;
+- ``<method> + recovery`` / ``<method> + recovery + kd``: ``OneShotPruning(<method>)`` at step 0 (the same
+  calibration), then every step trains with the masks kept, without / with distillation from the dense start;
 - ``pat``: GradualPruning from the pretrained model (cubic, 0 -> target over the first half of the steps, taylor
   scores with global allocation; 2:4 by magnitude), the second half to recover;
 - ``pat + kd``: the same with Distillation from the dense pretrained model (T=2, alpha=1, teacher copied at
@@ -55,7 +58,12 @@ STEPS = 400  # recovery budget of every row
 RECOVERY_LR = 3e-3
 TARGETS = ("0.5", "2:4", "0.7", "0.8")
 DENSE = ("dense (pretrained)", "dense (same budget)")
-ROWS = (*DENSE, "one-shot magnitude", "pat", "pat + kd", "pat 2:4 + int8 + kd")
+METHODS = ("magnitude", "wanda", "sparsegpt")  # the one-shot starts
+ONE_SHOT = tuple(f"one-shot {m}" for m in METHODS)
+RECOVERED = tuple(f"{m} + recovery{kd}" for m in METHODS for kd in ("", " + kd"))
+GRADUAL = ("pat", "pat + kd", "pat 2:4 + int8 + kd")
+ROWS = (*DENSE, *ONE_SHOT, *RECOVERED, *GRADUAL)
+CALIBRATION_BATCHES = 4  # 4 x 32 = 128 windows, as bench/pretrained.py
 PRUNE_FRACTION = 0.5  # the pruning window: the first half of the recovery steps
 TEMPERATURE, ALPHA = 2.0, 1.0
 
@@ -193,10 +201,11 @@ def job(row: str, target: str, seed: int, steps: int, model: str, batch: int, ch
     import lightning.pytorch as pl
     import torch
 
-    from pat_callbacks import Distillation, GradualPruning, QuantizationAwareTraining
+    from pat_callbacks import Distillation, GradualPruning, OneShotPruning, QuantizationAwareTraining
     from pat_callbacks.app.models import LanguageModel
     from pat_callbacks.core.targets import select_parameters
     from pat_callbacks.export.quantized import dequantize_state_dict, quantize_state_dict
+    from pat_callbacks.oneshot import one_shot_prune
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -204,13 +213,36 @@ def job(row: str, target: str, seed: int, steps: int, model: str, batch: int, ch
     net = load_pretrained(checkpoint, model)
     pattern = "2:4" if target == "2:4" else "unstructured"
     sparsity = 0.5 if target in ("2:4", "-") else float(target)
-    train_steps = 0 if row in ("dense (pretrained)", "one-shot magnitude") else steps
+    train_steps = 0 if row == "dense (pretrained)" or row in ONE_SHOT else steps
     module = LanguageModel(net, lr=RECOVERY_LR, warmup_steps=max(1, steps // 20))
     masks: dict[str, Any] = {}
     callbacks: list[Any] = []
     pruning = None
-    if row == "one-shot magnitude":
-        masks = _masks_from(module, sparsity, pattern)
+    data = _data(model, batch, seed)
+    if row in ONE_SHOT:
+        method = row.removeprefix("one-shot ")
+        calibration = []
+        if method != "magnitude":
+            data.setup("fit")
+            for tokens in data.train_dataloader():  # the first batches of the seed's order, as the callback reads
+                calibration.append(tokens)
+                if len(calibration) == CALIBRATION_BATCHES:
+                    break
+        result = one_shot_prune(
+            module,
+            method,
+            sparsity,
+            pattern=pattern,
+            calibration=calibration or None,
+            forward=lambda m, b: m.loss(b),
+        )
+        masks = dict(result.masks)
+    elif row in RECOVERED:
+        method = row.split(" + ")[0]
+        pruning = OneShotPruning(method, sparsity, pattern, calibration_batches=CALIBRATION_BATCHES, verbose=False)
+        callbacks.append(pruning)
+        if row.endswith("kd"):
+            callbacks.append(Distillation(temperature=TEMPERATURE, alpha=ALPHA, teacher_step=0, save_teacher=False))
     elif row not in DENSE:
         end = max(1, round(PRUNE_FRACTION * steps))
         every = max(1, round(0.01 * steps))
@@ -223,7 +255,6 @@ def job(row: str, target: str, seed: int, steps: int, model: str, batch: int, ch
             callbacks.append(Distillation(temperature=TEMPERATURE, alpha=ALPHA, teacher_step=0, save_teacher=False))
         if "int8" in row:
             callbacks.append(QuantizationAwareTraining(bits=8, start_step=end))
-    data = _data(model, batch, seed)
     trainer = _trainer(train_steps, callbacks)
     if train_steps:
         trainer.fit(module, datamodule=data)
@@ -323,7 +354,7 @@ def plan(targets: list[str], seeds: int) -> list[tuple[str, str, int]]:
     for seed in range(seeds):
         jobs += [(row, "-", seed) for row in DENSE]
         for target in targets:
-            jobs += [(row, target, seed) for row in ("one-shot magnitude", "pat", "pat + kd")]
+            jobs += [(row, target, seed) for row in (*ONE_SHOT, *RECOVERED, "pat", "pat + kd")]
         if "2:4" in targets:
             jobs.append(("pat 2:4 + int8 + kd", "2:4", seed))
     return jobs
@@ -375,32 +406,47 @@ def write_report(rows: list[dict[str, Any]], cost: dict[str, float], out: Path, 
         if any(cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Targets (issue 23; gaps relative to `{reference}`'s validation bits/char):", ""]
-    for target, limit in (("0.5", 1.0), ("2:4", 3.0), ("0.8", 6.0)):
-        group = by.get(("pat + kd", target))
-        if group:
-            gap = 100 * (statistics.mean(float(r["val_bpc"]) for r in group) / dense - 1)
-            verdict = "met" if gap <= limit else f"missed by {gap - limit:.1f} points"
-            lines.append(f"- pat + kd at {target} within +{limit:g}%: {gap:+.1f}%: {verdict}")
-    kd, plain = by.get(("pat + kd", "0.8")), by.get(("pat", "0.8"))
-    if kd and plain:
-        kd_v, plain_v = [float(r["val_bpc"]) for r in kd], [float(r["val_bpc"]) for r in plain]
-        lead = statistics.mean(plain_v) - statistics.mean(kd_v)
-        spread = max(max(kd_v) - min(kd_v), max(plain_v) - min(plain_v))
-        verdict = "met" if lead > spread else "missed"
-        lines.append(
-            f"- distillation better than without at 0.8 by more than the seed spread: leads by {lead:+.4f} bits/char, "
-            f"spread (largest max - min of the two) {spread:.4f}: {verdict}"
-        )
-    beaten = []
+    distilled = ["pat + kd", *(row for row in RECOVERED if row.endswith("kd"))]
+    for name in distilled:
+        for target, limit in (("0.5", 1.0), ("2:4", 3.0), ("0.8", 6.0)):
+            group = by.get((name, target))
+            if group:
+                gap = 100 * (statistics.mean(float(r["val_bpc"]) for r in group) / dense - 1)
+                verdict = "met" if gap <= limit else f"missed by {gap - limit:.1f} points"
+                lines.append(f"- {name} at {target} within +{limit:g}%: {gap:+.1f}%: {verdict}")
+    for name in distilled:
+        kd, plain = by.get((name, "0.8")), by.get((name.removesuffix(" + kd"), "0.8"))
+        if kd and plain:
+            kd_v, plain_v = [float(r["val_bpc"]) for r in kd], [float(r["val_bpc"]) for r in plain]
+            lead = statistics.mean(plain_v) - statistics.mean(kd_v)
+            spread = max(max(kd_v) - min(kd_v), max(plain_v) - min(plain_v))
+            verdict = "met" if lead > spread else "missed"
+            lines.append(
+                f"- {name} better than {name.removesuffix(' + kd')} at 0.8 by more than the seed spread: leads by "
+                f"{lead:+.4f} bits/char, spread (largest max - min of the two) {spread:.4f}: {verdict}"
+            )
+    beaten, missed = [], []
     for (name, target), group in sorted(by.items()):
-        start = by.get(("one-shot magnitude", target))
-        if name in ("pat", "pat + kd", "pat 2:4 + int8 + kd") and start:
+        if name in RECOVERED:
+            start_row = "one-shot " + name.split(" + ")[0]
+        elif name in GRADUAL:
+            start_row = "one-shot magnitude"
+        else:
+            continue
+        start = by.get((start_row, target))
+        if start:
             ok = statistics.mean(float(r["val_bpc"]) for r in group) < statistics.mean(
                 float(r["val_bpc"]) for r in start
             )
             beaten.append(ok)
+            if not ok:
+                missed.append(f"{name} at {target}")
     if beaten:
-        lines.append(f"- every recovered row beats the one-shot magnitude start: {sum(beaten)}/{len(beaten)} row cells")
+        lines.append(
+            "- every recovered row beats its one-shot start (`<method> + recovery*`: `one-shot <method>`; gradual "
+            f"`pat*` rows: `one-shot magnitude`): {sum(beaten)}/{len(beaten)} row cells"
+            + (f" (not: {', '.join(missed)})" if missed else "")
+        )
     exact = [str(r["zeros_exact"]) == "True" for r in rows if r["row"] not in DENSE]
     lines.append(f"- exact zeros at every masked weight of the final models: {sum(exact)}/{len(exact)} runs")
     qat = [r for r in rows if r["row"] == "pat 2:4 + int8 + kd"]

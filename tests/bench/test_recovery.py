@@ -1,4 +1,5 @@
-"""bench/recovery.py --smoke: every row, exact zeros, the teacher's cost and the export sizes reported."""
+"""bench/recovery.py --smoke: every row (one-shot starts, their recovery with and without KD, gradual PAT), exact
+zeros, the teacher's cost and the export sizes reported."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_smoke_writes_every_row_with_exact_zeros_and_the_teacher_cost(tmp_path):
         rows = list(csv.DictReader(handle))
     assert sorted((r["row"], r["target"]) for r in rows) == sorted(
         [("dense (pretrained)", "-"), ("dense (same budget)", "-")]
-        + [(row, t) for row in ("one-shot magnitude", "pat", "pat + kd") for t in ("0.5", "2:4")]
+        + [(row, t) for row in (*recovery.ONE_SHOT, *recovery.RECOVERED, "pat", "pat + kd") for t in ("0.5", "2:4")]
         + [("pat 2:4 + int8 + kd", "2:4")]
     )
     for r in rows:
@@ -27,7 +28,11 @@ def test_smoke_writes_every_row_with_exact_zeros_and_the_teacher_cost(tmp_path):
             assert float(r["sparsity"]) == pytest.approx(0.5, abs=0.01)
     (qat,) = [r for r in rows if "int8" in r["row"]]
     assert qat["export_exact"] == "True" and int(qat["bytes_sparse_int8"]) < int(qat["bytes_dense"])
+    assert {r["row"] for r in rows} == set(recovery.ROWS)
+    by = {(r["row"], r["target"]): float(r["val_bpc"]) for r in rows}
+    assert by[("wanda + recovery + kd", "2:4")] != by[("one-shot wanda", "2:4")]  # the recovery trained
     report = (tmp_path / "recovery.md").read_text()
+    assert "| sparsegpt + recovery + kd |" in report and "beats its one-shot start" in report
     assert "## Teacher's cost" in report and "KD, bf16 teacher" in report and "## Export sizes" in report
 
 
