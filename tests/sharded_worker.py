@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from pat_callbacks import DynamicSparseTraining, GradualPruning
+from pat_callbacks import Distillation, DynamicSparseTraining, GradualPruning
 from pat_callbacks.app.data import DigitsDataModule
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core.sharding import gather_full
@@ -36,6 +36,20 @@ CASES: dict[str, Callable[[], PruningCallback]] = {
     ),
     "two_four": lambda: GradualPruning(pattern="2:4", start_step=0, end_step=12, update_every=3, exclude="net.4.*"),
     "rigl": lambda: DynamicSparseTraining(sparsity=0.8, method="rigl", update_every=3, stop_step=12),
+    "distill": lambda: GradualPruning(  # as "uniform", with Distillation from the dense start (EXTRA_CALLBACKS)
+        sparsity=0.8, criterion="magnitude", allocation="uniform", start_step=0, end_step=12, update_every=3
+    ),
+}
+
+
+def dense_net() -> nn.Sequential:
+    """ShardedNet's network as configure_model builds it, unsharded: the dense start, a teacher on every rank."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 33), nn.ReLU(), nn.Linear(33, 12))
+
+
+EXTRA_CALLBACKS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "distill": lambda: [Distillation(teacher=dense_net(), student_module="net", temperature=2.0)],
 }
 
 
@@ -49,8 +63,7 @@ class ShardedNet(pl.LightningModule):
     def configure_model(self) -> None:
         if self.net is not None:
             return
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 33), nn.ReLU(), nn.Linear(33, 12))
+        self.net = dense_net()
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net:
             if isinstance(layer, nn.Linear):
@@ -93,7 +106,7 @@ class MaskSnapshot(pl.Callback):
 def run(case: str, out_dir: Path, resume_from: str | None = None) -> None:
     pruning = CASES[case]()
     snapshot = MaskSnapshot(pruning, at=10)
-    callbacks: list[Any] = [pruning, snapshot]
+    callbacks: list[Any] = [pruning, snapshot, *EXTRA_CALLBACKS.get(case, list)()]
     if resume_from is None:
         callbacks.append(
             ModelCheckpoint(dirpath=out_dir / f"{case}-ckpt", every_n_epochs=1, save_top_k=-1, filename="{step}")
@@ -116,6 +129,13 @@ def run(case: str, out_dir: Path, resume_from: str | None = None) -> None:
     full = {name: gather_full(p.detach().to_local(), p) for name, p in store.params.items()}
     masks = {name: gather_full(mask, store.params[name]) for name, mask in store.masks.items()}
     reported = {"sparsity": store.sparsity(), "layers": store.layer_sparsity(), "sparsity_all": pruning.sparsity_all}
+    if case == "distill":
+        reported["distill_loss"] = float(trainer.callback_metrics["distill/loss"])
+        try:  # without a given teacher: refused at fit start, before any step, with the way out
+            Distillation(student_module="net").on_fit_start(trainer, module)
+            reported["refusal"] = "not refused"
+        except ValueError as error:
+            reported["refusal"] = str(error)
     if trainer.global_rank == 0:
         suffix = "-resumed" if resume_from else ""
         result = {"weights": full, "masks": masks, "reported": reported, "snapshots": snapshot.snapshots}

@@ -15,7 +15,10 @@ student's forward received, and returns ``loss + distillation``. Lightning then 
   ``on_before_optimizer_step``, as without distillation);
 - DDP: Lightning calls ``training_step`` through the DDP wrapper's forward, so the wrapper (student forward,
   teacher forward, loss) is inside it and DDP reduces the gradients of the sum; the teacher is not a submodule
-  of the LightningModule, so DDP neither wraps nor broadcasts it (each rank copies the same synchronized model).
+  of the LightningModule, so DDP neither wraps nor broadcasts it (each rank copies the same synchronized model);
+- FSDP2 (``ModelParallelStrategy``, ``fully_shard``): a sharded model cannot be deep-copied (FSDP does not support
+  deepcopy), so give ``teacher=`` (a dense module on every rank, e.g. loaded again from the checkpoint; forward only,
+  no gradients); without one, fit stops at ``on_fit_start``, before any step, saying so.
 
 It composes with every pruning callback, because it touches neither masks nor gradients: they see the gradient
 of the distillation loss as they would any loss. The teacher is the dense model at pruning start (by default:
@@ -52,7 +55,7 @@ from typing_extensions import override
 
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
 from pat_callbacks.core._validation import check_int
-from pat_callbacks.recovery.distillation import Distiller, freeze, make_teacher
+from pat_callbacks.recovery.distillation import Distiller, check_copyable, freeze, make_teacher
 
 __all__ = ["Distillation"]
 
@@ -190,6 +193,8 @@ class Distillation(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         student = self._student(pl_module)  # a bad name fails before the first step
+        if self._given_teacher is None:
+            check_copyable(student)  # an FSDP2-sharded student fails here, not at the teacher's step
         if self._given_teacher is not None:
             self._build(self._given_teacher, pl_module)
             self.teacher_step = 0

@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pat_callbacks.core._validation import check_number, check_positive
+from pat_callbacks.core.sharding import is_sharded
 
-__all__ = ["Distiller", "StudentCall", "hidden_mse", "kd_loss", "logits_of", "make_teacher"]
+__all__ = ["Distiller", "StudentCall", "check_copyable", "hidden_mse", "kd_loss", "logits_of", "make_teacher"]
 
 # Attributes of a module that tie it to a training loop (Lightning's trainer, Fabric): never copied into a teacher.
 _LOOP_ATTRIBUTES = ("_trainer", "_fabric", "_device_mesh")
@@ -127,6 +128,7 @@ def make_teacher(model: nn.Module, *, dtype: torch.dtype | None = None, device: 
         >>> teacher.weight.dtype, teacher.weight.requires_grad, teacher.training
         (torch.bfloat16, False, False)
     """
+    check_copyable(model)
     memo: dict[int, Any] = {}
     for name in _LOOP_ATTRIBUTES:
         value = model.__dict__.get(name)
@@ -137,6 +139,24 @@ def make_teacher(model: nn.Module, *, dtype: torch.dtype | None = None, device: 
         if name in teacher.__dict__:
             teacher.__dict__[name] = None
     return freeze(teacher, dtype=dtype, device=device)
+
+
+def check_copyable(model: nn.Module) -> None:
+    """Raise if ``model`` cannot be deep-copied into a teacher: a model sharded by FSDP2 (``fully_shard``, DTensor
+    parameters) cannot be (FSDP does not support deepcopy), so its teacher must be given.
+
+    Example:
+        >>> check_copyable(nn.Linear(2, 2))   # a plain module: nothing to say
+    """
+    sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+    if sharded is None:
+        return
+    raise ValueError(
+        f"Cannot copy a teacher from a model sharded by FSDP2 (parameter {sharded!r} is a DTensor; FSDP does not "
+        "support deepcopy). Give the teacher instead: Distillation(teacher=...) or Distiller(teacher), e.g. the dense "
+        "model loaded again from its checkpoint on every rank (it runs forward only, without gradients; "
+        "teacher_dtype='bfloat16' halves its memory)"
+    )
 
 
 def freeze(module: nn.Module, *, dtype: torch.dtype | None = None, device: Any = None) -> nn.Module:

@@ -46,7 +46,7 @@ CASES = ("uniform", "global_taylor", "two_four", "rigl")
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sharded")
-    _worker(out, ",".join(CASES))
+    _worker(out, ",".join((*CASES, "distill")))
     return out
 
 
@@ -80,6 +80,17 @@ def test_one_overall_threshold_across_layers_and_ranks(sharded_runs, case):
     assert zeros == prune_count(total, 0.8)
     assert result["reported"]["sparsity"] == pytest.approx(zeros / total)
     assert len({round(v, 3) for v in result["reported"]["layers"].values()}) > 1  # not a per-layer split
+
+
+def test_distillation_from_a_given_teacher_on_sharded_ranks(sharded_runs):
+    result, plain = _load(sharded_runs, "distill"), _load(sharded_runs, "uniform")
+    assert result["reported"]["distill_loss"] > 0
+    for name, weight in result["weights"].items():
+        assert int((weight == 0).sum()) == prune_count(weight.numel(), 0.8), name
+        assert torch.equal(result["masks"][name], weight != 0), name
+        assert not torch.equal(weight, plain["weights"][name]), name  # the same run without KD trains otherwise
+    refusal = result["reported"]["refusal"]
+    assert "sharded by FSDP2" in refusal and "'0.weight'" in refusal and "Distillation(teacher=...)" in refusal
 
 
 def test_two_four_holds_in_every_row_of_every_shard(sharded_runs):
