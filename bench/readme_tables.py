@@ -7,8 +7,10 @@ A block sits between two marker comments and is replaced whole::
     <!-- END bench/readme_tables.py: overhead -->
 
 Blocks: ``demo`` (the table of bench/results/demo.md, `make demo` over 3 seeds, and the time each command took),
-``overhead`` (the table of bench/results/overhead.md) and ``accuracy-reading`` (the best method per sparsity and
-Lightning ModelPruning's gap to it, computed from bench/results/accuracy.csv with the rounding of its table).
+``overhead`` (the table of bench/results/overhead.md), ``accuracy-reading`` (the best method per sparsity and
+Lightning ModelPruning's gap to it, computed from bench/results/accuracy.csv with the rounding of its table),
+``pretrained`` and ``recovery`` (the table and the verdicts on the issue's targets of bench/results/pretrained.md
+and recovery.md).
 
     python bench/readme_tables.py            # rewrite README.md
     python bench/readme_tables.py --check    # exit 1 if README.md differs from what the results files give
@@ -52,6 +54,36 @@ def first_table(markdown: str) -> str:
     if not table:
         raise ValueError("Expected a markdown table, but found no line starting with '|'")
     return "\n".join(table)
+
+
+def bullets_after(markdown: str, heading: str) -> str:
+    """The bullet list (lines starting with ``- ``) that follows the first line starting with ``heading``.
+
+    Example:
+        >>> bullets_after("# t\\n\\n## Targets\\n\\n- a: met\\n- b: missed\\n\\nafter\\n", "## Targets")
+        '- a: met\\n- b: missed'
+    """
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    if start is None:
+        raise ValueError(f"Expected a line starting with {heading!r}, but found none")
+    found: list[str] = []
+    for line in lines[start + 1 :]:
+        if line.startswith("- "):
+            found.append(line)
+        elif found:
+            break
+    if not found:
+        raise ValueError(f"Expected a bullet list after {heading!r}, but found none")
+    return "\n".join(found)
+
+
+def _table_and_bullets(name: str, heading: str) -> Callable[[Path], str]:
+    def block(results: Path) -> str:
+        text = (results / name).read_text()
+        return first_table(text) + "\n\n" + bullets_after(text, heading)
+
+    return block
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -121,6 +153,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "demo": _demo,
     "overhead": lambda results: first_table((results / "overhead.md").read_text()),
     "accuracy-reading": lambda results: accuracy_reading(_read_csv(results / "accuracy.csv")),
+    "pretrained": _table_and_bullets("pretrained.md", "## Does the published ordering reproduce?"),
+    "recovery": _table_and_bullets("recovery.md", "Targets (issue 23"),
 }
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pat_callbacks.app.config import check_against_schema, check_trainer_keys
 from pat_callbacks.app.report import weight_sparsity
+from pat_callbacks.app.weights import check_initial_weights, load_initial_weights
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core.targets import select_parameters, weight_matrices
 
@@ -50,6 +51,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     if cfg.get("pruning"):
         check_against_schema(cfg.pruning, "pruning")
     check_trainer_keys(cfg.trainer, "trainer")
+    init_weights = check_initial_weights(cfg.get("init_weights"))  # a missing file fails before anything is built
     # Noise from Lightning internals: an absent validation split is intended, and LeafSpec is its own deprecation.
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -62,6 +64,9 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
 
     datamodule = instantiate(cfg.datamodule)
     model = instantiate(cfg.model)
+    if init_weights is not None:
+        where = load_initial_weights(model, init_weights)
+        logging.getLogger(__name__).info("init_weights: loaded %s into the %s", init_weights, where)
     pruning = instantiate(cfg.pruning) if cfg.get("pruning") else None
     callbacks: list[pl.Callback] = [pruning] if pruning is not None else []
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
