@@ -216,6 +216,30 @@ def owl_diagnostic(net: CharGPT, train: torch.Tensor, windows: int) -> list[str]
     return lines
 
 
+def wanda_diagnostic(net: CharGPT, train: torch.Tensor, windows: int) -> list[str]:
+    """Why Wanda differs from magnitude (or not) on seed 0's calibration windows: per layer, the spread of the input
+    norms ``||X_j||`` (max / median; outlier features of LLMs make it ~100x) and the share of the weights that
+    Wanda and magnitude, both per output row at 50%, prune alike."""
+    model = copy.deepcopy(net)
+    params = Pruner(model).params
+    calib = Calibration(model, params).collect(calibration_batches(train, windows, 0), lambda m, b: m(b[:, :-1]))
+    norms = {n: calib.norms(n) for n in params}
+    scores = wanda_scores(params, norms)
+    lines = []
+    for name, weight in params.items():
+        magnitude, wanda = weight.detach().abs().reshape(weight.shape[0], -1), scores[name].reshape(weight.shape[0], -1)
+        keep = magnitude.shape[1] // 2
+
+        def pruned(values: torch.Tensor, keep: int = keep) -> torch.Tensor:
+            mask = torch.ones_like(values, dtype=torch.bool)
+            return mask.scatter_(1, values.topk(keep, dim=1).indices, False)
+
+        agree = float((pruned(magnitude) == pruned(wanda.to(magnitude.dtype))).float().mean())
+        spread = float(norms[name].max() / norms[name].median())
+        lines.append(f"{name}: input norms max/median {spread:.1f}x; Wanda and magnitude agree on {agree:.1%}.")
+    return lines
+
+
 def _cells(rows: list[dict[str, Any]]) -> dict[tuple[str, bool, str], list[float]]:
     cells: dict[tuple[str, bool, str], list[float]] = {}
     for row in rows:
@@ -336,6 +360,12 @@ def write(out: Path, rows: list[dict[str, Any]], record: dict[str, Any], meta: d
         "",
         *verdicts(rows, dense),
         "",
+        "## Wanda on this model",
+        "",
+        *[f"- {line}" for line in meta.get("wanda", [])],
+        "- Wanda reweights each input column by its norm; where the norms of a layer's inputs are within a few x of "
+        "each other (no outlier features), its per-row mask is nearly magnitude's, and so is its loss.",
+        "",
         "## OWL on this model",
         "",
         *[f"- {line}" for line in meta.get("owl", [])],
@@ -400,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": checkpoint,
         "windows": windows,
         "owl": owl_diagnostic(net, train, windows),
+        "wanda": wanda_diagnostic(net, train, windows),
         "recover_steps": args.recover,
         "recovery": recovery_rows(net, train, val, windows, args.recover) if args.recover else [],
     }

@@ -31,3 +31,4 @@ def test_smoke_writes_rows_at_their_sparsity_and_the_verdicts(tmp_path):
     report = (tmp_path / "pretrained.md").read_text()
     assert "Does the published ordering reproduce?" in report and "far better than magnitude at 2:4" in report
     assert "## After 2 steps of recovery" in report and "| sparsegpt | 2:4 |" in report
+    assert "## Wanda on this model" in report and "Wanda and magnitude agree on" in report
