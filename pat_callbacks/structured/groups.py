@@ -99,7 +99,11 @@ def _too_long(model: nn.Module, seconds: float | None) -> str:
 @contextmanager
 def _time_limit(seconds: float | None, message: Callable[[], str]) -> Iterator[None]:
     """Raise ``TimeoutError(message())`` if the block runs past ``seconds`` (a real-time interval timer: on the main
-    thread of a platform with ``SIGALRM``; elsewhere the block is not bounded)."""
+    thread of a platform with ``SIGALRM``; elsewhere the block is not bounded).
+
+    The timer repeats every ``min(seconds, 1)`` s until the block ends: code inside may swallow one TimeoutError
+    (Torch-Pruning's tracer runs the model's forward under a bare ``except:``, and retries it), the next one still
+    stops it. After the block a late signal does nothing."""
     usable = (
         seconds is not None
         and hasattr(signal, "setitimer")
@@ -110,14 +114,18 @@ def _time_limit(seconds: float | None, message: Callable[[], str]) -> Iterator[N
         yield
         return
 
+    active = [True]
+
     def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(message())
+        if active[0]:
+            raise TimeoutError(message())
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    signal.setitimer(signal.ITIMER_REAL, float(seconds), min(float(seconds), 1.0))
     try:
         yield
     finally:
+        active[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 

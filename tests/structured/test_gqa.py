@@ -4,6 +4,7 @@ bounded tracing, and a GPT whose output head is tied to its token embedding."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
@@ -193,6 +194,21 @@ def test_tracing_is_bounded_with_the_way_out():
     assert time.perf_counter() - start < 10
     assert signal.getitimer(signal.ITIMER_REAL)[0] == 0  # the timer is gone
     assert len(channel_groups(MLP(64, (32,), 10).eval(), torch.zeros(2, 64), time_limit=None)) == 2
+
+
+def test_a_swallowed_timeout_fires_again_and_nothing_fires_after_the_block():
+    """Torch-Pruning's tracer calls the model under a bare ``except:`` and retries: under load the first
+    TimeoutError landed there, was swallowed, and the tracing ran for minutes (seen in a full suite run)."""
+    from pat_callbacks.structured.groups import _time_limit
+
+    start = time.perf_counter()
+    with pytest.raises(TimeoutError, match="too long"), _time_limit(0.2, lambda: "too long"):
+        with contextlib.suppress(BaseException):  # swallowed, as the tracer's bare except does
+            time.sleep(5)  # interrupted at 0.2 s
+        while time.perf_counter() - start < 5:
+            time.sleep(0.01)
+    assert time.perf_counter() - start < 3
+    assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
 
 
 class TiedGPT(nn.Module):
