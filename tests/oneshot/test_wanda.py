@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from pat_callbacks.core.patterns import prune_count
 from pat_callbacks.core.pruner import Pruner
 from pat_callbacks.oneshot import Calibration, one_shot_prune, row_mask, wanda_scores
 
@@ -58,13 +59,20 @@ def test_scores_drive_every_allocation_of_the_pruner(allocation):
         assert scores[name][~mask].max() <= scores[name][mask].min()
 
 
-def test_per_row_comparison_prunes_every_row_alike():
+def test_per_row_comparison_prunes_rows_alike_to_one_and_every_layer_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 3))
     batches = [torch.randn(16, 10) * torch.linspace(0.1, 5, 10)]  # uneven input norms
-    one_shot_prune(model, "wanda", 0.3, calibration=batches)
-    assert ((model[0].weight == 0).sum(1) == 3).all()  # round(10 * 0.3) per row, counted on the weights
-    assert ((model[2].weight == 0).sum(1) == 2).all()  # round(6 * 0.3) = 2
+    result = one_shot_prune(model, "wanda", 0.3, calibration=batches)
+    assert ((model[0].weight == 0).sum(1) == 3).all()  # 0.3 of 10 per row: 18 of 60 exactly
+    per_row = (model[2].weight == 0).sum(1)  # 0.3 of 18 is 5 (not 3 x round(1.8) = 6): rows prune 1 or 2
+    assert int(per_row.sum()) == prune_count(18, 0.3) and set(per_row.tolist()) == {1, 2}
+    assert result.sparsity == (18 + 5) / (60 + 18)  # counted on the masks, where the weights are 0
+
+
+def test_the_rows_that_prune_one_more_are_those_where_it_costs_least():
+    scores = torch.tensor([[1.0, 9.0, 9.5], [1.0, 2.0, 9.0], [1.0, 5.0, 9.0]])  # 4 of 9 at 0.45: one row +1
+    assert row_mask(scores, 0.45).int().tolist() == [[0, 1, 1], [0, 0, 1], [0, 1, 1]]
 
 
 def test_per_row_mask_keeps_the_highest_scores():
