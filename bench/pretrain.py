@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-delta", type=float, default=0.002, help="bits/char a validation must gain")
     parser.add_argument("--force", action="store_true", help="retrain even if --out exists")
     args = parser.parse_args(argv)
+    for name, value, least in (("--patience", args.patience, 0), ("--eval-every", args.eval_every, 1)):
+        if value is not None and value < least:
+            parser.error(f"{name} must be an integer >= {least}, but got {value}")
     torch.set_num_threads(args.threads)
     if args.out.exists() and not args.force:
         _, record = load_pretrained(args.out)

@@ -64,7 +64,9 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
 
     datamodule = instantiate(cfg.datamodule)
     model = instantiate(cfg.model)
-    if init_weights is not None:
+    if init_weights is not None and cfg.get("ckpt_path"):  # the checkpoint's weights win: say so, load nothing
+        logging.getLogger(__name__).warning("init_weights=%s is not loaded: resuming from ckpt_path", init_weights)
+    elif init_weights is not None:
         where = load_initial_weights(model, init_weights)
         logging.getLogger(__name__).info("init_weights: loaded %s into the %s", init_weights, where)
     pruning = instantiate(cfg.pruning) if cfg.get("pruning") else None

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,14 @@ def check_initial_weights(path: str | Path | None) -> Path | None:
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):  # bench/pretrain.py's record
-        loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):  # bench/pretrain.py's record
+            loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # it holds objects weights_only refuses to rebuild: no code runs
+        raise ValueError(
+            f"init_weights={str(path)!r} holds objects that a weights-only load refuses (no code from a checkpoint "
+            f"runs here); save the state_dict alone, e.g. torch.save(model.state_dict(), path): {error}"
+        ) from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -72,7 +79,8 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> str:
     prefix removed, if any). Raises ``ValueError`` naming the missing / unexpected keys (or the shapes) otherwise.
     """
     file = check_initial_weights(path)
-    assert file is not None
+    if file is None:
+        raise TypeError("load_initial_weights needs a path, but got None")
     state = _state_dict(file)
     targets: list[tuple[str, nn.Module, dict[str, torch.Tensor]]] = [("model", model, state)]
     net = getattr(model, "net", None)

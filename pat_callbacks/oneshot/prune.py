@@ -58,8 +58,9 @@ class OneShotOptions:
         owl: per-layer sparsities by OWL (:mod:`~pat_callbacks.oneshot.owl`) instead of the same for every layer;
             unstructured only.
         owl_lambda, owl_m: OWL's ``lambda`` (sparsities within target +- lambda) and outlier threshold ``M``.
-        per_row: compare scores within each output row (every row pruned alike), the Wanda paper's choice and its
-            default; ``False``: within the layer (magnitude's default). Not for SparseGPT (its own mask selection).
+        per_row: compare scores within each output row (rows pruned alike to one weight, each layer's count
+            exact), the Wanda paper's choice and its default; ``False``: within the layer (magnitude's default).
+            Not for SparseGPT (its own mask selection).
         allocation: how a layer-compared target is split over layers (``"uniform"``; ``"global"``,
             ``"global_raw"``, ``"erk"``, ``"er"``: see :mod:`~pat_callbacks.core.allocation`; they need
             ``per_row=False``, ``owl=False`` and ``sequential=False``; not for SparseGPT).

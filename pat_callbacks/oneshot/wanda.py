@@ -5,8 +5,9 @@ Two ways to use the scores:
 
 - as ``scores=`` of :meth:`Pruner.prune_to <pat_callbacks.core.pruner.Pruner.prune_to>`: every allocation
   (uniform, global, ERK, ``layer_sparsity``) and every pattern (unstructured, N:M) of the Pruner then applies;
-- with the paper's comparison group, the output row (:func:`row_masks`): every output row of a layer loses the same
-  number of weights (the paper measured it better than a per-layer comparison for LLMs).
+- with the paper's comparison group, the output row (:func:`row_masks`): the output rows of a layer lose the same
+  number of weights to one, and the layer exactly its count (the paper measured per-row comparison better than a
+  per-layer one for LLMs).
 
 Example:
     >>> import torch
@@ -88,7 +89,8 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
     comparison group, with the layer's exact count: ``prune_count(numel, sparsity)`` pruned in all, each row its
     ``total // rows`` lowest scores, and the rows where one more costs least (the lowest next score; ties to the
     lower row) one more. (Pruning ``round(sparsity * row size)`` in every row would miss the target whenever it
-    rounds: 0.7 of 128 inputs is 89.6.)
+    rounds: 0.7 of 128 inputs is 89.6.) Above ``(width - 1) / width`` some rows lose every weight. The sort costs
+    about 3x the layer's bytes, one layer at a time; on FSDP2 row shards the count is exact per shard.
 
     Example:
         >>> import torch

@@ -61,7 +61,7 @@ def channel_groups(
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> [(g.root, g.n_channels) for g in channel_groups(model, torch.zeros(1, 4), ignore=["2.weight"])]
         [('0.weight', 3)]"""
-    with _time_limit(time_limit, lambda: _too_long(model, time_limit)):
+    with _tracer_leaves_no_trace(model), _time_limit(time_limit, lambda: _too_long(model, time_limit)):
         graph = _graph(model, example_inputs)
         module_names = {module: name for name, module in model.named_modules(remove_duplicate=False)}
         for name, module in model.named_modules():  # the first name of a module reached twice
@@ -86,6 +86,24 @@ def channel_groups(
     return groups
 
 
+@contextmanager
+def _tracer_leaves_no_trace(model: nn.Module) -> Iterator[None]:
+    """Whatever stops the tracing (a timeout, a forward that raises), the model keeps its own forward hooks only and
+    its train / eval modes: Torch-Pruning removes the hooks it adds only after a forward that returns."""
+    hooks = {module: set(module._forward_hooks) for module in model.modules()}
+    modes = {module: module.training for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, before in hooks.items():
+            for key in [k for k in module._forward_hooks if k not in before]:
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+        for module, training in modes.items():
+            module.training = training
+
+
 def _too_long(model: nn.Module, seconds: float | None) -> str:
     return (
         f"Tracing the channel couplings of {type(model).__name__} ({sum(1 for _ in model.modules())} modules) with "
@@ -101,9 +119,9 @@ def _time_limit(seconds: float | None, message: Callable[[], str]) -> Iterator[N
     """Raise ``TimeoutError(message())`` if the block runs past ``seconds`` (a real-time interval timer: on the main
     thread of a platform with ``SIGALRM``; elsewhere the block is not bounded).
 
-    The timer repeats every ``min(seconds, 1)`` s until the block ends: code inside may swallow one TimeoutError
-    (Torch-Pruning's tracer runs the model's forward under a bare ``except:``, and retries it), the next one still
-    stops it. After the block a late signal does nothing."""
+    The timer repeats every second until the block ends: code inside may swallow one TimeoutError (Torch-Pruning's
+    tracer runs the model's forward under a bare ``except:``, and retries it), the next one still stops it. After the
+    block a late signal does nothing."""
     usable = (
         seconds is not None
         and hasattr(signal, "setitimer")
@@ -121,7 +139,7 @@ def _time_limit(seconds: float | None, message: Callable[[], str]) -> Iterator[N
             raise TimeoutError(message())
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, float(seconds), min(float(seconds), 1.0))
+    signal.setitimer(signal.ITIMER_REAL, float(seconds), 1.0)
     try:
         yield
     finally:

@@ -91,3 +91,24 @@ def test_a_missing_init_weights_file_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"init_weights='.*none.ckpt' is not a file"):
         run_training(cfg, output_dir=tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+class NotATensor:
+    """An object a weights-only load refuses to rebuild."""
+
+
+def test_a_checkpoint_with_arbitrary_objects_is_refused_with_the_way_out(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": NotATensor()}, tmp_path / "objects.pt")
+    with pytest.raises(ValueError, match=r"init_weights='.*objects.pt' holds objects that a weights-only load"):
+        load_initial_weights(Classifier(MLP(6, (5,), 3)), tmp_path / "objects.pt")
+
+
+def test_resuming_wins_over_init_weights_and_says_so(tmp_path, caplog):
+    base = [*TINY, "model=mlp", "datamodule=digits", "model.net.in_features=64"]
+    run_training(_compose(base, tmp_path / "a"), output_dir=tmp_path / "a")
+    trained = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    resumed = _compose([*base, "trainer.max_steps=12", f"ckpt_path={trained}", f"init_weights={trained}"], tmp_path)
+    with caplog.at_level("WARNING", logger="pat_callbacks.app.run"):
+        metrics = run_training(resumed, output_dir=tmp_path / "b")
+    assert metrics["resumed_at_step"] == 10
+    assert "is not loaded: resuming from ckpt_path" in caplog.text

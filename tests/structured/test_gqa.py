@@ -196,6 +196,25 @@ def test_tracing_is_bounded_with_the_way_out():
     assert len(channel_groups(MLP(64, (32,), 10).eval(), torch.zeros(2, 64), time_limit=None)) == 2
 
 
+def test_a_stopped_tracing_leaves_no_hook_and_the_modes_as_they_were():
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.b(self.a(x))
+            time.sleep(1.5)  # past the limit inside the tracer's forward (and its retry), after its hooks ran
+            return out
+
+    model = Slow().train()
+    own = model.a.register_forward_hook(lambda *args: None)
+    with pytest.raises(TimeoutError):
+        channel_groups(model, torch.zeros(1, 4), time_limit=0.2)
+    assert list(model.a._forward_hooks) == [own.id] and not model.b._forward_hooks  # only the user's own hook
+    assert all(m.training for m in model.modules())
+
+
 def test_a_swallowed_timeout_fires_again_and_nothing_fires_after_the_block():
     """Torch-Pruning's tracer calls the model under a bare ``except:`` and retries: under load the first
     TimeoutError landed there, was swallowed, and the tracing ran for minutes (seen in a full suite run)."""
