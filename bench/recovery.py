@@ -87,6 +87,7 @@ FIELDS = [
     "seconds",
     "checkpoint",
     "end_time",
+    "lr",
 ]
 
 
@@ -196,7 +197,9 @@ def _sizes(net: Any, tmp: Path) -> dict[str, int]:
     }
 
 
-def job(row: str, target: str, seed: int, steps: int, model: str, batch: int, checkpoint: str) -> dict[str, Any]:
+def job(
+    row: str, target: str, seed: int, steps: int, model: str, batch: int, checkpoint: str, lr: float = RECOVERY_LR
+) -> dict[str, Any]:
     """One row at one target and seed, in this process (1 thread); returns a CSV row."""
     import lightning.pytorch as pl
     import torch
@@ -214,7 +217,7 @@ def job(row: str, target: str, seed: int, steps: int, model: str, batch: int, ch
     pattern = "2:4" if target == "2:4" else "unstructured"
     sparsity = 0.5 if target in ("2:4", "-") else float(target)
     train_steps = 0 if row == "dense (pretrained)" or row in ONE_SHOT else steps
-    module = LanguageModel(net, lr=RECOVERY_LR, warmup_steps=max(1, steps // 20))
+    module = LanguageModel(net, lr=lr, warmup_steps=max(1, steps // 20))
     masks: dict[str, Any] = {}
     callbacks: list[Any] = []
     pruning = None
@@ -285,6 +288,7 @@ def job(row: str, target: str, seed: int, steps: int, model: str, batch: int, ch
         **sizes,
         "export_exact": export_exact,
         "seconds": round(time.perf_counter() - start, 1),
+        "lr": lr,
     }
 
 
@@ -501,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--lr", type=float, default=RECOVERY_LR, help="peak learning rate of every row")
     parser.add_argument("--repeats", type=int, default=30, help="timed steps of the teacher-cost measurement")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument(
@@ -537,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
             job_key = (r["row"], r["target"], int(r["seed"]))
             if job_key in set(jobs) and job_key not in {(x["row"], x["target"], int(x["seed"])) for x in rows}:
                 same = (r["checkpoint"], r["model"], int(r["batch"])) == (Path(checkpoint).name, args.model, args.batch)
-                if same and int(r["steps"]) in (0, args.steps):
+                if same and int(r["steps"]) in (0, args.steps) and float(r["lr"]) == args.lr:
                     rows.append(r)
     done = {(r["row"], r["target"], int(r["seed"])) for r in rows}
     jobs_left = [] if args.report_only else [j for j in jobs if j not in done]
@@ -562,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-        arguments = [(r, t, s, args.steps, args.model, args.batch, checkpoint) for r, t, s in jobs_left]
+        arguments = [(r, t, s, args.steps, args.model, args.batch, checkpoint, args.lr) for r, t, s in jobs_left]
         if args.workers <= 1:
             for a in arguments:
                 record(job(*a))
@@ -585,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Model: CharGPT d={spec['dim']}, {spec['layers']} layers, {spec['heads']} heads, context {spec['context']}, "
         f"batch {args.batch}. Starting point: {source}. Every row trains {args.steps} steps from it "
-        f"(AdamW lr {RECOVERY_LR}, warm-up {max(1, args.steps // 20)} steps, cosine to 10%): GradualPruning from "
+        f"(AdamW lr {args.lr}, warm-up {max(1, args.steps // 20)} steps, cosine to 10%): GradualPruning from "
         f"step 0 to {round(PRUNE_FRACTION * args.steps)} (taylor + global; 2:4 by magnitude), then recovery; "
         f"distillation T={TEMPERATURE}, alpha={ALPHA} from the dense starting point; int8 QAT from the end of the "
         "pruning window. Seeds change the data order (and the sampling of the pruning scores), not the start.",

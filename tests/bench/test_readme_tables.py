@@ -17,18 +17,21 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_readme_matches_the_results_files():
     text = (ROOT / "README.md").read_text()
     names = re.findall(r"<!-- BEGIN bench/readme_tables.py: ([\w-]+) -->", text)
-    assert sorted(names) == ["accuracy-reading", "demo", "overhead"]
+    assert sorted(names) == ["accuracy-reading", "demo", "overhead", "pretrained", "recovery"]
     assert readme_tables.render(text) == text, "README.md is out of date: run python bench/readme_tables.py"
 
 
 def test_a_changed_results_file_changes_its_block(tmp_path):
-    for name in ("demo.md", "overhead.md", "accuracy.csv"):
+    for name in ("demo.md", "overhead.md", "accuracy.csv", "pretrained.md", "recovery.md"):
         (tmp_path / name).write_text((ROOT / "bench" / "results" / name).read_text())
     overhead = (tmp_path / "overhead.md").read_text()
     (tmp_path / "overhead.md").write_text(overhead.replace("| mlp | dense |", "| mlp | dense (edited) |", 1))
     text = (ROOT / "README.md").read_text()
     rendered = readme_tables.render(text, tmp_path)
     assert "| mlp | dense (edited) |" in rendered and rendered.replace(" (edited)", "", 1) == text
+    recovery = (tmp_path / "recovery.md").read_text()
+    (tmp_path / "recovery.md").write_text(recovery.replace(": met", ": met (edited)", 1))
+    assert ": met (edited)" in readme_tables.render(text, tmp_path)  # the targets' verdicts come along
 
 
 def test_a_begin_marker_without_its_end_and_an_unknown_block_are_errors(tmp_path):
@@ -36,7 +39,9 @@ def test_a_begin_marker_without_its_end_and_an_unknown_block_are_errors(tmp_path
     end = "<!-- END bench/readme_tables.py: {} -->"
     with pytest.raises(ValueError, match="README block 'overhead' has a BEGIN marker without its END marker"):
         readme_tables.render(begin.format("overhead") + "x\n", tmp_path)
-    with pytest.raises(ValueError, match="Unknown README block 'nope'; known: accuracy-reading, demo, overhead"):
+    with pytest.raises(
+        ValueError, match="Unknown README block 'nope'; known: accuracy-reading, demo, overhead, pretrained, recovery"
+    ):
         readme_tables.render(begin.format("nope") + "x\n" + end.format("nope"), tmp_path)
 
 
