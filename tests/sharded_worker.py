@@ -147,3 +147,6 @@ if __name__ == "__main__":
     # the case as {case} (e.g. DIR/{case}-ckpt/step=10.ckpt) to resume each case from its own checkpoint.
     for name in sys.argv[1].split(","):
         run(name, Path(sys.argv[2]), sys.argv[3].format(case=name) if len(sys.argv) > 3 else None)
+    if torch.distributed.is_initialized():  # both ranks done before gloo goes: its threads can abort at exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
