@@ -77,6 +77,18 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> str:
 
     The file's keys are matched against the module's own, then against its ``net`` submodule's (with a ``net.``
     prefix removed, if any). Raises ``ValueError`` naming the missing / unexpected keys (or the shapes) otherwise.
+
+    Example:
+        >>> import tempfile
+        >>> from pat_callbacks.app.models import MLP, Classifier
+        >>> path = Path(tempfile.mkdtemp()) / "model.ckpt"
+        >>> torch.save({"state_dict": Classifier(MLP(4, (3,), 2)).state_dict()}, path)   # a Lightning checkpoint
+        >>> load_initial_weights(Classifier(MLP(4, (3,), 2)), path)
+        'model'
+        >>> load_initial_weights(Classifier(MLP(4, (5,), 2)), path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: init_weights='...model.ckpt' does not fit the model: ...
     """
     file = check_initial_weights(path)
     if file is None:
