@@ -22,6 +22,7 @@ import csv
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,12 +196,27 @@ def recovery_rows(
     return rows
 
 
-def owl_diagnostic(net: CharGPT, train: torch.Tensor, windows: int) -> list[str]:
+@dataclass
+class Seed0Calibration:
+    """The pruned layers of a copy of the start, their input norms ``||X_j||`` and Wanda scores on seed 0's
+    calibration windows: what both diagnostics read (calibrated once)."""
+
+    params: dict[str, torch.Tensor]
+    norms: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, net: CharGPT, train: torch.Tensor, windows: int) -> Seed0Calibration:
+        model = copy.deepcopy(net)
+        params = Pruner(model).params
+        calib = Calibration(model, params).collect(calibration_batches(train, windows, 0), lambda m, b: m(b[:, :-1]))
+        norms = {n: calib.norms(n) for n in params}
+        return cls(params, norms, wanda_scores(params, norms))
+
+
+def owl_diagnostic(calibrated: Seed0Calibration) -> list[str]:
     """OWL's inputs and outputs on seed 0's calibration windows: outlier ratio per block, planned sparsities."""
-    model = copy.deepcopy(net)
-    params = Pruner(model).params
-    calib = Calibration(model, params).collect(calibration_batches(train, windows, 0), lambda m, b: m(b[:, :-1]))
-    scores = wanda_scores(params, {n: calib.norms(n) for n in params})
+    scores = calibrated.scores
     ratios = outlier_ratios(scores)
     lines = [
         "Outlier ratios (Wanda scores > 5 x the block's mean, seed 0): "
@@ -216,15 +232,11 @@ def owl_diagnostic(net: CharGPT, train: torch.Tensor, windows: int) -> list[str]
     return lines
 
 
-def wanda_diagnostic(net: CharGPT, train: torch.Tensor, windows: int) -> list[str]:
+def wanda_diagnostic(calibrated: Seed0Calibration) -> list[str]:
     """Why Wanda differs from magnitude (or not) on seed 0's calibration windows: per layer, the spread of the input
     norms ``||X_j||`` (max / median; outlier features of LLMs make it ~100x) and the share of the weights that
     Wanda and magnitude, both per output row at 50%, prune alike."""
-    model = copy.deepcopy(net)
-    params = Pruner(model).params
-    calib = Calibration(model, params).collect(calibration_batches(train, windows, 0), lambda m, b: m(b[:, :-1]))
-    norms = {n: calib.norms(n) for n in params}
-    scores = wanda_scores(params, norms)
+    params, norms, scores = calibrated.params, calibrated.norms, calibrated.scores
     lines = []
     for name, weight in params.items():
         magnitude, wanda = weight.detach().abs().reshape(weight.shape[0], -1), scores[name].reshape(weight.shape[0], -1)
@@ -421,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(sparsity {row['sparsity']}, {row['seconds']} s)",
             flush=True,
         )
+    calibrated = Seed0Calibration.of(net, train, windows)
     meta = {
         "command": command.strip(),
         "wall": time.perf_counter() - start,
@@ -429,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         "dense_val_bpc": dense,
         "checkpoint": checkpoint,
         "windows": windows,
-        "owl": owl_diagnostic(net, train, windows),
-        "wanda": wanda_diagnostic(net, train, windows),
+        "owl": owl_diagnostic(calibrated),
+        "wanda": wanda_diagnostic(calibrated),
         "recover_steps": args.recover,
         "recovery": recovery_rows(net, train, val, windows, args.recover) if args.recover else [],
     }
