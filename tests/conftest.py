@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,3 +56,41 @@ def fit(tmp_path, digits) -> Callable[..., tuple[pl.Trainer, Classifier]]:
         return trainer, module
 
     return _fit
+
+
+# Rank variables earlier in-process DDP tests leave in os.environ: with them a worker would not launch its ranks.
+_LAUNCH_VARIABLES = {
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+}
+_GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+def run_gloo_worker(module: str, *args: str, before_attempt: Callable[[], None] | None = None) -> None:
+    """Run ``python -m module args`` (a 2-rank gloo worker) from the repository root, without launch variables;
+    fail with its output unless it exits 0. gloo's threads can abort at interpreter exit after the work is done
+    (``terminate called without an active exception``): then it runs once more; any other failure fails at once.
+    ``before_attempt`` runs before each attempt (e.g. to remove the last attempt's rendezvous file)."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("PL_")}
+    root = Path(__file__).resolve().parents[1]
+    for _attempt in range(2):
+        if before_attempt is not None:
+            before_attempt()
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode == 0 or _GLOO_EXIT_ABORT not in done.stdout + done.stderr:
+            break
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

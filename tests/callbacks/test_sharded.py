@@ -3,9 +3,6 @@ built in configure_model in one process. Weights are checked whole (gathered in 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,33 +12,11 @@ from torch import nn
 
 from pat_callbacks import DynamicSparseTraining, GradualPruning
 from pat_callbacks.core.patterns import prune_count
-from tests.conftest import make_trainer
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import make_trainer, run_gloo_worker
 
 
 def _worker(out: Path, cases: str, resume_from: Path | None = None) -> None:
-    args = [sys.executable, "-m", "tests.sharded_worker", cases, str(out)]
-    if resume_from is not None:
-        args.append(str(resume_from))
-    # Earlier in-process DDP tests leave rank variables in os.environ; with them Lightning would not launch rank 1.
-    launch = {
-        "LOCAL_RANK",
-        "RANK",
-        "WORLD_SIZE",
-        "NODE_RANK",
-        "GROUP_RANK",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    }
-    env = {key: value for key, value in os.environ.items() if key not in launch and not key.startswith("PL_")}
-    for _attempt in range(2):  # gloo's threads can abort at interpreter exit ("terminate called without an active
-        # exception") after the work is done: one more run then, any other failure fails at once
-        done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-        if done.returncode == 0 or "terminate called without an active exception" not in done.stdout + done.stderr:
-            break
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_gloo_worker("tests.sharded_worker", cases, str(out), *([str(resume_from)] if resume_from is not None else []))
 
 
 CASES = ("uniform", "global_taylor", "two_four", "rigl")
