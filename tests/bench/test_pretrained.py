@@ -32,3 +32,14 @@ def test_smoke_writes_rows_at_their_sparsity_and_the_verdicts(tmp_path):
     assert "Does the published ordering reproduce?" in report and "far better than magnitude at 2:4" in report
     assert "## After 2 steps of recovery" in report and "| sparsegpt | 2:4 |" in report
     assert "## Wanda on this model" in report and "Wanda and magnitude agree on" in report
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--patience", "-1"), ("--eval-every", "0")])
+def test_pretrain_refuses_a_bad_stop_rule_naming_it(tmp_path, capsys, flag, value):
+    from bench import pretrain
+
+    with pytest.raises(SystemExit):
+        pretrain.main([flag, value, "--out", str(tmp_path / "never.pt")])
+    err = capsys.readouterr().err
+    assert f"{flag} must be an integer >= " in err and f"but got {value}" in err
+    assert not (tmp_path / "never.pt").exists()  # refused before any training

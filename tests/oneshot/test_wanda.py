@@ -90,3 +90,25 @@ def test_two_four_holds_after_wanda_counted_on_the_weights(sequential):
     assert ((model[0].weight == 0).view(16, 2, 4).sum(-1) == 2).all()
     along_inputs = (model[2].weight == 0).t().reshape(8, 4, 4)  # groups of 4 consecutive inputs per output
     assert (along_inputs.sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("family", ["char_gpt", "hf_gpt2"])
+def test_per_row_wanda_reaches_every_layers_exact_count_on_transformers(family):
+    """0.7 of a row of 16 or 48 inputs rounds (11.2, 33.6): every layer's zeros, counted on the weights, are still
+    exactly prune_count(numel, 0.7), also through GPT-2's transposed Conv1D and a tied embedding."""
+    from pat_callbacks.app.models import CharGPT
+
+    torch.manual_seed(0)
+    if family == "char_gpt":
+        net = CharGPT(vocab_size=12, context=8, dim=16, layers=2, heads=2)  # output head tied to the embedding
+        forward = None
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        net = GPT2LMHeadModel(GPT2Config(vocab_size=12, n_positions=8, n_embd=16, n_layer=2, n_head=2)).eval()
+        forward = lambda model, batch: model(batch).logits  # noqa: E731
+    batches = [torch.randint(0, 12, (4, 8)) for _ in range(2)]
+    result = one_shot_prune(net, "wanda", 0.7, calibration=batches, forward=forward)
+    assert result.pruner.transposed or family == "char_gpt"  # GPT-2's Conv1D weights are in x out
+    for name, weight in result.pruner.params.items():
+        assert int((weight == 0).sum()) == prune_count(weight.numel(), 0.7), name
