@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat_callbacks.structured.attention import _ffn_roles, _gqa_shape, _shrink_ffn, ffn_groups, shrink_transformer
+from pat_callbacks.structured.cutting import _shrink_ffn, shrink_transformer
+from pat_callbacks.structured.roles import _ffn_roles, _gqa_shape, ffn_groups
 
 __all__ = ["LAYER_SIZES_KEY", "from_pretrained_shrunk", "layer_sizes", "update_config"]
 
