@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from pat_callbacks import _compat
 from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.pruner import Pruner, PruningOptions
 from pat_callbacks.core.schedules import (
@@ -30,8 +29,6 @@ from pat_callbacks.core.schedules import (
 from pat_callbacks.core.targets import select_parameters
 from pat_callbacks.core.windows import ScheduleSpec
 from pat_callbacks.structured import StructuredPruner
-
-_compat.install()  # old module paths (pat_callbacks.pruner, pat_callbacks.models, ...) keep working
 
 if TYPE_CHECKING:
     from pat_callbacks.callbacks import (
@@ -66,7 +63,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'pat_callbacks' has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
+__version__ = "0.4.0"  # the same as pyproject.toml's `version` (tests/test_layout.py checks)
 
 __all__ = [
     "ConstantSchedule",
