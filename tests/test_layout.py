@@ -120,3 +120,11 @@ def test_one_version():
     version = re.search(r'^version = "(.+)"$', PYPROJECT.read_text(), re.MULTILINE).group(1)
     assert pat_callbacks.__version__ == version
     assert re.search(rf"^## \[{re.escape(version)}\]", CHANGELOG.read_text(), re.MULTILINE), version
+
+
+def test_the_lazily_loaded_callbacks_are_the_callbacks_package():
+    """``pat_callbacks`` names the callbacks without importing Lightning; the names are those of ``callbacks/``."""
+    import pat_callbacks.callbacks
+
+    assert sorted(pat_callbacks._CALLBACKS) == sorted(pat_callbacks.callbacks.__all__)
+    assert set(pat_callbacks._CALLBACKS) <= set(pat_callbacks.__all__)
