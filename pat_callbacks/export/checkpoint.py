@@ -16,7 +16,7 @@ bit-exact: zeros that are ``-0.0`` (what multiplying a negative weight by a mask
 (about +3% of dense at 90%), written only for a tensor that has one; ``keep_zero_signs=False`` stores every zero
 as ``+0.0`` instead. Files are read with ``torch.load(weights_only=True)`` (no code runs from a crafted file) and
 every field is checked before it is used: a crafted or truncated file is a one-line ``ValueError`` naming it and
-the field. Files of version 1 (``save_sparse`` and ``save_quantized`` before 0.3) still load.
+the field. Files of version 1 (the former separate formats of ``save_sparse`` and ``save_quantized``) still load.
 
 Example:
     >>> import torch, tempfile, os
