@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,7 +62,7 @@ def dtype_name(dtype: torch.dtype) -> str:
         >>> dtype_name(torch.bfloat16)
         'bfloat16'
     """
-    return str(dtype).removeprefix("torch.")
+    return sys.intern(str(dtype).removeprefix("torch."))  # one object: pickled once per file, then referenced
 
 
 # ------------------------------------------------------------------ writing
@@ -139,7 +140,7 @@ def encode_tensor(
         if not tensor.is_floating_point():
             raise ValueError(f"Only floating tensors are quantized, but got dtype {tensor.dtype}")
         stored, scales = quantize_tensor(tensor.float(), quant, transposed=transposed)
-        entry.update(quant=str(quant), scales=scales, transposed=bool(transposed))
+        entry.update(quant=sys.intern(str(quant)), scales=scales, transposed=bool(transposed))
     candidates = [_dense(stored)]
     sparse_able = (quant is not None or stored.is_floating_point()) and stored.numel() > 0
     if sparse_able and float((stored == 0).float().mean()) >= min_sparsity:
