@@ -145,9 +145,10 @@ def _entries(compressed: Any) -> Mapping[str, Any]:
     version = _version(compressed)
     if version is None:
         keys = ("format", "version", _V1_SPARSE, _V1_QUANTIZED)
-        found = {k: compressed[k] for k in keys if k in compressed} if isinstance(compressed, Mapping) else None
+        found = {k: compressed[k] for k in keys if k in compressed} if isinstance(compressed, Mapping) else {}
+        what = f"header {found}" if found else f"no header: a {type(compressed).__name__}"
         raise ValueError(
-            f"Not a pat-callbacks sparse checkpoint (header {found or type(compressed).__name__}; this release reads "
+            f"Not a pat-callbacks sparse checkpoint ({what}; this release reads "
             f"{{'format': {FORMAT_NAME!r}, 'version': {FORMAT_VERSION}}} and the version-1 files)"
         )
     tensors = compressed.get("tensors")
