@@ -320,12 +320,13 @@ class QuantizationConf:
 
     Example:
         >>> from omegaconf import OmegaConf
-        >>> OmegaConf.structured(QuantizationConf).bits
-        8"""
+        >>> OmegaConf.structured(QuantizationConf).spec
+        'int8'"""
 
     _target_: str = "pat_callbacks.QuantizationAwareTraining"
-    bits: int = 8
-    group_size: Optional[int] = None
+    spec: str = "int8"
+    bits: Optional[int] = None  # deprecated: the former spelling of spec
+    group_size: Optional[int] = None  # deprecated: the former spelling of spec
     start_step: int = 0
     include: Optional[List[str]] = None
     exclude: Optional[List[str]] = None

@@ -31,7 +31,7 @@ Example:
     >>> torch.manual_seed(0) and None
     >>> model = Classifier(MLP(64, (32,), 10))
     >>> pruning = GradualPruning(pattern="2:4", start_step=0, end_step=4, update_every=1, verbose=False)
-    >>> qat = QuantizationAwareTraining(bits=8, start_step=4)
+    >>> qat = QuantizationAwareTraining("int8", start_step=4)
     >>> trainer = Trainer(callbacks=[pruning, qat], max_steps=10, logger=False, enable_checkpointing=False,
     ...                   enable_progress_bar=False, enable_model_summary=False)
     >>> trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
@@ -54,7 +54,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pat_callbacks.callbacks.base import PruningCallback
-from pat_callbacks.core._validation import check_int
+from pat_callbacks.core._validation import check_int, renamed
 from pat_callbacks.core.sharding import is_sharded
 from pat_callbacks.recovery.quantization import FakeQuantizer, QuantSpec
 
@@ -65,34 +65,47 @@ class QuantizationAwareTraining(Callback):
     """Train with fake-quantized weights (symmetric, weight-only), pruned weights held at exactly zero.
 
     Args:
-        bits: 8 or 4.
-        group_size: one scale per ``group_size`` consecutive inputs of each output channel; ``None`` (default):
-            one scale per output channel.
+        spec: the quantization, as :func:`~pat_callbacks.export.quantized.save_quantized` and
+            :class:`~pat_callbacks.recovery.quantization.FakeQuantizer` take it: ``"int8"`` or ``"int4"`` (one
+            scale per output channel), ``"int8:g64"`` / ``"int4:g32"`` (one scale per 64 / 32 consecutive inputs of
+            each output channel), or a :class:`~pat_callbacks.recovery.quantization.QuantSpec`.
         start_step: first optimizer step trained quantized (e.g. the end of the pruning window).
         include, exclude: which weights are quantized (see
             :func:`~pat_callbacks.core.targets.select_parameters`; default: the weights of Linear, Conv,
             MultiheadAttention and Hugging Face Conv1D layers; embeddings, norms and biases stay float).
         finalize: at the end of fit, make the fake-quantized values the weights.
+        bits, group_size: deprecated, the former spelling of ``spec`` (``bits=4, group_size=32`` is
+            ``spec="int4:g32"``); they still work, with a ``DeprecationWarning`` naming the ``spec`` they mean.
 
     Example:
-        >>> QuantizationAwareTraining(bits=2)
+        >>> QuantizationAwareTraining("int4:g32").spec
+        QuantSpec(bits=4, group_size=32)
+        >>> QuantizationAwareTraining("int2")
         Traceback (most recent call last):
         ...
-        ValueError: Expected `bits` to be 8 or 4, but got 2
+        ValueError: Expected a quantization like 'int8', 'int4' or 'int4:g32', but got 'int2'
     """
 
     def __init__(
         self,
-        bits: int = 8,
+        spec: QuantSpec | str = "int8",
         *,
-        group_size: int | None = None,
         start_step: int = 0,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         finalize: bool = True,
+        bits: int | None = None,
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.spec = QuantSpec(bits=bits, group_size=group_size)
+        if isinstance(spec, int) and not isinstance(spec, bool) and bits is None:  # bits, by position (former 1st)
+            spec, bits = "int8", spec
+        spec = str(QuantSpec.parse(spec))
+        former = (
+            None if bits is None and group_size is None else str(QuantSpec(8 if bits is None else bits, group_size))
+        )
+        new = "spec" if former is None else f"spec={former!r}"
+        self.spec = QuantSpec.parse(renamed("bits, group_size", former, new, spec, "int8")[0])
         self.start_step = check_int("start_step", start_step)
         self.include, self.exclude = include, exclude
         self.finalize = bool(finalize)

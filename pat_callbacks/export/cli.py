@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from pat_callbacks.export.checkpoint import FORMAT_VERSION, read_checkpoint, save_sparse
+from pat_callbacks.export.checkpoint import is_checkpoint, read_checkpoint, save_sparse
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -39,7 +39,7 @@ def find_state_dict(loaded: Any, path: str | Path, key: str | None = None) -> Ma
         if not _is_state_dict(value):
             raise ValueError(f"{path}: key {key!r} holds no state dict of tensors ({type(value).__name__})")
         return value
-    if isinstance(loaded, Mapping) and loaded.get("pat_callbacks_sparse") == FORMAT_VERSION:
+    if is_checkpoint(loaded):
         raise ValueError(f"{path} is already a pat-callbacks sparse checkpoint (read it with load_sparse)")
     if _is_state_dict(loaded):
         return loaded

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pat_callbacks import DynamicSparseTraining, GradualPruning, QuantizationAwareTraining
 from pat_callbacks.export.quantized import dequantize_state_dict, quantize_state_dict
-from pat_callbacks.recovery.quantization import fake_quantize
+from pat_callbacks.recovery.quantization import QuantSpec, fake_quantize
 from tests.conftest import make_module
 
 
@@ -45,10 +45,10 @@ def _two_four() -> GradualPruning:
     )
 
 
-@pytest.mark.parametrize("bits, group_size", [(8, None), (4, 16)])
-def test_qat_with_2_4_keeps_zeros_during_and_after_training(fit, bits, group_size) -> None:
+@pytest.mark.parametrize("spec", ["int8", "int4:g16"])
+def test_qat_with_2_4_keeps_zeros_during_and_after_training(fit, spec) -> None:
     pruning = _two_four()
-    qat = QuantizationAwareTraining(bits=bits, group_size=group_size, start_step=4)
+    qat = QuantizationAwareTraining(spec, start_step=4)
     checker = QuantizedForwardChecker(pruning, qat)
     _, model = fit([pruning, qat, checker], max_steps=20)
     assert checker.checked == 16  # steps 4..19
@@ -62,7 +62,7 @@ def test_qat_with_2_4_keeps_zeros_during_and_after_training(fit, bits, group_siz
 
 
 def test_qat_changes_training_and_resumes_full_precision_masters(fit) -> None:
-    pruning, qat = _two_four(), QuantizationAwareTraining(bits=4, start_step=0, finalize=False)
+    pruning, qat = _two_four(), QuantizationAwareTraining("int4", start_step=0, finalize=False)
     _, quantized = fit([pruning, qat], max_steps=15)
     _, plain = fit([_two_four()], module=make_module(), max_steps=15)
     weight = quantized.net.layers[0].weight
@@ -72,7 +72,7 @@ def test_qat_changes_training_and_resumes_full_precision_masters(fit) -> None:
 
 def test_accumulation_bf16_and_dynamic_sparse_training(fit) -> None:
     pruning = DynamicSparseTraining(sparsity=0.8, update_every=4, verbose=False)
-    qat = QuantizationAwareTraining(bits=8)
+    qat = QuantizationAwareTraining("int8")
     checker = QuantizedForwardChecker(pruning, qat)
     trainer, _ = fit([pruning, qat, checker], max_steps=12, accumulate_grad_batches=2, precision="bf16-mixed")
     # Every micro-batch saw the quantized weights (23 of them: an epoch of 23 batches ends with a step of one).
@@ -92,7 +92,43 @@ def test_validation_sees_the_quantized_model(tmp_path) -> None:
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
             seen["swapped"] = qat.quantizer.swapped_in
 
-    qat = QuantizationAwareTraining(bits=8, finalize=False)
+    qat = QuantizationAwareTraining("int8", finalize=False)
     trainer = make_trainer(tmp_path, [qat, Peek()], max_steps=3, limit_val_batches=1, val_check_interval=3)
     trainer.fit(make_module(), datamodule=DigitsDataModule(batch_size=64, val_size=64))
     assert seen == {"swapped": True} and not qat.quantizer.swapped_in
+
+
+@pytest.mark.parametrize(
+    ("old", "spec"),
+    [({"bits": 8}, "int8"), ({"bits": 4, "group_size": 32}, "int4:g32"), ({"group_size": 64}, "int8:g64"), (4, "int4")],
+)
+def test_bits_and_group_size_still_work_with_a_warning_naming_the_spec(old, spec) -> None:
+    with pytest.warns(DeprecationWarning, match=f"is now called `spec='{spec}'`"):
+        qat = QuantizationAwareTraining(**old) if isinstance(old, dict) else QuantizationAwareTraining(old)
+    assert qat.spec == QuantizationAwareTraining(spec).spec == QuantSpec.parse(spec)
+    with pytest.raises(ValueError, match=r"Give `spec='int4'` \(the new name of `bits, group_size`\), not both"):
+        QuantizationAwareTraining("int8:g16", bits=4)
+
+
+def test_one_spelling_for_every_entry_point(tmp_path) -> None:
+    """The callback, FakeQuantizer, save_quantized and the Hydra presets all take "int4:g32"."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from pat_callbacks.app.config import register_configs
+    from pat_callbacks.app.run import CONF_DIR
+    from pat_callbacks.export.quantized import load_quantized, save_quantized
+    from pat_callbacks.recovery.quantization import FakeQuantizer
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        specs = [
+            str(instantiate(compose("train", [f"+recovery={name}", *extra]).callbacks.qat).spec)
+            for name, extra in [("qat_int8", []), ("qat_int4", []), ("qat_int8", ["callbacks.qat.spec=int4:g16"])]
+        ]
+    assert specs == ["int8", "int4:g32", "int4:g16"]
+    module = make_module()
+    layer = module.net.layers[0]
+    assert FakeQuantizer.from_model(layer, "int4:g32").spec == QuantizationAwareTraining("int4:g32").spec
+    save_quantized(layer, tmp_path / "layer.pt", "int4:g32")
+    assert torch.equal(load_quantized(tmp_path / "layer.pt")["weight"], fake_quantize(layer.weight, QuantSpec(4, 32)))

@@ -88,7 +88,7 @@ CRAFTED = {
     "column past the row": (("tensors", "c", "cols"), lambda v: v + 3000, "column indices do not fit"),
     "row pointers decreasing": (("tensors", "c", "crow"), lambda v: v.flip(0), "row pointers are not"),
     "alias of nothing": (("tensors", "tied", "of"), "nope", "alias of 'nope'"),
-    "dense of another shape": (("tensors", "b", "tensor"), torch.ones(5), "dense tensor of shape (5,)"),
+    "dense of another size": (("tensors", "b", "values"), torch.ones(5), "holds 5 values for 4 stored positions"),
     "entry not a mapping": (("tensors", "b"), [1, 2], "entry is a list"),
     "tensors not a mapping": (("tensors",), "x", "'tensors' is a str"),
 }
