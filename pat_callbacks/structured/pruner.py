@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pat_callbacks.core._validation import check_choice, check_fraction, renamed
-from pat_callbacks.core.masked import MaskedParameters
+from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.patterns import lowest_k, prune_count
 from pat_callbacks.core.targets import DEFAULT_MODULE_TYPES
 from pat_callbacks.structured.attention import HEAD_UNITS, HeadUnit, moe_blocks, transformer_groups
@@ -41,7 +41,7 @@ def channel_masks(
     return masks
 
 
-class StructuredPruner(MaskedParameters):
+class StructuredPruner(MaskStore):
     """The Trainer-free core of structured pruning: the lowest-scoring ``sparsity`` of every group's channels,
     each with its coupled slices.
 
@@ -53,7 +53,7 @@ class StructuredPruner(MaskedParameters):
     statistics stay untouched). At least one channel of every group is always kept.
 
     It shares mask enforcement and checkpoints with :class:`~pat_callbacks.core.pruner.Pruner` through
-    :class:`~pat_callbacks.core.masked.MaskedParameters`, but not ``regrow``: regrowing single weights would leave
+    :class:`~pat_callbacks.core.masks.MaskStore`, but not ``regrow``: regrowing single weights would leave
     channels partly zero, so it has none.
 
     Args:
