@@ -7,7 +7,8 @@ small pieces: :class:`~pat_callbacks.core.options.PruningOptions` (what), :class
 (scores and their history), :class:`~pat_callbacks.core.planning.Planner` (how many per layer),
 :class:`~pat_callbacks.core.updates.Selection` (which entries: streamed or exact, local or sharded),
 :mod:`~pat_callbacks.core.regrowth` (drop and grow) and :class:`~pat_callbacks.core.masks.MaskStore`
-(commit and enforce).
+(commit and enforce). It implements :class:`~pat_callbacks.core.protocol.MaskingPruner`, as
+:class:`~pat_callbacks.structured.pruner.StructuredPruner` does.
 
 Example:
     >>> import torch
