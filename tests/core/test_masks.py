@@ -11,6 +11,13 @@ def _store(seed=0):
     return model, MaskStore({"0.weight": model[0].weight, "2.weight": model[2].weight})
 
 
+def _stepped(model, optimizer):
+    """``optimizer`` after one step on ``model``: every parameter has optimizer state."""
+    model(torch.randn(4, 6)).pow(2).sum().backward()
+    optimizer.step()
+    return optimizer
+
+
 def test_masks_are_bool_and_weights_zeroed_in_place():
     model, store = _store()
     weight = model[0].weight
@@ -112,9 +119,7 @@ def test_pruned_weights_are_positive_zeros_so_exports_store_no_signs():
 
 def test_prune_shrinks_masks_in_place_zeroes_weights_and_resets_optimizer_state():
     model, store = _store()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(4, 6)).pow(2).sum().backward()
-    optimizer.step()
+    optimizer = _stepped(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     first = torch.zeros(5, 6, dtype=torch.bool)
     first[0] = True
     store.prune({"0.weight": first}, optimizers=[optimizer])
@@ -132,9 +137,7 @@ def test_prune_shrinks_masks_in_place_zeroes_weights_and_resets_optimizer_state(
 
 def test_flip_swaps_entries_keeps_the_count_and_zeroes_the_optimizer_state_of_both_sides():
     model, store = _store()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(4, 6)).pow(2).sum().backward()
-    optimizer.step()
+    optimizer = _stepped(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     keep = torch.ones(5, 6, dtype=torch.bool)
     keep[0] = False
     store.set_masks({"0.weight": keep})
@@ -152,9 +155,7 @@ def test_flip_swaps_entries_keeps_the_count_and_zeroes_the_optimizer_state_of_bo
 
 def test_set_masks_commits_and_reset_adds_regrown_entries():
     model, store = _store()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    model(torch.randn(4, 6)).pow(2).sum().backward()
-    optimizer.step()
+    optimizer = _stepped(model, torch.optim.Adam(model.parameters(), lr=0.1))
     mask = torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) > 0.5
     regrown = torch.zeros(5, 6, dtype=torch.bool)
     regrown[mask] = True
