@@ -36,6 +36,18 @@ class MaskingPruner(Protocol):
         group: the process group of sharded parameters, ``None`` when none is sharded.
         target_sparsity: the overall target of the last mask update.
         sensitivities: measured per-layer sensitivities (``allocation="sensitivity"``), ``None`` if none.
+
+    Example:
+        >>> from torch import nn
+        >>> from pat_callbacks.core.pruner import Pruner
+        >>> def drive(pruner: MaskingPruner, sparsity: float) -> float:  # what a callback does at an update
+        ...     pruner.accumulate()
+        ...     if pruner.prune_to(sparsity):
+        ...         pruner.after_update()
+        ...     pruner.mask_grads()
+        ...     return pruner.sparsity()
+        >>> drive(Pruner(nn.Linear(8, 8)), 0.75)
+        0.75
     """
 
     params: dict[str, nn.Parameter]
