@@ -28,8 +28,8 @@ from typing_extensions import override
 
 from pat_callbacks.callbacks._interplay import ZERO_PRESERVING_OPTIMIZERS, RunInterplay, keeps_zeros
 from pat_callbacks.callbacks._state import saved_state_key
-from pat_callbacks.core.masked import MaskedParameters
 from pat_callbacks.core.masks import MaskStore
+from pat_callbacks.core.protocol import MaskingPruner
 from pat_callbacks.core.pruner import Pruner
 from pat_callbacks.core.targets import describe_targets, weight_matrices
 
@@ -78,7 +78,7 @@ class PruningCallback(RunInterplay):
         self.prog_bar = bool(prog_bar)
         self.verbose = bool(verbose)
 
-        self.pruner: MaskedParameters | None = None  # a Pruner, or a StructuredPruner
+        self.pruner: MaskingPruner | None = None  # a Pruner, or a StructuredPruner
         self.last_update_step = -1
         self._last_seen_step = -1
         self._pending_state: dict[str, Any] | None = None
@@ -115,8 +115,8 @@ class PruningCallback(RunInterplay):
     # ------------------------------------------------------------- public state
     @property
     def store(self) -> MaskStore | None:
-        """The pruner's mask store (``None`` before ``on_fit_start``)."""
-        return self.pruner.store if self.pruner is not None else None
+        """The pruner's mask store: the pruner itself (``None`` before ``on_fit_start``)."""
+        return self.pruner if isinstance(self.pruner, MaskStore) else None
 
     @property
     def target_sparsity(self) -> float:
@@ -126,12 +126,12 @@ class PruningCallback(RunInterplay):
     @property
     def criterion_state(self) -> dict[str, dict[str, Tensor]]:
         """The criterion's per-parameter history (empty before ``setup`` and for criteria without history)."""
-        return getattr(self.pruner, "criterion_state", {})  # a StructuredPruner keeps none
+        return self.pruner.criterion_state if self.pruner is not None else {}
 
     @property
     def sensitivities(self) -> dict[str, float] | None:
         """Measured per-layer sensitivities (``allocation="sensitivity"``), once measured."""
-        return getattr(self.pruner, "sensitivities", None)
+        return self.pruner.sensitivities if self.pruner is not None else None
 
     # -------------------------------------------------------------- Lightning hooks
     @override

@@ -6,8 +6,9 @@ drive directly. It never imports ``lightning`` and keeps no notion of steps: the
 small pieces: :class:`~pat_callbacks.core.options.PruningOptions` (what), :class:`~pat_callbacks.core.scoring.Scorer`
 (scores and their history), :class:`~pat_callbacks.core.planning.Planner` (how many per layer),
 :class:`~pat_callbacks.core.updates.Selection` (which entries: streamed or exact, local or sharded),
-:mod:`~pat_callbacks.core.regrowth` (drop and grow) and :class:`~pat_callbacks.core.masked.MaskedParameters`
-(commit and enforce).
+:mod:`~pat_callbacks.core.regrowth` (drop and grow) and :class:`~pat_callbacks.core.masks.MaskStore`
+(commit and enforce). It implements :class:`~pat_callbacks.core.protocol.MaskingPruner`, as
+:class:`~pat_callbacks.structured.pruner.StructuredPruner` does.
 
 Example:
     >>> import torch
@@ -43,7 +44,7 @@ from pat_callbacks.core._validation import check_choice, check_fraction
 from pat_callbacks.core.allocation import SHAPE_ALLOCATIONS, measure_sensitivity
 from pat_callbacks.core.criteria import Criterion
 from pat_callbacks.core.distributed import all_ranks_agree, broadcast_masks
-from pat_callbacks.core.masked import MaskedParameters
+from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.options import PruningOptions
 from pat_callbacks.core.planning import Planner
 from pat_callbacks.core.regrowth import GROWTH_METHODS, regrow_in_place
@@ -55,7 +56,7 @@ from pat_callbacks.core.updates import NeedsExactSelection, Selection, SkippedUp
 __all__ = ["SHAPE_ALLOCATIONS", "Pruner", "PruningOptions", "broadcast_masks"]
 
 
-class Pruner(MaskedParameters):
+class Pruner(MaskStore):
     """Masks over a model's prunable parameters, scored by a criterion, split by an allocation, shaped by a pattern.
 
     Args:
@@ -220,7 +221,7 @@ class Pruner(MaskedParameters):
                 entries = {}  # DDP ranks whose scores differ: all take the exact path, whose masks are broadcast
             if entries:
                 self.target_sparsity = sparsity
-                self.prune_entries(entries, optimizers=optimizers)
+                self.prune(entries, optimizers=optimizers)
                 return True
         keep_pruned = bool(self.masks) and sparsity >= self.target_sparsity
         masks = self.selection.exact(

@@ -31,7 +31,7 @@ from pat_callbacks.core.selection import ScoredLayer, select_lowest_kept, sum_ov
 from pat_callbacks.core.sharding import local
 
 if TYPE_CHECKING:
-    from pat_callbacks.core.masked import MaskedParameters
+    from pat_callbacks.core.masks import MaskStore
 
 __all__ = ["DECAYS", "GROWTH_METHODS", "drop_and_grow", "regrow_in_place", "swapped_entries", "update_fraction"]
 
@@ -139,7 +139,7 @@ def _scored(values: Tensor, score: Callable[[Tensor], Tensor], kept: Tensor) -> 
 
 
 def regrow_in_place(
-    masked: MaskedParameters,
+    masked: MaskStore,
     fraction: float,
     method: str,
     generator: torch.Generator | None = None,
@@ -152,9 +152,9 @@ def regrow_in_place(
 
     Example:
         >>> from torch import nn
-        >>> from pat_callbacks.core.masked import MaskedParameters
+        >>> from pat_callbacks.core.masks import MaskStore
         >>> layer = nn.Linear(4, 4)
-        >>> masked = MaskedParameters({"weight": layer.weight})
+        >>> masked = MaskStore({"weight": layer.weight})
         >>> _ = masked.set_masks({"weight": torch.arange(16).view(4, 4) % 2 == 0})
         >>> regrow_in_place(masked, 0.25, "set", torch.Generator().manual_seed(0))["pruning/regrown"]
         2.0
@@ -168,7 +168,7 @@ def regrow_in_place(
         grad = None if param.grad is None else local(param.grad)
         swapped[name] = swapped_entries(mask, local(param), grad, fraction, method, generator, group=masked.group)
         n_active += int(mask.count_nonzero())
-    swapped = masked.change_in_place(swapped, masked.store.flip, optimizers)
+    swapped = masked.flip(swapped, optimizers=optimizers)
     n_swapped, n_active = masked.sum_over_ranks([sum(int(e.count_nonzero()) for e in swapped.values()), n_active])
     n_regrown = n_swapped // 2  # as many as dropped
     return {

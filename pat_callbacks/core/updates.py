@@ -36,7 +36,7 @@ from torch import Tensor
 
 import pat_callbacks.core.selection as _selection
 from pat_callbacks.core.allocation import SHAPE_ALLOCATIONS, mean_scale
-from pat_callbacks.core.masked import MaskedParameters
+from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.patterns import NMPattern, Pattern, UnstructuredPattern, prune_count
 from pat_callbacks.core.planning import Planner, UpdatePlan
 from pat_callbacks.core.scoring import Scorer
@@ -92,7 +92,7 @@ class Selection:
     """
 
     def __init__(
-        self, masked: MaskedParameters, scorer: Scorer, planner: Planner, pattern: Pattern, transposed: set[str]
+        self, masked: MaskStore, scorer: Scorer, planner: Planner, pattern: Pattern, transposed: set[str]
     ) -> None:
         self.masked, self.scorer, self.planner = masked, scorer, planner
         self.pattern, self.transposed = pattern, transposed

@@ -11,13 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from pat_callbacks.core._validation import check_choice, check_fraction, renamed
-from pat_callbacks.core.masked import MaskedParameters
+from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.patterns import lowest_k, prune_count
 from pat_callbacks.core.targets import DEFAULT_MODULE_TYPES
 from pat_callbacks.structured.attention import HEAD_UNITS, HeadUnit, moe_blocks, transformer_groups
 from pat_callbacks.structured.channels import ChannelGroup
 from pat_callbacks.structured.groups import TRACE_SECONDS, _canonical_names, channel_groups
-from pat_callbacks.structured.importance import StructuredImportance, get_structured_importance
+from pat_callbacks.structured.importance import STRUCTURED_IMPORTANCES, StructuredImportance, get_structured_importance
 from pat_callbacks.structured.recurrent import rnn_groups
 
 
@@ -41,7 +41,7 @@ def channel_masks(
     return masks
 
 
-class StructuredPruner(MaskedParameters):
+class StructuredPruner(MaskStore):
     """The Trainer-free core of structured pruning: the lowest-scoring ``sparsity`` of every group's channels,
     each with its coupled slices.
 
@@ -53,14 +53,16 @@ class StructuredPruner(MaskedParameters):
     statistics stay untouched). At least one channel of every group is always kept.
 
     It shares mask enforcement and checkpoints with :class:`~pat_callbacks.core.pruner.Pruner` through
-    :class:`~pat_callbacks.core.masked.MaskedParameters`, but not ``regrow``: regrowing single weights would leave
-    channels partly zero, so it has none.
+    :class:`~pat_callbacks.core.masks.MaskStore`, and the protocol the callbacks drive,
+    :class:`~pat_callbacks.core.protocol.MaskingPruner` (it keeps no criterion history: ``criterion_state`` is
+    empty, ``sensitivities`` ``None``), but not ``regrow``: regrowing single weights would leave channels partly
+    zero, so it has none.
 
     Args:
         model: the network.
         example_inputs: a batch of inputs for tracing (unused for transformers).
-        criterion: a name in :data:`STRUCTURED_IMPORTANCES` or a :class:`StructuredImportance` (``importance``: its
-            former name, still accepted).
+        criterion: a name in :data:`STRUCTURED_IMPORTANCES` or a :class:`StructuredImportance`, kept as
+            :attr:`criterion` (``importance``: its former name, still accepted); default ``"l2"``.
         exclude: (formerly ``ignore``, still accepted) glob patterns of weight names (or module names) whose
             channels are never removed, in addition to the last Conv / Linear layer (the model's outputs, e.g. the
             classes). A pattern matching nothing is an error.
@@ -86,6 +88,10 @@ class StructuredPruner(MaskedParameters):
         True
         >>> {root: len(channels) for root, channels in pruner.pruned_channels().items()}
         {'0.weight': 3}
+        >>> StructuredPruner(model, torch.zeros(1, 4), criterion="l3")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `criterion` 'l3'; expected one of: 'gate', 'group_taylor', 'l1', 'l2'
     """
 
     def __init__(
@@ -105,7 +111,8 @@ class StructuredPruner(MaskedParameters):
     ) -> None:
         criterion, _ = renamed("importance", importance, "criterion", criterion, None)
         ignore, ignore_key = renamed("ignore", ignore, "exclude", tuple(exclude), ())
-        self.importance = get_structured_importance("l2" if criterion is None else criterion)
+        self.criterion = _structured_criterion("l2" if criterion is None else criterion)
+        self.sensitivities: dict[str, float] | None = None  # no sensitivity allocation here
         self.heads = check_choice("heads", heads, HEAD_UNITS)
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"Expected `round_to` to be a positive int (e.g. 8, 16, 64) or None, but got {round_to!r}")
@@ -185,11 +192,28 @@ class StructuredPruner(MaskedParameters):
 
     @property
     def needs_grad(self) -> bool:
-        return self.importance.needs_grad
+        """Whether the criterion reads this step's dense gradients."""
+        return self.criterion.needs_grad
 
     @property
     def scorer_name(self) -> str:
-        return self.importance.name or type(self.importance).__name__
+        """The criterion's name, for messages and reports."""
+        return self.criterion.name or type(self.criterion).__name__
+
+    @property
+    def criterion_state(self) -> dict[str, dict[str, Tensor]]:
+        """Always empty: structured criteria keep no history between steps."""
+        return {}
+
+    @property
+    def importance(self) -> StructuredImportance:
+        """The former name of :attr:`criterion` (a :class:`DeprecationWarning`)."""
+        warnings.warn(
+            "`StructuredPruner.importance` is now called `criterion`; the old name still works",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.criterion
 
     def accumulate(self) -> None:
         """Nothing to accumulate: structured importances read this step's weights and gradients."""
@@ -199,8 +223,8 @@ class StructuredPruner(MaskedParameters):
 
     def channel_scores(self) -> dict[str, Tensor]:
         """Per group root, one score per channel (this step's gradients where the importance needs them)."""
-        grads = {name: p.grad for name, p in self.params.items()} if self.importance.needs_grad else None
-        return {group.root: self.importance(group, self.params, grads) for group in self.groups}
+        grads = {name: p.grad for name, p in self.params.items()} if self.criterion.needs_grad else None
+        return {group.root: self.criterion(group, self.params, grads) for group in self.groups}
 
     def prune_to(
         self,
@@ -212,7 +236,25 @@ class StructuredPruner(MaskedParameters):
         step: int | None = None,
     ) -> bool:
         """Prune ``sparsity`` of every group's channels (``0.0`` lifts every mask); ``scores`` (per root, one per
-        channel) replace the importance's. Returns ``False`` (masks untouched) on NaN/Inf scores."""
+        channel) replace the criterion's. Returns ``False`` (masks untouched) on NaN/Inf scores.
+
+        Every group is pruned to ``sparsity`` now: there are no per-layer final targets to follow, so
+        ``final_sparsity`` (accepted by :meth:`Pruner.prune_to <pat_callbacks.core.pruner.Pruner.prune_to>`) is
+        refused by name rather than ignored.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+            >>> StructuredPruner(model, torch.zeros(1, 4)).prune_to(0.5, final_sparsity=0.8)
+            Traceback (most recent call last):
+            ...
+            TypeError: StructuredPruner.prune_to takes no `final_sparsity` (got 0.8): every channel group is pruned \
+to `sparsity` now; give the target as `sparsity`
+        """
+        if final_sparsity is not None:
+            raise TypeError(
+                f"StructuredPruner.prune_to takes no `final_sparsity` (got {final_sparsity!r}): every channel group "
+                "is pruned to `sparsity` now; give the target as `sparsity`"
+            )
         sparsity = check_fraction("sparsity", sparsity)
         if sparsity == 0.0:
             self.clear()
@@ -257,6 +299,16 @@ class StructuredPruner(MaskedParameters):
             alive = torch.zeros(group.n_channels, device=mask.device).index_add_(0, owner, kept)
             result[group.root] = torch.nonzero(alive == 0).flatten().tolist()
         return result
+
+
+def _structured_criterion(criterion: str | StructuredImportance) -> StructuredImportance:
+    """The criterion instance for a registered name (or the instance given); an unknown name is refused as
+    ``criterion``, listing the registered names."""
+    try:
+        return get_structured_importance(criterion)
+    except ValueError:
+        check_choice("criterion", criterion, STRUCTURED_IMPORTANCES)  # the registry's own message says `importance`
+        raise
 
 
 def _require_forward(model: nn.Module) -> None:

@@ -11,6 +11,13 @@ def _store(seed=0):
     return model, MaskStore({"0.weight": model[0].weight, "2.weight": model[2].weight})
 
 
+def _stepped(model, optimizer):
+    """``optimizer`` after one step on ``model``: every parameter has optimizer state."""
+    model(torch.randn(4, 6)).pow(2).sum().backward()
+    optimizer.step()
+    return optimizer
+
+
 def test_masks_are_bool_and_weights_zeroed_in_place():
     model, store = _store()
     weight = model[0].weight
@@ -108,3 +115,79 @@ def test_pruned_weights_are_positive_zeros_so_exports_store_no_signs():
     store.apply()
     assert weight.tolist() == [0.0, 2.0, 0.0, 4.0]
     assert not bool(torch.signbit(weight.detach()[[0, 2]]).any())  # +0.0, not -0.0
+
+
+def test_prune_shrinks_masks_in_place_zeroes_weights_and_resets_optimizer_state():
+    model, store = _store()
+    optimizer = _stepped(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    first = torch.zeros(5, 6, dtype=torch.bool)
+    first[0] = True
+    store.prune({"0.weight": first}, optimizers=[optimizer])
+    mask = store.masks["0.weight"]
+    second = torch.zeros(5, 6, dtype=torch.bool)
+    second[1, :2] = True
+    store.prune({"0.weight": second}, optimizers=[optimizer])
+    assert store.masks["0.weight"] is mask  # shrunk where it lies
+    assert torch.equal(mask, ~(first | second))
+    assert (model[0].weight[~mask] == 0).all() and (model[0].weight[mask] != 0).all()
+    assert torch.equal(store.last_changed["0.weight"], second)  # only this update's entries
+    assert (optimizer.state[model[0].weight]["momentum_buffer"][~mask] == 0).all()
+    assert store.sparsity() == pytest.approx(8 / 45)
+
+
+def test_flip_swaps_entries_keeps_the_count_and_zeroes_the_optimizer_state_of_both_sides():
+    model, store = _store()
+    optimizer = _stepped(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    keep = torch.ones(5, 6, dtype=torch.bool)
+    keep[0] = False
+    store.set_masks({"0.weight": keep})
+    swapped = torch.zeros(5, 6, dtype=torch.bool)
+    swapped[0, 0] = swapped[1, 0] = True  # regrow one, drop one
+    agreed = store.flip({"0.weight": swapped}, optimizers=[optimizer])
+    assert torch.equal(agreed["0.weight"], swapped)
+    assert int(store.masks["0.weight"].sum()) == int(keep.sum())
+    assert bool(store.masks["0.weight"][0, 0]) and not bool(store.masks["0.weight"][1, 0])
+    assert model[0].weight[1, 0].item() == 0
+    assert (optimizer.state[model[0].weight]["momentum_buffer"][swapped] == 0).all()
+    with pytest.raises(ValueError, match=r"Cannot flip '2\.weight': it has no mask"):
+        store.flip({"2.weight": torch.zeros(3, 5, dtype=torch.bool)})
+
+
+def test_set_masks_commits_and_reset_adds_regrown_entries():
+    model, store = _store()
+    optimizer = _stepped(model, torch.optim.Adam(model.parameters(), lr=0.1))
+    mask = torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) > 0.5
+    regrown = torch.zeros(5, 6, dtype=torch.bool)
+    regrown[mask] = True
+    store.set_masks({"0.weight": mask}, reset={"0.weight": regrown}, optimizers=[optimizer])
+    assert torch.equal(model[0].weight.detach() == 0, ~mask)  # no separate apply() needed
+    assert torch.equal(store.last_changed["0.weight"], torch.ones(5, 6, dtype=torch.bool))
+    assert (optimizer.state[model[0].weight]["exp_avg"] == 0).all()
+
+
+def test_state_dict_keeps_its_keys_and_a_state_without_a_target_loads():
+    _, store = _store()
+    store.target_sparsity = 0.25
+    store.set_masks({"0.weight": torch.rand(5, 6) > 0.5})
+    state = store.state_dict()
+    assert set(state) == {"target_sparsity", "masks"} and state["masks"]["0.weight"].dtype == torch.bool
+    _, other = _store(seed=1)
+    other.load_state_dict(state)
+    assert other.target_sparsity == 0.25 and torch.equal(other.masks["0.weight"], state["masks"]["0.weight"])
+    _, old = _store(seed=1)
+    old.load_state_dict({"masks": state["masks"]})  # what a MaskStore of before saved: its sparsity is the target
+    assert old.target_sparsity == pytest.approx(old.sparsity())
+
+
+def test_former_names_still_work_with_a_deprecation_warning():
+    model, store = _store()
+    with pytest.warns(DeprecationWarning, match="`MaskStore.prune_entries` is now called `prune`"):
+        store.prune_entries({"0.weight": torch.eye(5, 6, dtype=torch.bool)})
+    assert store.sparsity() == pytest.approx(5 / 45) and (model[0].weight.diagonal() == 0).all()
+    with pytest.warns(DeprecationWarning, match="`MaskStore.sync_devices` is now called `to_devices`"):
+        store.sync_devices()
+    with pytest.warns(DeprecationWarning, match=r"`MaskStore.store` is the MaskStore itself"):
+        assert store.store is store
+    with pytest.warns(DeprecationWarning, match="`pat_callbacks.core.masked.MaskedParameters` is now"):
+        from pat_callbacks.core.masked import MaskedParameters
+    assert MaskedParameters is MaskStore

@@ -48,7 +48,7 @@ def test_merge_keeps_every_pruned_weight_zero_and_2_4_on_gpt2() -> None:
     peft_model = add_lora(model, target_modules=TARGETS, r=4)
     assert all(not p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)  # base frozen
     _train_adapters(peft_model)
-    merged = merge_lora(peft_model, masks=pruner.store)
+    merged = merge_lora(peft_model, masks=pruner)
     params = dict(merged.named_parameters())
     for name, mask in masks.items():
         weight = params[name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -141,3 +143,28 @@ def test_shrink_takes_the_names_of_the_module_around_the_network():
     assert small[0].out_features == 3 and torch.allclose(small(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"'net\.9\.weight' is no parameter of Sequential"):
         shrink(net, x[:1], {"net.9.weight": [0]})
+
+
+def test_the_criterion_is_stored_as_criterion_and_an_unknown_one_is_refused_by_its_name():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    pruner = StructuredPruner(model, torch.zeros(1, 4), criterion="l1")
+    assert pruner.criterion.name == "l1" and pruner.scorer_name == "l1"
+    valid = ", ".join(repr(name) for name in sorted(STRUCTURED_IMPORTANCES))
+    with pytest.raises(ValueError, match=re.escape(f"Unknown `criterion` 'l3'; expected one of: {valid}")):
+        StructuredPruner(model, torch.zeros(1, 4), criterion="l3")
+    with pytest.raises(ValueError, match=r"Unknown `criterion` 'l3'"):
+        StructuredPruner(model, torch.zeros(1, 4), importance="l3")  # the former keyword too
+    with pytest.warns(DeprecationWarning, match="`importance` is now called `criterion`"):
+        old = StructuredPruner(model, torch.zeros(1, 4), importance="gate")
+    assert old.criterion.name == "gate"
+    with pytest.warns(DeprecationWarning, match="`StructuredPruner.importance` is now called `criterion`"):
+        assert old.importance is old.criterion
+
+
+def test_final_sparsity_is_refused_by_name_not_ignored():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    pruner = StructuredPruner(model, torch.zeros(1, 4))
+    with pytest.raises(TypeError, match=r"takes no `final_sparsity` \(got 0.8\)"):
+        pruner.prune_to(0.5, final_sparsity=0.8)
+    assert not pruner.masks  # nothing pruned
+    assert pruner.prune_to(0.5) and len(pruner.pruned_channels()["0.weight"]) == 3
