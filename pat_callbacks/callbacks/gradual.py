@@ -154,7 +154,7 @@ class GradualPruning(ScheduledPruningCallback):
         fixed = options.pattern.fixed_sparsity  # type: ignore[union-attr]
         if self.drop_fraction > 0 and not options.pattern.allows_regrowth:  # type: ignore[union-attr]
             raise ValueError(f"{drop_key}={self.drop_fraction} would break the {pattern!r} pattern; use 0")
-        target, key = resolve_target(sparsity, final_sparsity)
+        target, key = resolve_target(sparsity, final_sparsity, warn=False)  # ScheduledPruningCallback warns
         if fixed is not None:
             if target is None and isinstance(schedule, str):
                 target = fixed
