@@ -47,7 +47,7 @@ def check_owl_lambda(value: object, key: str = "owl_lambda") -> float:
         0.08
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 0.5:
-        raise ValueError(f"Expected `{key}` in (0, 0.5) (sparsities within target +- {key}), but got {value!r}")
+        raise ValueError(f"Expected `{key}` in (0, 0.5), but got {value!r} (sparsities lie within target +- {key})")
     return float(value)
 
 
@@ -126,7 +126,7 @@ def owl_sparsities(
         >>> owl_sparsities({"a": torch.ones(4)}, 0.5, owl_lambda=0.7)
         Traceback (most recent call last):
         ...
-        ValueError: Expected `owl_lambda` in (0, 0.5) (sparsities within target +- owl_lambda), but got 0.7
+        ValueError: Expected `owl_lambda` in (0, 0.5), but got 0.7 (sparsities lie within target +- owl_lambda)
     """
     target = check_fraction("target", target)
     lam, lam_key = renamed("lam", lam, "owl_lambda", owl_lambda, OWL_LAMBDA)
