@@ -54,8 +54,8 @@ class Schedule(ABC):
     ``single_bound`` (the window may be one step; ``end`` optional), ``takes_update_every``,
     ``phased`` (prune / recover phases of ``phase_steps``), and ``extra_args`` (arguments beyond
     ``final_sparsity``, ``start_step``, ``end_step``), and ``default_window`` (start and end as fractions of
-    the run when a callback is given no window; ``None`` for no end). A new schedule is one class plus one
-    :func:`register_schedule` line.
+    the run when a callback is given no window; ``None`` for no end). A new schedule is one class registered with
+    ``@SCHEDULES.register`` (see ``docs/extending.md``).
 
     Example:
         >>> from dataclasses import dataclass

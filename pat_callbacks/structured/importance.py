@@ -17,8 +17,8 @@ class StructuredImportance(ABC):
     """One score per channel of a :class:`ChannelGroup` (higher = keep), over all its coupled slices.
 
     Subclasses reduce over the group with :meth:`ChannelGroup.channel_sums` (one ``index_select`` and one
-    ``index_add_`` per coupled parameter: no per-channel loop, no host copy). A new importance is one class plus
-    one :func:`register_importance` line.
+    ``index_add_`` per coupled parameter: no per-channel loop, no host copy). A new importance is one class registered
+    with ``@STRUCTURED_IMPORTANCES.register`` (see ``docs/extending.md``).
 
     Example:
         >>> import torch
@@ -27,7 +27,7 @@ class StructuredImportance(ABC):
         ...     def __call__(self, group, params, grads=None):
         ...         sums = group.channel_sums(lambda name, dim, idx: params[name].index_select(dim, idx).abs())
         ...         return sums / group.channel_sizes(params)
-        >>> _ = register_importance(MaxAbs)
+        >>> _ = STRUCTURED_IMPORTANCES.register(MaxAbs)
         >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0]))], [("w", 0, torch.tensor([1]))]])
         >>> channel_scores(g, {"w": torch.tensor([[3.0, -1.0], [0.0, 1.0]])}, "l1_mean")
         tensor([2.0000, 0.5000])
