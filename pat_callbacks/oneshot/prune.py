@@ -377,7 +377,8 @@ def one_shot_prune(
 
     Args:
         model: the trained model (its weights are overwritten: pruned ones zeroed, SparseGPT updates the rest).
-        method, sparsity, pattern, owl: see :class:`OneShotOptions` (its other fields go in ``kwargs``).
+        method, sparsity, pattern: see :class:`OneShotOptions` (its other fields, e.g. ``allocation="owl"``, go in
+            ``kwargs``); ``owl=True``: the former form of ``allocation="owl"`` (deprecated).
         calibration: the batches (held as a list: each layer group reads them again). Not needed for plain
             magnitude pruning.
         forward: ``forward(model, batch)`` runs one batch (default: ``model(batch[0])`` for tuples, else
@@ -396,7 +397,7 @@ def one_shot_prune(
         >>> torch.manual_seed(0) and None
         >>> net = CharGPT(vocab_size=10, context=8, dim=16, layers=2, heads=2)
         >>> windows = [torch.randint(0, 10, (4, 9)) for _ in range(2)]   # tokens + the shifted target
-        >>> result = one_shot_prune(net, "sparsegpt", 0.7, owl=True, calibration=windows,
+        >>> result = one_shot_prune(net, "sparsegpt", 0.7, allocation="owl", calibration=windows,
         ...                         forward=lambda model, batch: model(batch[:, :-1]))
         >>> round(result.sparsity, 2), result.passes                    # OWL's pass + one per transformer block
         (0.7, 3)
