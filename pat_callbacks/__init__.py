@@ -2,7 +2,7 @@
 
 Example:
     >>> from pat_callbacks import GradualPruning
-    >>> GradualPruning(final_sparsity=0.9, schedule="cubic", start_step=100, end_step=2000).schedule.end_step
+    >>> GradualPruning(sparsity=0.9, schedule="cubic", start_step=100, end_step=2000).schedule.end_step
     2000
 """
 

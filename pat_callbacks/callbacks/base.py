@@ -45,7 +45,7 @@ class PruningCallback(RunInterplay):
 
     Example:
         >>> from pat_callbacks import GradualPruning
-        >>> isinstance(GradualPruning(final_sparsity=0.5, start_step=0, end_step=10), PruningCallback)
+        >>> isinstance(GradualPruning(sparsity=0.5, start_step=0, end_step=10), PruningCallback)
         True
 
     Args:

@@ -154,7 +154,7 @@ class GradualPruning(ScheduledPruningCallback):
         fixed = options.pattern.fixed_sparsity  # type: ignore[union-attr]
         if self.drop_fraction > 0 and not options.pattern.allows_regrowth:  # type: ignore[union-attr]
             raise ValueError(f"{drop_key}={self.drop_fraction} would break the {pattern!r} pattern; use 0")
-        target, key = resolve_target(sparsity, final_sparsity)
+        target, key = resolve_target(sparsity, final_sparsity, warn=False)  # ScheduledPruningCallback warns
         if fixed is not None:
             if target is None and isinstance(schedule, str):
                 target = fixed
@@ -275,7 +275,7 @@ class GradualPruning(ScheduledPruningCallback):
         # No finite gradient-based score is left: the weights' magnitudes decide (they are finite or nothing is).
         pruner = self._require_pruner()
         scores = {name: p.detach().abs().float() for name, p in pruner.params.items()}
-        return pruner.prune_to(target, final_sparsity=self.final_sparsity, scores=scores, optimizers=trainer.optimizers)
+        return pruner.prune_to(target, final_target=self.final_sparsity, scores=scores, optimizers=trainer.optimizers)
 
     @override
     def _update_masks(self, trainer: pl.Trainer, target: float) -> bool:
@@ -287,7 +287,7 @@ class GradualPruning(ScheduledPruningCallback):
             self._extra_metrics.update({f"pruning/sensitivity/{n}": v for n, v in sensitivities.items()})
         optimizers = trainer.optimizers
         step = trainer.global_step
-        if not pruner.prune_to(target, final_sparsity=self.final_sparsity, optimizers=optimizers, step=step):
+        if not pruner.prune_to(target, final_target=self.final_sparsity, optimizers=optimizers, step=step):
             return False
         if self.drop_fraction > 0 and target > 0:
             metrics = pruner.regrow(self.drop_fraction, "rigl", optimizers=optimizers, step=step)

@@ -22,6 +22,7 @@ from typing_extensions import Unpack, override
 
 from pat_callbacks.callbacks._guards import warn_if_unreached
 from pat_callbacks.callbacks.base import PruningCallback
+from pat_callbacks.core._validation import renamed
 from pat_callbacks.core.schedules import OneShotSchedule, Schedule
 from pat_callbacks.core.windows import ScheduleSpec, WindowArguments, check_window_arguments
 
@@ -185,25 +186,23 @@ class ScheduledPruningCallback(PruningCallback):
 MIN_UPDATES = 3  # fewer mask updates than this in a ramp's window make it (nearly) one jump
 
 
-def resolve_target(sparsity: float | None, final_sparsity: float | None) -> tuple[float | None, str]:
-    """The target and the name it was given under: ``sparsity``, or its former name ``final_sparsity``.
+def resolve_target(
+    sparsity: float | None, final_sparsity: float | None, *, warn: bool = True
+) -> tuple[float | None, str]:
+    """The target and the name it was given under: ``sparsity``, or its former name ``final_sparsity`` (a
+    :class:`DeprecationWarning`, through the one renaming helper :func:`~pat_callbacks.core._validation.renamed`).
+    ``warn=False`` only resolves (a subclass that passes the value on to ``ScheduledPruningCallback``, which warns).
 
     Example:
-        >>> resolve_target(None, 0.8)
-        (0.8, 'final_sparsity')
+        >>> resolve_target(0.8, None)
+        (0.8, 'sparsity')
         >>> resolve_target(0.9, 0.8)
         Traceback (most recent call last):
         ...
-        ValueError: Give the target once, as `sparsity` (0.9) or its former name `final_sparsity` (0.8), not both
+        ValueError: Give `sparsity` (the new name of `final_sparsity`), not both: got 0.9 and 0.8
     """
-    if sparsity is not None and final_sparsity is not None:
-        raise ValueError(
-            f"Give the target once, as `sparsity` ({sparsity!r}) or its former name `final_sparsity` "
-            f"({final_sparsity!r}), not both"
-        )
-    if final_sparsity is not None:
-        return final_sparsity, "final_sparsity"
-    return sparsity, "sparsity"
+    # stacklevel 5: renamed <- resolve_target <- ScheduledPruningCallback.__init__ <- the subclass's __init__ <- user
+    return renamed("final_sparsity", final_sparsity, "sparsity", sparsity, None, warn=warn, stacklevel=5)
 
 
 def few_updates_message(schedule: Schedule) -> str | None:

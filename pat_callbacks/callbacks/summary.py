@@ -21,7 +21,7 @@ Example:
     >>> from pat_callbacks.app.data import DigitsDataModule
     >>> from pat_callbacks.app.models import MLP, Classifier
     >>> _ = pl.seed_everything(0, verbose=False)
-    >>> pruning = GradualPruning(final_sparsity=0.5, start_step=0, end_step=10, update_every=5)
+    >>> pruning = GradualPruning(sparsity=0.5, start_step=0, end_step=10, update_every=5)
     >>> root = tempfile.mkdtemp()
     >>> trainer = pl.Trainer(max_steps=12, callbacks=[pruning, PruningSummary()], logger=False,
     ...                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

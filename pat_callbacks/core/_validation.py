@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -92,9 +92,13 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0) -> float:
     return float(value)
 
 
-def renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -> tuple[Any, str]:
-    """The value of an argument that was renamed, and the key it came from: ``old`` still works with a
-    :class:`DeprecationWarning`; giving both (``new`` not at its ``default``) is an error naming both.
+def renamed(
+    old: str, old_value: Any, new: str, new_value: Any, default: Any, *, warn: bool = True, stacklevel: int = 3
+) -> tuple[Any, str]:
+    """The one renaming helper for arguments: the value of an argument that was renamed, and the key it came from.
+    ``old`` still works with a :class:`DeprecationWarning` naming both; giving both (``new`` not at its
+    ``default``) is an error naming both. ``warn=False`` only resolves (for a caller that passes the value on to
+    one that warns); ``stacklevel`` as in a :func:`warnings.warn` called here (3: the code that called the caller).
 
     Example:
         >>> renamed("regrow_fraction", None, "drop_fraction", 0.1, 0.0)
@@ -108,5 +112,32 @@ def renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) ->
         return new_value, new
     if new_value != default:
         raise ValueError(f"Give `{new}` (the new name of `{old}`), not both: got {new_value!r} and {old_value!r}")
-    warnings.warn(f"`{old}` is now called `{new}`; the old name still works", DeprecationWarning, stacklevel=3)
+    if warn:
+        deprecated(f"`{old}` is now called `{new}`; the old name still works", stacklevel)
     return old_value, old
+
+
+def renamed_choice(name: str, value: Any, renames: Mapping[str, str], *, why: str = "", stacklevel: int = 3) -> Any:
+    """The one renaming helper for values: ``value``, or the new name of a renamed choice of argument ``name``, with
+    a :class:`DeprecationWarning` naming both (``why``: what tells the two apart; ``stacklevel`` as in
+    :func:`renamed`).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     renamed_choice("importance", "taylor", {"taylor": "group_taylor"})
+        'group_taylor'
+        >>> print(caught[0].message)
+        importance='taylor' is now called 'group_taylor'; the old name still works
+    """
+    if not isinstance(value, str) or value not in renames:
+        return value
+    deprecated(f"{name}={value!r} is now called {renames[value]!r}{why}; the old name still works", stacklevel)
+    return renames[value]
+
+
+def deprecated(message: str, stacklevel: int = 2) -> None:
+    """Warn that something is deprecated: a :class:`DeprecationWarning`, ``stacklevel`` as in a
+    :func:`warnings.warn` called where ``deprecated`` is called (the one place the renaming helpers warn from)."""
+    warnings.warn(message, DeprecationWarning, stacklevel=stacklevel + 1)

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from pat_callbacks.core._rng import SeededGenerator
-from pat_callbacks.core._validation import check_choice, check_int
+from pat_callbacks.core._validation import check_int
+from pat_callbacks.core.registry import Registry
 
 __all__ = [
     "CRITERIA",
@@ -339,9 +340,15 @@ class RandomCriterion(Criterion):
         return f"RandomCriterion(seed={self.seed})"
 
 
-CRITERIA: dict[str, type[Criterion]] = {
-    cls.name: cls for cls in (MagnitudeCriterion, TaylorCriterion, MovementCriterion, FisherCriterion, RandomCriterion)
-}
+CRITERIA: Registry[type[Criterion]] = Registry("criterion", base=Criterion)
+"""The criteria by name; a new one is a :class:`Criterion` subclass with a ``name`` and ``@CRITERIA.register``.
+
+Example:
+    >>> sorted(CRITERIA)
+    ['fisher', 'magnitude', 'movement', 'random', 'taylor']
+"""
+for _cls in (MagnitudeCriterion, TaylorCriterion, MovementCriterion, FisherCriterion, RandomCriterion):
+    CRITERIA.register(_cls)
 
 
 def get_criterion(criterion: str | Criterion) -> Criterion:
@@ -353,4 +360,4 @@ def get_criterion(criterion: str | Criterion) -> Criterion:
     """
     if isinstance(criterion, Criterion):
         return criterion
-    return CRITERIA[check_choice("criterion", criterion, CRITERIA)]()
+    return CRITERIA[CRITERIA.check(criterion)]()

@@ -24,7 +24,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from pat_callbacks.core._validation import check_choice, check_fraction
+from pat_callbacks.core._validation import check_fraction
 from pat_callbacks.core.allocation import ALLOCATIONS
 from pat_callbacks.core.criteria import Criterion, get_criterion
 from pat_callbacks.core.patterns import BlockPattern, Pattern, make_pattern
@@ -41,8 +41,8 @@ class PruningOptions:
         criterion: importance score: ``"magnitude"``, ``"taylor"``, ``"movement"``, ``"fisher"``, ``"random"``
             or a :class:`~pat_callbacks.core.criteria.Criterion`.
         allocation: how an overall target is split over layers: ``"uniform"``, ``"global"`` (mean-normalised
-            scores), ``"global_raw"``, ``"erk"``, ``"er"``, ``"sensitivity"`` (see
-            :mod:`pat_callbacks.core.allocation`).
+            scores), ``"global_raw"``, ``"erk"``, ``"er"``, ``"sensitivity"``, ``"owl"`` or any name in
+            :data:`~pat_callbacks.core.allocation.ALLOCATIONS` (see :mod:`pat_callbacks.core.allocation`).
         pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``) or ``"block:RxC"`` (see
             :mod:`pat_callbacks.core.patterns`).
         include: glob patterns of parameter names to prune (default: see :mod:`pat_callbacks.core.targets`).
@@ -80,7 +80,7 @@ class PruningOptions:
                 "prune nothing; leave `include` unset (None) for the default targets"
             )
         self.criterion = get_criterion(self.criterion)
-        self.allocation = check_choice("allocation", self.allocation, ALLOCATIONS)
+        self.allocation = ALLOCATIONS.check(self.allocation)
         self.pattern = make_pattern(self.pattern)
         self.include = normalize_patterns("include", self.include)
         self.exclude = normalize_patterns("exclude", self.exclude)
@@ -166,8 +166,9 @@ class PruningOptions:
 (blocks may straddle two ranks' rows)
         """
         problems = []
-        if self.allocation == "sensitivity":
-            problems.append("allocation='sensitivity' (it evaluates the model with each layer pruned alone)")
+        why = ALLOCATIONS[self.allocation].unsharded_because  # type: ignore[index]
+        if why is not None:
+            problems.append(f"allocation={self.allocation!r} ({why})")
         if isinstance(self.pattern, BlockPattern):
             problems.append(f"pattern={self.pattern.name!r} (blocks may straddle two ranks' rows)")
         if self.pattern.fixed_sparsity is not None and transposed:  # type: ignore[union-attr]

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pat_callbacks.core._validation import check_choice, check_fraction
+from pat_callbacks.core._validation import check_choice, check_fraction, renamed
 from pat_callbacks.core.allocation import SHAPE_ALLOCATIONS, measure_sensitivity
 from pat_callbacks.core.criteria import Criterion
 from pat_callbacks.core.distributed import all_ranks_agree, broadcast_masks
@@ -181,17 +181,18 @@ class Pruner(MaskStore):
         self,
         sparsity: float,
         *,
-        final_sparsity: float | None = None,
+        final_target: float | None = None,
         scores: Mapping[str, Tensor] | None = None,
         optimizers: Iterable[torch.optim.Optimizer] = (),
         step: int | None = None,
+        final_sparsity: float | None = None,
     ) -> bool:
         """Mask to ``sparsity`` overall (``0.0`` lifts every mask): score, allocate, shape, commit.
 
         Args:
             sparsity: the overall target now.
-            final_sparsity: the target at the end of the schedule (``layer_sparsity`` layers follow it
-                proportionally); default ``sparsity``.
+            final_target: the target at the end of the schedule (``layer_sparsity`` layers follow it
+                proportionally); default ``sparsity``. ``final_sparsity``: its former name (deprecated).
             scores: scores to use instead of the criterion's (e.g. random scores for a random initial mask).
             optimizers: their state for newly pruned entries is zeroed.
             step: only for the warning below.
@@ -204,12 +205,13 @@ class Pruner(MaskStore):
         layer keeps at least one weight, and a layer pruned past 0.99 is warned about (once).
         """
         sparsity = check_fraction("sparsity", sparsity)
+        final_target, _ = renamed("final_sparsity", final_sparsity, "final_target", final_target, None)
         if sparsity == 0.0:
             self.clear()
             return True
         if self.options.allocation == "sensitivity" and self.sensitivities is None:
             raise RuntimeError("allocation='sensitivity' needs measure_sensitivity(...) before the first prune_to")
-        plan = self.planner.plan(sparsity, final_sparsity)  # once per update; None: the split needs the scores
+        plan = self.planner.plan(sparsity, final_target)  # once per update; None: the split needs the scores
         if plan is not None and self._streamable(sparsity):
             try:
                 entries = self.selection.streamed(plan, scores, step)
@@ -225,7 +227,7 @@ class Pruner(MaskStore):
                 return True
         keep_pruned = bool(self.masks) and sparsity >= self.target_sparsity
         masks = self.selection.exact(
-            plan, sparsity, final_sparsity, scores, step, keep_pruned=keep_pruned, sensitivities=self.sensitivities
+            plan, sparsity, final_target, scores, step, keep_pruned=keep_pruned, sensitivities=self.sensitivities
         )
         if masks is None:
             return False

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pat_callbacks.core._validation import check_choice, check_fraction, check_int, check_positive
+from pat_callbacks.core._validation import check_fraction, check_int, check_positive
+from pat_callbacks.core.registry import Registry
 
 __all__ = [
     "SCHEDULES",
@@ -53,8 +54,8 @@ class Schedule(ABC):
     ``single_bound`` (the window may be one step; ``end`` optional), ``takes_update_every``,
     ``phased`` (prune / recover phases of ``phase_steps``), and ``extra_args`` (arguments beyond
     ``final_sparsity``, ``start_step``, ``end_step``), and ``default_window`` (start and end as fractions of
-    the run when a callback is given no window; ``None`` for no end). A new schedule is one class plus one
-    :func:`register_schedule` line.
+    the run when a callback is given no window; ``None`` for no end). A new schedule is one class registered with
+    ``@SCHEDULES.register`` (see ``docs/extending.md``).
 
     Example:
         >>> from dataclasses import dataclass
@@ -348,11 +349,13 @@ class FunctionSchedule(Schedule):
         return check_fraction(f"schedule({step})", self.fn(min(step, self.end_step)))  # type: ignore[misc]
 
 
-SCHEDULES: dict[str, type[Schedule]] = {}
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule", base=Schedule)
+"""The schedules by name; a new one is a :class:`Schedule` subclass with a ``name`` and ``@SCHEDULES.register``."""
 
 
 def register_schedule(cls: type[Schedule]) -> type[Schedule]:
-    """Register a schedule class under its ``name`` (usable as ``schedule="NAME"`` in callbacks and configs).
+    """Register a schedule class under its ``name`` (usable as ``schedule="NAME"`` in callbacks and configs): the
+    same as ``SCHEDULES.register(cls)``.
 
     Example:
         >>> @register_schedule
@@ -366,10 +369,7 @@ def register_schedule(cls: type[Schedule]) -> type[Schedule]:
         0.4
         >>> del SCHEDULES["step_half"]
     """
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty `name` class attribute to be registered")
-    SCHEDULES[cls.name] = cls
-    return cls
+    return SCHEDULES.register(cls)
 
 
 for _cls in (
@@ -381,7 +381,7 @@ for _cls in (
     ExponentialSchedule,
     OddEvenSchedule,
 ):
-    register_schedule(_cls)
+    SCHEDULES.register(_cls)
 
 
 def make_schedule(
@@ -398,7 +398,7 @@ def make_schedule(
         ValueError: Unknown `schedule` 'cubical'; expected one of: 'constant', 'cubic', 'exponential', 'linear', \
 'odd_even', 'one_shot', 'polynomial'
     """
-    cls = SCHEDULES[check_choice("schedule", name, SCHEDULES)]
+    cls = SCHEDULES[SCHEDULES.check(name)]
     given = {key: value for key, value in kwargs.items() if value is not None}
     for key in given:
         if key not in cls.extra_args:
@@ -425,7 +425,7 @@ def as_schedule(schedule: str | Schedule | Callable[[int], float]) -> str | Sche
         ValueError: Expected `schedule` to be a schedule name, a Schedule or a callable step -> sparsity, but got 3
     """
     if isinstance(schedule, str):
-        check_choice("schedule", schedule, SCHEDULES)
+        SCHEDULES.check(schedule)
         return schedule
     if isinstance(schedule, Schedule) or callable(schedule):
         return schedule

@@ -6,8 +6,10 @@
   output row);
 - :mod:`~pat_callbacks.oneshot.sparsegpt`: SparseGPT's OBS update from the input Hessian, blockwise, unstructured
   and N:M;
-- :mod:`~pat_callbacks.oneshot.owl`: OWL layer-wise sparsities from outlier ratios;
-- :mod:`~pat_callbacks.oneshot.prune`: :func:`one_shot_prune`, the entry point.
+- :mod:`~pat_callbacks.oneshot.owl`: OWL layer-wise sparsities from outlier ratios (``allocation="owl"``; the math
+  lives in :mod:`pat_callbacks.core.owl`);
+- :mod:`~pat_callbacks.oneshot.prune`: :func:`one_shot_prune`, the entry point, and :data:`ONE_SHOT_METHODS`, the
+  registry of one-shot methods.
 
 Recovery training keeps the masks: ``result.pruner.mask_grads()`` in a plain loop, or the
 :class:`~pat_callbacks.callbacks.oneshot.OneShotPruning` callback, which prunes at fit start and keeps them.
@@ -18,35 +20,46 @@ Example:
     >>> from pat_callbacks.oneshot import one_shot_prune
     >>> torch.manual_seed(0) and None
     >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    >>> result = one_shot_prune(model, "wanda", 0.5, owl=True, calibration=[torch.randn(32, 8)])
+    >>> result = one_shot_prune(model, "wanda", 0.5, allocation="owl", calibration=[torch.randn(32, 8)])
     >>> result.sparsity
     0.5
 """
 
+from typing import Any
+
+from pat_callbacks.oneshot import prune as _prune
 from pat_callbacks.oneshot.calibration import Calibration, InputReader, default_forward, input_readers
 from pat_callbacks.oneshot.owl import OWL_LAMBDA, OWL_M, layer_groups, outlier_ratios, owl_sparsities
 from pat_callbacks.oneshot.prune import (
-    ONE_SHOT_ALLOCATIONS,
     ONE_SHOT_METHODS,
+    MagnitudeMethod,
+    OneShotMethod,
     OneShotOptions,
     OneShotResult,
+    SparseGPTMethod,
+    WandaMethod,
+    one_shot_allocations,
     one_shot_prune,
 )
 from pat_callbacks.oneshot.sparsegpt import refuse_sharded, sparsegpt_prune
 from pat_callbacks.oneshot.wanda import row_mask, row_masks, wanda_score, wanda_scores
 
 __all__ = [
-    "ONE_SHOT_ALLOCATIONS",
     "ONE_SHOT_METHODS",
     "OWL_LAMBDA",
     "OWL_M",
     "Calibration",
     "InputReader",
+    "MagnitudeMethod",
+    "OneShotMethod",
     "OneShotOptions",
     "OneShotResult",
+    "SparseGPTMethod",
+    "WandaMethod",
     "default_forward",
     "input_readers",
     "layer_groups",
+    "one_shot_allocations",
     "one_shot_prune",
     "outlier_ratios",
     "owl_sparsities",
@@ -57,3 +70,9 @@ __all__ = [
     "wanda_score",
     "wanda_scores",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ONE_SHOT_ALLOCATIONS":  # deprecated: one_shot_allocations(), a view of core.allocation.ALLOCATIONS
+        return getattr(_prune, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

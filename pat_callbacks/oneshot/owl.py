@@ -1,119 +1,13 @@
-"""OWL, outlier-weighted layer-wise sparsity (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity: A Missing Secret
-Sauce for Pruning LLMs to High Sparsity"): layers with more outliers are pruned less.
-
-For each layer (by default a transformer block: every target whose name shares the prefix up to the first numeric
-part, e.g. ``net.blocks.3.``; a parameter on its own where names have no index), the outlier ratio ``D`` is the
-fraction of its Wanda scores ``|W_ij| * ||X_j||`` above ``M`` times their mean over the layer. Ratios are mapped
-linearly onto ``[0, 2 * lambda]`` and shifted so that the mean density is ``1 - target``:
-``density = scaled D - mean(scaled D) + (1 - target)``, i.e. sparsities within ``[target - lambda, target + lambda]``.
-The paper's defaults (LLaMA, 70%): ``M = 5``, ``lambda = 0.08``.
-
-One deviation, on purpose: the mean is weighted by the layers' sizes, so the overall count is the target however
-the layers differ in size (the paper's unweighted mean is the same thing for LLaMA's equal blocks).
+"""OWL, outlier-weighted layer-wise sparsity: an allocation (``allocation="owl"``), whose math lives in
+:mod:`pat_callbacks.core.owl` (the core's allocations use it too); this module keeps its former path.
 
 Example:
+    >>> from pat_callbacks.oneshot.owl import owl_sparsities
     >>> import torch
-    >>> scores = {"blocks.0.w": torch.ones(100), "blocks.1.w": torch.cat([torch.ones(90), 100 * torch.ones(10)])}
-    >>> outlier_ratios(scores, m=5.0)  # block 1 has 10% outliers
-    {'blocks.0': 0.0, 'blocks.1': 0.1}
-    >>> {k: round(v, 4) for k, v in owl_sparsities(scores, 0.7).items()}
-    {'blocks.0.w': 0.78, 'blocks.1.w': 0.62}
+    >>> owl_sparsities({"a": torch.ones(4), "b": torch.ones(4)}, 0.5)
+    {'a': 0.5, 'b': 0.5}
 """
 
-from __future__ import annotations
+from pat_callbacks.core.owl import OWL_LAMBDA, OWL_M, check_owl_lambda, layer_groups, outlier_ratios, owl_sparsities
 
-import re
-from collections.abc import Iterable, Mapping
-
-from torch import Tensor
-
-from pat_callbacks.core._validation import check_fraction, check_positive
-
-__all__ = ["OWL_LAMBDA", "OWL_M", "layer_groups", "outlier_ratios", "owl_sparsities"]
-
-OWL_LAMBDA = 0.08  # the paper's lambda for LLaMA-7B at 70%
-OWL_M = 5.0  # the paper's outlier threshold M (x the layer's mean score)
-
-_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
-
-
-def layer_groups(names: Iterable[str]) -> dict[str, str]:
-    """``{parameter: layer}``: the prefix up to the first numeric part of the name (a block of a ``ModuleList`` or
-    ``Sequential``), or the parameter's own name when it has none.
-
-    Example:
-        >>> layer_groups(["net.blocks.0.attn.in_proj_weight", "net.blocks.0.mlp.0.weight", "net.blocks.1.mlp.2.weight",
-        ...               "conv1.weight"])
-        {'net.blocks.0.attn.in_proj_weight': 'net.blocks.0', 'net.blocks.0.mlp.0.weight': 'net.blocks.0', \
-'net.blocks.1.mlp.2.weight': 'net.blocks.1', 'conv1.weight': 'conv1.weight'}
-    """
-    groups = {}
-    for name in names:
-        match = _INDEX.match(name)
-        groups[name] = match.group(1) if match else name
-    return groups
-
-
-def outlier_ratios(
-    scores: Mapping[str, Tensor], *, m: float = OWL_M, groups: Mapping[str, str] | None = None
-) -> dict[str, float]:
-    """``{layer: fraction of its scores above m x their mean}``, a layer's scores taken together.
-
-    Example:
-        >>> import torch
-        >>> outlier_ratios({"a": torch.tensor([1.0, 1.0, 1.0, 9.0])}, m=2.0)  # mean 3: one score above 6
-        {'a': 0.25}
-    """
-    m = check_positive("m", m)
-    groups = dict(groups) if groups is not None else layer_groups(scores)
-    totals: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for name, layer in scores.items():
-        totals[groups[name]] = totals.get(groups[name], 0.0) + float(layer.double().sum())
-        counts[groups[name]] = counts.get(groups[name], 0) + layer.numel()
-    above: dict[str, int] = dict.fromkeys(totals, 0)
-    for name, layer in scores.items():
-        group = groups[name]
-        mean = totals[group] / max(counts[group], 1)
-        above[group] += int((layer.double() > m * mean).sum())
-    return {group: above[group] / max(counts[group], 1) for group in totals}
-
-
-def owl_sparsities(
-    scores: Mapping[str, Tensor],
-    target: float,
-    *,
-    lam: float = OWL_LAMBDA,
-    m: float = OWL_M,
-    groups: Mapping[str, str] | None = None,
-) -> dict[str, float]:
-    """``{parameter: sparsity}`` by OWL for an overall ``target``: every parameter of a layer gets the layer's.
-
-    Usable as ``PruningOptions(layer_sparsity=...)`` (names are glob patterns matching themselves), as the
-    sparsities of :func:`~pat_callbacks.oneshot.wanda.row_masks`, or per layer in SparseGPT. Values are clipped to
-    ``[0, 1)``; the size-weighted mean is ``target`` unless clipping binds.
-
-    Example:
-        >>> import torch
-        >>> owl_sparsities({"a": torch.ones(4), "b": torch.ones(4)}, 0.5)  # no outliers anywhere: uniform
-        {'a': 0.5, 'b': 0.5}
-        >>> owl_sparsities({"a": torch.ones(4)}, 0.5, lam=0.7)
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected `lam` in (0, 0.5) (sparsities within target +- lam), but got 0.7
-    """
-    target = check_fraction("target", target)
-    if not 0.0 < float(lam) < 0.5:
-        raise ValueError(f"Expected `lam` in (0, 0.5) (sparsities within target +- lam), but got {lam!r}")
-    groups = dict(groups) if groups is not None else layer_groups(scores)
-    ratios = outlier_ratios(scores, m=m, groups=groups)
-    sizes: dict[str, int] = {}
-    for name, layer in scores.items():
-        sizes[groups[name]] = sizes.get(groups[name], 0) + layer.numel()
-    low, high = min(ratios.values()), max(ratios.values())
-    if high == low:
-        return dict.fromkeys(scores, target)
-    scaled = {g: (r - low) / (high - low) * 2 * lam for g, r in ratios.items()}
-    mean = sum(scaled[g] * sizes[g] for g in scaled) / sum(sizes.values())
-    density = {g: s - mean + (1.0 - target) for g, s in scaled.items()}
-    return {name: min(max(1.0 - density[groups[name]], 0.0), 1.0 - 1e-6) for name in scores}
+__all__ = ["OWL_LAMBDA", "OWL_M", "check_owl_lambda", "layer_groups", "outlier_ratios", "owl_sparsities"]

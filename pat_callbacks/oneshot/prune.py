@@ -1,6 +1,10 @@
 """One-shot pruning of a trained model from calibration data: :func:`one_shot_prune` (magnitude, Wanda, SparseGPT,
-each with or without OWL layer-wise sparsities), leaving the model's pruned weights exactly zero and a
+each with any allocation, e.g. OWL's layer-wise sparsities), leaving the model's pruned weights exactly zero and a
 :class:`~pat_callbacks.core.pruner.Pruner` holding the masks for recovery training.
+
+A one-shot method is a :class:`OneShotMethod` in the :data:`ONE_SHOT_METHODS` registry, declaring what it needs
+(which calibration statistics; whether it selects its own masks and updates the weights), so
+:func:`one_shot_prune` has no per-method branch and a new method is one registered class (``docs/extending.md``).
 
 Layers are pruned in order, a layer group at a time (``sequential=True``, as both reference implementations do):
 each group (a transformer block, see :func:`~pat_callbacks.oneshot.owl.layer_groups`) is calibrated on the model
@@ -26,24 +30,165 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from pat_callbacks.core._validation import check_choice, check_fraction, check_int, check_positive
+from pat_callbacks.core._validation import check_fraction, check_int, check_positive, deprecated
+from pat_callbacks.core.allocation import ALLOCATIONS, Allocation
+from pat_callbacks.core.owl import OWL_LAMBDA, OWL_M, check_owl_lambda, layer_groups
 from pat_callbacks.core.patterns import BlockPattern, NMPattern, Pattern, make_pattern
 from pat_callbacks.core.pruner import Pruner
+from pat_callbacks.core.registry import Registry, unknown_name_message
 from pat_callbacks.core.sharding import local
 from pat_callbacks.oneshot.calibration import Calibration
-from pat_callbacks.oneshot.owl import OWL_LAMBDA, OWL_M, layer_groups, owl_sparsities
 from pat_callbacks.oneshot.sparsegpt import refuse_sharded, sparsegpt_prune
 from pat_callbacks.oneshot.wanda import row_masks, wanda_scores
 
-__all__ = ["ONE_SHOT_ALLOCATIONS", "ONE_SHOT_METHODS", "OneShotOptions", "OneShotResult", "one_shot_prune"]
+__all__ = [
+    "ONE_SHOT_METHODS",
+    "MagnitudeMethod",
+    "OneShotMethod",
+    "OneShotOptions",
+    "OneShotResult",
+    "SparseGPTMethod",
+    "WandaMethod",
+    "one_shot_allocations",
+    "one_shot_prune",
+]
 
-ONE_SHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
-ONE_SHOT_ALLOCATIONS = ("uniform", "global", "global_raw", "erk", "er")
+
+class OneShotMethod:
+    """A one-shot algorithm, with what it needs declared so :func:`one_shot_prune` never switches on its name.
+
+    A scoring method implements :meth:`scores` (higher = keep); the allocation and pattern then choose the masks
+    (per output row with ``per_row``). A method that selects its own masks and updates the kept weights (SparseGPT)
+    sets ``updates_weights`` and implements :meth:`prune_layer`.
+
+    Attributes:
+        name: the name used in configs (``method="wanda"``).
+        statistics: the calibration statistics it reads: ``()`` (weights only: no calibration), ``("norms",)``
+            (``||X_j||``, :meth:`Calibration.norms`) or ``("hessians",)`` (``X^T X``, :meth:`Calibration.pop_hessian`).
+        updates_weights: whether it selects its own masks, a layer at a time, and rewrites the kept weights (then
+            not ``per_row`` and no allocation that compares all layers' scores at once).
+        per_row: the default of ``per_row`` (compare scores within each output row).
+
+    Example:
+        >>> import torch
+        >>> sorted(ONE_SHOT_METHODS)
+        ['magnitude', 'sparsegpt', 'wanda']
+        >>> MagnitudeMethod().scores({"w": torch.tensor([[-2.0, 1.0]])}, None, ())
+        {'w': tensor([[2., 1.]])}
+    """
+
+    name: ClassVar[str] = ""
+    statistics: ClassVar[tuple[str, ...]] = ()
+    updates_weights: ClassVar[bool] = False
+    per_row: ClassVar[bool] = False
+
+    def check(self, params: Mapping[str, Tensor]) -> None:
+        """Refuse parameters the method cannot prune (e.g. sharded ones), before anything is read."""
+
+    def scores(
+        self, params: Mapping[str, Tensor], calibration: Calibration | None, transposed: Iterable[str]
+    ) -> dict[str, Tensor]:
+        """``{name: scores}`` in each parameter's shape (``transposed``: names stored ``in x out``)."""
+        raise NotImplementedError(f"{type(self).__name__} neither scores weights nor updates them")
+
+    def prune_layer(
+        self, pruner: Pruner, name: str, calibration: Calibration, sparsity: float, options: OneShotOptions
+    ) -> Tensor:
+        """Prune one parameter in place (updating its kept weights) and return its keep-mask."""
+        raise NotImplementedError(f"{type(self).__name__} declares updates_weights but has no prune_layer")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MagnitudeMethod(OneShotMethod):
+    """``|W|``: no calibration (Han et al. 2015).
+
+    Example:
+        >>> MagnitudeMethod.statistics
+        ()
+    """
+
+    name: ClassVar[str] = "magnitude"
+
+    def scores(self, params, calibration, transposed):
+        return {name: local(p).detach().abs().float() for name, p in params.items()}
+
+
+class WandaMethod(OneShotMethod):
+    """``|W_ij| * ||X_j||`` (Sun et al. 2024), compared per output row by default (see
+    :mod:`~pat_callbacks.oneshot.wanda`).
+
+    Example:
+        >>> WandaMethod.statistics, WandaMethod.per_row
+        (('norms',), True)
+    """
+
+    name: ClassVar[str] = "wanda"
+    statistics: ClassVar[tuple[str, ...]] = ("norms",)
+    per_row: ClassVar[bool] = True
+
+    def scores(self, params, calibration, transposed):
+        return wanda_scores(params, {n: calibration.norms(n) for n in params}, transposed)  # type: ignore[union-attr]
+
+
+class SparseGPTMethod(OneShotMethod):
+    """SparseGPT's OBS update from the input Hessian, blockwise (Frantar & Alistarh 2023, see
+    :mod:`~pat_callbacks.oneshot.sparsegpt`); not on sharded parameters.
+
+    Example:
+        >>> SparseGPTMethod.statistics, SparseGPTMethod.updates_weights
+        (('hessians',), True)
+    """
+
+    name: ClassVar[str] = "sparsegpt"
+    statistics: ClassVar[tuple[str, ...]] = ("hessians",)
+    updates_weights: ClassVar[bool] = True
+
+    def check(self, params):
+        refuse_sharded(dict(params))
+
+    def prune_layer(self, pruner, name, calibration, sparsity, options):
+        return _sparsegpt_layer(pruner, name, calibration.pop_hessian(name), sparsity, options)
+
+
+ONE_SHOT_METHODS: Registry[type[OneShotMethod]] = Registry("method", base=OneShotMethod)
+"""The one-shot methods by name; a new one is a :class:`OneShotMethod` subclass with a ``name`` and
+``@ONE_SHOT_METHODS.register``."""
+for _cls in (MagnitudeMethod, WandaMethod, SparseGPTMethod):
+    ONE_SHOT_METHODS.register(_cls)
+
+
+def one_shot_allocations() -> list[str]:
+    """The allocations one-shot pruning takes: every registered one but those that need measured sensitivities (a
+    loss); a view of :data:`~pat_callbacks.core.allocation.ALLOCATIONS`, not a second list.
+
+    Example:
+        >>> one_shot_allocations()
+        ['er', 'erk', 'global', 'global_raw', 'owl', 'uniform']
+    """
+    return sorted(name for name, allocation in ALLOCATIONS.items() if not allocation.needs_sensitivities)
+
+
+def _planned_up_front(allocation: Allocation) -> bool:
+    """Whether the allocation's per-layer sparsities are known before the method scores anything: from the layers'
+    shapes, or from calibration statistics of the dense model (OWL). Else it compares all layers' scores at once."""
+    return not allocation.needs_scores or allocation.needs_calibration
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ONE_SHOT_ALLOCATIONS":
+        deprecated(
+            "`ONE_SHOT_ALLOCATIONS` is now `one_shot_allocations()` (a view of core.allocation.ALLOCATIONS); the old "
+            "name still works"
+        )
+        return tuple(one_shot_allocations())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -51,19 +196,20 @@ class OneShotOptions:
     """How to prune one-shot, validated at construction.
 
     Args:
-        method: ``"magnitude"`` (``|W|``, no calibration), ``"wanda"`` (``|W| * ||X||``) or ``"sparsegpt"``
-            (OBS weight update from ``X^T X``).
+        method: a name in :data:`ONE_SHOT_METHODS`: ``"magnitude"`` (``|W|``, no calibration), ``"wanda"``
+            (``|W| * ||X||``) or ``"sparsegpt"`` (OBS weight update from ``X^T X``).
         sparsity: the overall target in (0, 1); with an N:M pattern it defaults to (and must be) ``1 - N/M``.
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``).
-        owl: per-layer sparsities by OWL (:mod:`~pat_callbacks.oneshot.owl`) instead of the same for every layer;
-            unstructured only.
+        owl: deprecated: ``allocation="owl"``. Read back, whether the allocation is OWL.
         owl_lambda, owl_m: OWL's ``lambda`` (sparsities within target +- lambda) and outlier threshold ``M``.
         per_row: compare scores within each output row (rows pruned alike to one weight, each layer's count
             exact), the Wanda paper's choice and its default; ``False``: within the layer (magnitude's default).
             Not for SparseGPT (its own mask selection).
-        allocation: how a layer-compared target is split over layers (``"uniform"``; ``"global"``,
-            ``"global_raw"``, ``"erk"``, ``"er"``: see :mod:`~pat_callbacks.core.allocation`; they need
-            ``per_row=False``, ``owl=False`` and ``sequential=False``; not for SparseGPT).
+        allocation: how the target is split over layers (see :func:`one_shot_allocations` and
+            :mod:`~pat_callbacks.core.allocation`). Planned before pruning: ``"uniform"``, ``"erk"``, ``"er"`` (from
+            shapes) and ``"owl"`` (:mod:`~pat_callbacks.core.owl`, from Wanda scores of the dense model; not with an
+            N:M pattern). Comparing all layers' scores at once (``"global"``, ``"global_raw"``): they need
+            ``per_row=False`` and ``sequential=False``, and not a method that updates weights (SparseGPT).
         sequential: prune layer group by layer group, each calibrated on the model pruned so far (see module doc).
         block_size, damping: SparseGPT's lazy-update block (128) and Hessian damping (0.01 of its mean diagonal).
 
@@ -90,7 +236,8 @@ time); leave per_row unset
     damping: float = 0.01
 
     def __post_init__(self) -> None:
-        self.method = check_choice("method", self.method, ONE_SHOT_METHODS)
+        self.method = ONE_SHOT_METHODS.check(self.method)
+        algorithm = ONE_SHOT_METHODS[self.method]
         self.pattern = make_pattern(self.pattern)
         if isinstance(self.pattern, BlockPattern):
             raise ValueError(f"pattern={self.pattern.name!r}: one-shot pruning supports 'unstructured' and 'N:M'")
@@ -107,30 +254,43 @@ time); leave per_row unset
         self.sparsity = check_fraction("sparsity", self.sparsity)
         if self.sparsity == 0.0:
             raise ValueError("Expected `sparsity` in (0, 1), but got 0.0 (nothing to prune)")
-        self.owl = bool(self.owl)
-        if self.owl and fixed is not None:
-            raise ValueError(f"owl=True sets a sparsity per layer, which pattern={self.pattern.name!r} fixes; use one")
-        if not 0.0 < float(self.owl_lambda) < 0.5:
-            raise ValueError(f"Expected `owl_lambda` in (0, 0.5), but got {self.owl_lambda!r}")
-        self.owl_lambda = float(self.owl_lambda)
+        given = f"allocation={self.allocation!r}"
+        if self.owl:  # the former flag: the renaming helper's warning, naming the new form
+            if self.allocation not in ("uniform", "owl"):
+                raise ValueError(
+                    f"Give `allocation='owl'` (the new form of `owl=True`), not both: got "
+                    f"allocation={self.allocation!r} and owl=True"
+                )
+            deprecated("`owl=True` is now `allocation='owl'`; the old form still works", stacklevel=3)
+            self.allocation, given = "owl", "owl=True"
+        if self.allocation not in one_shot_allocations():
+            raise ValueError(
+                unknown_name_message("allocation", self.allocation, one_shot_allocations())
+                + " (one-shot pruning has no loss to measure sensitivities with)"
+                if self.allocation in ALLOCATIONS
+                else unknown_name_message("allocation", self.allocation, one_shot_allocations())
+            )
+        allocation = ALLOCATIONS[self.allocation]
+        self.owl = allocation.name == "owl"
+        if allocation.needs_calibration and fixed is not None:
+            raise ValueError(f"{given} sets a sparsity per layer, which pattern={self.pattern.name!r} fixes; use one")
+        self.owl_lambda = check_owl_lambda(self.owl_lambda)
         self.owl_m = check_positive("owl_m", self.owl_m)
         if self.per_row not in (None, True, False):
             raise ValueError(f"Expected `per_row` to be True, False or None, but got {self.per_row!r}")
-        if self.method == "sparsegpt" and self.per_row:
+        if algorithm.updates_weights and self.per_row:
             raise ValueError(
-                "per_row=True is not for method='sparsegpt' (it selects its own masks, a block of columns at a "
+                f"per_row=True is not for method={self.method!r} (it selects its own masks, a block of columns at a "
                 "time); leave per_row unset"
             )
         if self.per_row is None:
-            self.per_row = self.method == "wanda"
-        self.allocation = check_choice("allocation", self.allocation, ONE_SHOT_ALLOCATIONS)
-        if self.allocation != "uniform":
+            self.per_row = algorithm.per_row
+        if not _planned_up_front(allocation):
             why = [
                 reason
                 for reason, bad in (
-                    ("method='sparsegpt'", self.method == "sparsegpt"),
+                    (f"method={self.method!r}", algorithm.updates_weights),
                     ("per_row=True", self.per_row),
-                    ("owl=True", self.owl),
                     ("sequential=True", self.sequential),
                     (f"pattern={self.pattern.name!r}", fixed is not None),
                 )
@@ -148,15 +308,16 @@ time); leave per_row unset
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether calibration batches are read (every method but plain magnitude)."""
-        return self.method != "magnitude" or self.owl
+        """Whether calibration batches are read (a method or an allocation that reads calibration statistics)."""
+        return bool(ONE_SHOT_METHODS[self.method].statistics) or ALLOCATIONS[self.allocation].needs_calibration
 
     @property
     def name(self) -> str:
-        """E.g. ``wanda``, ``sparsegpt+owl``, ``magnitude 2:4`` (for reports)."""
-        owl = "+owl" if self.owl else ""
+        """E.g. ``wanda``, ``sparsegpt+owl``, ``magnitude 2:4`` (for reports): the method, ``+allocation`` where
+        the allocation is planned from calibration statistics, and the N:M pattern."""
+        allocation = f"+{self.allocation}" if ALLOCATIONS[self.allocation].needs_calibration else ""
         pattern = "" if self.pattern.fixed_sparsity is None else f" {self.pattern.name}"
-        return f"{self.method}{owl}{pattern}"
+        return f"{self.method}{allocation}{pattern}"
 
 
 @dataclass
@@ -216,7 +377,8 @@ def one_shot_prune(
 
     Args:
         model: the trained model (its weights are overwritten: pruned ones zeroed, SparseGPT updates the rest).
-        method, sparsity, pattern, owl: see :class:`OneShotOptions` (its other fields go in ``kwargs``).
+        method, sparsity, pattern: see :class:`OneShotOptions` (its other fields, e.g. ``allocation="owl"``, go in
+            ``kwargs``); ``owl=True``: the former form of ``allocation="owl"`` (deprecated).
         calibration: the batches (held as a list: each layer group reads them again). Not needed for plain
             magnitude pruning.
         forward: ``forward(model, batch)`` runs one batch (default: ``model(batch[0])`` for tuples, else
@@ -235,7 +397,7 @@ def one_shot_prune(
         >>> torch.manual_seed(0) and None
         >>> net = CharGPT(vocab_size=10, context=8, dim=16, layers=2, heads=2)
         >>> windows = [torch.randint(0, 10, (4, 9)) for _ in range(2)]   # tokens + the shifted target
-        >>> result = one_shot_prune(net, "sparsegpt", 0.7, owl=True, calibration=windows,
+        >>> result = one_shot_prune(net, "sparsegpt", 0.7, allocation="owl", calibration=windows,
         ...                         forward=lambda model, batch: model(batch[:, :-1]))
         >>> round(result.sparsity, 2), result.passes                    # OWL's pass + one per transformer block
         (0.7, 3)
@@ -243,9 +405,14 @@ def one_shot_prune(
         True
     """
     opts = options if options is not None else OneShotOptions(method, sparsity, pattern, owl, **kwargs)
+    algorithm = ONE_SHOT_METHODS[opts.method]()
+    allocation = ALLOCATIONS[opts.allocation]
     start = time.perf_counter()
     if pruner is None:
-        pruner = Pruner(model, pattern=opts.pattern, allocation=opts.allocation, include=include, exclude=exclude)
+        # An allocation planned from calibration statistics is the one-shot code's to plan (the Pruner only holds
+        # the masks): the Pruner splits nothing itself.
+        split = "uniform" if allocation.needs_calibration else opts.allocation
+        pruner = Pruner(model, pattern=opts.pattern, allocation=split, include=include, exclude=exclude)
     elif include is not None or exclude is not None:
         raise TypeError("Give `include` / `exclude` or a `pruner`, not both")
     elif pruner.options.pattern.name != opts.pattern.name:  # type: ignore[union-attr]
@@ -253,29 +420,21 @@ def one_shot_prune(
             f"The given pruner has pattern={pruner.options.pattern.name!r}, but one-shot pruning was asked for "  # type: ignore[union-attr]
             f"pattern={opts.pattern.name!r}"
         )
-    if opts.method == "sparsegpt":
-        refuse_sharded(pruner.params)
+    algorithm.check(pruner.params)
     batches = _batches(calibration, opts)
     optimizers = list(optimizers)
     target = float(opts.sparsity)  # type: ignore[arg-type]
     passes = 0
-    planned = dict.fromkeys(pruner.params, target)
-    if opts.owl:
-        calib = Calibration(model, pruner.params).collect(batches, forward)
+    planned = _plan(model, pruner, opts, allocation, target, batches, forward)
+    passes += int(allocation.needs_calibration)
+    if not algorithm.statistics:
+        _commit(pruner, opts, algorithm.scores(pruner.params, None, pruner.transposed), planned, target, optimizers)
+    elif not opts.sequential and not algorithm.updates_weights:
+        calib = _calibrate(model, list(pruner.params), algorithm.statistics, batches, forward)
         passes += 1
-        scores = wanda_scores(pruner.params, {n: calib.norms(n) for n in pruner.params}, pruner.transposed)
-        planned = owl_sparsities(scores, target, lam=opts.owl_lambda, m=opts.owl_m)
-        del scores, calib
-    if opts.method == "magnitude":
-        scores = {name: local(p).detach().abs().float() for name, p in pruner.params.items()}
-        _commit(pruner, opts, scores, planned, target, optimizers)
-    elif not opts.sequential and opts.method == "wanda":
-        calib = Calibration(model, pruner.params).collect(batches, forward)
-        passes += 1
-        scores = wanda_scores(pruner.params, {n: calib.norms(n) for n in pruner.params}, pruner.transposed)
-        _commit(pruner, opts, scores, planned, target, optimizers)
+        _commit(pruner, opts, algorithm.scores(pruner.params, calib, pruner.transposed), planned, target, optimizers)
     else:
-        passes += _prune_by_groups(model, pruner, opts, planned, batches, forward, optimizers)
+        passes += _prune_by_groups(model, pruner, opts, algorithm, planned, batches, forward, optimizers)
     pruner.target_sparsity = target
     return OneShotResult(
         options=opts,
@@ -289,11 +448,47 @@ def one_shot_prune(
     )
 
 
+def _calibrate(
+    model: nn.Module,
+    names: list[str],
+    statistics: Sequence[str],
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] | None,
+) -> Calibration:
+    """One calibration pass collecting ``statistics`` (``"norms"``, ``"hessians"``) of ``names``."""
+    return Calibration(model, names, norms="norms" in statistics, hessians="hessians" in statistics).collect(
+        batches, forward
+    )
+
+
+def _plan(
+    model: nn.Module,
+    pruner: Pruner,
+    opts: OneShotOptions,
+    allocation: Allocation,
+    target: float,
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] | None,
+) -> dict[str, float]:
+    """Per-layer sparsities known before the method runs: by calibration statistics of the dense model (OWL: Wanda
+    scores, one pass) or by shapes; the target everywhere where the allocation compares all layers' scores (the
+    Pruner's ``prune_to`` then splits it)."""
+    if allocation.needs_calibration:
+        calib = _calibrate(model, list(pruner.params), ("norms",), batches, forward)
+        scores = wanda_scores(pruner.params, {n: calib.norms(n) for n in pruner.params}, pruner.transposed)
+        return allocation(scores, target, owl_lambda=opts.owl_lambda, owl_m=opts.owl_m)
+    if not allocation.needs_scores:
+        shapes = {name: torch.empty(tuple(p.shape), device="meta") for name, p in pruner.params.items()}
+        return allocation(shapes, target)
+    return dict.fromkeys(pruner.params, target)
+
+
 def _batches(calibration: Iterable[Any] | None, opts: OneShotOptions) -> list[Any]:
     if not opts.needs_calibration:
         return []
     if calibration is None:
-        raise ValueError(f"method={opts.method!r}{' with owl=True' if opts.owl else ''} needs `calibration` batches")
+        owl = f" with allocation={opts.allocation!r}" if ALLOCATIONS[opts.allocation].needs_calibration else ""
+        raise ValueError(f"method={opts.method!r}{owl} needs `calibration` batches")
     batches = list(calibration)
     if not batches:
         raise ValueError(f"method={opts.method!r} needs calibration batches, but `calibration` is empty")
@@ -327,7 +522,7 @@ def _commit(
 ) -> None:
     """Masks from all layers' scores at once: the Pruner's allocation when layers are compared as wholes at one
     target (every allocation and pattern of the Pruner), else per layer / per row at the planned sparsities."""
-    if not opts.per_row and not opts.owl:
+    if not opts.per_row and not ALLOCATIONS[opts.allocation].needs_calibration:
         if not pruner.prune_to(target, scores=scores, optimizers=optimizers):
             raise ValueError(
                 "one-shot scores hold NaN or Inf: the model's weights or calibration inputs are not finite"
@@ -340,12 +535,14 @@ def _prune_by_groups(
     model: nn.Module,
     pruner: Pruner,
     opts: OneShotOptions,
+    algorithm: OneShotMethod,
     planned: Mapping[str, float],
     batches: list[Any],
     forward: Callable[[nn.Module, Any], Any] | None,
     optimizers: list[torch.optim.Optimizer],
 ) -> int:
-    """Wanda (sequential) or SparseGPT, a layer group at a time; returns the calibration passes made."""
+    """A calibrated method a layer group at a time (or all at once, ``sequential=False``); returns the calibration
+    passes made."""
     names = list(pruner.params)
     if opts.sequential:
         by_group: dict[str, list[str]] = {}
@@ -354,17 +551,13 @@ def _prune_by_groups(
         groups = list(by_group.values())
     else:
         groups = [names]
-    sparsegpt = opts.method == "sparsegpt"
     for group in groups:
-        calib = Calibration(model, group, norms=not sparsegpt, hessians=sparsegpt).collect(batches, forward)
-        if sparsegpt:
-            masks = {
-                name: _sparsegpt_layer(pruner, name, calib.pop_hessian(name), planned[name], opts) for name in group
-            }
+        calib = _calibrate(model, group, algorithm.statistics, batches, forward)
+        if algorithm.updates_weights:
+            masks = {name: algorithm.prune_layer(pruner, name, calib, planned[name], opts) for name in group}
         else:
             params = {name: pruner.params[name] for name in group}
-            scores = wanda_scores(params, {n: calib.norms(n) for n in group}, pruner.transposed)
-            masks = _masks(pruner, opts, scores, planned)
+            masks = _masks(pruner, opts, algorithm.scores(params, calib, pruner.transposed), planned)
         del calib
         pruner.set_masks(masks, optimizers=optimizers)  # zeroes them: the next group calibrates on the pruned model
     return len(groups)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from torch import Tensor
 
-from pat_callbacks.core._validation import check_choice
+from pat_callbacks.core._validation import renamed_choice
+from pat_callbacks.core.registry import Registry
 from pat_callbacks.structured.channels import ChannelGroup
 
 
@@ -17,8 +17,8 @@ class StructuredImportance(ABC):
     """One score per channel of a :class:`ChannelGroup` (higher = keep), over all its coupled slices.
 
     Subclasses reduce over the group with :meth:`ChannelGroup.channel_sums` (one ``index_select`` and one
-    ``index_add_`` per coupled parameter: no per-channel loop, no host copy). A new importance is one class plus
-    one :func:`register_importance` line.
+    ``index_add_`` per coupled parameter: no per-channel loop, no host copy). A new importance is one class registered
+    with ``@STRUCTURED_IMPORTANCES.register`` (see ``docs/extending.md``).
 
     Example:
         >>> import torch
@@ -27,7 +27,7 @@ class StructuredImportance(ABC):
         ...     def __call__(self, group, params, grads=None):
         ...         sums = group.channel_sums(lambda name, dim, idx: params[name].index_select(dim, idx).abs())
         ...         return sums / group.channel_sizes(params)
-        >>> _ = register_importance(MaxAbs)
+        >>> _ = STRUCTURED_IMPORTANCES.register(MaxAbs)
         >>> g = ChannelGroup("w", 2, [[("w", 0, torch.tensor([0]))], [("w", 0, torch.tensor([1]))]])
         >>> channel_scores(g, {"w": torch.tensor([[3.0, -1.0], [0.0, 1.0]])}, "l1_mean")
         tensor([2.0000, 0.5000])
@@ -141,25 +141,27 @@ class GateImportance(StructuredImportance):
         return group.channel_sums(_products(params, grads), gates=True, device=params[group.root].device).abs()
 
 
-STRUCTURED_IMPORTANCES: dict[str, type[StructuredImportance]] = {}
-_RENAMED = {"taylor": "group_taylor"}
+STRUCTURED_IMPORTANCES: Registry[type[StructuredImportance]] = Registry("importance", base=StructuredImportance)
+"""The structured importances by name; a new one is a :class:`StructuredImportance` subclass with a ``name`` and
+``@STRUCTURED_IMPORTANCES.register``."""
+_RENAMED = {"taylor": "group_taylor"}  # former names, resolved by the one renaming helper
 
 
 def register_importance(cls: type[StructuredImportance]) -> type[StructuredImportance]:
-    """Register a structured importance under its ``name`` (usable as ``importance="NAME"``).
+    """Register a structured importance under its ``name`` (usable as ``importance="NAME"``): the same as
+    ``STRUCTURED_IMPORTANCES.register(cls)``.
 
     Example:
-        >>> register_importance(L2Importance) is L2Importance
-        True
+        >>> register_importance(L2Importance)
+        Traceback (most recent call last):
+        ...
+        ValueError: importance 'l2' is already registered (L2Importance); pass replace=True to replace it
     """
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty `name` class attribute to be registered")
-    STRUCTURED_IMPORTANCES[cls.name] = cls
-    return cls
+    return STRUCTURED_IMPORTANCES.register(cls)
 
 
 for _cls in (L1Importance, L2Importance, GroupTaylorImportance, GateImportance):
-    register_importance(_cls)
+    STRUCTURED_IMPORTANCES.register(_cls)
 
 
 def get_structured_importance(importance: str | StructuredImportance) -> StructuredImportance:
@@ -175,15 +177,14 @@ def get_structured_importance(importance: str | StructuredImportance) -> Structu
     """
     if isinstance(importance, StructuredImportance):
         return importance
-    if importance in _RENAMED:
-        warnings.warn(
-            f"importance={importance!r} is now called {_RENAMED[importance]!r} (it is (sum g*w)^2 of the whole "
-            "channel, not the per-weight criterion 'taylor')",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        importance = _RENAMED[importance]
-    return STRUCTURED_IMPORTANCES[check_choice("importance", importance, STRUCTURED_IMPORTANCES)]()
+    importance = renamed_choice(
+        "importance",
+        importance,
+        _RENAMED,
+        why=" (it is (sum g*w)^2 of the whole channel, not the per-weight criterion 'taylor')",
+        stacklevel=4,
+    )
+    return STRUCTURED_IMPORTANCES[STRUCTURED_IMPORTANCES.check(importance)]()
 
 
 def channel_scores(

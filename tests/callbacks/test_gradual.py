@@ -600,11 +600,12 @@ def test_sparsity_is_the_target_and_final_sparsity_its_accepted_former_name():
     window = {"start_step": 0, "end_step": 40, "update_every": 10}
     assert GradualPruning(sparsity=0.7, **window).sparsity == 0.7
     assert GradualPruning(0.7, **window).final_sparsity == 0.7  # positional: the target
-    former = GradualPruning(final_sparsity=0.7, **window)
+    with pytest.warns(DeprecationWarning, match="`final_sparsity` is now called `sparsity`"):
+        former = GradualPruning(final_sparsity=0.7, **window)
     assert former.sparsity == 0.7
     assert former.state_key == GradualPruning(sparsity=0.7, **window).state_key  # old checkpoints still resume
     assert former.state_key == "GradualPruning{'final_sparsity': 0.7, 'schedule': 'cubic'}"
-    with pytest.raises(ValueError, match=r"`sparsity` \(0.9\) or its former name `final_sparsity` \(0.8\), not both"):
+    with pytest.raises(ValueError, match=r"`sparsity` \(the new name of `final_sparsity`\), not both: got 0.9 and 0.8"):
         GradualPruning(sparsity=0.9, final_sparsity=0.8, **window)
     with pytest.raises(ValueError, match=r"Expected `sparsity` to be a float in \[0, 1\), but got 1.5"):
         GradualPruning(sparsity=1.5, **window)

@@ -39,7 +39,8 @@ def test_global_assigns_ties_exactly():
 def test_unknown_allocation_is_refused():
     with pytest.raises(
         ValueError,
-        match="Unknown `allocation` 'erk2'; expected one of: 'er', 'erk', 'global', 'global_raw', 'sensitivity'",
+        match=r"Unknown `allocation` 'erk2'; expected one of: 'er', 'erk', 'global', 'global_raw', 'owl', "
+        r"'sensitivity', 'uniform'$",
     ):
         allocate("erk2", _scores(), 0.5)
 
@@ -182,3 +183,61 @@ def test_keep_one_leaves_a_weight_in_every_layer_and_pruned_entries_stay_pruned(
     high = {"one": torch.tensor([0.0]), "big": torch.cat([torch.full((50,), 9.0), torch.rand(50)])}
     sparsities = allocate("global_raw", high, 0.6, pruned=pruned)
     assert prune_count(100, sparsities["big"]) >= 50
+
+
+def test_allocations_are_one_registry_with_declared_needs():
+    from pat_callbacks.core.allocation import ALLOCATIONS, SHAPE_ALLOCATIONS
+    from pat_callbacks.core.registry import Registry
+
+    assert isinstance(ALLOCATIONS, Registry)
+    assert sorted(SHAPE_ALLOCATIONS) == ["er", "erk", "uniform"] and "global" not in SHAPE_ALLOCATIONS
+    assert {name for name, a in ALLOCATIONS.items() if a.capped} == {"global", "global_raw", "sensitivity"}
+    with pytest.raises(ValueError, match="allocation='sensitivity' needs measured `sensitivities`"):
+        allocate("sensitivity", _scores(), 0.5)
+
+
+def test_owl_is_an_allocation_with_the_same_numbers_as_owl_sparsities():
+    from pat_callbacks.core.owl import owl_sparsities
+
+    scores = {f"blocks.{i}.w": torch.rand(200) ** (i + 1) * 10 for i in range(3)}
+    expected = owl_sparsities(scores, 0.6, owl_lambda=0.1, owl_m=3.0)
+    assert allocate("owl", scores, 0.6, owl_lambda=0.1, owl_m=3.0) == expected
+    assert plan_sparsities("owl", scores, 0.6, owl_lambda=0.1, owl_m=3.0) == expected
+    with pytest.warns(DeprecationWarning, match="`lam` is now called `owl_lambda`"):
+        assert owl_sparsities(scores, 0.6, lam=0.1, m=3.0) == expected
+
+
+def test_a_pruner_prunes_with_allocation_owl_and_refuses_it_sharded():
+    from torch import nn
+
+    from pat_callbacks.core.options import PruningOptions
+    from pat_callbacks.core.pruner import Pruner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    pruner = Pruner(model, allocation="owl")
+    assert pruner.prune_to(0.5) and abs(pruner.sparsity() - 0.5) < 0.01
+    with pytest.raises(ValueError, match="allocation='owl' \\(its outlier ratios count whole layers\\)"):
+        PruningOptions(allocation="owl").check_shardable()
+
+
+def test_an_allocation_registered_from_user_code_drives_a_pruner():
+    from torch import nn
+
+    from pat_callbacks.core.allocation import ALLOCATIONS
+    from pat_callbacks.core.pruner import Pruner
+
+    @ALLOCATIONS.register("last_dense_test", needs_scores=False)
+    def last_dense(scores, target, **options):
+        names = list(scores)
+        total = sum(s.numel() for s in scores.values())
+        rest = sum(scores[n].numel() for n in names[:-1])
+        return {**dict.fromkeys(names[:-1], min(target * total / rest, 0.99)), names[-1]: 0.0}
+
+    try:
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        pruner = Pruner(model, allocation="last_dense_test")
+        pruner.prune_to(0.25)
+        assert pruner.layer_sparsity() == {"0.weight": 0.5, "1.weight": 0.0}
+    finally:
+        del ALLOCATIONS["last_dense_test"]

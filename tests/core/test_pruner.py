@@ -157,7 +157,7 @@ def test_streamed_updates_choose_the_same_masks_as_exact_selection(monkeypatch, 
     for pruner in (fast, slow):
         pruner.accumulate()
     for sparsity in (0.3, 0.6, 0.85):
-        assert fast.prune_to(sparsity, final_sparsity=0.85) and slow.prune_to(sparsity, final_sparsity=0.85)
+        assert fast.prune_to(sparsity, final_target=0.85) and slow.prune_to(sparsity, final_target=0.85)
         assert fast.masks.keys() == slow.masks.keys()
         for name in slow.masks:
             assert torch.equal(fast.masks[name], slow.masks[name]), (sparsity, name)
@@ -272,3 +272,19 @@ def test_nan_is_found_when_an_update_prunes_nothing_new(monkeypatch):
         model[2].weight.view(-1)[int(pruner.masks["2.weight"].view(-1).nonzero()[0])] = float("nan")
     with pytest.warns(UserWarning, match=r"NaN or Inf in the scores of \['2.weight'\]"):
         assert not pruner.prune_to(0.5)
+
+
+def test_prune_to_final_sparsity_is_the_former_name_of_final_target():
+
+    def pruned(**kwargs):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        pruner = Pruner(model, layer_sparsity={"0.*": 0.8})
+        pruner.prune_to(0.25, **kwargs)
+        return pruner.layer_sparsity()
+
+    with pytest.warns(DeprecationWarning, match="`final_sparsity` is now called `final_target`"):
+        old = pruned(final_sparsity=0.5)
+    assert old == pruned(final_target=0.5) and old["0.weight"] == 0.40625  # pinned 0.8, followed halfway
+    with pytest.raises(ValueError, match="Give `final_target` \\(the new name of `final_sparsity`\\), not both"):
+        pruned(final_target=0.5, final_sparsity=0.5)

@@ -63,9 +63,9 @@ def test_a_pruned_weight_never_returns_while_the_target_rises(case):
         pruner._streamable = lambda sparsity: False  # the whole-tensor strategy
     nm = "pattern" in options and ":" in options["pattern"] and not options["pattern"].startswith("block")
     first, second = (0.25, 0.5) if nm else (0.3, 0.6)
-    assert pruner.prune_to(first, final_sparsity=second)
+    assert pruner.prune_to(first, final_target=second)
     before = {name: ~mask.clone() for name, mask in pruner.masks.items()}
-    assert pruner.prune_to(second, final_sparsity=second, scores=_adversarial(pruner))
+    assert pruner.prune_to(second, final_target=second, scores=_adversarial(pruner))
     weights = dict(model.named_parameters())
     for name, pruned_before in before.items():
         assert bool((~pruner.masks[name])[pruned_before].all()), f"{case}: {name} revived pruned entries"

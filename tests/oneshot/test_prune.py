@@ -3,6 +3,8 @@ weights, bad arguments refused at construction naming the value."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -83,3 +85,56 @@ def test_calibrated_methods_refuse_to_run_without_batches():
     with pytest.raises(ValueError, match="method='wanda' needs `calibration` batches"):
         one_shot_prune(net, "wanda", 0.5)
     assert not any(bool((p == 0).any()) for p in Pruner(net).params.values())  # nothing pruned
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_owl_is_an_allocation_and_owl_true_gives_the_same_masks_and_weights(method):
+    """The former flag and the allocation run the same code: the same masks and weights (and both the same as before
+    the flag became an allocation: checked once against the previous commit, see the report of that change)."""
+    results = []
+    for kwargs in ({"allocation": "owl"}, {"owl": True}):
+        net, batches = _gpt()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = one_shot_prune(net, method, 0.7, calibration=batches, owl_lambda=0.1, **kwargs)
+        deprecations = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+        assert deprecations == (
+            ["`owl=True` is now `allocation='owl'`; the old form still works"] if "owl" in kwargs else []
+        )
+        results.append((result, net))
+    (new, new_net), (old, old_net) = results
+    assert new.options.allocation == old.options.allocation == "owl" and new.options.owl and old.options.owl
+    assert new.options.name == old.options.name == f"{method}+owl" and new.passes == old.passes
+    assert new.planned == old.planned and len(set(new.planned.values())) > 1  # OWL: not the same everywhere
+    assert all(torch.equal(new.masks[n], old.masks[n]) for n in old.masks)
+    new_state, old_state = new_net.state_dict(), old_net.state_dict()
+    assert all(torch.equal(new_state[n], old_state[n]) for n in old_state)
+
+
+def test_owl_true_with_another_allocation_names_both():
+    with pytest.raises(ValueError, match="Give `allocation='owl'` \\(the new form of `owl=True`\\), not both"):
+        OneShotOptions("wanda", 0.5, owl=True, allocation="erk")
+
+
+def test_one_shot_methods_and_allocations_are_the_registries():
+    from pat_callbacks.core.allocation import ALLOCATIONS
+    from pat_callbacks.core.registry import Registry
+    from pat_callbacks.oneshot import ONE_SHOT_METHODS, one_shot_allocations
+
+    assert isinstance(ONE_SHOT_METHODS, Registry) and sorted(ONE_SHOT_METHODS) == ["magnitude", "sparsegpt", "wanda"]
+    assert set(one_shot_allocations()) == set(ALLOCATIONS) - {"sensitivity"}
+    with pytest.warns(DeprecationWarning, match="`ONE_SHOT_ALLOCATIONS` is now `one_shot_allocations\\(\\)`"):
+        from pat_callbacks.oneshot import ONE_SHOT_ALLOCATIONS
+    assert "owl" in ONE_SHOT_ALLOCATIONS
+
+
+def test_a_shape_allocation_is_planned_up_front_for_every_method():
+    """ERK splits by shapes alone, so it works a layer group at a time and with SparseGPT too."""
+    from pat_callbacks.core.allocation import allocate
+
+    net, batches = _gpt()
+    result = one_shot_prune(net, "sparsegpt", 0.6, allocation="erk", calibration=batches)
+    expected = allocate("erk", {n: p.detach() for n, p in result.pruner.params.items()}, 0.6)
+    assert result.planned == expected and len(set(expected.values())) > 1
+    for name, mask in result.masks.items():
+        assert abs(1 - mask.float().mean().item() - expected[name]) < 1.0 / mask.numel() + 1e-6
