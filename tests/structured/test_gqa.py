@@ -342,3 +342,18 @@ def test_a_key_value_group_masked_computes_what_cutting_it_from_the_dense_model_
     assert dense.model.layers[0].self_attn.q_proj.out_features == 32 and dense.config.num_key_value_heads == 1
     with torch.no_grad():
         assert torch.allclose(dense(_tokens()).logits, expected, atol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs structured/pruner.py StructuredPruner.__init__ to refuse a round_to that no MLP / channel group "
+    "exceeds (every such group keeps all its channels), naming round_to and the group sizes",
+)
+def test_round_to_that_keeps_every_neuron_is_refused_at_setup_with_the_numbers():
+    """``round_to=64`` on 32-neuron MLPs kept every neuron (only heads went: 0.167 of the weights for 0.5)."""
+    with pytest.raises(
+        ValueError, match=r"`round_to`=64 keeps every channel of .*'model.layers.0.mlp.up_proj.weight', 32"
+    ):
+        StructuredPruner(_tiny_llama(), None, round_to=64)
+    with pytest.raises(ValueError, match=r"`round_to`=64 keeps every channel of .*'layers.0.weight', 32"):
+        StructuredPruner(MLP(64, (32, 32), 10), torch.zeros(2, 64), round_to=64)
