@@ -350,7 +350,7 @@ def test_a_key_value_group_masked_computes_what_cutting_it_from_the_dense_model_
     "exceeds (every such group keeps all its channels), naming round_to and the group sizes",
 )
 def test_round_to_that_keeps_every_neuron_is_refused_at_setup_with_the_numbers():
-    """``round_to=64`` on 32-neuron MLPs kept every neuron (only heads went: 0.167 of the weights for 0.5)."""
+    """``round_to=64`` on 32-neuron MLPs keeps every neuron: only heads go (0.333 of these weights for 0.5)."""
     with pytest.raises(
         ValueError, match=r"`round_to`=64 keeps every channel of .*'model.layers.0.mlp.up_proj.weight', 32"
     ):
