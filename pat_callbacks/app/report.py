@@ -64,6 +64,45 @@ def weight_sparsity(params: Mapping[str, Tensor]) -> tuple[float, dict[str, floa
     return sum(zeros.values()) / total, per_layer
 
 
+def _out_folder(given: Path | None, first: str) -> Path:
+    """``--out``, or ``FIRST/report``, which must then lie in ``FIRST`` once links are followed (a sweep's folder may
+    hold a ``report`` link to anywhere); refused when it is a file."""
+    out = given or Path(first) / "report"
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"pat-report: error: --out {out} is a file, not a folder")
+    if given is None and not out.resolve().is_relative_to(Path(first).resolve()):
+        raise SystemExit(
+            f"pat-report: error: {out} leads to {out.resolve()}, outside {first}: remove the link or give --out"
+        )
+    return out
+
+
+def _inside(out: Path, name: str) -> Path:
+    """``out / name``, checked to be a file directly in ``out`` once links are followed: every file pat-report writes
+    goes through here, so a link left in ``--out`` (or a name with a separator) cannot send a write elsewhere.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> _inside(out, "report.md") == out / "report.md"
+        True
+        >>> (out / "schedule.png").symlink_to("/etc/passwd")
+        >>> _inside(out, "schedule.png")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        SystemExit: pat-report: error: .../schedule.png leads to /etc/passwd, outside --out ...: remove the link or ...
+    """
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or len(name.encode()) > 255:
+        raise SystemExit(f"pat-report: error: {name!r} is not a plain file name to write into --out {out}")
+    path = out / name
+    if path.resolve().parent != out.resolve():
+        raise SystemExit(
+            f"pat-report: error: {path} leads to {path.resolve()}, outside --out {out}: remove the link or choose "
+            "another --out"
+        )
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``pat-report RUN_OR_MULTIRUN_DIR [...] [--out DIR] [--metric NAME]``: tables and plots of runs.
 
@@ -86,21 +125,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"pat-report: error: {error}") from None
     if args.metric and not any(run_score(run, args.metric) for run in runs):
         raise SystemExit(f"pat-report: error: no run at or below {', '.join(args.paths)} logged {args.metric!r}")
-    out = args.out or Path(args.paths[0]) / "report"
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"pat-report: error: --out {out} is a file, not a folder")
+    out = _out_folder(args.out, args.paths[0])
     table = summary_table(runs, args.metric)
     per_run = _runs_table(runs, args.metric)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(f"# pat-callbacks report\n\n{table}\n\n## Runs\n\n{per_run}\n")
+        _inside(out, "report.md").write_text(f"# pat-callbacks report\n\n{table}\n\n## Runs\n\n{per_run}\n")
     except OSError as error:
         raise SystemExit(f"pat-report: error: cannot write into --out {out} ({error.strerror or error})") from None
     if not args.no_plots:
         written = [
-            plot_accuracy_vs_sparsity(runs, out / "accuracy_vs_sparsity.png", args.metric),
-            plot_schedule(runs, out / "schedule.png"),
-            plot_layer_sparsity(runs, out / "layer_sparsity.png"),
+            plot_accuracy_vs_sparsity(runs, _inside(out, "accuracy_vs_sparsity.png"), args.metric),
+            plot_schedule(runs, _inside(out, "schedule.png")),
+            plot_layer_sparsity(runs, _inside(out, "layer_sparsity.png")),
         ]
         print("\n".join(f"wrote {p}" for p in written if p is not None))
         if written[0] is None:

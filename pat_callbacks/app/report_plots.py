@@ -37,8 +37,20 @@ def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def _text(value: Any, limit: int = 60) -> str:
+    """``value`` as a plot label: control characters (a NUL byte, line breaks) escaped, at most ``limit`` characters
+    (a run's method or name is free text: the tables hold it whole).
+
+    Example:
+        >>> _text("nul\\x00byte"), len(_text("L" * 80)), _text("L" * 80)[-4:]
+        ('nul\\\\x00byte', 60, 'L...')
+    """
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _label(run: Mapping[str, Any]) -> str:
-    return f"{run.get('method', '?')} {_target(run):g}"
+    return f"{_text(run.get('method', '?'))} {_target(run):g}"
 
 
 def plot_accuracy_vs_sparsity(
@@ -80,7 +92,7 @@ def plot_accuracy_vs_sparsity(
             points.append((statistics.mean(r for r, _ in items), score, std))
         points.sort()
         xs, ys, errors = ([p[i] for p in points] for i in range(3))
-        ax.errorbar(xs, ys, yerr=errors, fmt="-o", capsize=3, label=method)
+        ax.errorbar(xs, ys, yerr=errors, fmt="-o", capsize=3, label=_text(method))
     count = sum(s is not None for s in scores)
     ax.set_title(f"{label.capitalize()} vs reached sparsity ({count} run{'s' * (count != 1)})")
     ax.set_xlabel("reached sparsity (% of targeted weights exactly zero)")
@@ -120,7 +132,8 @@ def plot_schedule(runs: Sequence[Mapping[str, Any]], path: str | Path) -> Path |
         end = run.get("global_step")
         if isinstance(end, int) and end > steps[-1]:  # hold the last value to the end of training
             steps, reached = [*steps, end], [*reached, reached[-1]]
-        ax.step(steps, reached, where="post", label=f"{_label(run)} ({run.get('name', Path(run['run_dir']).name)})")
+        name = _text(run.get("name", Path(run["run_dir"]).name))
+        ax.step(steps, reached, where="post", label=f"{_label(run)} ({name})")
     ax.set_title("Sparsity during training (at each mask update)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("sparsity (% of targeted weights masked)")
@@ -161,13 +174,14 @@ def plot_layer_sparsity(runs: Sequence[Mapping[str, Any]], path: str | Path, col
         values = [100 * float(v) for v in run["layer_sparsity"].values()]
         color = colors[methods.index(str(run.get("method"))) % len(colors)]
         ax.barh(range(len(layers)), values, color=color)
-        ax.set_yticks(range(len(layers)), layers if (not shared or index % columns == 0) else [], fontsize=7)
+        ticks = [_text(layer) for layer in layers] if (not shared or index % columns == 0) else []
+        ax.set_yticks(range(len(layers)), ticks, fontsize=7)
         if not shared or index == 0:  # first layer on top (shared y axes invert together)
             ax.invert_yaxis()
         ax.axvline(100 * _target(run), color="black", linestyle="--", linewidth=1)
         ax.set_xlim(0, 100)
         ax.grid(axis="x", alpha=0.3)
-        ax.set_title(f"{_label(run)} · {float(run.get('sparsity') or 0):.3f}\n{run.get('name', '')}", fontsize=8)
+        ax.set_title(f"{_label(run)} · {float(run.get('sparsity') or 0):.3f}\n{_text(run.get('name', ''))}", fontsize=8)
         ax.set_xlabel("sparsity (%)", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
     for ax in list(axes.flat)[len(chosen) :]:

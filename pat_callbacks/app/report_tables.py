@@ -21,13 +21,17 @@ __all__ = ["compare_runs", "summary_table"]
 
 
 def _cell(value: Any) -> str:
-    """``value`` as one markdown table cell: line breaks become spaces and ``|`` is escaped (no injected rows).
+    """``value`` as one markdown table cell: line breaks become spaces, ``|`` is escaped (no injected rows) and other
+    control characters (a NUL byte) are written as escapes.
 
     Example:
         >>> _cell("cubic\\n| fake | row |")
         'cubic \\\\| fake \\\\| row \\\\|'
+        >>> print(_cell("nul\\x00byte"))
+        nul\\x00byte
     """
-    return " ".join(str(value).splitlines()).replace("|", "\\|")
+    text = " ".join(str(value).splitlines()).replace("|", "\\|")
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _seconds(value: Any) -> str:

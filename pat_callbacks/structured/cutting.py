@@ -54,6 +54,23 @@ def _cut(module: nn.Module, weight_dim: int, index: Tensor, with_bias: bool) -> 
         module.nx, module.nf = module.weight.shape
 
 
+def _head_plan(group: ChannelGroup, keep: list[int]) -> tuple[list[int], list[int]]:
+    """(query heads, key/value heads) a q/k/v/o attention keeps when its group keeps ``keep``; refused (naming the
+    projection and the counts) when the key/value groups would keep different numbers of query heads."""
+    layout = group.layout
+    heads, kv_heads = int(layout["num_heads"]), int(layout["num_kv_heads"])
+    per = heads // kv_heads
+    if layout["unit"] != "query_heads":
+        return [kv * per + i for kv in keep for i in range(per)], keep
+    counts = {sum(1 for h in keep if h // per == kv) for kv in range(kv_heads)}
+    if len(counts) != 1:
+        raise ValueError(
+            f"shrink of {layout['q']!r}: every key/value group must keep the same number of query heads, but "
+            f"the kept heads {keep} leave {sorted(counts)} per group"
+        )
+    return keep, list(range(kv_heads))
+
+
 def _shrink_heads(model: nn.Module, group: ChannelGroup, keep: list[int]) -> None:
     layout = group.layout
     kind = layout["type"]
@@ -61,10 +78,7 @@ def _shrink_heads(model: nn.Module, group: ChannelGroup, keep: list[int]) -> Non
         name = layout["module"]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        mha = model.get_submodule(name)
-        if name == "":
-            raise ValueError("shrink cannot replace the model itself; wrap the MultiheadAttention in a module")
-        setattr(parent, attr, PrunedMultiheadAttention.from_heads(mha, keep))
+        setattr(parent, attr, PrunedMultiheadAttention.from_heads(model.get_submodule(name), keep))
         return
     if kind == "gpt2":
         module = model.get_submodule(layout["module"])
@@ -74,18 +88,8 @@ def _shrink_heads(model: nn.Module, group: ChannelGroup, keep: list[int]) -> Non
         _cut(module.c_proj, 0, block, with_bias=False)
         module.num_heads, module.split_size = len(keep), len(keep) * width
         return
-    head_dim, heads, kv_heads = int(layout["head_dim"]), int(layout["num_heads"]), int(layout["num_kv_heads"])
-    per = heads // kv_heads
-    if layout["unit"] == "query_heads":
-        counts = {sum(1 for h in keep if h // per == kv) for kv in range(kv_heads)}
-        if len(counts) != 1:
-            raise ValueError(
-                f"shrink of {layout['q']!r}: every key/value group must keep the same number of query heads, but "
-                f"the kept heads {keep} leave {sorted(counts)} per group"
-            )
-        q_heads, kv_keep = keep, list(range(kv_heads))
-    else:
-        q_heads, kv_keep = [kv * per + i for kv in keep for i in range(per)], keep
+    head_dim = int(layout["head_dim"])
+    q_heads, kv_keep = _head_plan(group, keep)
     q_rows, kv_rows = _rows(q_heads, head_dim), _rows(kv_keep, head_dim)
     _cut(model.get_submodule(layout["q"]), 0, q_rows, with_bias=True)
     for key in ("k", "v"):
@@ -117,22 +121,24 @@ def _set_head_counts(attention: nn.Module, heads: int, kv_heads: int) -> None:
             setattr(attention, attr, value)
 
 
-def shrink_transformer(
-    model: nn.Module, pruned: Mapping[str, Sequence[int]], layouts: Sequence[Mapping[str, Any]] = ()
-) -> nn.Module:
-    """Remove, in place, the pruned heads and FFN neurons named in ``pruned`` (``{group root: [indices]}``, as
-    :meth:`~pat_callbacks.structured.StructuredPruner.pruned_channels` returns); return the model. Roots that are
-    not heads or FFN neurons of ``model`` are left for the caller (see :func:`~pat_callbacks.structured.shrink`).
+def _owner(group: ChannelGroup) -> str:
+    """The module a group's cut changes: the attention (its q/k/v/o owner) or the MLP."""
+    layout = group.layout
+    if group.kind == "heads" and "q" in layout:
+        return str(layout["q"]).rpartition(".")[0]
+    return str(layout["module"])
 
-    Example:
-        >>> mlp = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2),
-        ...                      "ffn": nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))})
-        >>> shrink_transformer(mlp, {"ffn.0.weight": [0, 1, 2]}).ffn[0].out_features
-        29
-    """
+
+def _plan(
+    model: nn.Module, pruned: Mapping[str, Sequence[int]], layouts: Sequence[Mapping[str, Any]]
+) -> list[tuple[ChannelGroup, list[int]]]:
+    """Every cut ``shrink_transformer`` will make, ``(group, kept channels)``, each precondition checked: nothing of
+    ``model`` changes here, so a refused shrink leaves it as it was."""
     heads, ffn = transformer_groups(model, layouts, heads="kv_groups")
     query_heads, _ = transformer_groups(model, layouts, heads="query_heads")
     by_root = {group.root: group for group in query_heads + heads + ffn}
+    plan: list[tuple[ChannelGroup, list[int]]] = []
+    owners: dict[str, str] = {}
     for root, channels in pruned.items():
         group = by_root.get(root)
         if group is None or not channels:
@@ -140,6 +146,67 @@ def shrink_transformer(
         keep = _keep(group.n_channels, channels)
         if not keep:
             raise ValueError(f"shrink would remove every channel of {root!r}; keep at least one")
+        if group.kind == "heads" and group.layout["type"] == "mha" and group.layout["module"] == "":
+            raise ValueError("shrink cannot replace the model itself; wrap the MultiheadAttention in a module")
+        if group.kind == "heads" and "q" in group.layout:
+            _head_plan(group, keep)
+        owner = _owner(group)
+        if owner in owners:
+            raise ValueError(
+                f"shrink got {owners[owner]!r} and {root!r}, two groups of the same module {owner!r}; give one "
+                "(key/value groups or query heads, as the pruner was set up)"
+            )
+        owners[owner] = root
+        plan.append((group, keep))
+    return plan
+
+
+def _planned_sizes(plan: Sequence[tuple[ChannelGroup, list[int]]]) -> dict[str, dict[str, int]]:
+    """Per module a cut changes, the sizes it will have (keys as :func:`~pat_callbacks.structured.hf.layer_sizes`)."""
+    sizes: dict[str, dict[str, int]] = {}
+    for group, keep in plan:
+        if group.kind != "heads":
+            sizes[_owner(group)] = {"intermediate_size": len(keep), "ffn_size": len(keep)}
+        elif "q" in group.layout:
+            q_heads, kv_keep = _head_plan(group, keep)
+            sizes[_owner(group)] = {"num_attention_heads": len(q_heads), "num_key_value_heads": len(kv_keep)}
+    return sizes
+
+
+def shrink_transformer(
+    model: nn.Module,
+    pruned: Mapping[str, Sequence[int]],
+    layouts: Sequence[Mapping[str, Any]] = (),
+    *,
+    uniform_per_layer: bool = False,
+) -> nn.Module:
+    """Remove, in place, the pruned heads and FFN neurons named in ``pruned`` (``{group root: [indices]}``, as
+    :meth:`~pat_callbacks.structured.StructuredPruner.pruned_channels` returns); return the model. Roots that are
+    not heads or FFN neurons of ``model`` are left for the caller (see :func:`~pat_callbacks.structured.shrink`).
+
+    All or nothing: every cut is planned and checked before the first weight changes, so a refused shrink (a group
+    left empty, query heads uneven over key/value groups, two groups of one module, and with ``uniform_per_layer``
+    Hugging Face layers whose sizes one config cannot hold, see
+    :func:`~pat_callbacks.structured.hf.update_config`) leaves ``model`` as it was.
+
+    Example:
+        >>> mlp = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2),
+        ...                      "ffn": nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))})
+        >>> shrink_transformer(mlp, {"ffn.0.weight": [0, 1, 2]}).ffn[0].out_features
+        29
+        >>> shrink_transformer(mlp, {"ffn.0.weight": [0], "attn.in_proj_weight": [0, 1]})
+        Traceback (most recent call last):
+        ...
+        ValueError: shrink would remove every channel of 'attn.in_proj_weight'; keep at least one
+        >>> mlp.ffn[0].out_features  # refused: nothing was cut
+        29
+    """
+    plan = _plan(model, pruned, layouts)
+    if uniform_per_layer:
+        from pat_callbacks.structured.hf import check_uniform
+
+        check_uniform(model, _planned_sizes(plan))
+    for group, keep in plan:
         if group.kind == "heads":
             _shrink_heads(model, group, keep)
         else:

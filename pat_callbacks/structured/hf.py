@@ -38,7 +38,7 @@ from torch import nn
 from pat_callbacks.structured.cutting import _shrink_ffn, shrink_transformer
 from pat_callbacks.structured.roles import _ffn_roles, _gqa_shape, ffn_groups
 
-__all__ = ["LAYER_SIZES_KEY", "from_pretrained_shrunk", "layer_sizes", "update_config"]
+__all__ = ["LAYER_SIZES_KEY", "check_uniform", "from_pretrained_shrunk", "layer_sizes", "update_config"]
 
 LAYER_SIZES_KEY = "pat_layer_sizes"
 _HEAD_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim")
@@ -79,6 +79,59 @@ def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
     return sizes
 
 
+def _config_values(sizes: Mapping[str, Mapping[str, int]]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """(every size per config key, the keys whose layers differ: one config cannot hold them) of ``sizes``."""
+    keys = [k for k in (*_HEAD_KEYS, "intermediate_size") if any(k in s for s in sizes.values())]
+    values = {k: sorted({s[k] for s in sizes.values() if k in s}) for k in keys}
+    uneven = {k: v for k, v in values.items() if len(v) > 1}
+    if any(_OTHER_FFN in s for s in sizes.values()):
+        uneven[_OTHER_FFN] = sorted({s[_OTHER_FFN] for s in sizes.values() if _OTHER_FFN in s})
+    return values, uneven
+
+
+def _not_uniform(prefix: str, hf_model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> str | None:
+    """Why ``uniform_per_layer=True`` refuses these sizes of ``hf_model``, or None when one config holds them."""
+    _, uneven = _config_values(sizes)
+    if not uneven:
+        return None
+    where = "; ".join(f"{k}: " + ", ".join(f"{n}={s[k]}" for n, s in sizes.items() if k in s) for k in uneven)
+    other = " (ffn_size: MLPs the config does not size by intermediate_size, such as shared experts)"
+    return (
+        f"uniform_per_layer=True, but the layers of {prefix or type(hf_model).__name__!r} differ ({where})"
+        f"{other if _OTHER_FFN in uneven else ''}; prune every layer alike (no layer in `exclude`) or shrink with "
+        "uniform_per_layer=False and reload with pat_callbacks.structured.from_pretrained_shrunk"
+    )
+
+
+def check_uniform(model: nn.Module, planned: Mapping[str, Mapping[str, int]] | None = None) -> None:
+    """Refuse (``ValueError`` naming the layers and sizes) Hugging Face models in ``model`` whose layers will not
+    all have the sizes one config holds, once the modules in ``planned`` (``{module name in model: {size key:
+    value}}``, keys as :func:`layer_sizes`) have the sizes given there. Changes nothing: the check
+    :func:`~pat_callbacks.structured.cutting.shrink_transformer` makes before its first cut.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2)
+        >>> model = LlamaForCausalLM(config)
+        >>> check_uniform(model, {f"model.layers.{i}.mlp": {"intermediate_size": 32} for i in range(2)})
+        >>> check_uniform(model, {"model.layers.0.mlp": {"intermediate_size": 32}})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: uniform_per_layer=True, but the layers of 'LlamaForCausalLM' differ (intermediate_size: \
+model.layers.0.mlp=32, model.layers.1.mlp=64); ...
+    """
+    for prefix, hf_model in _pretrained_models(model):
+        p = f"{prefix}." if prefix else ""
+        sizes = layer_sizes(hf_model)
+        for name, new in (planned or {}).items():
+            sized = sizes.get(name[len(p) :]) if name.startswith(p) else None
+            if sized is not None:
+                sized.update({key: int(value) for key, value in new.items() if key in sized})
+        if (reason := _not_uniform(prefix, hf_model, sizes)) is not None:
+            raise ValueError(reason)
+
+
 def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str]:
     """Write the sizes of the (shrunk) weights into every Hugging Face config in ``model``; return a note per model
     whose layers differ (then reload it with :func:`from_pretrained_shrunk`).
@@ -86,30 +139,21 @@ def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str
     Args:
         model: a module holding Hugging Face models (or one).
         uniform_per_layer: require the same sizes in every layer (reloadable by ``from_pretrained``); layers that
-            differ are then an error naming them.
+            differ are then an error naming them, raised before any config changes.
 
     Example:
         >>> update_config(nn.Linear(2, 2))
         []
     """
+    if uniform_per_layer:
+        check_uniform(model)
     notes = []
     for prefix, hf_model in _pretrained_models(model):
         config = hf_model.config
         sizes = layer_sizes(hf_model)
         if not sizes:
             continue
-        keys = [k for k in (*_HEAD_KEYS, "intermediate_size") if any(k in s for s in sizes.values())]
-        values = {k: sorted({s[k] for s in sizes.values() if k in s}) for k in keys}
-        uneven = {k: v for k, v in values.items() if len(v) > 1}
-        if any(_OTHER_FFN in s for s in sizes.values()):
-            uneven[_OTHER_FFN] = sorted({s[_OTHER_FFN] for s in sizes.values() if _OTHER_FFN in s})
-        if uneven and uniform_per_layer:
-            where = "; ".join(f"{k}: " + ", ".join(f"{n}={s[k]}" for n, s in sizes.items() if k in s) for k in uneven)
-            raise ValueError(
-                f"uniform_per_layer=True, but the layers of {prefix or type(hf_model).__name__!r} differ ({where}); "
-                "prune every layer alike (no layer in `exclude`) or shrink with uniform_per_layer=False and reload "
-                "with pat_callbacks.structured.from_pretrained_shrunk"
-            )
+        values, uneven = _config_values(sizes)
         for key, options in values.items():
             setattr(config, key, max(options))
         if uneven:

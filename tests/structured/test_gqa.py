@@ -1,10 +1,12 @@
 """Grouped-query attention, gated MLPs and the traced path's edges: hand layouts checked in setup, query heads
 pruned evenly per key/value group, ``round_to``, per-layer sizes and their loader, modules without ``forward``,
-bounded tracing, and a GPT whose output head is tied to its token embedding."""
+bounded tracing, a GPT whose output head is tied to its token embedding, and which query heads share a key/value
+head (seen in the outputs)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
 import time
 
@@ -17,7 +19,7 @@ from transformers import LlamaForCausalLM
 
 from pat_callbacks import StructuredPruning
 from pat_callbacks.app.models import MLP, LanguageModel
-from pat_callbacks.structured import StructuredPruner, channel_groups, shrink
+from pat_callbacks.structured import StructuredPruner, channel_groups, head_groups, shrink
 from pat_callbacks.structured.hf import LAYER_SIZES_KEY, from_pretrained_shrunk
 from tests.conftest import make_trainer
 from tests.zoo.models import CONTEXT, DECODERS, VOCAB_SIZE, text_data
@@ -273,3 +275,85 @@ def test_a_head_tied_to_the_embedding_is_named_once_and_masked_with_it(tmp_path)
     (stream,) = [g for g in pruning.groups if "net.wte.weight" in g.params()]  # the residual stream: 16 of 32 go
     gone = pruning.pruned_channels()[stream.root]
     assert len(gone) == 16 and (net.wte.weight[:, gone] == 0).all() and (net.wte.weight != 0).any(0).sum() == 16
+
+
+def _tiny_llama(heads: int = 4, kv_heads: int = 2) -> LlamaForCausalLM:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=16,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _heads_of(group_slices, name: str, dim: int, head_dim: int = 16) -> set[int]:
+    (index,) = [index for param, d, index in group_slices if param == name and d == dim]
+    return set((index // head_dim).tolist())
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (8, 2)])
+def test_a_key_value_group_holds_the_query_heads_that_read_its_key_value_head(heads, kv_heads):
+    """Hugging Face shares key/value head g with query heads g * per ... (g + 1) * per - 1 (contiguous): zeroing
+    value head g zeroes exactly those heads' attention outputs, and the group of g names exactly them (q rows, o
+    columns). A grouping interleaved (g, g + kv_heads, ...) passed every other structured and zoo test."""
+    model = _tiny_llama(heads, kv_heads)
+    attention = model.model.layers[0].self_attn
+    seen = []
+    attention.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    tokens = _tokens()
+    with torch.no_grad():
+        model(tokens)
+    dense = seen.pop().reshape(*tokens.shape, heads, 16)
+    (group,) = [g for g in head_groups(model, "kv_groups") if g.root == "model.layers.0.self_attn.k_proj.weight"]
+    assert group.n_channels == kv_heads
+    for kv in range(kv_heads):
+        original = attention.v_proj.weight.detach().clone()
+        with torch.no_grad():
+            attention.v_proj.weight[kv * 16 : (kv + 1) * 16] = 0.0
+            model(tokens)
+            attention.v_proj.weight.copy_(original)
+        out = seen.pop().reshape(*tokens.shape, heads, 16)
+        silenced = {h for h in range(heads) if not out[..., h, :].any()}
+        assert silenced == set(range(kv * heads // kv_heads, (kv + 1) * heads // kv_heads))
+        assert all(torch.equal(out[..., h, :], dense[..., h, :]) for h in set(range(heads)) - silenced)
+        assert _heads_of(group.slices[kv], "model.layers.0.self_attn.q_proj.weight", 0) == silenced
+        assert _heads_of(group.slices[kv], "model.layers.0.self_attn.o_proj.weight", 1) == silenced
+
+
+def test_a_key_value_group_masked_computes_what_cutting_it_from_the_dense_model_does():
+    """Masking a key/value group's slices and cutting the group out of the dense model remove the same query heads
+    (cut from the dense model: cut from the masked one, zeroed weights of a wrong head would ride along unseen)."""
+    model = _tiny_llama()
+    dense = copy.deepcopy(model)
+    groups = head_groups(model, "kv_groups")
+    with torch.no_grad():
+        for group in groups:
+            for name, dim, index in group.slices[1]:
+                model.get_parameter(name).index_fill_(dim, index, 0.0)
+        expected = model(_tokens()).logits
+    shrink(dense, None, {group.root: [1] for group in groups})
+    assert dense.model.layers[0].self_attn.q_proj.out_features == 32 and dense.config.num_key_value_heads == 1
+    with torch.no_grad():
+        assert torch.allclose(dense(_tokens()).logits, expected, atol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs structured/pruner.py StructuredPruner.__init__ to refuse a round_to that no MLP / channel group "
+    "exceeds (every such group keeps all its channels), naming round_to and the group sizes",
+)
+def test_round_to_that_keeps_every_neuron_is_refused_at_setup_with_the_numbers():
+    """``round_to=64`` on 32-neuron MLPs keeps every neuron: only heads go (0.333 of these weights for 0.5)."""
+    with pytest.raises(
+        ValueError, match=r"`round_to`=64 keeps every channel of .*'model.layers.0.mlp.up_proj.weight', 32"
+    ):
+        StructuredPruner(_tiny_llama(), None, round_to=64)
+    with pytest.raises(ValueError, match=r"`round_to`=64 keeps every channel of .*'layers.0.weight', 32"):
+        StructuredPruner(MLP(64, (32, 32), 10), torch.zeros(2, 64), round_to=64)
