@@ -17,6 +17,7 @@ from pat_callbacks.core.targets import DEFAULT_MODULE_TYPES
 from pat_callbacks.structured.attention import HEAD_UNITS, HeadUnit, moe_blocks, transformer_groups
 from pat_callbacks.structured.channels import ChannelGroup
 from pat_callbacks.structured.groups import TRACE_SECONDS, _canonical_names, channel_groups
+from pat_callbacks.structured.hf import check_uniform
 from pat_callbacks.structured.importance import STRUCTURED_IMPORTANCES, StructuredImportance, get_structured_importance
 from pat_callbacks.structured.recurrent import rnn_groups
 
@@ -174,8 +175,11 @@ class StructuredPruner(MaskStore):
             raise ValueError(
                 f"No prunable channel group in {type(model).__name__} (ignored: {list(self.ignore)}){hint}"
             )
+        if self.round_to:
+            _check_round_to(self.groups, self.round_to)
         if uniform_per_layer:
             _check_uniform(groups, self.groups)
+            check_uniform(model)  # a config that cannot size every layer alike (a Qwen2-MoE shared expert)
         named = dict(model.named_parameters())
         _canonicalize(self.groups, model)
         super().__init__({name: named[name] for name in sorted({n for g in self.groups for n in g.params()})})
@@ -337,6 +341,19 @@ def _canonicalize(groups: Sequence[ChannelGroup], model: nn.Module) -> None:
         group.gate_slices = [[(canonical[n], d, i) for n, d, i in channel] for channel in group.gate_slices]
         group.root = canonical[group.root]
         group._flat.clear()
+
+
+def _check_round_to(groups: Sequence[ChannelGroup], round_to: int) -> None:
+    """Refuse a ``round_to`` that keeps every channel of every MLP / channel group (rounding up to a multiple of
+    ``round_to`` keeps all of a group of at most ``round_to`` channels): nothing but heads could ever be pruned."""
+    rounded = {g.root: g.n_channels // g.blocks for g in groups if g.kind != "heads"}
+    stuck = {root: size for root, size in rounded.items() if size <= round_to}
+    if rounded and len(stuck) == len(rounded):
+        raise ValueError(
+            f"`round_to`={round_to} keeps every channel of {sorted(stuck.items())}: a group of at most {round_to} "
+            f"channels keeps a multiple of {round_to}, all of them, so no neuron or channel would ever be pruned; "
+            f"use a round_to below {min(stuck.values())} (e.g. 8 or 16) or None"
+        )
 
 
 def _check_uniform(found: Sequence[ChannelGroup], kept: Sequence[ChannelGroup]) -> None:

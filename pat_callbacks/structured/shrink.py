@@ -55,7 +55,12 @@ def shrink(
     query_heads, _ = transformer_groups(model, attention, heads="query_heads")
     transformer_roots = {group.root for group in heads + query_heads + ffn}
     recurrent_roots = {group.root for group in rnn_groups(model)}
-    shrink_transformer(model, {root: c for root, c in pruned.items() if root in transformer_roots}, attention)
+    shrink_transformer(
+        model,
+        {root: c for root, c in pruned.items() if root in transformer_roots},
+        attention,
+        uniform_per_layer=uniform_per_layer,
+    )
     shrink_recurrent(model, {root: c for root, c in pruned.items() if root in recurrent_roots})
     done = transformer_roots | recurrent_roots
     rest = {root: channels for root, channels in pruned.items() if root not in done and channels}

@@ -90,11 +90,6 @@ def test_a_qwen2_moe_refused_as_not_uniform_is_left_exactly_as_it_was():
     assert model.model.layers[0].self_attn.k_proj.out_features == 16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs structured/shrink.py shrink() to pass uniform_per_layer=uniform_per_layer to shrink_transformer "
-    "(which then checks the sizes before its first cut)",
-)
 def test_shrink_of_a_qwen2_moe_refused_as_not_uniform_cuts_nothing():
     model, pruned = _qwen2_moe_pruned()
     before = _snapshot(model)
@@ -103,11 +98,6 @@ def test_shrink_of_a_qwen2_moe_refused_as_not_uniform_cuts_nothing():
     _assert_unchanged(model, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs structured/pruner.py _check_uniform to refuse, at setup, FFN groups a Hugging Face config does "
-    "not size by intermediate_size (a Qwen2-MoE shared expert), as update_config(uniform_per_layer=True) does",
-)
 def test_a_qwen2_moe_with_uniform_per_layer_is_refused_at_setup():
     with pytest.raises(ValueError, match="uniform_per_layer=True"):
         StructuredPruner(_qwen2_moe(), None, uniform_per_layer=True)
