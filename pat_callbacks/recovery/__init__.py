@@ -4,8 +4,9 @@ these pieces to Lightning's hooks.
 
 - :mod:`~pat_callbacks.recovery.distillation`: :func:`kd_loss` (``alpha·T²·KL(teacher ‖ student)``), hidden-state
   matching, :class:`Distiller` (a frozen teacher and the loss of one student forward).
-- :mod:`~pat_callbacks.recovery.lora`: PEFT LoRA adapters on a pruned, frozen base and :func:`merge_lora`, whose
-  merged delta is masked so every pruned weight stays exactly zero (N:M stays N:M).
+- :mod:`~pat_callbacks.recovery.lora`: PEFT LoRA adapters on a pruned, frozen base, trained under the mask
+  (``W + mask ⊙ B·A``) by default, and :func:`merge_lora`, which merges them into exactly the trained model with
+  every pruned weight exactly zero (N:M stays N:M).
 - :mod:`~pat_callbacks.recovery.quantization`: symmetric int8 / int4 fake quantization that maps zero to zero,
   and :class:`FakeQuantizer`, which swaps fake-quantized values into the weights for a forward/backward and the
   full-precision ones back before the optimizer step (straight-through estimator, no hooks, same state_dict keys).
