@@ -319,18 +319,24 @@ would freeze them. Give a separate teacher (a copy: make_teacher(model), or teac
             "Give a separate teacher (a copy: make_teacher(model), or teacher=None to copy the student)"
         )
     teacher_ids = {id(p) for p in teacher.parameters()}
-    teacher_storages = {p.untyped_storage().data_ptr() for p in teacher.parameters() if p.numel() and not p.is_meta}
-    shared = [
-        name
-        for name, p in student.named_parameters()
-        if id(p) in teacher_ids or (p.numel() and not p.is_meta and p.untyped_storage().data_ptr() in teacher_storages)
-    ]
+    teacher_storages = {_storage(p) for p in teacher.parameters()} - {None}
+    shared = [name for name, p in student.named_parameters() if id(p) in teacher_ids or _storage(p) in teacher_storages]
     if shared:
         names = ", ".join(repr(n) for n in shared[:6]) + (f", ... ({len(shared)} in all)" if len(shared) > 6 else "")
         raise ValueError(
             f"The teacher shares parameters with the student (student's {names}): freezing it would freeze them. "
             "Give a separate teacher (a copy: make_teacher(model), or teacher=None to copy the student)"
         )
+
+
+def _storage(param: Tensor) -> int | None:
+    """The address of ``param``'s storage (``None``: empty, on the meta device, or a tensor subclass without one)."""
+    if not param.numel() or param.is_meta:
+        return None
+    try:
+        return param.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # DTensor and other wrappers
+        return None
 
 
 def check_hidden_layers(
@@ -477,6 +483,8 @@ class Distiller:
         output: what of the output it compares (see :func:`output_of`): ``"logits"`` (default), a field name
             (``"last_hidden_state"``), an index, or a function such as :func:`mean_pooled`.
         hidden_loss: the hidden states' loss, ``"mse"`` (default) or ``"cosine"`` / ``"kl"``.
+        student: the module that will be watched, if known: checked *before* the teacher is frozen (see
+            :meth:`check`), so a teacher that is the student is refused before it freezes the student.
 
     Example:
         >>> distiller = Distiller(nn.Linear(3, 2), temperature=0.0)
@@ -514,6 +522,7 @@ class Distiller:
         loss: str = "kl",
         output: OutputSpec = "logits",
         hidden_loss: str = "mse",
+        student: nn.Module | None = None,
     ) -> None:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"Expected `teacher` to be an nn.Module, but got {type(teacher).__name__}")
@@ -532,6 +541,9 @@ class Distiller:
         pairs = dict(hidden_layers) if isinstance(hidden_layers, Mapping) else {name: name for name in hidden_layers}
         self.hidden_layers: dict[str, str] = pairs
         _check_names("teacher", teacher, list(pairs.values()))
+        if student is not None:
+            check_teacher(teacher, student)
+            check_hidden_layers(student, teacher, pairs)
         self.teacher = freeze(teacher)
         first = next(iter(teacher.parameters()), None)
         self.device = first.device if first is not None else None

@@ -282,7 +282,10 @@ def test_a_teacher_that_is_or_shares_the_student_is_refused() -> None:
         check_teacher(view, model)
     check_teacher(make_teacher(model), wrapper)  # a copy is fine
     with pytest.raises(ValueError, match="teacher is the student"):
-        Distiller(model).check(model)
+        Distiller(model, student=model)  # refused before the teacher is frozen ...
+    assert all(p.requires_grad for p in model.parameters())  # ... so the student still trains
+    with pytest.raises(ValueError, match="shares parameters"):
+        Distiller(model, student=wrapper)
 
 
 def test_hidden_layer_typos_are_found_up_front_with_the_valid_names() -> None:
@@ -299,3 +302,5 @@ def test_hidden_layer_typos_are_found_up_front_with_the_valid_names() -> None:
     distiller = Distiller(teacher, hidden_layers=["encoder.layer.0"])
     with pytest.raises(ValueError, match="not submodules of the student"):
         distiller.check(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="not submodules of the student"):
+        Distiller(make_teacher(teacher), hidden_layers=["encoder.layer.0"], student=nn.Linear(2, 2))
