@@ -98,7 +98,9 @@ def logits_of(output: Any) -> Tensor:
         return output[0]
     raise TypeError(
         f"Cannot find logits in a model output of type {type(output).__name__}: expected a tensor, an object with "
-        "`.logits`, a mapping with 'logits' or a tuple starting with the logits"
+        "`.logits`, a mapping with 'logits' or a tuple starting with the logits. To distil another output, choose "
+        "it: output='last_hidden_state' (a field name), an index, or a function such as mean_pooled; alpha=0 "
+        "matches hidden layers only"
     )
 
 
