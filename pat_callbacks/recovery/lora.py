@@ -254,7 +254,8 @@ def merge_lora(
     Args:
         model: a ``peft.PeftModel`` (from :func:`add_lora` or PEFT directly).
         masks: the pruning masks (``True`` = kept), by the unwrapped model's parameter names; default: the
-            base weights' non-zeros (masked adapters: the mask they were trained under; a different one is refused).
+            base weights' non-zeros. Masked adapters merge under the mask they were trained under; a given mask
+            that prunes an entry it keeps is refused.
         evaluate: ``model -> loss`` (e.g. on a held-out batch), run before and after merging dense adapters to
             report what the masked merge lost.
 
@@ -286,11 +287,14 @@ def merge_lora(
         weight = layer.get_base_layer().weight
         mask = _mask_for(name, weight, masks)
         trained = getattr(layer, _MASK, None)
-        if trained is not None and not torch.equal(mask, trained):
-            raise ValueError(
-                f"The mask given for {name!r} differs from the one its adapter was trained under "
-                f"({int(mask.sum())} vs {int(trained.sum())} kept): the merge would not be the trained model"
-            )
+        if trained is not None:
+            if bool((trained & ~mask).any()):
+                raise ValueError(
+                    f"The mask given for {name!r} prunes {int((trained & ~mask).sum())} entries that its adapter "
+                    "was trained to update (it was trained under another mask): the merge would not be the trained "
+                    "model"
+                )
+            mask = trained  # the given mask keeps at least those (e.g. a kept weight that is exactly 0)
         lost = total = 0.0
         for adapter in layer.active_adapters:
             if adapter not in layer.lora_A:

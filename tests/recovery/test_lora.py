@@ -160,11 +160,29 @@ def test_merging_dense_adapters_warns_with_the_measured_loss_difference() -> Non
     assert f"({after - trained:+.6g})" in str(w[0].message)
 
 
-def test_a_mask_other_than_the_trained_one_is_refused_at_merge() -> None:
+def test_a_mask_pruning_what_the_adapter_trained_is_refused_at_merge() -> None:
+    torch.manual_seed(0)
+    trained = torch.rand(4, 4) > 0.5
+    model = add_lora(nn.Sequential(nn.Linear(4, 4)), target_modules=["0"], r=2, masks={"0.weight": trained})
+    with pytest.raises(ValueError, match=r"prunes .* entries that its adapter was trained to update"):
+        merge_lora(model, masks={"0.weight": torch.zeros(4, 4, dtype=torch.bool)})
+
+
+def test_a_mask_that_keeps_more_merges_under_the_trained_mask() -> None:
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4))
-    model = add_lora(net, target_modules=["0"], r=2, masks={"0.weight": torch.rand(4, 4) > 0.5})
-    with pytest.raises(ValueError, match="differs from the one its adapter was trained under"):
-        merge_lora(model, masks={"0.weight": torch.ones(4, 4, dtype=torch.bool)})
+    with torch.no_grad():
+        net[0].weight[0, 0] = 0.0  # a kept weight that happens to be exactly zero: not in the weights' mask
+    store_mask = torch.ones(4, 4, dtype=torch.bool)
+    model = add_lora(net, target_modules=["0"], r=2)  # trained under w != 0
+    with torch.no_grad():
+        model.base_model.model[0].lora_B["default"].weight.normal_()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        trained = model(x)
+        merged = merge_lora(model, masks={"0.weight": store_mask})
+        assert _relative_error(merged(x), trained) < 1e-6
+    assert float(merged[0].weight[0, 0]) == 0.0
 
 
 def test_masked_lora_refuses_a_convolution_and_names_it() -> None:
