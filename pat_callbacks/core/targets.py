@@ -12,8 +12,20 @@ Embeddings, norms, biases and frozen parameters (``requires_grad=False``) stay d
 An output head whose weight *is* an input embedding (weight tying, as in GPT-2 and BERT) counts as the embedding.
 A tied parameter is one parameter, known by its canonical name (the first in ``named_parameters()``); patterns
 match any of its names. ``include`` / ``exclude`` take glob patterns; a pattern that matches nothing is an error
-(almost always a typo), and so is an ``include`` that would prune vectors (norm gains, biases) without
-``allow_vectors=True``.
+(almost always a typo).
+
+An ``include`` pattern selects by role too: a pattern that covers default targets selects *those* (the weight
+matrices by role under it), so ``include="encoder.*"`` on a Hugging Face ``BertModel`` prunes the encoder's
+Linear weights and leaves its LayerNorms and biases dense. A pattern that covers no default target selects what it
+names (an embedding, a tied head by either name, a custom matrix); one that would then select vectors (norm gains,
+biases) is refused without ``allow_vectors=True``, with which every pattern selects every parameter it matches.
+
+A Hugging Face ``pooler`` (BERT's ``pooler.dense``) is an ``nn.Linear`` and stays a default target: whether it is
+used depends on the head, not on the module (``BertForSequenceClassification`` classifies from the pooled output,
+so leaving it dense there would silently leave a layer on the logits' path unpruned), and a pruner cannot see
+which outputs the training loss reads. Where it is unused (sentence embeddings mean-pooled from
+``last_hidden_state``, as in sentence-transformers), prune only the encoder with ``include="encoder.*"`` or drop it
+with ``exclude="pooler.*"``: its weights would otherwise count towards the sparsity without changing any output.
 
 Example:
     >>> from torch import nn
@@ -29,7 +41,7 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -202,10 +214,13 @@ def select_parameters(
 
     Args:
         model: the module whose parameters are searched.
-        include: glob patterns; when given, every parameter one of whose names matches is a target, whatever
-            its role. When ``None``, the default targets by role (see the module docstring).
+        include: glob patterns; a pattern that covers default targets selects those it covers (by role: the
+            weight matrices under it, not its norms or biases); a pattern that covers none selects every parameter
+            it matches (an embedding, a custom matrix). When ``None``, the default targets by role (see the
+            module docstring).
         exclude: glob patterns removed from the targets (matched against every name of a tied parameter).
-        allow_vectors: let ``include`` select parameters with fewer than 2 dimensions (norm gains, biases).
+        allow_vectors: let ``include`` select parameters with fewer than 2 dimensions (norm gains, biases); every
+            pattern then selects every parameter it matches, whatever its role.
         include_frozen: keep parameters with ``requires_grad=False``; default: only those ``include`` names (by
             role they are left dense: nothing trains them).
 
@@ -215,11 +230,17 @@ def select_parameters(
 
     Example:
         >>> from torch import nn
-        >>> list(select_parameters(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), include=["1.*"]))
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.Linear(2, 2))
+        >>> list(select_parameters(model, include=["2.*"]))                    # by role: the weight, not the bias
+        ['2.weight']
+        >>> list(select_parameters(model, include=["*"], allow_vectors=True))  # everything the pattern names
+        ['0.weight', '0.bias', '1.weight', '1.bias', '2.weight', '2.bias']
+        >>> list(select_parameters(model, include=["1.*"]))
         Traceback (most recent call last):
         ...
-        ValueError: `include` selects parameters with fewer than 2 dimensions (norm gains, biases): ['1.bias']; \
-pruning them is rarely intended: narrow the pattern (e.g. '*.weight') or pass allow_vectors=True
+        ValueError: `include` selects parameters with fewer than 2 dimensions (norm gains, biases): ['1.weight', \
+'1.bias'], under patterns that cover no weight matrix to prune by role; pruning them is rarely intended: name the \
+weight matrices to prune or pass allow_vectors=True
     """
     include = normalize_patterns("include", include)
     exclude = normalize_patterns("exclude", exclude)
@@ -236,14 +257,10 @@ pruning them is rarely intended: narrow the pattern (e.g. '*.weight') or pass al
         for pattern in patterns:
             if not any(fnmatchcase(alias, pattern) for alias in aliases):
                 raise ValueError(_no_match(argument, pattern, named))
-    if include:
+    if include and allow_vectors:
         candidates = [name for name in named if matches(name, include)]
-        vectors = [name for name in candidates if named[name].dim() < 2]
-        if vectors and not allow_vectors:
-            raise ValueError(
-                f"`include` selects parameters with fewer than 2 dimensions (norm gains, biases): {vectors}; "
-                "pruning them is rarely intended: narrow the pattern (e.g. '*.weight') or pass allow_vectors=True"
-            )
+    elif include:
+        candidates = _included_by_role(model, named, include, matches)
     else:
         candidates = list(target_roles(model))
     keep_frozen = bool(include) if include_frozen is None else include_frozen
@@ -259,6 +276,27 @@ pruning them is rarely intended: narrow the pattern (e.g. '*.weight') or pass al
             "layer multiplies are pruned (embeddings, norms, biases and frozen parameters stay dense)"
         )
     return selected
+
+
+def _included_by_role(
+    model: nn.Module, named: Mapping[str, nn.Parameter], include: Sequence[str], matches: Callable[..., bool]
+) -> list[str]:
+    """The parameters ``include`` selects without ``allow_vectors``: per pattern, the default targets it covers,
+    or every parameter it matches when it covers none (refusing vectors there), in model order."""
+    roles = target_roles(model)
+    chosen: set[str] = set()
+    for pattern in include:
+        by_role = [name for name in roles if matches(name, (pattern,))]
+        chosen.update(by_role or (name for name in named if matches(name, (pattern,))))
+    candidates = [name for name in named if name in chosen]
+    vectors = [name for name in candidates if named[name].dim() < 2]
+    if vectors:
+        raise ValueError(
+            f"`include` selects parameters with fewer than 2 dimensions (norm gains, biases): {vectors}, under "
+            "patterns that cover no weight matrix to prune by role; pruning them is rarely intended: name the weight "
+            "matrices to prune or pass allow_vectors=True"
+        )
+    return candidates
 
 
 def weight_matrices(model: nn.Module, *, embeddings: bool = True) -> dict[str, nn.Parameter]:

@@ -5,6 +5,15 @@ over every prediction (the rows of classifier logits ``(B, C)``, every position 
 ``(B, T, V)``): the forward KL of Hinton et al., whose ``T²`` keeps the gradient's size independent of ``T``.
 Optionally ``β·MSE`` between the outputs of named layers (hidden-state matching, as in DistilBERT / TinyBERT).
 
+What is matched and how are choices, by name: ``loss`` is ``"kl"`` (the above), ``"mse"`` or ``"cosine"``
+(``1 - cos`` along the last dimension, averaged) and ``output`` picks the tensor from the model's output:
+``"logits"`` (default), any named field of a ``ModelOutput`` / dict (``"last_hidden_state"``,
+``"pooler_output"``), a tuple index, or a function ``output, *inputs -> tensor`` (:func:`mean_pooled`: the
+attention-masked mean of ``last_hidden_state``, a sentence-transformers embedding). ``alpha=0`` keeps only the
+hidden-state terms and never reads the output. :func:`distillation_loss` is the whole loss as one pure function
+of the two outputs, with no task loss at all: distilling an encoder's embeddings needs no labels, e.g.
+``distillation_loss(student(**batch), teacher(**batch), loss="cosine", output=mean_pooled, inputs=batch)``.
+
 The teacher is a frozen deep copy of the model (:func:`make_teacher`, optionally in bf16 or on another device)
 or any module given. :class:`Distiller` watches one forward of the student, reads what it was called with and
 what it returned, runs the teacher on the same inputs under ``torch.no_grad()`` and returns the loss: the
@@ -37,7 +46,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,10 +55,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pat_callbacks.core._validation import check_number, check_positive
+from pat_callbacks.core._validation import check_choice, check_number, check_positive
 from pat_callbacks.core.sharding import is_sharded
 
-__all__ = ["Distiller", "StudentCall", "check_copyable", "hidden_mse", "kd_loss", "logits_of", "make_teacher"]
+__all__ = [
+    "LOSSES",
+    "Distiller",
+    "StudentCall",
+    "check_copyable",
+    "check_hidden_layers",
+    "check_teacher",
+    "cosine_loss",
+    "distillation_loss",
+    "hidden_mse",
+    "kd_loss",
+    "logits_of",
+    "make_teacher",
+    "mean_pooled",
+    "output_of",
+]
 
 # Attributes of a module that tie it to a training loop (Lightning's trainer, Fabric): never copied into a teacher.
 _LOOP_ATTRIBUTES = ("_trainer", "_fabric", "_device_mesh")
@@ -74,7 +98,9 @@ def logits_of(output: Any) -> Tensor:
         return output[0]
     raise TypeError(
         f"Cannot find logits in a model output of type {type(output).__name__}: expected a tensor, an object with "
-        "`.logits`, a mapping with 'logits' or a tuple starting with the logits"
+        "`.logits`, a mapping with 'logits' or a tuple starting with the logits. To distil another output, choose "
+        "it: output='last_hidden_state' (a field name), an index, or a function such as mean_pooled; alpha=0 "
+        "matches hidden layers only"
     )
 
 
@@ -116,6 +142,238 @@ def hidden_mse(student: Tensor, teacher: Tensor) -> Tensor:
             f"Expected hidden states of the same shape, but got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     return F.mse_loss(student.float(), teacher.float().to(student.device))
+
+
+def cosine_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """``1 - cos(student, teacher)`` along the last dimension, averaged over every other position, in float32:
+    0 for the same directions whatever the scale (embeddings compared as a retrieval index compares them).
+
+    Example:
+        >>> float(cosine_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, 0.0]])))
+        0.0
+        >>> float(cosine_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])))
+        1.0
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"Expected outputs of the same shape, but got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    cos = F.cosine_similarity(student.float(), teacher.float().to(student.device), dim=-1)
+    return (1 - cos).mean()
+
+
+LOSSES: dict[str, str] = {
+    "kl": "alpha·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) over the last dimension (logits)",
+    "mse": "mean squared error (hidden states, embeddings)",
+    "cosine": "1 - cosine similarity along the last dimension (embeddings)",
+}
+"""The distillation losses selectable by name, with what each computes."""
+
+OutputSpec = str | int | Callable[..., Tensor]
+"""What to match of a model's output: ``"logits"``, a field name, a tuple index or ``fn(output, *inputs)``."""
+
+
+def output_of(output: Any, spec: OutputSpec = "logits", *args: Any, **kwargs: Any) -> Tensor:
+    """The tensor ``spec`` picks from a model's ``output``: ``"logits"`` (see :func:`logits_of`), a named field
+    of a ``ModelOutput`` / dict / object, an index into a tuple, or ``spec(output, *args, **kwargs)`` for a
+    function (``args`` / ``kwargs``: the inputs the model was called with, e.g. for an attention mask).
+
+    Example:
+        >>> output_of({"last_hidden_state": torch.ones(1, 2, 3)}, "last_hidden_state").shape
+        torch.Size([1, 2, 3])
+        >>> output_of({"logits": torch.ones(1)}, "pooler_output")
+        Traceback (most recent call last):
+        ...
+        TypeError: Cannot find 'pooler_output' in a model output of type dict; its fields: ['logits']
+    """
+    if spec == "logits":
+        return logits_of(output)
+    if callable(spec):
+        value = spec(output, *args, **kwargs)
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        if not isinstance(output, (tuple, list)) and hasattr(output, "to_tuple"):
+            output = output.to_tuple()
+        value = output[spec] if isinstance(output, (tuple, list)) and -len(output) <= spec < len(output) else None
+    elif isinstance(spec, str):
+        value = output.get(spec) if isinstance(output, Mapping) else getattr(output, spec, None)
+    else:
+        raise ValueError(f"Expected `output` to be 'logits', a field name, an index or a function, but got {spec!r}")
+    if not isinstance(value, Tensor):
+        if isinstance(output, Mapping):
+            fields = list(output)
+        elif isinstance(output, (tuple, list)):
+            fields = f"{len(output)} items"
+        else:
+            fields = (
+                [k for k, v in vars(output).items() if isinstance(v, Tensor)] if hasattr(output, "__dict__") else []
+            )
+        raise TypeError(f"Cannot find {spec!r} in a model output of type {type(output).__name__}; its fields: {fields}")
+    return value
+
+
+def mean_pooled(output: Any, *args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    """The sentence embedding of an encoder's output: ``last_hidden_state`` (or the first tensor) averaged over
+    the tokens that ``attention_mask`` keeps (all of them without one), as sentence-transformers pools. A function
+    for ``output=`` of :func:`distillation_loss` / :class:`Distiller`.
+
+    Example:
+        >>> hidden = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [9.0, 9.0]]])
+        >>> mean_pooled({"last_hidden_state": hidden}, attention_mask=torch.tensor([[1, 1, 0]]))
+        tensor([[2., 2.]])
+    """
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, Mapping):
+        hidden = output.get("last_hidden_state")
+    if not isinstance(hidden, Tensor):
+        hidden = _first_tensor(output)
+    if attention_mask is None:
+        return hidden.mean(dim=-2)
+    weights = attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=-2) / weights.sum(dim=-2).clamp(min=1e-9)
+
+
+def _pair_loss(name: str, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    if name == "kl":
+        return kd_loss(student, teacher, temperature)
+    if name == "cosine":
+        return cosine_loss(student, teacher)
+    return hidden_mse(student, teacher)
+
+
+def distillation_loss(
+    student_output: Any,
+    teacher_output: Any,
+    *,
+    loss: str = "kl",
+    output: OutputSpec = "logits",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    student_hidden: Mapping[str, Tensor] | None = None,
+    teacher_hidden: Mapping[str, Tensor] | None = None,
+    hidden_loss: str = "mse",
+    hidden_weight: float = 1.0,
+    inputs: Mapping[str, Any] | Sequence[Any] | None = None,
+) -> Tensor:
+    """The whole distillation loss, no task loss: ``alpha · loss(output)`` plus ``hidden_weight · Σ hidden_loss``
+    over the hidden states present in both mappings (keyed alike).
+
+    Args:
+        student_output, teacher_output: the two models' outputs on the same inputs.
+        loss: ``"kl"`` (``T²·KL`` of the softened distributions), ``"mse"`` or ``"cosine"`` (see :data:`LOSSES`).
+        output: what to match of the outputs (see :func:`output_of`); with ``alpha=0`` it is never read.
+        temperature: ``T`` of ``"kl"``.
+        alpha: weight of the output term (>= 0).
+        student_hidden, teacher_hidden: ``{name: hidden state}`` to match with ``hidden_loss``.
+        hidden_loss, hidden_weight: the loss and weight ``β`` of each hidden state pair.
+        inputs: the inputs both models were called with (a mapping of keyword arguments, or a sequence of
+            positional ones), passed to an ``output`` function (e.g. the attention mask of :func:`mean_pooled`).
+
+    Example:
+        >>> student, teacher = {"last_hidden_state": torch.ones(2, 3, 4)}, {"last_hidden_state": torch.ones(2, 3, 4)}
+        >>> float(distillation_loss(student, teacher, loss="cosine", output=mean_pooled))
+        0.0
+        >>> distillation_loss(student, teacher, loss="l1")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown `loss` 'l1'; expected one of: 'cosine', 'kl', 'mse'
+    """
+    check_choice("loss", loss, LOSSES)
+    check_choice("hidden_loss", hidden_loss, LOSSES)
+    check_positive("temperature", temperature)
+    alpha = check_number("alpha", alpha)
+    hidden_weight = check_number("hidden_weight", hidden_weight)
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs or ()), {})
+    terms: list[Tensor] = []
+    if alpha > 0:
+        student_tensor = output_of(student_output, output, *args, **kwargs)
+        teacher_tensor = output_of(teacher_output, output, *args, **kwargs)
+        terms.append(alpha * _pair_loss(loss, student_tensor, teacher_tensor, temperature))
+    if hidden_weight > 0 and student_hidden:
+        teacher_hidden = teacher_hidden or {}
+        for name, hidden in student_hidden.items():
+            if name not in teacher_hidden:
+                raise ValueError(f"No teacher hidden state {name!r} to match; the teacher's: {list(teacher_hidden)}")
+            terms.append(hidden_weight * _pair_loss(hidden_loss, hidden, teacher_hidden[name], temperature))
+    if not terms:
+        raise ValueError(
+            "Nothing to distil: `alpha` is 0 and no hidden state is matched (give hidden layers or alpha > 0)"
+        )
+    return torch.stack([t.float().to(terms[0].device) for t in terms]).sum()
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module) -> None:
+    """Raise if ``teacher`` is ``student`` or shares a parameter (or its storage) with it: a teacher is frozen, so
+    a shared parameter would freeze the student, and its forward is run under ``no_grad`` (``teacher=model.net``
+    crashes in backward). Run at fit start.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> check_teacher(nn.Sequential(nn.Linear(2, 2)), net)   # another module: fine
+        >>> check_teacher(net[0], net)
+        Traceback (most recent call last):
+        ...
+        ValueError: The teacher shares parameters with the student (student's '0.weight', '0.bias'): freezing it \
+would freeze them. Give a separate teacher (a copy: make_teacher(model), or teacher=None to copy the student)
+    """
+    if teacher is student:
+        raise ValueError(
+            f"The teacher is the student itself ({type(student).__name__}): freezing it would freeze the student. "
+            "Give a separate teacher (a copy: make_teacher(model), or teacher=None to copy the student)"
+        )
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    teacher_storages = {_storage(p) for p in teacher.parameters()} - {None}
+    shared = [name for name, p in student.named_parameters() if id(p) in teacher_ids or _storage(p) in teacher_storages]
+    if shared:
+        names = ", ".join(repr(n) for n in shared[:6]) + (f", ... ({len(shared)} in all)" if len(shared) > 6 else "")
+        raise ValueError(
+            f"The teacher shares parameters with the student (student's {names}): freezing it would freeze them. "
+            "Give a separate teacher (a copy: make_teacher(model), or teacher=None to copy the student)"
+        )
+
+
+def _storage(param: Tensor) -> int | None:
+    """The address of ``param``'s storage (``None``: empty, on the meta device, or a tensor subclass without one)."""
+    if not param.numel() or param.is_meta:
+        return None
+    try:
+        return param.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # DTensor and other wrappers
+        return None
+
+
+def check_hidden_layers(
+    student: nn.Module, teacher: nn.Module, hidden_layers: Sequence[str] | Mapping[str, str] | str
+) -> dict[str, str]:
+    """``{student name: teacher name}`` of ``hidden_layers``, raising (with the valid names) if a name is not a
+    submodule of its model: a typo is found at fit start, not after N optimizer steps.
+
+    Example:
+        >>> student, teacher = nn.Sequential(nn.Linear(2, 2)), nn.Sequential(nn.Linear(2, 2))
+        >>> check_hidden_layers(student, teacher, ["0"])
+        {'0': '0'}
+        >>> check_hidden_layers(student, teacher, ["blocks.0"])
+        Traceback (most recent call last):
+        ...
+        ValueError: `hidden_layers` names ['blocks.0'], which are not submodules of the student (Sequential); \
+valid names: ['0']
+    """
+    if isinstance(hidden_layers, str):
+        hidden_layers = [hidden_layers]
+    pairs = dict(hidden_layers) if isinstance(hidden_layers, Mapping) else {name: name for name in hidden_layers}
+    _check_names("student", student, list(pairs))
+    _check_names("teacher", teacher, list(pairs.values()))
+    return pairs
+
+
+def _check_names(role: str, model: nn.Module, names: Sequence[str]) -> None:
+    modules = [name for name, _ in model.named_modules() if name]
+    missing = [name for name in names if name not in set(modules)]
+    if missing:
+        shown = modules if len(modules) <= 60 else [*modules[:60], f"... ({len(modules)} in all)"]
+        raise ValueError(
+            f"`hidden_layers` names {missing}, which are not submodules of the {role} ({type(model).__name__}); "
+            f"valid names: {shown}"
+        )
 
 
 def make_teacher(model: nn.Module, *, dtype: torch.dtype | None = None, device: Any = None) -> nn.Module:
@@ -218,16 +476,41 @@ class Distiller:
     Args:
         teacher: the teacher module, frozen here (eval mode, ``requires_grad=False``); see :meth:`from_model`.
         temperature: ``T`` of the softened distributions (> 0).
-        alpha: weight of the logit term ``alpha·T²·KL`` (>= 0; 0 keeps only hidden-state matching).
-        hidden_layers: layers whose outputs are matched by MSE: names of submodules of the watched student
+        alpha: weight of the output term, ``alpha·T²·KL`` on the logits by default (>= 0; 0 keeps only
+            hidden-state matching and never reads the output).
+        hidden_layers: layers whose outputs are matched: names of submodules of the watched student
             (the same names in the teacher), or ``{student name: teacher name}``.
-        hidden_weight: ``β``, weight of the summed hidden-state MSE.
+        hidden_weight: ``β``, weight of the summed hidden-state losses.
+        loss: the output term's loss, ``"kl"`` (default), ``"mse"`` or ``"cosine"`` (see :data:`LOSSES`).
+        output: what of the output it compares (see :func:`output_of`): ``"logits"`` (default), a field name
+            (``"last_hidden_state"``), an index, or a function such as :func:`mean_pooled`.
+        hidden_loss: the hidden states' loss, ``"mse"`` (default) or ``"cosine"`` / ``"kl"``.
+        student: the module that will be watched, if known: checked *before* the teacher is frozen (see
+            :meth:`check`), so a teacher that is the student is refused before it freezes the student.
 
     Example:
         >>> distiller = Distiller(nn.Linear(3, 2), temperature=0.0)
         Traceback (most recent call last):
         ...
         ValueError: Expected `temperature` to be a finite number > 0, but got 0.0
+
+        Distilling an encoder's sentence embeddings, no labels and no logits:
+
+        >>> from transformers import BertConfig, BertModel
+        >>> torch.manual_seed(0) and None
+        >>> bert = BertModel(BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                             intermediate_size=16))
+        >>> distiller = Distiller.from_model(bert, loss="cosine", output=mean_pooled)
+        >>> distiller.check(bert)                                      # at fit start: teacher apart, names exist
+        >>> with torch.no_grad():
+        ...     _ = bert.encoder.layer[0].intermediate.dense.weight.mul_(0.0)   # the student drifts
+        >>> batch = {"input_ids": torch.randint(0, 32, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+        >>> with distiller.watch(bert) as call:
+        ...     _ = bert(**batch)
+        >>> loss = distiller.loss(call)                                # the whole loss: no task loss to add to
+        >>> loss.backward()
+        >>> bool(loss > 0), bert.encoder.layer[0].output.dense.weight.grad is not None
+        (True, True)
     """
 
     def __init__(
@@ -238,20 +521,31 @@ class Distiller:
         alpha: float = 1.0,
         hidden_layers: Sequence[str] | Mapping[str, str] = (),
         hidden_weight: float = 1.0,
+        loss: str = "kl",
+        output: OutputSpec = "logits",
+        hidden_loss: str = "mse",
+        student: nn.Module | None = None,
     ) -> None:
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"Expected `teacher` to be an nn.Module, but got {type(teacher).__name__}")
         self.temperature = check_positive("temperature", temperature)
         self.alpha = check_number("alpha", alpha)
         self.hidden_weight = check_number("hidden_weight", hidden_weight)
+        self.loss_name = check_choice("loss", loss, LOSSES)
+        self.hidden_loss = check_choice("hidden_loss", hidden_loss, LOSSES)
+        if not (callable(output) or isinstance(output, (str, int))) or isinstance(output, bool):
+            raise ValueError(
+                f"Expected `output` to be 'logits', a field name, an index or a function, but got {output!r}"
+            )
+        self.output = output
         if isinstance(hidden_layers, str):
             hidden_layers = [hidden_layers]
         pairs = dict(hidden_layers) if isinstance(hidden_layers, Mapping) else {name: name for name in hidden_layers}
         self.hidden_layers: dict[str, str] = pairs
-        modules = dict(teacher.named_modules())
-        missing = [name for name in pairs.values() if name not in modules]
-        if missing:
-            raise ValueError(f"`hidden_layers` names {missing}, which are not submodules of the teacher")
+        _check_names("teacher", teacher, list(pairs.values()))
+        if student is not None:
+            check_teacher(teacher, student)
+            check_hidden_layers(student, teacher, pairs)
         self.teacher = freeze(teacher)
         first = next(iter(teacher.parameters()), None)
         self.device = first.device if first is not None else None
@@ -263,6 +557,12 @@ class Distiller:
     ) -> Distiller:
         """A distiller whose teacher is a frozen copy of ``model`` as it is now (see :func:`make_teacher`)."""
         return cls(make_teacher(model, dtype=dtype, device=device), **kwargs)
+
+    def check(self, student: nn.Module) -> None:
+        """Refuse a teacher that is (or shares parameters with) ``student`` and hidden layer names missing from
+        either model (with the valid names): what a training loop / the callback runs at fit start."""
+        check_teacher(self.teacher, student)
+        check_hidden_layers(student, self.teacher, self.hidden_layers)
 
     def teacher_bytes(self) -> int:
         """Bytes held by the teacher's parameters and buffers (its memory cost besides activations).
@@ -279,9 +579,7 @@ class Distiller:
         """Record the first forward of ``student`` inside the block (inputs, output, named layers' outputs)."""
         call = StudentCall()
         modules = dict(student.named_modules())
-        missing = [name for name in self.hidden_layers if name not in modules]
-        if missing:
-            raise ValueError(f"`hidden_layers` names {missing}, which are not submodules of {type(student).__name__}")
+        check_hidden_layers(student, self.teacher, self.hidden_layers)
 
         def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not call.seen:
@@ -325,7 +623,7 @@ class Distiller:
                 "code call another module than the one watched?)"
             )
         teacher_output, teacher_hidden = self.teacher_forward(*call.args, **call.kwargs)
-        return self.loss_from(call.output, teacher_output, call.hidden, teacher_hidden)
+        return self.loss_from(call.output, teacher_output, call.hidden, teacher_hidden, inputs=(call.args, call.kwargs))
 
     def loss_from(
         self,
@@ -333,15 +631,39 @@ class Distiller:
         teacher_output: Any,
         student_hidden: Mapping[str, Tensor] | None = None,
         teacher_hidden: Mapping[str, Tensor] | None = None,
+        *,
+        inputs: tuple[Sequence[Any], Mapping[str, Any]] = ((), {}),
     ) -> Tensor:
-        """The loss from outputs computed elsewhere: ``alpha·T²·KL`` on the logits plus ``β·Σ MSE`` on the hidden
-        states (both mappings keyed by the student's layer names)."""
-        student_logits = logits_of(student_output)
-        loss = kd_loss(student_logits, logits_of(teacher_output), self.temperature, self.alpha)
+        """The loss from outputs computed elsewhere (see :func:`distillation_loss`): ``alpha·loss`` on the chosen
+        output (never read when ``alpha`` is 0) plus ``β·Σ hidden_loss`` on the hidden states (both mappings keyed
+        by the student's layer names); ``inputs``: the ``(args, kwargs)`` the models were called with, for an
+        ``output`` function. Zero when there is nothing to distil (``alpha`` and ``β`` 0)."""
+        hidden: dict[str, Tensor] = {}
         if self.hidden_layers and self.hidden_weight > 0:
             student_hidden, teacher_hidden = student_hidden or {}, teacher_hidden or {}
             for name in self.hidden_layers:
                 if name not in student_hidden or name not in teacher_hidden:
                     raise RuntimeError(f"Layer {name!r} was not called in the forward pass: no hidden state to match")
-                loss = loss + self.hidden_weight * hidden_mse(student_hidden[name], teacher_hidden[name])
-        return loss
+                hidden[name] = student_hidden[name]
+        if self.alpha == 0 and not hidden:
+            return torch.zeros(())
+        output = self.output
+        if callable(output):
+            args, kwargs = inputs
+            function = output
+
+            def output(out: Any) -> Tensor:  # the function, with the inputs of the call
+                return function(out, *args, **kwargs)
+
+        return distillation_loss(
+            student_output,
+            teacher_output,
+            loss=self.loss_name,
+            output=output,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            student_hidden=hidden,
+            teacher_hidden=teacher_hidden,
+            hidden_loss=self.hidden_loss,
+            hidden_weight=self.hidden_weight,
+        )

@@ -51,3 +51,49 @@ def test_bad_patterns_fail_with_the_pattern_named(kwargs, message):
 def test_model_without_prunable_layers_fails():
     with pytest.raises(ValueError, match="No parameter to prune in LayerNorm"):
         select_parameters(nn.LayerNorm(4))
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    return transformers.BertModel(config)
+
+
+BERT_LAYER_WEIGHTS = [
+    "attention.self.query.weight",
+    "attention.self.key.weight",
+    "attention.self.value.weight",
+    "attention.output.dense.weight",
+    "intermediate.dense.weight",
+    "output.dense.weight",
+]
+
+
+def test_include_encoder_selects_the_encoders_weight_matrices_by_role_on_bert():
+    model = _tiny_bert()
+    expected = [f"encoder.layer.{i}.{name}" for i in range(2) for name in BERT_LAYER_WEIGHTS]
+    assert list(select_parameters(model, include="encoder.*")) == expected  # no LayerNorm, no bias, no pooler
+    assert list(select_parameters(model, include="encoder.*.weight")) == expected  # the old hint works too
+    assert list(select_parameters(model, include=["encoder.layer.1.*"])) == expected[6:]
+
+
+def test_the_bert_pooler_is_a_default_target_and_excluded_by_name():
+    model = _tiny_bert()
+    default = list(select_parameters(model))
+    assert default[-1] == "pooler.dense.weight" and len(default) == 13  # 12 encoder matrices + the pooler
+    assert "pooler.dense.weight" not in select_parameters(model, exclude="pooler.*")
+
+
+def test_a_pattern_covering_no_role_target_selects_what_it_names():
+    model = _tiny_bert()
+    assert list(select_parameters(model, include="embeddings.word_embeddings.weight")) == [
+        "embeddings.word_embeddings.weight"
+    ]
+    mixed = select_parameters(model, include=["embeddings.word_*", "encoder.layer.0.intermediate.*"])
+    assert list(mixed) == ["embeddings.word_embeddings.weight", "encoder.layer.0.intermediate.dense.weight"]
+    with pytest.raises(ValueError, match=r"fewer than 2 dimensions .*'embeddings.LayerNorm.weight'"):
+        select_parameters(model, include="embeddings.LayerNorm.*")
+    everything = select_parameters(model, include="encoder.layer.0.output.*", allow_vectors=True)
+    assert "encoder.layer.0.output.LayerNorm.weight" in everything and "encoder.layer.0.output.dense.bias" in everything
