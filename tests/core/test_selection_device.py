@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import pat_callbacks.core.radix as radix
 import pat_callbacks.core.selection as selection
 from pat_callbacks.core import Pruner
 from pat_callbacks.core.regrowth import swapped_entries
@@ -56,7 +57,7 @@ def test_signed_keys_and_their_top_halves_keep_the_float_order():
     values = torch.tensor([float("-inf"), -3.5, -1e-38, -0.0, 0.0, 1e-45, 2.0, 2.0000002, float("inf")])
     keys = signed_keys(values)
     assert keys.tolist() == sorted(keys.tolist()) and len(set(keys.tolist())) == values.numel()
-    assert torch.equal(selection._high_keys(values).int(), keys >> 16)
+    assert torch.equal(radix._high_keys(values).int(), keys >> 16)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -109,7 +110,7 @@ def test_device_strategy_never_reads_the_host_inside_a_loop(monkeypatch):
     pass, and nowhere else: every way a tensor reaches Python fails outside it."""
     monkeypatch.setattr(selection, "STRATEGY", "device")
     reads, allowed = [], [False]
-    original = selection._read
+    original = radix._read
 
     def counted(*tensors):
         reads.append(len(tensors))
@@ -119,7 +120,7 @@ def test_device_strategy_never_reads_the_host_inside_a_loop(monkeypatch):
         finally:
             allowed[0] = False
 
-    monkeypatch.setattr(selection, "_read", counted)
+    monkeypatch.setattr(radix, "_read", counted)
     for method in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
         real = getattr(torch.Tensor, method)
 
@@ -281,3 +282,17 @@ def _device_worker(rank: int, world: int, port: int, queue) -> None:
 def test_device_strategy_over_two_ranks_equals_the_host_one():
     results = _on_two_ranks(_device_worker, 29_700 + os.getpid() % 1000)
     assert all(all(flags) for flags in results.values()), results
+
+
+def test_the_environment_strategy_is_read_in_any_case_and_an_unknown_one_is_refused_at_import():
+    import subprocess
+    import sys
+
+    code = "import pat_callbacks.core.selection as s; print(s.STRATEGY)"
+    upper = {**os.environ, "PAT_SELECTION_STRATEGY": "Host"}
+    done = subprocess.run([sys.executable, "-c", code], env=upper, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "host"
+    garbage = {**os.environ, "PAT_SELECTION_STRATEGY": "garbage"}
+    failed = subprocess.run([sys.executable, "-c", code], env=garbage, capture_output=True, text=True)
+    expected = "PAT_SELECTION_STRATEGY to be one of ['auto', 'host', 'device'] (any case), but got 'garbage'"
+    assert failed.returncode != 0 and expected in failed.stderr
