@@ -27,10 +27,12 @@ from tests.core.test_selection import _on_two_ranks, _streamed_reference
 
 
 def _both(monkeypatch, run):
-    """``run()`` under the host strategy, then under the device strategy."""
+    """``run()`` under the host strategy, then under the device strategy with its histograms even for the small
+    selections (whose threshold is otherwise found by ``kthvalue``)."""
     monkeypatch.setattr(selection, "STRATEGY", "host")
     host = run()
     monkeypatch.setattr(selection, "STRATEGY", "device")
+    monkeypatch.setattr(radix, "SMALL_SELECTION", 0)
     return host, run()
 
 
@@ -92,6 +94,7 @@ def test_device_exact_selection_equals_the_host_one(monkeypatch, kind):
 
 def test_device_selection_finds_nan_and_refuses_too_many(monkeypatch):
     monkeypatch.setattr(selection, "STRATEGY", "device")
+    monkeypatch.setattr(radix, "SMALL_SELECTION", 0)  # the histograms, not kthvalue
     scores = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
     scores[7777] = float("nan")
     with pytest.raises(NonFiniteScores) as caught:
@@ -131,10 +134,11 @@ def test_device_strategy_never_reads_the_host_inside_a_loop(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, method, guarded)
     generator = torch.Generator().manual_seed(0)
-    layers = [ScoredLayer.of(torch.randint(0, 50, (1200,), generator=generator).float() / 7) for _ in range(3)]
-    chosen = select_lowest_streamed(layers, 1000, chunk_size=300)
+    size = radix.SMALL_SELECTION // 2  # 3 layers: above the small selections' kthvalue path
+    layers = [ScoredLayer.of(torch.randint(0, 50, (size,), generator=generator).float() / 7) for _ in range(3)]
+    chosen = select_lowest_streamed(layers, size, chunk_size=size // 4)
     allowed[0] = True
-    assert sum(int(m.sum()) for m in chosen) == 1000
+    assert sum(int(m.sum()) for m in chosen) == size
     assert len(reads) == 2
 
 
@@ -162,6 +166,7 @@ def test_deterministic_mode_counts_with_bincount_and_selects_the_same(monkeypatc
     monkeypatch.setattr(selection, "STRATEGY", "host")
     host = select_lowest_streamed(layers, 2000)
     monkeypatch.setattr(selection, "STRATEGY", "device")
+    monkeypatch.setattr(radix, "SMALL_SELECTION", 0)
     histc = torch.histc
     monkeypatch.setattr(torch, "histc", lambda *a, **k: pytest.fail("histc under deterministic algorithms"))
     was = torch.are_deterministic_algorithms_enabled()
@@ -296,3 +301,21 @@ def test_the_environment_strategy_is_read_in_any_case_and_an_unknown_one_is_refu
     failed = subprocess.run([sys.executable, "-c", code], env=garbage, capture_output=True, text=True)
     expected = "PAT_SELECTION_STRATEGY to be one of ['auto', 'host', 'device'] (any case), but got 'garbage'"
     assert failed.returncode != 0 and expected in failed.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_small_selections_find_the_same_threshold_by_kthvalue_as_by_histograms(monkeypatch, kind):
+    import pat_callbacks.core.radix as radix
+
+    scores = _scores(kind, 3)
+    generator = torch.Generator().manual_seed(4)
+    kept = [torch.rand(s.numel(), generator=generator) > 0.3 for s in scores]
+    layers = [ScoredLayer.of(s, m, sc) for s, m, sc in zip(scores, kept, [1.0, 2.5, 1.0, 0.3], strict=True)]
+    total = sum(int(m.sum()) for m in kept)
+    for k in (0, 1, total // 3, total - 1, total):
+        small = radix.radix_select(layers, k)
+        monkeypatch.setattr(radix, "SMALL_SELECTION", 0)
+        large = radix.radix_select(layers, k, chunk_size=333)
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(small, large, strict=True)), (kind, k)
+        assert sum(int(m.sum()) for m in small) == k
