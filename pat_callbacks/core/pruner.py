@@ -214,11 +214,11 @@ class Pruner(MaskedParameters):
         result = self.selection.update(
             plan,
             sparsity,
-            final_sparsity,
-            scores,
-            step,
             stream=stream,
             keep_pruned=keep_pruned,
+            scores=scores,
+            step=step,
+            final_sparsity=final_sparsity,
             sensitivities=self.sensitivities,
         )
         if result.skipped is not None:

@@ -24,7 +24,7 @@ Example:
     >>> layer = nn.Linear(8, 8)
     >>> pruner = Pruner(layer)
     >>> plan = pruner.planner.plan(0.5)
-    >>> result = pruner.selection.update(plan, 0.5, None, None, None, stream=True, keep_pruned=False)
+    >>> result = pruner.selection.update(plan, 0.5, stream=True, keep_pruned=False)
     >>> int(result.entries["weight"].sum()), result.exact, result.skipped
     (32, False, None)
 """
@@ -151,15 +151,16 @@ class Selection:
         self,
         plan: UpdatePlan | None,
         sparsity: float,
-        final_sparsity: float | None,
-        scores: Mapping[str, Tensor] | None,
-        step: int | None,
         *,
         stream: bool,
         keep_pruned: bool,
+        scores: Mapping[str, Tensor] | None = None,
+        step: int | None = None,
+        final_sparsity: float | None = None,
         sensitivities: Mapping[str, float] | None = None,
     ) -> UpdateResult:
-        """One update: streamed where ``stream`` (see :meth:`can_stream`) and it can decide, else exact.
+        """One update: streamed where ``stream`` (see :meth:`can_stream`) and it can decide, else exact
+        (:meth:`exact`, which also takes ``final_sparsity`` and ``sensitivities``).
 
         Under DDP (no process group of shards) every rank takes the exact path when any rank could not stream, so
         their masks agree (the exact path's are broadcast from rank 0). ``keep_pruned``: entries pruned now stay

@@ -118,7 +118,7 @@ def test_a_pruned_weight_never_returns_on_sharded_ranks():
 # ------------------------------------------------------------------------------------- what one update returns
 def _update(pruner: Pruner, sparsity: float, **kwargs):
     plan = pruner.planner.plan(sparsity)
-    return pruner.selection.update(plan, sparsity, None, None, None, **{"stream": True, "keep_pruned": True, **kwargs})
+    return pruner.selection.update(plan, sparsity, **{"stream": True, "keep_pruned": True, **kwargs})
 
 
 def test_an_update_says_whether_it_streamed_fell_back_or_was_skipped():
