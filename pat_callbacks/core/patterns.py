@@ -114,7 +114,8 @@ did you mean '2:4'?
 def nm_mask(scores: Tensor, n: int, m: int, pruned_per_group: int | None = None) -> Tensor:
     """Keep-mask with the ``m - pruned_per_group`` highest scores of every group of ``m`` consecutive entries
     along each output row (default: keep exactly ``n`` of every ``m``); ties pruned in index order, as every
-    selection (a stable sort of each group's :func:`~pat_callbacks.core.radix.signed_keys`).
+    selection: entries rank by :func:`~pat_callbacks.core.radix.signed_keys`, then position in the group (a
+    per-group count does not batch into one selection; see :func:`_group_ranks`).
 
     Rows are the first dimension; the remaining dimensions are flattened (for a conv, in-channels x kernel), and
     their size must be a multiple of ``m``.
@@ -132,12 +133,38 @@ def nm_mask(scores: Tensor, n: int, m: int, pruned_per_group: int | None = None)
         )
     pruned = m - n if pruned_per_group is None else pruned_per_group
     groups = rows.reshape(rows.shape[0], -1, m)
-    mask = torch.ones_like(groups, dtype=torch.bool)
-    if pruned > 0:
-        keys = signed_keys(groups.to(torch.float32))
-        lowest = torch.sort(keys, dim=-1, stable=True).indices[..., :pruned]
-        mask.scatter_(-1, lowest, False)
-    return mask.reshape(scores.shape)
+    if pruned <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    return (_group_ranks(signed_keys(groups.to(torch.float32))) >= pruned).reshape(scores.shape)
+
+
+# Groups up to this size rank by pairwise comparisons (m passes), larger ones by a stable sort: measured on this CPU
+# (1 thread, 2048 x 2048 randn, keep m / 2): m = 4: 40 ms vs 83 ms (topk, whose tie order is unspecified: 55 ms);
+# m = 8: 75 vs 92 ms; m = 16: 120 vs 108 ms; m = 32: 189 vs 124 ms. Both give the same ranks.
+_PAIRWISE_GROUPS = 8
+
+
+def _group_ranks(keys: Tensor) -> Tensor:
+    """Each entry's rank within its group (the last dimension): how many entries of the group have a lower key, or
+    the same key at a lower position.
+
+    Example:
+        >>> import torch
+        >>> _group_ranks(torch.tensor([[5, 1, 5, 0]])).tolist()
+        [[2, 1, 3, 0]]
+    """
+    m = keys.shape[-1]
+    if m > _PAIRWISE_GROUPS:
+        ranks = torch.empty_like(keys, dtype=torch.int64)
+        order = torch.sort(keys, dim=-1, stable=True).indices
+        return ranks.scatter_(-1, order, torch.arange(m, device=keys.device).expand_as(order))
+    ranks = torch.zeros_like(keys, dtype=torch.uint8)
+    for j in range(m):
+        other = keys[..., j : j + 1]
+        below = other < keys
+        below[..., j + 1 :] |= other == keys[..., j + 1 :]  # a tie at a lower position ranks below
+        ranks += below
+    return ranks
 
 
 def parse_block(pattern: str) -> tuple[int, int]:

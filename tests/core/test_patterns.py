@@ -118,3 +118,20 @@ def test_lowest_k_and_nm_masks_break_ties_in_index_order():
 
 def test_block_masks_prune_tied_blocks_in_index_order():
     assert block_mask(torch.ones(2, 8), 0.5, (2, 2)).int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]] * 2
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_group_ranks_by_pairs_and_by_a_stable_sort_agree(monkeypatch, m):
+    import pat_callbacks.core.patterns as patterns
+
+    ties = torch.randint(0, 3, (32, 8 * m), generator=torch.Generator().manual_seed(m)).float()
+    masks = []
+    for limit in (0, 64):  # every group by a stable sort, then every group by pairs
+        monkeypatch.setattr(patterns, "_PAIRWISE_GROUPS", limit)
+        masks.append([nm_mask(ties, n, m) for n in range(1, m)])
+    assert all(torch.equal(a, b) for a, b in zip(*masks, strict=True))
+    groups = ties.reshape(32, -1, m)
+    for n, mask in zip(range(1, m), masks[0], strict=True):
+        expected = torch.ones_like(groups, dtype=torch.bool)
+        expected.scatter_(-1, torch.sort(groups, dim=-1, stable=True).indices[..., : m - n], False)
+        assert torch.equal(mask, expected.reshape(ties.shape))
