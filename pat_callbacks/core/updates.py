@@ -71,7 +71,7 @@ class UpdateResult:
     """What one update selected (at most one of ``entries`` and ``masks``; neither when skipped).
 
     Attributes:
-        entries: streamed: the entries to prune now, per parameter (flat-shaped bool, among the kept ones).
+        entries: streamed: the entries to prune now, per parameter (bool, its local shape, among the kept ones).
         masks: exact: whole new keep-masks, per parameter.
         skipped: why the update changed nothing (``NON_FINITE``: NaN/Inf scores, already warned), else ``None``.
         fallback: why a streamed update gave way to the exact path (e.g. ``BELOW_PRUNED``), else ``None``.
