@@ -89,7 +89,7 @@ class Planner:
         """Whether the split is known before any score is (shape allocations, or one threshold)."""
         return self.options.allocation in SHAPE_ALLOCATIONS or self.one_threshold
 
-    def plan(self, sparsity: float, final_sparsity: float | None = None) -> UpdatePlan | None:
+    def plan(self, sparsity: float, final_target: float | None = None) -> UpdatePlan | None:
         """The plan from the layers' sizes alone, or ``None`` when the split depends on scores (caps, sensitivity):
         then use :meth:`plan_from_scores`."""
         if not self.by_shape:
@@ -98,7 +98,7 @@ class Planner:
         shapes = {name: torch.empty(shape, device="meta") for name, shape in self.shapes.items()}
         method = "uniform" if opts.allocation in ("global", "global_raw") else opts.allocation
         planned = plan_sparsities(
-            method, shapes, sparsity, final_target=final_sparsity, layer_sparsity=opts.layer_sparsity, keep_one=True
+            method, shapes, sparsity, final_target=final_target, layer_sparsity=opts.layer_sparsity, keep_one=True
         )
         if method == opts.allocation:
             return UpdatePlan(sparsity, planned)
@@ -114,7 +114,7 @@ class Planner:
         self,
         scores: Mapping[str, Tensor],
         sparsity: float,
-        final_sparsity: float | None = None,
+        final_target: float | None = None,
         *,
         sensitivities: Mapping[str, float] | None = None,
         pruned: Mapping[str, Tensor] | None = None,
@@ -126,7 +126,7 @@ class Planner:
             opts.allocation,
             scores,
             sparsity,
-            final_target=final_sparsity,
+            final_target=final_target,
             layer_sparsity=opts.layer_sparsity,
             min_sparsity=opts.min_sparsity,
             max_sparsity=opts.max_sparsity,

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from pat_callbacks.core._validation import check_choice, check_fraction, renamed
 from pat_callbacks.core.allocation import SHAPE_ALLOCATIONS, measure_sensitivity
 from pat_callbacks.core.criteria import Criterion
-from pat_callbacks.core.distributed import all_ranks_agree, broadcast_masks
+from pat_callbacks.core.distributed import broadcast_masks
 from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.options import PruningOptions
 from pat_callbacks.core.planning import Planner
@@ -51,7 +51,7 @@ from pat_callbacks.core.regrowth import GROWTH_METHODS, regrow_in_place
 from pat_callbacks.core.scoring import Scorer
 from pat_callbacks.core.sharding import local
 from pat_callbacks.core.targets import target_roles
-from pat_callbacks.core.updates import NeedsExactSelection, Selection, SkippedUpdate
+from pat_callbacks.core.updates import Selection
 
 __all__ = ["SHAPE_ALLOCATIONS", "Pruner", "PruningOptions", "broadcast_masks"]
 
@@ -212,27 +212,25 @@ class Pruner(MaskStore):
         if self.options.allocation == "sensitivity" and self.sensitivities is None:
             raise RuntimeError("allocation='sensitivity' needs measure_sensitivity(...) before the first prune_to")
         plan = self.planner.plan(sparsity, final_target)  # once per update; None: the split needs the scores
-        if plan is not None and self._streamable(sparsity):
-            try:
-                entries = self.selection.streamed(plan, scores, step)
-            except NeedsExactSelection:
-                entries = {}
-            except SkippedUpdate:
-                return False
-            if self.group is None and not all_ranks_agree(bool(entries)):
-                entries = {}  # DDP ranks whose scores differ: all take the exact path, whose masks are broadcast
-            if entries:
-                self.target_sparsity = sparsity
-                self.prune(entries, optimizers=optimizers)
-                return True
+        stream = plan is not None and self._streamable(sparsity)
         keep_pruned = bool(self.masks) and sparsity >= self.target_sparsity
-        masks = self.selection.exact(
-            plan, sparsity, final_target, scores, step, keep_pruned=keep_pruned, sensitivities=self.sensitivities
+        result = self.selection.update(
+            plan,
+            sparsity,
+            stream=stream,
+            keep_pruned=keep_pruned,
+            scores=scores,
+            step=step,
+            final_target=final_target,
+            sensitivities=self.sensitivities,
         )
-        if masks is None:
+        if result.skipped is not None:
             return False
         self.target_sparsity = sparsity
-        self.set_masks(masks, optimizers=optimizers)
+        if result.masks is not None:
+            self.set_masks(result.masks, optimizers=optimizers)
+        else:
+            self.prune(result.entries, optimizers=optimizers)
         return True
 
     def _streamable(self, sparsity: float) -> bool:

@@ -1,14 +1,18 @@
 """The one selection path: an :class:`~pat_callbacks.core.planning.UpdatePlan` -> the weights to prune.
 
-Two strategies execute the same plan, in one process or over the ranks of a sharded model:
+:meth:`Selection.update` runs one update and returns an :class:`UpdateResult` saying what happened: the entries to
+prune now (streamed) or whole new masks (exact), whether the update was skipped and why (NaN/Inf scores, warned),
+and why a streamed update took the exact path. Two strategies execute the same plan, in one process or over the
+ranks of a sharded model:
 
 - **streamed** (:meth:`Selection.streamed`): for updates that only shrink unstructured or N:M masks. Each layer is
   scored a chunk at a time (:func:`~pat_callbacks.core.selection.select_lowest_streamed`) and the entries to prune
   now are marked among the kept ones; masks are then pruned in place. Transient memory is a fraction of the weights.
 - **exact** (:meth:`Selection.exact`): whole score tensors, for everything else (block patterns, caps, sensitivity,
-  a target that goes down) and where a streamed pass cannot decide. Unstructured layers use the exact radix
-  selection (:func:`~pat_callbacks.core.selection.select_lowest`, ties in index order, over ranks when sharded);
-  patterns (N:M, blocks) their own ``mask``.
+  a target that goes down) and where a streamed pass cannot decide (a layer's target below what it already
+  prunes, a layer left empty, exact zeros beyond a shared budget, DDP ranks that disagree). Unstructured layers use
+  the exact radix selection (:func:`~pat_callbacks.core.selection.select_lowest`, ties in index order, over
+  ranks when sharded); patterns (N:M, blocks) their own ``mask``.
 
 In both, entries pruned before stay pruned while the target does not go down (they score lowest), every layer keeps
 at least one weight, and a layer pruned past 0.99 is warned about once.
@@ -20,22 +24,25 @@ Example:
     >>> layer = nn.Linear(8, 8)
     >>> pruner = Pruner(layer)
     >>> plan = pruner.planner.plan(0.5)
-    >>> entries = pruner.selection.streamed(plan, None, None)
-    >>> int(entries["weight"].sum())
-    32
+    >>> result = pruner.selection.update(plan, 0.5, stream=True, keep_pruned=False)
+    >>> int(result.entries["weight"].sum()), result.exact, result.skipped
+    (32, False, None)
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 import pat_callbacks.core.selection as _selection
 from pat_callbacks.core.allocation import SHAPE_ALLOCATIONS, mean_scale
+from pat_callbacks.core.distributed import all_ranks_agree
 from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.patterns import NMPattern, Pattern, UnstructuredPattern, prune_count
 from pat_callbacks.core.planning import Planner, UpdatePlan
@@ -50,25 +57,58 @@ from pat_callbacks.core.selection import (
 )
 from pat_callbacks.core.sharding import local
 
-__all__ = ["NeedsExactSelection", "Selection", "SkippedUpdate"]
+__all__ = ["Selection", "UpdateResult"]
+
+NON_FINITE = "NaN or Inf in the scores"
+BELOW_PRUNED = "a layer's target is below what it already prunes"
+ZEROS_OVER_BUDGET = "exact zeros outnumber the shared budget"
+LAYER_EMPTIED = "a layer would lose every weight"
+RANKS_DISAGREE = "the DDP ranks' streamed selections differ"
 
 
-class NeedsExactSelection(Exception):
-    """A streamed update cannot decide; the update falls back to exact selection on whole score tensors.
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one update selected (at most one of ``entries`` and ``masks``; neither when skipped).
+
+    Attributes:
+        entries: streamed: the entries to prune now, per parameter (bool, its local shape, among the kept ones).
+        masks: exact: whole new keep-masks, per parameter.
+        skipped: why the update changed nothing (``NON_FINITE``: NaN/Inf scores, already warned), else ``None``.
+        fallback: why a streamed update gave way to the exact path (e.g. ``BELOW_PRUNED``), else ``None``.
 
     Example:
-        >>> issubclass(NeedsExactSelection, Exception)
-        True
+        >>> UpdateResult(skipped=NON_FINITE).exact, UpdateResult(masks={}).exact
+        (False, True)
     """
 
+    entries: dict[str, Tensor] | None = None
+    masks: dict[str, Tensor] | None = None
+    skipped: str | None = None
+    fallback: str | None = None
 
-class SkippedUpdate(Exception):
-    """NaN/Inf scores (already warned about): the update is skipped.
+    @property
+    def exact(self) -> bool:
+        """Whether the exact path made whole new masks."""
+        return self.masks is not None
 
-    Example:
-        >>> issubclass(SkippedUpdate, Exception)
-        True
-    """
+
+# The exceptions of the former update path: still importable (deprecated), never raised.
+_DEPRECATED = {
+    name: (type(name, (Exception,), {"__module__": __name__}), field)
+    for name, field in (("NeedsExactSelection", "fallback"), ("SkippedUpdate", "skipped"))
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEPRECATED:
+        error, field = _DEPRECATED[name]
+        warnings.warn(
+            f"`{name}` is no longer raised: `Selection.update` returns an `UpdateResult` (see its `{field}`)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return error
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Selection:
@@ -106,11 +146,50 @@ class Selection:
             or (isinstance(self.pattern, NMPattern) and allocation == "uniform")
         ) and not (self.masked.masks and sparsity < target_sparsity)
 
+    # ------------------------------------------------------------------------------------------------- update
+    def update(
+        self,
+        plan: UpdatePlan | None,
+        sparsity: float,
+        *,
+        stream: bool,
+        keep_pruned: bool,
+        scores: Mapping[str, Tensor] | None = None,
+        step: int | None = None,
+        final_target: float | None = None,
+        sensitivities: Mapping[str, float] | None = None,
+    ) -> UpdateResult:
+        """One update: streamed where ``stream`` (see :meth:`can_stream`) and it can decide, else exact
+        (:meth:`exact`, which also takes ``final_target`` and ``sensitivities``).
+
+        Under DDP (no process group of shards) every rank takes the exact path when any rank could not stream, so
+        their masks agree (the exact path's are broadcast from rank 0). ``keep_pruned``: entries pruned now stay
+        pruned on the exact path.
+        """
+        fallback = None
+        if plan is not None and stream:
+            result = self.streamed(plan, scores, step)
+            if result.skipped is not None:
+                return result
+            decided = bool(result.entries)
+            if self.masked.group is None and not all_ranks_agree(decided):
+                fallback = result.fallback or RANKS_DISAGREE
+            elif decided:
+                return result
+            else:
+                fallback = result.fallback
+        masks = self.exact(
+            plan, sparsity, final_target, scores, step, keep_pruned=keep_pruned, sensitivities=sensitivities
+        )
+        if masks is None:
+            return UpdateResult(skipped=NON_FINITE)
+        return UpdateResult(masks=masks, fallback=fallback)
+
     # ----------------------------------------------------------------------------------------------- streamed
-    def streamed(self, plan: UpdatePlan, scores: Mapping[str, Tensor] | None, step: int | None) -> dict[str, Tensor]:
-        """The entries to prune now, per parameter (bool, among the kept ones). Raises :class:`SkippedUpdate`
-        (warned) on NaN/Inf scores and :class:`NeedsExactSelection` where a streamed pass cannot decide (a layer's
-        target below what it already prunes, a layer left empty, a missed bracket)."""
+    def streamed(self, plan: UpdatePlan, scores: Mapping[str, Tensor] | None, step: int | None) -> UpdateResult:
+        """The entries to prune now, per parameter (bool, among the kept ones), as ``entries``; or ``skipped``
+        (warned) on NaN/Inf scores; or ``fallback`` (the reason) where a streamed pass cannot decide: a layer's
+        target below what it already prunes, a layer left empty, exact zeros beyond the shared budget."""
         numel = self.planner.numel
         params = self.masked.params
         kept = {name: mask.reshape(-1) for name, mask in self.masked.masks.items()}
@@ -118,26 +197,31 @@ class Selection:
         chosen: dict[str, Tensor] = {}
         for name, sparsity in plan.per_layer.items():
             if isinstance(self.pattern, NMPattern):
-                chosen[name] = self._nm_streamed(name, sparsity, kept.get(name), scores, step)
-                continue
-            needed = prune_count(numel[name], sparsity) - already[name]
-            chosen.update(self._select_streamed([name], needed, kept, scores, step, scaled=False))
+                selected = self._nm_streamed(name, sparsity, kept.get(name), scores, step)
+            else:
+                needed = prune_count(numel[name], sparsity) - already[name]
+                selected = self._select_streamed([name], needed, kept, scores, step, scaled=False)
+            if isinstance(selected, UpdateResult):
+                return selected
+            chosen.update(selected)
         if plan.shared:
             shared = list(plan.shared)
-            if self._zeros_over_budget(shared, plan.shared_budget - sum(already[n] for n in shared)):
-                raise NeedsExactSelection  # the exact path masks every exact zero
             count = plan.shared_budget - sum(already[n] for n in shared)
+            if self._zeros_over_budget(shared, count):
+                return UpdateResult(fallback=ZEROS_OVER_BUDGET)  # the exact path masks every exact zero
             selected = self._select_streamed(shared, count, kept, scores, step, scaled=plan.scaled)
+            if isinstance(selected, UpdateResult):
+                return selected
             counts = self.masked.sum_over_ranks([int(selected[n].count_nonzero()) for n in shared])
             if any(already[n] + c >= numel[n] for n, c in zip(shared, counts, strict=True)):
-                raise NeedsExactSelection  # a layer left empty: the allocation keeps one weight per layer
+                return UpdateResult(fallback=LAYER_EMPTIED)  # the allocation keeps one weight per layer
             chosen.update(selected)
         names = list(params)
         counts = self.masked.sum_over_ranks([int(chosen[n].count_nonzero()) for n in names])
         self.planner.warn_nearly_empty(
             {n: (already[n] + c) / numel[n] for n, c in zip(names, counts, strict=True)}, step
         )
-        return {name: chosen[name].view(local(params[name]).shape) for name in params}
+        return UpdateResult(entries={name: chosen[name].view(local(params[name]).shape) for name in params})
 
     def _zeros_over_budget(self, names: list[str], budget: int) -> dict[str, Tensor]:
         """The exact zeros that no mask explains in the layers sharing one threshold, when they outnumber what is
@@ -174,25 +258,28 @@ class Selection:
         local_counts = [kept[n].numel() - int(kept[n].count_nonzero()) if n in kept else 0 for n in names]
         return dict(zip(names, self.masked.sum_over_ranks(local_counts), strict=True))
 
-    def _raise_if_not_finite(self, name: str, finite: bool, step: int | None) -> None:
-        """Every rank raises :class:`SkippedUpdate` (warned) if a rank saw NaN/Inf in ``name``'s scores."""
+    def _skipped_unless_finite(self, name: str, finite: bool, step: int | None) -> UpdateResult | None:
+        """A skip (warned) on every rank if a rank saw NaN/Inf in ``name``'s scores, else ``None``."""
         if self.masked.sum_over_ranks([int(not finite)])[0]:
             self.masked.warn_non_finite([name], step)
-            raise SkippedUpdate
+            return UpdateResult(skipped=NON_FINITE)
+        return None
 
     def _nm_streamed(
         self, name: str, sparsity: float, kept: Tensor | None, scores: Mapping[str, Tensor] | None, step: int | None
-    ) -> Tensor:
+    ) -> dict[str, Tensor] | UpdateResult:
         """An N:M layer's entries to prune now (flat bool, among the kept ones), a block of whole rows at a time:
         each group lies in one row, so rows are masked independently. Matrices stored in x out take the whole
-        layer at once (their groups run down the columns)."""
+        layer at once (their groups run down the columns). A skip on NaN/Inf scores."""
         layer = self.scorer.scored_layer(name, kept, scores)
         shape = local(self.masked.params[name]).shape
         if name in self.transposed:
             whole = layer.chunk(0, layer.numel).view(shape)
-            self._raise_if_not_finite(name, all_finite(whole), step)
+            skipped = self._skipped_unless_finite(name, all_finite(whole), step)
+            if skipped is not None:
+                return skipped
             new = self.layer_mask(name, whole, sparsity, None if kept is None else ~kept.view(shape)).reshape(-1)
-            return ~new if kept is None else kept & ~new
+            return {name: ~new if kept is None else kept & ~new}
         width = max(1, layer.numel // max(shape[0], 1))  # a shard may hold no rows
         rows = max(1, _selection.CHUNK_SIZE // width)
         chosen = torch.zeros(layer.numel, dtype=torch.bool, device=local(self.masked.params[name]).device)
@@ -209,8 +296,7 @@ class Selection:
             torch.logical_not(self.pattern.mask(block, sparsity), out=part)
             if kept is not None:
                 part.logical_and_(kept[a:b].view(-1, width))
-        self._raise_if_not_finite(name, finite, step)
-        return chosen
+        return self._skipped_unless_finite(name, finite, step) or {name: chosen}
 
     def _select_streamed(
         self,
@@ -221,18 +307,19 @@ class Selection:
         step: int | None,
         *,
         scaled: bool,
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Tensor] | UpdateResult:
         """The ``count`` lowest-scoring kept entries over ``names`` (divided by each layer's mean score when
-        ``scaled``, the global allocation's normalisation)."""
+        ``scaled``, the global allocation's normalisation); a skip on NaN/Inf scores, a fallback on a negative
+        ``count`` (masks would grow back)."""
         if count < 0:
-            raise NeedsExactSelection  # the target is below what is pruned already: masks would grow back
+            return UpdateResult(fallback=BELOW_PRUNED)
         layers = [self.scorer.scored_layer(name, kept.get(name), scores) for name in names]
         if scaled:
             totals = self.masked.sum_over_ranks([layer_total(layer) for layer in layers], torch.float64)
             if not all(math.isfinite(t) for t in totals):
                 bad = [n for n, t in zip(names, totals, strict=True) if not math.isfinite(t)]
                 self.masked.warn_non_finite(bad, step)
-                raise SkippedUpdate
+                return UpdateResult(skipped=NON_FINITE)
             layers = [
                 replace(layer, scale=mean_scale(total, self.planner.numel[name]))
                 for layer, name, total in zip(layers, names, totals, strict=True)
@@ -241,9 +328,7 @@ class Selection:
             selected = select_lowest_streamed(layers, count, group=self.masked.group)
         except NonFiniteScores as error:
             self.masked.warn_non_finite([names[i] for i in error.layers], step)
-            raise SkippedUpdate from None
-        if selected is None:
-            raise NeedsExactSelection
+            return UpdateResult(skipped=NON_FINITE)
         return dict(zip(names, selected, strict=True))
 
     # -------------------------------------------------------------------------------------------------- exact
@@ -251,7 +336,7 @@ class Selection:
         self,
         plan: UpdatePlan | None,
         sparsity: float,
-        final_sparsity: float | None,
+        final_target: float | None,
         scores: Mapping[str, Tensor] | None,
         step: int | None,
         *,
@@ -263,7 +348,7 @@ class Selection:
         depends on scores) it is made from every layer's scores. ``keep_pruned``: entries pruned now stay pruned."""
         pruned = {name: ~mask for name, mask in self.masked.masks.items()} if keep_pruned else {}
         if plan is None:
-            return self._from_scores(sparsity, final_sparsity, scores, step, pruned, sensitivities)
+            return self._from_scores(sparsity, final_target, scores, step, pruned, sensitivities)
         masks: dict[str, Tensor] = {}
         for name, layer_sparsity in plan.per_layer.items():
             layer = scores[name] if scores is not None else self.scorer.score(name)
@@ -293,7 +378,7 @@ class Selection:
             selected = select_lowest([shared.pop(n) for n in plan.shared], budget, self.masked.group)
             masks.update({name: ~chosen for name, chosen in zip(plan.shared, selected, strict=True)})
             if self.masked.group is None and any(not bool(masks[n].any()) for n in plan.shared):
-                return self._from_scores(sparsity, final_sparsity, scores, step, pruned, sensitivities)  # keep one
+                return self._from_scores(sparsity, final_target, scores, step, pruned, sensitivities)  # keep one
         names = list(masks)
         counts = self.masked.sum_over_ranks([m.numel() - int(m.count_nonzero()) for m in masks.values()])
         self.planner.warn_nearly_empty({n: c / self.planner.numel[n] for n, c in zip(names, counts, strict=True)}, step)
@@ -302,7 +387,7 @@ class Selection:
     def _from_scores(
         self,
         sparsity: float,
-        final_sparsity: float | None,
+        final_target: float | None,
         scores: Mapping[str, Tensor] | None,
         step: int | None,
         pruned: Mapping[str, Tensor],
@@ -313,7 +398,7 @@ class Selection:
         if not self.masked.all_finite(scores, step):
             return None
         plan = self.planner.plan_from_scores(
-            scores, sparsity, final_sparsity, sensitivities=sensitivities, pruned=pruned or None
+            scores, sparsity, final_target, sensitivities=sensitivities, pruned=pruned or None
         )
         self.planner.warn_nearly_empty(plan.per_layer, step)
         return {name: self.layer_mask(name, scores[name], plan.per_layer[name], pruned.get(name)) for name in scores}

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pat_callbacks.core.patterns import lowest_k, prune_count
+from pat_callbacks.core.patterns import lowest_k, nm_mask, prune_count
 from pat_callbacks.core.sharding import is_sharded
 
 __all__ = ["refuse_sharded", "sparsegpt_prune"]
@@ -97,6 +97,10 @@ def sparsegpt_prune(
         nm: ``(N, M)``: keep N of every M consecutive weights of each row (``in`` a multiple of M, and
             ``block_size`` too).
         block_size: columns per lazy-update block (128 in the paper).
+
+    Which weights a block prunes is the package's one selection on ``w^2 / [H^-1]_jj^2``: the block's share of the
+    count by :func:`~pat_callbacks.core.patterns.lowest_k`, or each group's by
+    :func:`~pat_callbacks.core.patterns.nm_mask`; ties in index order in both.
         damping: ``lambda`` as a fraction of the mean diagonal of ``H`` (0.01 in the paper).
 
     Example:
@@ -137,8 +141,7 @@ def sparsegpt_prune(
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 group = w1[:, i : i + nm[1]].square() / d1[i : i + nm[1]].square().view(1, -1)
-                lowest = torch.topk(group, nm[1] - nm[0], dim=1, largest=False).indices
-                pruned1.scatter_(1, i + lowest, True)
+                pruned1[:, i : i + nm[1]] = ~nm_mask(group, *nm)
             col = w1[:, i]
             q = col.masked_fill(pruned1[:, i], 0.0)
             q1[:, i] = q

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from pat_callbacks.core.patterns import prune_count
+from pat_callbacks.core.radix import signed_keys
+from pat_callbacks.core.selection import select_lowest
 from pat_callbacks.core.sharding import is_sharded, local
 
 __all__ = ["row_mask", "row_masks", "wanda_score", "wanda_scores"]
@@ -88,9 +90,12 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
     """Keep-mask comparing scores within every output row (the first dimension; the rest flattened), Wanda's
     comparison group, with the layer's exact count: ``prune_count(numel, sparsity)`` pruned in all, each row its
     ``total // rows`` lowest scores, and the rows where one more costs least (the lowest next score; ties to the
-    lower row) one more. (Pruning ``round(sparsity * row size)`` in every row would miss the target whenever it
-    rounds: 0.7 of 128 inputs is 89.6.) Above ``(width - 1) / width`` some rows lose every weight. The sort costs
-    about 3x the layer's bytes, one layer at a time; on FSDP2 row shards the count is exact per shard.
+    lower row: the one selection's index order) one more. Scores rank by the package's one key
+    (:func:`~pat_callbacks.core.radix.signed_keys`), ties in index order: a stable sort of each row, since a
+    row-wise count does not batch into one selection. (Pruning ``round(sparsity * row size)`` in every row would
+    miss the target whenever it rounds: 0.7 of 128 inputs is 89.6.) Above ``(width - 1) / width`` some rows lose
+    every weight. The sort costs about 3x the layer's bytes, one layer at a time; on FSDP2 row shards the count is
+    exact per shard.
 
     Example:
         >>> import torch
@@ -105,12 +110,11 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
     if total == 0:
         return torch.ones_like(scores, dtype=torch.bool)
     base, extra = divmod(total, n_rows)
-    values, order = torch.sort(rows, dim=1, stable=True)  # ties to the lower input index
+    order = torch.sort(signed_keys(rows.to(torch.float32)), dim=1, stable=True).indices  # ties to the lower input
     counts = torch.full((n_rows,), base, dtype=torch.long, device=rows.device)
     if extra:
-        next_cost = values[:, base]  # the score a row loses by pruning one more (base < width here)
-        cheapest = torch.sort(next_cost, stable=True).indices[:extra]
-        counts[cheapest] += 1
+        next_cost = rows.gather(1, order[:, base : base + 1]).reshape(-1)  # what one more costs (base < width here)
+        counts += select_lowest([next_cost], extra)[0]
     pruned_sorted = torch.arange(width, device=rows.device).expand(n_rows, width) < counts[:, None]
     mask = torch.ones_like(rows, dtype=torch.bool)
     mask.scatter_(1, order, ~pruned_sorted)

@@ -97,3 +97,41 @@ def test_block_mask_prunes_whole_blocks_by_summed_score():
         block_mask(torch.rand(5, 4), 0.5, (2, 2))
     with pytest.raises(ValueError, match="Expected `pattern` 'block:RxC'"):
         parse_block("block:4")
+
+
+def test_lowest_k_and_nm_masks_break_ties_in_index_order():
+    values = torch.tensor([2.0, 1.0, 1.0, 0.0, 1.0, 1.0, 3.0])
+    assert lowest_k(values, 3).tolist() == [False, True, True, True, False, False, False]
+    assert lowest_k(values, 5).tolist() == [False, True, True, True, True, True, False]
+    ties = torch.randint(0, 3, (64, 48), generator=torch.Generator().manual_seed(0)).float()
+    flat = ties.reshape(-1)
+    for k in (0, 1, 1000, 3072):
+        expected = torch.zeros(flat.numel(), dtype=torch.bool)
+        expected[torch.sort(flat, stable=True).indices[:k]] = True
+        assert torch.equal(lowest_k(flat, k), expected)
+    groups = ties.reshape(64, -1, 4)
+    expected = torch.ones_like(groups, dtype=torch.bool)
+    expected.scatter_(-1, torch.sort(groups, dim=-1, stable=True).indices[..., :2], False)
+    assert torch.equal(nm_mask(ties, 2, 4), expected.reshape(ties.shape))
+    assert nm_mask(torch.ones(1, 4), 2, 4).tolist() == [[False, False, True, True]]
+
+
+def test_block_masks_prune_tied_blocks_in_index_order():
+    assert block_mask(torch.ones(2, 8), 0.5, (2, 2)).int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]] * 2
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_group_ranks_by_pairs_and_by_a_stable_sort_agree(monkeypatch, m):
+    import pat_callbacks.core.patterns as patterns
+
+    ties = torch.randint(0, 3, (32, 8 * m), generator=torch.Generator().manual_seed(m)).float()
+    masks = []
+    for limit in (0, 64):  # every group by a stable sort, then every group by pairs
+        monkeypatch.setattr(patterns, "_PAIRWISE_GROUPS", limit)
+        masks.append([nm_mask(ties, n, m) for n in range(1, m)])
+    assert all(torch.equal(a, b) for a, b in zip(*masks, strict=True))
+    groups = ties.reshape(32, -1, m)
+    for n, mask in zip(range(1, m), masks[0], strict=True):
+        expected = torch.ones_like(groups, dtype=torch.bool)
+        expected.scatter_(-1, torch.sort(groups, dim=-1, stable=True).indices[..., : m - n], False)
+        assert torch.equal(mask, expected.reshape(ties.shape))

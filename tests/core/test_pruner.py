@@ -203,20 +203,21 @@ def test_streamed_updates_shrink_the_masks_in_place(monkeypatch):
     assert zeros == round(0.8 * sum(m.numel() for m in masks.values()))
 
 
-def test_a_missed_bracket_falls_back_to_exact_selection(monkeypatch):
-    import pat_callbacks.core.updates as updates_module
+def test_a_missed_bracket_is_settled_by_the_radix_select_within_the_streamed_update(monkeypatch):
+    import pat_callbacks.core.selection as selection
 
+    monkeypatch.setattr(selection, "_Z", -50.0)  # every sampled bracket misses the k-th value
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 300)
     calls = []
-
-    def missed(*args, **kwargs):
-        calls.append(1)
-        return None
-
-    monkeypatch.setattr(updates_module, "select_lowest_streamed", missed)
+    bracketed = selection._bracketed
+    monkeypatch.setattr(selection, "_bracketed", lambda *a: calls.append(bracketed(*a)) or calls[-1])
     model = _mlp()
     pruner = Pruner(model, allocation="global")
+    assert pruner.prune_to(0.5)
+    masks = dict(pruner.masks)
     assert pruner.prune_to(0.7)
-    assert calls
+    assert calls and all(c is None for c in calls)  # missed, and still streamed: the masks shrank in place
+    assert all(pruner.masks[n] is masks[n] for n in masks)
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n in pruner.params)
     assert zeros == round(0.7 * sum(p.numel() for p in pruner.params.values()))
 

@@ -123,12 +123,18 @@ def test_streamed_selection_matches_a_full_sort_of_the_kept_entries(seed, kind, 
         assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), (kind, k)
 
 
-def test_streamed_selection_says_when_its_bracket_missed(monkeypatch):
+def test_a_missed_bracket_is_settled_by_the_radix_select_over_the_layers(monkeypatch):
+    import pat_callbacks.core.radix as radix
     import pat_callbacks.core.selection as selection
 
     monkeypatch.setattr(selection, "_Z", -50.0)  # a bracket that excludes the k-th value
-    layer = ScoredLayer.of(torch.randn(5000, generator=torch.Generator().manual_seed(0)))
-    assert select_lowest_streamed([layer], 2500, sample_size=100, chunk_size=512) is None
+    scores = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    assert selection._bracketed([ScoredLayer.of(scores)], 2500, None, 0, 100, 512) is None
+    calls = []
+    monkeypatch.setattr(selection, "radix_select", lambda *a, **kw: calls.append(a[1]) or radix.radix_select(*a, **kw))
+    (got,) = select_lowest_streamed([ScoredLayer.of(scores)], 2500, sample_size=100, chunk_size=512)
+    expected = _streamed_reference([scores], [torch.ones(5000, dtype=torch.bool)], [1.0], 2500)[0]
+    assert calls == [2500] and torch.equal(got, expected)
 
 
 def test_streamed_selection_finds_nan_outside_its_sample():

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import pat_callbacks.core.radix as radix
 import pat_callbacks.core.selection as selection
 from pat_callbacks.core import Pruner
 from pat_callbacks.core.regrowth import swapped_entries
@@ -26,10 +27,12 @@ from tests.core.test_selection import _on_two_ranks, _streamed_reference
 
 
 def _both(monkeypatch, run):
-    """``run()`` under the host strategy, then under the device strategy."""
+    """``run()`` under the host strategy, then under the device strategy with its histograms even for the small
+    selections (whose threshold is otherwise found by ``kthvalue``)."""
     monkeypatch.setattr(selection, "STRATEGY", "host")
     host = run()
     monkeypatch.setattr(selection, "STRATEGY", "device")
+    monkeypatch.setattr(radix, "SMALL_SELECTION", 0)
     return host, run()
 
 
@@ -56,7 +59,7 @@ def test_signed_keys_and_their_top_halves_keep_the_float_order():
     values = torch.tensor([float("-inf"), -3.5, -1e-38, -0.0, 0.0, 1e-45, 2.0, 2.0000002, float("inf")])
     keys = signed_keys(values)
     assert keys.tolist() == sorted(keys.tolist()) and len(set(keys.tolist())) == values.numel()
-    assert torch.equal(selection._high_keys(values).int(), keys >> 16)
+    assert torch.equal(radix._high_keys(values).int(), keys >> 16)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -91,6 +94,7 @@ def test_device_exact_selection_equals_the_host_one(monkeypatch, kind):
 
 def test_device_selection_finds_nan_and_refuses_too_many(monkeypatch):
     monkeypatch.setattr(selection, "STRATEGY", "device")
+    monkeypatch.setattr(radix, "SMALL_SELECTION", 0)  # the histograms, not kthvalue
     scores = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
     scores[7777] = float("nan")
     with pytest.raises(NonFiniteScores) as caught:
@@ -109,7 +113,7 @@ def test_device_strategy_never_reads_the_host_inside_a_loop(monkeypatch):
     pass, and nowhere else: every way a tensor reaches Python fails outside it."""
     monkeypatch.setattr(selection, "STRATEGY", "device")
     reads, allowed = [], [False]
-    original = selection._read
+    original = radix._read
 
     def counted(*tensors):
         reads.append(len(tensors))
@@ -119,7 +123,7 @@ def test_device_strategy_never_reads_the_host_inside_a_loop(monkeypatch):
         finally:
             allowed[0] = False
 
-    monkeypatch.setattr(selection, "_read", counted)
+    monkeypatch.setattr(radix, "_read", counted)
     for method in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
         real = getattr(torch.Tensor, method)
 
@@ -130,10 +134,11 @@ def test_device_strategy_never_reads_the_host_inside_a_loop(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, method, guarded)
     generator = torch.Generator().manual_seed(0)
-    layers = [ScoredLayer.of(torch.randint(0, 50, (1200,), generator=generator).float() / 7) for _ in range(3)]
-    chosen = select_lowest_streamed(layers, 1000, chunk_size=300)
+    size = radix.SMALL_SELECTION // 2  # 3 layers: above the small selections' kthvalue path
+    layers = [ScoredLayer.of(torch.randint(0, 50, (size,), generator=generator).float() / 7) for _ in range(3)]
+    chosen = select_lowest_streamed(layers, size, chunk_size=size // 4)
     allowed[0] = True
-    assert sum(int(m.sum()) for m in chosen) == 1000
+    assert sum(int(m.sum()) for m in chosen) == size
     assert len(reads) == 2
 
 
@@ -161,6 +166,7 @@ def test_deterministic_mode_counts_with_bincount_and_selects_the_same(monkeypatc
     monkeypatch.setattr(selection, "STRATEGY", "host")
     host = select_lowest_streamed(layers, 2000)
     monkeypatch.setattr(selection, "STRATEGY", "device")
+    monkeypatch.setattr(radix, "SMALL_SELECTION", 0)
     histc = torch.histc
     monkeypatch.setattr(torch, "histc", lambda *a, **k: pytest.fail("histc under deterministic algorithms"))
     was = torch.are_deterministic_algorithms_enabled()
@@ -281,3 +287,35 @@ def _device_worker(rank: int, world: int, port: int, queue) -> None:
 def test_device_strategy_over_two_ranks_equals_the_host_one():
     results = _on_two_ranks(_device_worker, 29_700 + os.getpid() % 1000)
     assert all(all(flags) for flags in results.values()), results
+
+
+def test_the_environment_strategy_is_read_in_any_case_and_an_unknown_one_is_refused_at_import():
+    import subprocess
+    import sys
+
+    code = "import pat_callbacks.core.selection as s; print(s.STRATEGY)"
+    upper = {**os.environ, "PAT_SELECTION_STRATEGY": "Host"}
+    done = subprocess.run([sys.executable, "-c", code], env=upper, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "host"
+    garbage = {**os.environ, "PAT_SELECTION_STRATEGY": "garbage"}
+    failed = subprocess.run([sys.executable, "-c", code], env=garbage, capture_output=True, text=True)
+    expected = "PAT_SELECTION_STRATEGY to be one of ['auto', 'host', 'device'] (any case), but got 'garbage'"
+    assert failed.returncode != 0 and expected in failed.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_small_selections_find_the_same_threshold_by_kthvalue_as_by_histograms(monkeypatch, kind):
+    import pat_callbacks.core.radix as radix
+
+    scores = _scores(kind, 3)
+    generator = torch.Generator().manual_seed(4)
+    kept = [torch.rand(s.numel(), generator=generator) > 0.3 for s in scores]
+    layers = [ScoredLayer.of(s, m, sc) for s, m, sc in zip(scores, kept, [1.0, 2.5, 1.0, 0.3], strict=True)]
+    total = sum(int(m.sum()) for m in kept)
+    for k in (0, 1, total // 3, total - 1, total):
+        small = radix.radix_select(layers, k)
+        monkeypatch.setattr(radix, "SMALL_SELECTION", 0)
+        large = radix.radix_select(layers, k, chunk_size=333)
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(small, large, strict=True)), (kind, k)
+        assert sum(int(m.sum()) for m in small) == k

@@ -113,3 +113,39 @@ def test_a_pruned_weight_never_returns_on_sharded_ranks():
         for allocation, force_exact, kept_out, sparsity in rows:
             assert kept_out, (rank, allocation, force_exact)
             assert abs(sparsity - 0.6) < 2e-3, (rank, allocation, force_exact, sparsity)  # uniform rounds per layer
+
+
+# ------------------------------------------------------------------------------------- what one update returns
+def _update(pruner: Pruner, sparsity: float, **kwargs):
+    plan = pruner.planner.plan(sparsity)
+    return pruner.selection.update(plan, sparsity, **{"stream": True, "keep_pruned": True, **kwargs})
+
+
+def test_an_update_says_whether_it_streamed_fell_back_or_was_skipped():
+    from pat_callbacks.core.updates import BELOW_PRUNED, NON_FINITE, UpdateResult
+
+    model = _model()
+    pruner = Pruner(model)
+    streamed = _update(pruner, 0.5)
+    assert isinstance(streamed, UpdateResult) and not streamed.exact and streamed.fallback is None
+    assert streamed.skipped is None and streamed.entries.keys() == pruner.params.keys()
+    pruner.set_masks({n: torch.arange(p.shape[0]).view(-1, 1).expand(p.shape) < 1 for n, p in pruner.params.items()})
+    fell_back = _update(pruner, 0.3)  # below what the masks prune: a streamed pass cannot decide
+    assert fell_back.exact and fell_back.fallback == BELOW_PRUNED and fell_back.entries is None
+    exact = _update(pruner, 0.3, stream=False)
+    assert exact.exact and exact.fallback is None
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        skipped = _update(pruner, 0.9)
+    assert skipped == UpdateResult(skipped=NON_FINITE)
+
+
+def test_the_former_update_exceptions_still_import_with_a_deprecation_warning():
+    import pat_callbacks.core.updates as updates
+
+    with pytest.warns(DeprecationWarning, match="`NeedsExactSelection` is no longer raised.*fallback"):
+        error = updates.NeedsExactSelection
+    assert issubclass(error, Exception)
+    with pytest.warns(DeprecationWarning, match="`SkippedUpdate`.*skipped"):
+        from pat_callbacks.core.updates import SkippedUpdate  # noqa: F401

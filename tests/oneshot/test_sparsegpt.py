@@ -87,3 +87,13 @@ def test_refused_under_fsdp2_with_a_clear_message(tmp_path):
 def test_not_positive_definite_says_what_to_do():
     with pytest.raises(RuntimeError, match="larger `damping`"):
         sparsegpt_prune(torch.ones(2, 2), torch.tensor([[1.0, 2.0], [2.0, -5.0]]), 0.5, damping=1e-6)
+
+
+def test_sparsegpt_prunes_tied_weights_in_index_order():
+    from pat_callbacks.oneshot.sparsegpt import sparsegpt_prune
+
+    weight, hessian = torch.ones(3, 8), torch.eye(8)  # every weight ties: the first ones in each row / block go
+    _, mask = sparsegpt_prune(weight, hessian, 0.5, block_size=8)
+    assert (~mask).reshape(-1).nonzero().reshape(-1).tolist() == list(range(12))
+    _, mask = sparsegpt_prune(weight, hessian, 0.0, nm=(2, 4), block_size=8)
+    assert mask.int().tolist() == [[0, 0, 1, 1, 0, 0, 1, 1]] * 3

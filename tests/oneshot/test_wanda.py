@@ -112,3 +112,9 @@ def test_per_row_wanda_reaches_every_layers_exact_count_on_transformers(family):
     assert result.pruner.transposed or family == "char_gpt"  # GPT-2's Conv1D weights are in x out
     for name, weight in result.pruner.params.items():
         assert int((weight == 0).sum()) == prune_count(weight.numel(), 0.7), name
+
+
+def test_per_row_mask_breaks_ties_in_index_order_within_rows_and_across_rows():
+    scores = torch.ones(3, 4)
+    assert row_mask(scores, 0.5).int().tolist() == [[0, 0, 1, 1]] * 3
+    assert row_mask(scores, 7 / 12).int().tolist() == [[0, 0, 0, 1], [0, 0, 1, 1], [0, 0, 1, 1]]  # row 0: one more
