@@ -46,7 +46,7 @@ from pat_callbacks.core._validation import check_fraction
 from pat_callbacks.core.owl import OWL_LAMBDA, OWL_M, owl_sparsities
 from pat_callbacks.core.patterns import prune_count, unstructured_mask
 from pat_callbacks.core.registry import Registry
-from pat_callbacks.core.selection import ScoredLayer, layer_total
+from pat_callbacks.core.selection import ScoredLayer, layer_total, select_lowest
 
 __all__ = [
     "ALLOCATIONS",
@@ -225,19 +225,12 @@ def _max_count(numel: int, max_sparsity: float, keep_one: bool) -> int:
 
 
 def _threshold_counts(flat: Mapping[str, Tensor], n_prune: int) -> dict[str, int]:
-    """Per-layer counts of the ``n_prune`` lowest scores overall (k-th value selection; ties in layer order)."""
+    """Per-layer counts of the ``n_prune`` lowest scores overall (the one exact selection,
+    :func:`~pat_callbacks.core.selection.select_lowest`: ties in layer order, then index order)."""
     if n_prune <= 0 or not flat:
         return dict.fromkeys(flat, 0)
-    everything = torch.cat(list(flat.values()))
-    threshold = torch.kthvalue(everything, n_prune).values.to(everything.device)
-    below = {name: int((s < threshold).sum()) for name, s in flat.items()}
-    remaining = n_prune - sum(below.values())
-    counts = {}
-    for name, s in flat.items():
-        ties = min(remaining, int((s == threshold).sum())) if remaining > 0 else 0
-        remaining -= ties
-        counts[name] = below[name] + ties
-    return counts
+    chosen = select_lowest(list(flat.values()), n_prune)
+    return {name: int(mask.sum()) for name, mask in zip(flat, chosen, strict=True)}
 
 
 def erdos_renyi_allocation(
