@@ -122,8 +122,10 @@ class DynamicSparseTrainingConf(_CommonPruningConf):
     update_every: int = 100
     drop_fraction: float = 0.3
     decay: str = "cosine"
-    stop_fraction: float = 0.75
-    stop_step: Optional[int] = None
+    end_fraction: float = 0.75
+    end_step: Optional[int] = None
+    stop_fraction: Optional[float] = None  # the former name of end_fraction
+    stop_step: Optional[int] = None  # the former name of end_step
     allocation: str = "erk"
     seed: int = 0
 
