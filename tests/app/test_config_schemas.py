@@ -96,3 +96,11 @@ def test_conf_type(annotation, expected):
 def test_structured_configs_take_the_odd_even_phase_like_gradual_ones():
     cfg = OmegaConf.merge(OmegaConf.structured(SCHEMAS["pruning/structured"]), {"phase_steps": 10})
     assert cfg.phase_steps == 10  # StructuredPruning takes every window argument; its old schema missed these
+
+
+@pytest.mark.parametrize("key", sorted(SCHEMAS))
+def test_configs_of_generated_schemas_pickle_for_multirun_launchers(key):
+    import pickle
+
+    config = OmegaConf.structured(SCHEMAS[key])
+    assert OmegaConf.get_type(pickle.loads(pickle.dumps(config))) is SCHEMAS[key]  # joblib, submitit
