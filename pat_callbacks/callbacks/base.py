@@ -246,7 +246,7 @@ class PruningCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        guards.mask_averages(self.pruner, trainer.callbacks)
+        guards.mask_averages(self.pruner, trainer.callbacks)  # SWA / EMA copies within the masks, in any order
 
     @override
     def on_train_batch_start(
@@ -302,7 +302,7 @@ class PruningCallback(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruner is not None:
             guards.mask_averages(self.pruner, trainer.callbacks)
-            self.pruner.apply()  # the average is copied back over the model after this hook
+            self.pruner.apply()  # the model or, while swapped in, the average
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
