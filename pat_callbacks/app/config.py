@@ -9,9 +9,11 @@ instantiated, still before training. The recovery configs (``conf/recovery/``: d
 ``schema/recovery/{distillation,quantization}`` the same way; they are packaged under ``callbacks.*``, so
 ``run_training`` builds them with the other callbacks.
 
-The callbacks' schemas are made from their ``__init__`` signatures (:func:`schema_from_signature`), so a key and
-its default cannot drift from the argument they configure; what a schema leaves out, or types differently, is
-declared next to it with the reason.
+The schemas are written out (this module imports only Hydra: the search-path plugin imports it in every Hydra app
+of the environment, and importing the callbacks would import Lightning there), and each is checked against its
+callback's ``__init__`` by :func:`schema_drift` (``tests/app/test_config_schemas.py``), so a key, its type or its
+default cannot drift from the argument it configures; what a schema leaves out, or types differently, is declared
+on it (``left_out``, ``differs``) with the reason.
 
 Example:
     >>> from omegaconf import OmegaConf
@@ -27,20 +29,10 @@ Example:
 import dataclasses
 import difflib
 import inspect
-from dataclasses import dataclass, fields
-from typing import Any, List, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-
-from pat_callbacks.callbacks import (
-    Distillation,
-    DynamicSparseTraining,
-    GradualPruning,
-    OneShotPruning,
-    QuantizationAwareTraining,
-    StructuredPruning,
-)
-from pat_callbacks.core.windows import WindowArguments
 
 __all__ = [
     "SCHEMAS",
@@ -56,218 +48,164 @@ __all__ = [
     "conf_type",
     "promote_swept_group_keys",
     "register_configs",
-    "schema_from_signature",
+    "schema_drift",
 ]
 
-# OmegaConf 2.3 reads the fields' types at runtime and knows typing.Optional/List/Any and plain bool/int/float/str,
-# not `X | None`, nor the callbacks' own classes: conf_type maps each argument's annotation onto those.
-_PLAIN = {"bool": bool, "int": int, "float": float, "str": str}
+# OmegaConf 2.3 reads these annotations at runtime and knows typing.Optional/Dict/List, not `X | None`.
 
 
-def _union_parts(annotation: str) -> list[str]:
-    """The top-level members of a ``X | Y`` annotation string (brackets kept whole)."""
-    parts, depth, current = [], 0, ""
-    for char in annotation:
-        depth += char == "["
-        depth -= char == "]"
-        if char == "|" and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += char
-    return [*parts, current.strip()]
+@dataclass
+class _LoggingConf:
+    remask_weights: Any = "auto"
+    log_per_layer: bool = True
+    prog_bar: bool = True
+    verbose: bool = True
 
 
-def conf_type(annotation: str) -> Any:
-    """The type a config field gets for an argument annotated ``annotation``: its one plain type (bool, int, float,
-    str; a ``str | Sequence[str]`` is a list of strings), ``Optional`` when ``None`` is allowed; ``Any`` when the
-    argument takes several plain types or a literal (the callback checks the value when instantiated).
-
-    Example:
-        >>> conf_type("str | Criterion | None")  # a name in a config, a Criterion object from Python
-        typing.Optional[str]
-        >>> conf_type("str | Sequence[str] | None"), conf_type("bool | Literal['auto']")
-        (typing.Optional[typing.List[str]], typing.Any)
-    """
-    parts = _union_parts(annotation)
-    optional = "None" in parts
-    parts = [part for part in parts if part != "None"]
-    if any(part.startswith("Literal[") for part in parts):
-        return Any
-    if "Sequence[str]" in parts and set(parts) <= {"str", "Sequence[str]"}:
-        base: Any = List[str]
-    else:
-        plain = [_PLAIN[part] for part in parts if part in _PLAIN]
-        base = plain[0] if len(plain) == 1 else Any
-    return Optional[base] if optional and base is not Any else base
+@dataclass
+class _CommonPruningConf(_LoggingConf):
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    keep_first: bool = False
+    keep_last: bool = False
+    # Any, not Optional[Dict[str, float]]: OmegaConf 2.3 crashes assigning a dict to an Optional[Dict] node that
+    # holds None, and merges into a typed dict node under the struct flag (new keys refused). Values are checked
+    # by the callbacks (`layer_sparsity['net.fc1.weight']` must be a float in [0, 1)) when instantiated.
+    layer_sparsity: Any = None
+    allow_vectors: bool = False
 
 
-def _annotation_text(annotation: Any) -> str:
-    """An annotation as written: a string under ``from __future__ import annotations`` (a ``ForwardRef`` in a
-    ``TypedDict``), else the class's name."""
-    if isinstance(annotation, str):
-        return annotation
-    return getattr(annotation, "__forward_arg__", None) or getattr(annotation, "__name__", "Any")
+@dataclass
+class _ScheduleWindowConf:
+    # One name for the target in every pruning config (DST's too), so one sweep crosses methods and targets. The
+    # window is unset: the callback's default (10% to 70% of training) applies unless one key per bound is given,
+    # so a key given on the command line or in a recipe is never in conflict with one from the shipped YAML.
+    sparsity: Optional[float] = None
+    schedule: str = "cubic"
+    initial_sparsity: Optional[float] = None
+    start_step: Optional[int] = None
+    end_step: Optional[int] = None
+    start_epoch: Optional[float] = None
+    end_epoch: Optional[float] = None
+    start_fraction: Optional[float] = None
+    end_fraction: Optional[float] = None
+    update_every: Optional[int] = None
+    phase_steps: Optional[int] = None
+    phase_epochs: Optional[float] = None
+    power: Optional[float] = None
 
 
-def schema_from_signature(
-    name: str,
-    target: type,
-    doc: str,
-    *,
-    left_out: dict[str, str] | None = None,
-    differs: dict[str, tuple[Any, Any, str]] | None = None,
-) -> type:
-    """A structured-config dataclass with one field per argument of ``target.__init__`` (the window arguments of
-    ``**window`` included), typed by :func:`conf_type`, with the argument's default, after ``_target_``.
-
-    Args:
-        name: the dataclass's name (``GradualPruningConf``).
-        target: the callback class; ``_target_`` is ``pat_callbacks.<its name>``.
-        doc: the dataclass's docstring.
-        left_out: ``{argument: why}`` for arguments a config cannot give (a callable, a module) or gives under
-            another key; each must be an argument of ``target``.
-        differs: ``{argument: (type, default, why)}`` where the config's field is deliberately not the argument's
-            own; each must be an argument of ``target``.
-
-    Example:
-        >>> class Callback:
-        ...     def __init__(self, sparsity: float = 0.5, *, include: "str | Sequence[str] | None" = None): ...
-        >>> Conf = schema_from_signature("Conf", Callback, "Schema of Callback.")
-        >>> [(f.name, f.type, f.default) for f in dataclasses.fields(Conf)][1:]
-        [('sparsity', <class 'float'>, 0.5), ('include', typing.Optional[typing.List[str]], None)]
-    """
-    left_out, differs = left_out or {}, differs or {}
-    arguments = {
-        param.name: (param.annotation, param.default)
-        for param in list(inspect.signature(target.__init__).parameters.values())[1:]
-        if param.kind is not param.VAR_KEYWORD
-    }
-    if any(param.kind is param.VAR_KEYWORD for param in inspect.signature(target.__init__).parameters.values()):
-        arguments.update({key: (annotation, None) for key, annotation in WindowArguments.__annotations__.items()})
-    stale = sorted((set(left_out) | set(differs)) - set(arguments))
-    if stale:
-        raise TypeError(f"{name}: {stale} are not arguments of {target.__name__} (renamed or removed?)")
-    specs: list[tuple[str, Any, Any]] = [
-        ("_target_", str, dataclasses.field(default=f"pat_callbacks.{target.__name__}"))
-    ]
-    for key, (annotation, default) in arguments.items():
-        if key in left_out:
-            continue
-        if key in differs:
-            kind, default = differs[key][:2]
-        else:
-            kind = conf_type(_annotation_text(annotation))
-        if isinstance(default, (list, tuple, dict)):
-            value = dataclasses.field(default_factory=type(default) if isinstance(default, dict) else list)
-        else:
-            value = dataclasses.field(default=default)
-        specs.append((key, kind, value))
-    schema = dataclasses.make_dataclass(name, specs, namespace={"__doc__": doc})
-    schema.__module__ = __name__  # for doctests, pickling (multirun launchers) and messages
-    schema.left_out, schema.differs = left_out, differs
-    return schema
-
-
-_TARGET = "the target is `sparsity` in every pruning config (`final_sparsity` is refused with that hint)"
-_PYTHON_ONLY = "a callable or an object: Python only"
-
-GradualPruningConf = schema_from_signature(
-    "GradualPruningConf",
-    GradualPruning,
+@dataclass
+class GradualPruningConf(_CommonPruningConf, _ScheduleWindowConf):
     """Schema of :class:`pat_callbacks.GradualPruning` configs.
 
     Example:
         >>> from omegaconf import OmegaConf
         >>> OmegaConf.structured(GradualPruningConf).schedule
-        'cubic'""",
-    left_out={"final_sparsity": _TARGET, "loss_fn": _PYTHON_ONLY},
-    differs={
-        "criterion": (
-            str,
-            "taylor",
-            "spelled out, so a config's run with manual optimization is refused with the reason rather than "
-            "falling back to magnitude as the unset Python default does",
-        )
-    },
-)
+        'cubic'"""
 
-DynamicSparseTrainingConf = schema_from_signature(
-    "DynamicSparseTrainingConf",
-    DynamicSparseTraining,
+    left_out: ClassVar[Dict[str, str]] = {"final_sparsity": "the target is `sparsity`", "loss_fn": "a callable"}
+    differs: ClassVar[Dict[str, str]] = {
+        "criterion": "'taylor' spelled out: a config with manual optimization is refused with the reason, where the "
+        "unset Python default falls back to magnitude",
+    }
+
+    _target_: str = "pat_callbacks.GradualPruning"
+    drop_fraction: float = 0.0
+    regrow_fraction: Optional[float] = None  # the former name of drop_fraction
+    pattern: str = "unstructured"
+    criterion: str = "taylor"
+    allocation: Optional[str] = None  # global; uniform with an N:M pattern
+    min_sparsity: float = 0.0
+    max_sparsity: float = 1.0
+    probe_sparsity: float = 0.9
+    sensitivity_batches: int = 4
+    rewind_step: Optional[int] = None
+
+
+@dataclass
+class DynamicSparseTrainingConf(_CommonPruningConf):
     """Schema of :class:`pat_callbacks.DynamicSparseTraining` configs.
 
     Example:
         >>> from omegaconf import OmegaConf
         >>> OmegaConf.structured(DynamicSparseTrainingConf).method
-        'rigl'""",
-)
+        'rigl'"""
 
-StructuredPruningConf = schema_from_signature(
-    "StructuredPruningConf",
-    StructuredPruning,
+    _target_: str = "pat_callbacks.DynamicSparseTraining"
+    sparsity: float = 0.9
+    method: str = "rigl"
+    update_every: int = 100
+    drop_fraction: float = 0.3
+    decay: str = "cosine"
+    end_fraction: float = 0.75
+    end_step: Optional[int] = None
+    stop_fraction: Optional[float] = None  # the former name of end_fraction
+    stop_step: Optional[int] = None  # the former name of end_step
+    allocation: str = "erk"
+    seed: int = 0
+
+
+@dataclass
+class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
     """Schema of :class:`pat_callbacks.StructuredPruning` configs.
 
     Example:
         >>> from omegaconf import OmegaConf
         >>> OmegaConf.structured(StructuredPruningConf).criterion is None  # the callback's default: l2
         True
-    """,
-    left_out={"final_sparsity": _TARGET, "example_inputs": _PYTHON_ONLY},
-    differs={
-        "heads": (str, "auto", "a Literal alias: a name in a config"),
-        "attention": (Optional[List[Any]], None, "a list of layout mappings"),
-    },
-)
+    """
 
-OneShotPruningConf = schema_from_signature(
-    "OneShotPruningConf",
-    OneShotPruning,
+    left_out: ClassVar[Dict[str, str]] = {"final_sparsity": "the target is `sparsity`", "example_inputs": "tensors"}
+    differs: ClassVar[Dict[str, str]] = {
+        "heads": "a Literal alias: a name in a config",
+        "attention": "a list of layout mappings",
+    }
+
+    _target_: str = "pat_callbacks.StructuredPruning"
+    criterion: Optional[str] = None  # l2 (unset, so the former key `importance` can still be given alone)
+    exclude: Optional[List[str]] = None
+    importance: Optional[str] = None  # the former name of criterion
+    ignore: Optional[List[str]] = None  # the former name of exclude
+    attention: Optional[List[Any]] = None
+    heads: str = "auto"
+    round_to: Optional[int] = None
+    uniform_per_layer: bool = False
+    trace_timeout: Optional[float] = 60.0
+
+
+@dataclass
+class OneShotPruningConf(_LoggingConf):
     """Schema of :class:`pat_callbacks.OneShotPruning` configs (``conf/pruning/wanda.yaml``, ``sparsegpt.yaml``).
 
     Example:
         >>> from omegaconf import OmegaConf
         >>> OmegaConf.structured(OneShotPruningConf).method
         'wanda'
-    """,
-    left_out={"forward": _PYTHON_ONLY},
-    differs={"sparsity": (Optional[float], 0.5, "a config states its target (the Python default: N:M's, else none)")},
-)
+    """
 
-DistillationConf = schema_from_signature(
-    "DistillationConf",
-    Distillation,
-    """Schema of :class:`pat_callbacks.Distillation` configs (``conf/recovery/distill.yaml``, at
-    ``callbacks.distill``).
+    left_out: ClassVar[Dict[str, str]] = {"forward": "a callable"}
+    differs: ClassVar[Dict[str, str]] = {"sparsity": "a config states its target (in Python: N:M's, else required)"}
 
-    Example:
-        >>> from omegaconf import OmegaConf
-        >>> OmegaConf.structured(DistillationConf).temperature
-        2.0""",
-    left_out={"teacher": "a module: Python only (a config distils from a copy of the model)"},
-)
-
-QuantizationConf = schema_from_signature(
-    "QuantizationConf",
-    QuantizationAwareTraining,
-    """Schema of :class:`pat_callbacks.QuantizationAwareTraining` configs (``conf/recovery/qat_*.yaml``, at
-    ``callbacks.qat``).
-
-    Example:
-        >>> from omegaconf import OmegaConf
-        >>> OmegaConf.structured(QuantizationConf).bits
-        8""",
-)
-
-# Each callback's schema, by its ConfigStore name (``schema/<group>/<name>``).
-SCHEMAS: dict[str, type] = {
-    "pruning/gradual": GradualPruningConf,
-    "pruning/dynamic": DynamicSparseTrainingConf,
-    "pruning/structured": StructuredPruningConf,
-    "pruning/oneshot": OneShotPruningConf,
-    "recovery/distillation": DistillationConf,
-    "recovery/quantization": QuantizationConf,
-}
+    _target_: str = "pat_callbacks.OneShotPruning"
+    method: str = "wanda"
+    sparsity: Optional[float] = 0.5
+    pattern: str = "unstructured"
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    calibration_batches: int = 16
+    calibration: str = "train"  # train | val (a DataLoader only from Python)
+    at_step: int = 0
+    per_row: Optional[bool] = None
+    allocation: str = "uniform"
+    sequential: bool = True
+    block_size: int = 128
+    damping: float = 0.01
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    keep_first: bool = False
+    keep_last: bool = False
 
 
 @dataclass
@@ -379,6 +317,50 @@ def promote_swept_group_keys(overrides: Sequence[str]) -> list[str]:
     return args
 
 
+@dataclass
+class DistillationConf:
+    """Schema of :class:`pat_callbacks.Distillation` configs (``conf/recovery/distill.yaml``, at
+    ``callbacks.distill``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(DistillationConf).temperature
+        2.0"""
+
+    left_out: ClassVar[Dict[str, str]] = {"teacher": "a module (a config distils from a copy of the model)"}
+
+    _target_: str = "pat_callbacks.Distillation"
+    temperature: float = 2.0
+    alpha: float = 1.0
+    hidden_layers: Any = field(default_factory=list)  # a list of names or {student: teacher}
+    hidden_weight: float = 1.0
+    teacher_step: Any = "pruning_start"  # or a step number
+    teacher_dtype: Optional[str] = None
+    teacher_device: Optional[str] = None
+    student_module: str = ""
+    save_teacher: bool = True
+    log: bool = True
+
+
+@dataclass
+class QuantizationConf:
+    """Schema of :class:`pat_callbacks.QuantizationAwareTraining` configs (``conf/recovery/qat_*.yaml``, at
+    ``callbacks.qat``).
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> OmegaConf.structured(QuantizationConf).bits
+        8"""
+
+    _target_: str = "pat_callbacks.QuantizationAwareTraining"
+    bits: int = 8
+    group_size: Optional[int] = None
+    start_step: int = 0
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
+    finalize: bool = True
+
+
 def check_against_schema(node: Any, key: str = "pruning") -> None:
     """Refuse keys that a config node's schema does not have, even those added with ``+`` on the command line.
 
@@ -413,6 +395,114 @@ pat_callbacks.GradualPruning; did you mean `sparsity`?
             raise ValueError(
                 f"Unknown key `{key}.{name}` (added with +?): not an argument of {node.get('_target_')}{hint}"
             )
+
+
+# Each callback's schema, by its ConfigStore name (``schema/<group>/<name>``).
+SCHEMAS: Dict[str, type] = {
+    "pruning/gradual": GradualPruningConf,
+    "pruning/dynamic": DynamicSparseTrainingConf,
+    "pruning/structured": StructuredPruningConf,
+    "pruning/oneshot": OneShotPruningConf,
+    "recovery/distillation": DistillationConf,
+    "recovery/quantization": QuantizationConf,
+}
+
+# The plain types OmegaConf 2.3 understands; conf_type maps an argument's annotation onto them.
+_PLAIN = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _union_parts(annotation: str) -> list[str]:
+    """The top-level members of a ``X | Y`` annotation string (brackets kept whole)."""
+    parts, depth, current = [], 0, ""
+    for char in annotation:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "|" and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
+def conf_type(annotation: Any) -> Any:
+    """The type a config field has for an argument annotated ``annotation`` (as written, or a class): its one plain
+    type (bool, int, float, str; ``str | Sequence[str]`` is a list of strings), ``Optional`` when ``None`` is
+    allowed; ``Any`` when the argument takes several plain types or a literal (the callback checks the value).
+
+    Example:
+        >>> conf_type("str | Criterion | None")  # a name in a config, a Criterion object from Python
+        typing.Optional[str]
+        >>> conf_type("str | Sequence[str] | None"), conf_type("bool | Literal['auto']")
+        (typing.Optional[typing.List[str]], typing.Any)
+    """
+    if not isinstance(annotation, str):  # a class, or a TypedDict's ForwardRef
+        annotation = getattr(annotation, "__forward_arg__", None) or getattr(annotation, "__name__", "Any")
+    parts = _union_parts(annotation)
+    optional = "None" in parts
+    parts = [part for part in parts if part != "None"]
+    if any(part.startswith("Literal[") for part in parts):
+        return Any
+    if "Sequence[str]" in parts and set(parts) <= {"str", "Sequence[str]"}:
+        base: Any = List[str]
+    else:
+        plain = [_PLAIN[part] for part in parts if part in _PLAIN]
+        base = plain[0] if len(plain) == 1 else Any
+    return Optional[base] if optional and base is not Any else base
+
+
+def schema_drift(schema: type, callback: type) -> list[str]:
+    """How a config schema differs from its callback's ``__init__`` (empty: in step): an argument missing from
+    the schema, a field that is no argument, a field whose type (:func:`conf_type`) or default is not the
+    argument's, unless the schema declares it in ``left_out`` / ``differs``; a declaration naming no argument.
+    The window arguments of a callback taking ``**window`` are its arguments too.
+
+    Example:
+        >>> class Callback:
+        ...     def __init__(self, sparsity: float = 0.5, *, end_step: "int | None" = None): ...
+        >>> @dataclass
+        ... class CallbackConf:
+        ...     _target_: str = "Callback"
+        ...     sparsity: float = 0.9
+        ...     stop_step: Optional[int] = None
+        >>> for line in schema_drift(CallbackConf, Callback): print(line)
+        sparsity: default 0.9, but the argument's is 0.5
+        end_step: an argument of Callback missing from CallbackConf
+        stop_step: a field of CallbackConf but no argument of Callback
+    """
+    from pat_callbacks.core.windows import WindowArguments  # no Lightning
+
+    params = list(inspect.signature(callback.__init__).parameters.values())[1:]
+    arguments = {p.name: (p.annotation, p.default) for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        arguments.update({key: (kind, None) for key, kind in WindowArguments.__annotations__.items()})
+    left_out, differs = getattr(schema, "left_out", {}), getattr(schema, "differs", {})
+    found = {f.name: f for f in fields(schema) if f.name != "_target_"}
+    drift = []
+    for name, (annotation, default) in arguments.items():
+        if name in left_out or name in differs:
+            continue
+        if name not in found:
+            drift.append(f"{name}: an argument of {callback.__name__} missing from {schema.__name__}")
+            continue
+        value = found[name].default
+        if value is dataclasses.MISSING and found[name].default_factory is not dataclasses.MISSING:
+            value = found[name].default_factory()
+        expected = list(default) if isinstance(default, tuple) else default
+        if value != expected or type(value) is not type(expected):
+            drift.append(f"{name}: default {value!r}, but the argument's is {default!r}")
+        if found[name].type != conf_type(annotation):
+            drift.append(
+                f"{name}: type {found[name].type}, but the argument's is {annotation} ({conf_type(annotation)})"
+            )
+    drift += [
+        f"{name}: a field of {schema.__name__} but no argument of {callback.__name__}"
+        for name in found
+        if name not in arguments
+    ]
+    stale = sorted((set(left_out) | set(differs)) - set(arguments))
+    drift += [f"{name}: declared by {schema.__name__} but no argument of {callback.__name__}" for name in stale]
+    return drift
 
 
 def register_configs() -> None:
