@@ -12,7 +12,8 @@ import pytest
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from pat_callbacks.app.config import SCHEMAS, conf_type, schema_drift
+from pat_callbacks.app.config import SCHEMAS, conf_type
+from pat_callbacks.app.drift import schema_drift
 
 
 @pytest.mark.parametrize("key", sorted(SCHEMAS))
