@@ -9,6 +9,12 @@ instantiated, still before training. The recovery configs (``conf/recovery/``: d
 ``schema/recovery/{distillation,quantization}`` the same way; they are packaged under ``callbacks.*``, so
 ``run_training`` builds them with the other callbacks.
 
+The schemas are written out (this module imports only Hydra: the search-path plugin imports it in every Hydra app
+of the environment, and importing the callbacks would import Lightning there). Each is checked against its
+callback's ``__init__`` by :func:`pat_callbacks.app.drift.schema_drift` (``tests/app/test_config_schemas.py``),
+so a key, its type or its default cannot drift from the argument it configures; what a schema leaves out, or types
+differently, is declared on it (``left_out``, ``differs``) with the reason.
+
 Example:
     >>> from omegaconf import OmegaConf
     >>> schema = OmegaConf.structured(GradualPruningConf)
@@ -22,12 +28,13 @@ Example:
 
 import difflib
 import inspect
-from dataclasses import dataclass, fields
-from typing import Any, List, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
 __all__ = [
+    "SCHEMAS",
     "DistillationConf",
     "DynamicSparseTrainingConf",
     "GradualPruningConf",
@@ -37,6 +44,7 @@ __all__ = [
     "TrainerConf",
     "check_against_schema",
     "check_trainer_keys",
+    "conf_type",
     "promote_swept_group_keys",
     "register_configs",
 ]
@@ -80,6 +88,8 @@ class _ScheduleWindowConf:
     start_fraction: Optional[float] = None
     end_fraction: Optional[float] = None
     update_every: Optional[int] = None
+    phase_steps: Optional[int] = None
+    phase_epochs: Optional[float] = None
     power: Optional[float] = None
 
 
@@ -92,9 +102,13 @@ class GradualPruningConf(_CommonPruningConf, _ScheduleWindowConf):
         >>> OmegaConf.structured(GradualPruningConf).schedule
         'cubic'"""
 
+    left_out: ClassVar[Dict[str, str]] = {"final_sparsity": "the target is `sparsity`", "loss_fn": "a callable"}
+    differs: ClassVar[Dict[str, str]] = {
+        "criterion": "'taylor' spelled out: a config with manual optimization is refused with the reason, where the "
+        "unset Python default falls back to magnitude",
+    }
+
     _target_: str = "pat_callbacks.GradualPruning"
-    phase_steps: Optional[int] = None
-    phase_epochs: Optional[float] = None
     drop_fraction: float = 0.0
     regrow_fraction: Optional[float] = None  # the former name of drop_fraction
     pattern: str = "unstructured"
@@ -122,8 +136,10 @@ class DynamicSparseTrainingConf(_CommonPruningConf):
     update_every: int = 100
     drop_fraction: float = 0.3
     decay: str = "cosine"
-    stop_fraction: float = 0.75
-    stop_step: Optional[int] = None
+    end_fraction: float = 0.75
+    end_step: Optional[int] = None
+    stop_fraction: Optional[float] = None  # the former name of end_fraction
+    stop_step: Optional[int] = None  # the former name of end_step
     allocation: str = "erk"
     seed: int = 0
 
@@ -137,6 +153,12 @@ class StructuredPruningConf(_LoggingConf, _ScheduleWindowConf):
         >>> OmegaConf.structured(StructuredPruningConf).criterion is None  # the callback's default: l2
         True
     """
+
+    left_out: ClassVar[Dict[str, str]] = {"final_sparsity": "the target is `sparsity`", "example_inputs": "tensors"}
+    differs: ClassVar[Dict[str, str]] = {
+        "heads": "a Literal alias: a name in a config",
+        "attention": "a list of layout mappings",
+    }
 
     _target_: str = "pat_callbacks.StructuredPruning"
     criterion: Optional[str] = None  # l2 (unset, so the former key `importance` can still be given alone)
@@ -159,6 +181,9 @@ class OneShotPruningConf(_LoggingConf):
         >>> OmegaConf.structured(OneShotPruningConf).method
         'wanda'
     """
+
+    left_out: ClassVar[Dict[str, str]] = {"forward": "a callable"}
+    differs: ClassVar[Dict[str, str]] = {"sparsity": "a config states its target (in Python: N:M's, else required)"}
 
     _target_: str = "pat_callbacks.OneShotPruning"
     method: str = "wanda"
@@ -300,10 +325,12 @@ class DistillationConf:
         >>> OmegaConf.structured(DistillationConf).temperature
         2.0"""
 
+    left_out: ClassVar[Dict[str, str]] = {"teacher": "a module (a config distils from a copy of the model)"}
+
     _target_: str = "pat_callbacks.Distillation"
     temperature: float = 2.0
     alpha: float = 1.0
-    hidden_layers: Any = None  # a list of names or {student: teacher}
+    hidden_layers: Any = field(default_factory=list)  # a list of names or {student: teacher}
     hidden_weight: float = 1.0
     teacher_step: Any = "pruning_start"  # or a step number
     teacher_dtype: Optional[str] = None
@@ -369,6 +396,60 @@ pat_callbacks.GradualPruning; did you mean `sparsity`?
             )
 
 
+# Each callback's schema, by its ConfigStore name (``schema/<group>/<name>``).
+SCHEMAS: Dict[str, type] = {
+    "pruning/gradual": GradualPruningConf,
+    "pruning/dynamic": DynamicSparseTrainingConf,
+    "pruning/structured": StructuredPruningConf,
+    "pruning/oneshot": OneShotPruningConf,
+    "recovery/distillation": DistillationConf,
+    "recovery/quantization": QuantizationConf,
+}
+
+# The plain types OmegaConf 2.3 understands; conf_type maps an argument's annotation onto them.
+_PLAIN = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _union_parts(annotation: str) -> list[str]:
+    """The top-level members of a ``X | Y`` annotation string (brackets kept whole)."""
+    parts, depth, current = [], 0, ""
+    for char in annotation:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "|" and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
+def conf_type(annotation: Any) -> Any:
+    """The type a config field has for an argument annotated ``annotation`` (as written, or a class): its one plain
+    type (bool, int, float, str; ``str | Sequence[str]`` is a list of strings), ``Optional`` when ``None`` is
+    allowed; ``Any`` when the argument takes several plain types or a literal (the callback checks the value).
+
+    Example:
+        >>> conf_type("str | Criterion | None")  # a name in a config, a Criterion object from Python
+        typing.Optional[str]
+        >>> conf_type("str | Sequence[str] | None"), conf_type("bool | Literal['auto']")
+        (typing.Optional[typing.List[str]], typing.Any)
+    """
+    if not isinstance(annotation, str):  # a class, or a TypedDict's ForwardRef
+        annotation = getattr(annotation, "__forward_arg__", None) or getattr(annotation, "__name__", "Any")
+    parts = _union_parts(annotation)
+    optional = "None" in parts
+    parts = [part for part in parts if part != "None"]
+    if any(part.startswith("Literal[") for part in parts):
+        return Any
+    if "Sequence[str]" in parts and set(parts) <= {"str", "Sequence[str]"}:
+        base: Any = List[str]
+    else:
+        plain = [_PLAIN[part] for part in parts if part in _PLAIN]
+        base = plain[0] if len(plain) == 1 else Any
+    return Optional[base] if optional and base is not Any else base
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent; ``train.py`` calls it before composing).
 
@@ -377,13 +458,10 @@ def register_configs() -> None:
         >>> "gradual.yaml" in ConfigStore.instance().list("schema/pruning")
         True"""
     store = ConfigStore.instance()
-    store.store(group="schema/pruning", name="gradual", node=GradualPruningConf)
-    store.store(group="schema/pruning", name="dynamic", node=DynamicSparseTrainingConf)
-    store.store(group="schema/pruning", name="structured", node=StructuredPruningConf)
-    store.store(group="schema/pruning", name="oneshot", node=OneShotPruningConf)
+    for key, schema in SCHEMAS.items():
+        group, name = key.split("/")
+        store.store(group=f"schema/{group}", name=name, node=schema)
     store.store(group="schema/trainer", name="lightning", node=TrainerConf)
-    store.store(group="schema/recovery", name="distillation", node=DistillationConf)
-    store.store(group="schema/recovery", name="quantization", node=QuantizationConf)
 
 
 register_configs()

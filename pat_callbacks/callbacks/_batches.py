@@ -24,11 +24,30 @@ def probe_batches(trainer: pl.Trainer, count: int) -> list[Any]:
 
 
 def cross_entropy(pl_module: pl.LightningModule, batch: Any) -> Tensor:
-    """The module's own ``loss(batch)`` if it has one (e.g. LanguageModel), else cross-entropy of ``(x, y)``."""
-    if callable(getattr(pl_module, "loss", None)):
-        return pl_module.loss(batch)
+    """Cross-entropy of ``pl_module(x)`` against ``y`` for an ``(x, y)`` batch.
+
+    Example:
+        >>> module = pl.LightningModule(); module.forward = lambda x: torch.zeros(len(x), 4)
+        >>> round(float(cross_entropy(module, (torch.ones(2, 3), torch.tensor([0, 1])))), 4)  # log(4)
+        1.3863
+    """
     inputs, targets = batch[0], batch[1]
     return torch.nn.functional.cross_entropy(pl_module(inputs), targets)
+
+
+def module_loss_or_cross_entropy(pl_module: pl.LightningModule, batch: Any) -> Tensor:
+    """The default loss of the callbacks that run batches themselves (the sensitivity probe, one-shot
+    calibration): the module's own ``loss(batch)`` when it defines a callable ``loss`` (e.g. ``LanguageModel``),
+    else :func:`cross_entropy` of an ``(x, y)`` batch. Pass ``loss_fn`` / ``forward`` to choose otherwise.
+
+    Example:
+        >>> module = pl.LightningModule(); module.loss = lambda batch: torch.tensor(0.5)
+        >>> float(module_loss_or_cross_entropy(module, (torch.ones(2, 3), torch.tensor([0, 1]))))
+        0.5
+    """
+    if callable(getattr(pl_module, "loss", None)):
+        return pl_module.loss(batch)
+    return cross_entropy(pl_module, batch)
 
 
 def first_nonempty(*loaders: Any) -> Any:

@@ -2,8 +2,9 @@
 own copy of the weights, targets replaced or removed mid-run, other pruning callbacks on the same parameters,
 checkpoints saved by another pruning callback, and frozen layers left out of the targets.
 
-Each is a small function of its inputs; :class:`~pat_callbacks.callbacks.base.PruningCallback` calls them from
-its hooks.
+Each is a small function of its inputs (the checks that warn or refuse say so in the owner's name);
+:class:`~pat_callbacks.callbacks.base.PruningCallback` calls them from its own hooks, so what happens at a hook is
+read there, in order.
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import StochasticWeightAveraging
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 __all__ = [
     "averaged_copies",
+    "continues_fit",
     "foreign_states",
     "frozen_targets",
     "mask_averaged_copies",
+    "mask_averages",
+    "rebind_replaced",
+    "refuse_shared_targets",
     "shared_targets",
     "stale",
+    "warn_foreign_states",
+    "warn_frozen",
     "warn_if_unreached",
 ]
 
@@ -180,3 +187,142 @@ def warn_if_unreached(owner: str, trainer: Any, step: int, what: str = "the sche
             f"{owner}: {what} at step {step} but training has {int(total)} optimizer steps; the final sparsity will "
             "not be reached"
         )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The checks as a pruning callback runs them: each names its owner (the callback's class) in what it says.
+
+
+def mask_averages(pruner: Any, callbacks: Iterable[Any]) -> None:
+    """Zero the pruned entries of the copies kept by weight-averaging ``callbacks`` (SWA, EMA), if ``pruner`` exists
+    and is not sharded (:func:`mask_averaged_copies` of :func:`averaged_copies`).
+
+    Weight averaging keeps its own copy of the weights, swaps it in for validation and copies it over the model at
+    the end of training; masking it at every hook around those moments keeps the averaged model within the masks,
+    whatever the order of the callbacks (averages of kept weights are untouched).
+
+    Example:
+        >>> mask_averages(None, [StochasticWeightAveraging(swa_lrs=0.1)])  # before fit start: nothing to do
+    """
+    if pruner is not None and pruner.group is None:
+        mask_averaged_copies(pruner.masks, averaged_copies(callbacks))
+
+
+def continues_fit(owner: str, pruner: Any, model: nn.Module) -> bool:
+    """Whether a new fit continues the previous one of the same model (``pruner`` exists and every target is still
+    the model's own tensor), saying so: then the pruner and its masks are kept.
+
+    Example:
+        >>> continues_fit("GradualPruning", None, nn.Linear(2, 2))  # a first fit
+        False
+    """
+    if pruner is None:
+        return False
+    replaced, gone = stale(pruner.params, model)
+    if replaced or gone:
+        return False
+    rank_zero_info(
+        f"{owner}: a new fit of the same model continues with the masks reached so far "
+        f"(sparsity {pruner.sparsity():.4f}); pruned weights stay pruned"
+    )
+    return True
+
+
+def rebind_replaced(owner: str, pruner: Any, model: nn.Module, step: int) -> bool:
+    """Re-bind targets replaced by a tensor of the same shape (their masks apply to it, with a warning naming them)
+    and return whether any was; refuse removed ones (``RuntimeError``).
+
+    Example:
+        >>> from pat_callbacks.core.pruner import Pruner
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> rebind_replaced("GradualPruning", Pruner(model), model, step=3)
+        False
+    """
+    replaced, gone = stale(pruner.params, model)
+    if gone:
+        raise RuntimeError(
+            f"{owner}: {gone} is no longer a parameter of the model (or has another shape) at step "
+            f"{step}: masks are bound to the parameters of fit start; replace a pruned layer by one of the same "
+            "shape, or start a new fit with a new callback"
+        )
+    if not replaced:
+        return False
+    rank_zero_warn(
+        f"{owner}: {sorted(replaced)[0]!r} was replaced by a new tensor at step {step} "
+        f"({sorted(replaced)}); its mask now applies to the new tensor (an optimizer created before the "
+        "replacement does not train it)"
+    )
+    pruner.params.update(replaced)
+    pruner.apply()
+    return True
+
+
+def refuse_shared_targets(owner: str, params: Mapping[str, Tensor], others: Iterable[tuple[str, Any]]) -> None:
+    """Refuse two pruning callbacks on the same parameters: ``others`` are ``(name, params)`` of the run's other
+    pruning callbacks (on disjoint parameters they coexist).
+
+    Example:
+        >>> w = nn.Parameter(torch.ones(2, 2))
+        >>> refuse_shared_targets("GradualPruning", {"a": w}, [("KeepSparsity", {"b": w})])
+        Traceback (most recent call last):
+        ...
+        ValueError: GradualPruning and KeepSparsity both prune ['a']: two pruning callbacks would overwrite each \
+other's masks; use one, or give them disjoint `include` / `exclude`
+    """
+    for other, their_params in others:
+        shared = shared_targets(params, their_params)
+        if shared:
+            raise ValueError(
+                f"{owner} and {other} both prune {shared[:5]}: two pruning callbacks "
+                "would overwrite each other's masks; use one, or give them disjoint `include` / `exclude`"
+            )
+
+
+def warn_foreign_states(
+    owner: type, classes: Iterable[type], states: Mapping[Any, Any], claimed: Iterable[str]
+) -> None:
+    """Warn about each pruning state of the checkpoint that another class of ``classes`` saved and nothing claims
+    (:func:`foreign_states`): its masks are not restored.
+
+    Example:
+        >>> class A: ...
+        >>> warn_foreign_states(A, [A], {"A{}": {}}, claimed=["A{}"])  # nothing foreign: silent
+    """
+    name = owner.__name__
+    for key in foreign_states(owner, classes, states, claimed):
+        saver = key.split("{", 1)[0]
+        rank_zero_warn(
+            f"{name}: the checkpoint holds the pruning state of {saver} ({key}), "
+            f"which {name} does not read: its masks are not restored and pruning starts afresh "
+            f"(the weights keep their zeros until masks are made); resume with {saver} to continue, "
+            "or fine-tune with KeepSparsity to hold its zeros"
+        )
+
+
+def warn_frozen(owner: str, model: nn.Module, roles: Iterable[str], params: Mapping[str, Any], follows: bool) -> dict:
+    """Name the weights left dense because they are frozen when fitting starts, and return them (``{name:
+    parameter}``); ``follows``: whether they join the targets once they train.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        >>> _ = model[0].weight.requires_grad_(False)
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True):
+        ...     warnings.simplefilter("always")
+        ...     sorted(warn_frozen("KeepSparsity", model, ["0.weight", "1.weight"], {}, follows=False))
+        ['0.weight']
+    """
+    frozen = frozen_targets(roles, model, params)
+    if frozen:
+        later = (
+            "they become targets at the first step they train (requires_grad=True, e.g. unfrozen by BackboneFinetuning)"
+            if follows
+            else "they are not pruned, even if unfrozen later (e.g. by BackboneFinetuning); name them in "
+            "`include` (with criterion='magnitude') to prune them"
+        )
+        more = f" and {len(frozen) - 5} more" if len(frozen) > 5 else ""
+        rank_zero_warn(
+            f"{owner}: {frozen[:5]}{more} are frozen (requires_grad=False) when fitting starts, so they are left "
+            f"dense for now; {later}"
+        )
+    return {name: model.get_parameter(name) for name in frozen}

@@ -1,42 +1,93 @@
 """Lightning wiring shared by the pruning callbacks: hooks -> :class:`~pat_callbacks.core.pruner.Pruner` calls.
 
 A subclass builds the pruner (:meth:`PruningCallback._build_pruner`) and says when masks change
-(:meth:`PruningCallback._on_step`); this class owns the hooks:
+(:meth:`PruningCallback._on_step`); this class owns the hooks, and each hook below lists everything a pruning
+callback does there, in order (the checks about the rest of the run are the functions of
+:mod:`pat_callbacks.callbacks._guards`):
 
-- ``on_fit_start``: build the pruner over the parameters the strategy trains (after ``configure_model`` and,
-  under FSDP2, after sharding; a bad pattern or a model with nothing to prune fails here, before the first step),
-  and restore checkpointed state;
+- ``on_fit_start``: refuse strategies that hide parameters; keep the pruner of a previous fit of the same model,
+  else build one over the parameters the strategy trains (after ``configure_model`` and, under FSDP2, after
+  sharding; a bad pattern or a model with nothing to prune fails here, before the first step); refuse two pruning
+  callbacks on the same parameters; name frozen weights; restore checkpointed state;
 - ``on_train_start``: resolve step arguments that need the run's length; masks follow the model's device;
-- ``on_before_optimizer_step``: feed criteria with history, let the subclass update masks with the *dense*
-  gradients of this step, then zero the gradients of pruned weights;
-- ``on_train_batch_end``: re-mask weights if the optimizer is not known to keep zeros at zero, and log
-  overall / per-layer sparsity (progress bar too);
-- ``state_dict`` / ``load_state_dict``: masks and position, so a resumed run continues exactly.
+- ``on_train_batch_start`` / ``on_train_epoch_start`` / ``on_train_epoch_end``: mask the copies of Lightning's
+  weight averaging (SWA, EMA);
+- ``on_before_optimizer_step``: once per step, re-bind replaced targets (and adopt unfrozen ones), feed criteria
+  with history, let the subclass update masks with the *dense* gradients of this step; then zero the gradients of
+  pruned weights;
+- ``on_train_batch_end``: re-mask weights if the optimizer is not known to keep zeros at zero, mask the averaged
+  copies, and log overall / per-layer sparsity (progress bar too) after a mask change;
+- ``on_validation_epoch_start`` / ``_end``, ``on_train_end``, ``on_fit_end``: mask the model (or, once swapped in,
+  the average) and the averaged copies, so the averaged model training ends with has the masks' sparsity;
+- ``on_load_checkpoint`` / ``state_dict`` / ``load_state_dict``: masks and position, so a resumed run continues
+  exactly, also under changed arguments.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pat_callbacks.callbacks._interplay import ZERO_PRESERVING_OPTIMIZERS, RunInterplay, keeps_zeros
-from pat_callbacks.callbacks._state import saved_state_key
+import pat_callbacks.callbacks._guards as guards
 from pat_callbacks.core.masks import MaskStore
 from pat_callbacks.core.protocol import MaskingPruner
 from pat_callbacks.core.pruner import Pruner
-from pat_callbacks.core.targets import describe_targets, weight_matrices
+from pat_callbacks.core.targets import describe_targets, target_roles, weight_matrices
 
-__all__ = ["ZERO_PRESERVING_OPTIMIZERS", "PruningCallback"]
+__all__ = ["ZERO_PRESERVING_OPTIMIZERS", "PruningCallback", "keeps_zeros", "saved_state_key"]
+
+# Optimizers for which "masked gradients + zeroed state for newly pruned entries" keeps pruned weights exactly
+# zero, so weights need masking only at mask updates (checked for each in tests/callbacks/test_gradual.py).
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+)
 
 
-class PruningCallback(RunInterplay):
+def keeps_zeros(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (or the one a ``LightningOptimizer`` wraps) is one of :data:`ZERO_PRESERVING_OPTIMIZERS`.
+
+    Example:
+        >>> keeps_zeros(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1))
+        True
+    """
+    return type(getattr(optimizer, "_optimizer", optimizer)) in ZERO_PRESERVING_OPTIMIZERS
+
+
+def saved_state_key(callback: Any, callbacks: Sequence[Any], states: dict[str, Any]) -> str | None:
+    """The key of ``callback``'s state in a checkpoint's ``states``: its own ``state_key`` if present, else the
+    state saved by the same class at the same position among the instances whose keys are not found.
+
+    Example:
+        >>> class C:
+        ...     def __init__(self, key): self.state_key = key
+        >>> new = C("C{'sparsity': 0.9}")
+        >>> saved_state_key(new, [new], {"C{'sparsity': 0.8}": {}})
+        "C{'sparsity': 0.8}"
+    """
+    if callback.state_key in states:
+        return callback.state_key
+    prefix = f"{type(callback).__qualname__}{{"
+    claimed = {cb.state_key for cb in callbacks if cb is not callback}
+    candidates = [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
+    unmatched = [cb for cb in callbacks if type(cb) is type(callback) and cb.state_key not in states]
+    position = next(i for i, cb in enumerate(unmatched) if cb is callback)
+    return candidates[position] if position < len(candidates) else None
+
+
+class PruningCallback(Callback):
     """Base class: a :class:`~pat_callbacks.core.pruner.Pruner` driven by Lightning's hooks, with logging and
     checkpoint state.
 
@@ -58,8 +109,14 @@ class PruningCallback(RunInterplay):
     Logged at every mask change: ``pruning/sparsity`` (over the targets), ``pruning/sparsity_all`` (exact zeros
     over every weight matrix of the model, embeddings included), ``pruning/target`` and per-layer values.
 
-    Lightning's weight averaging (SWA, EMA) averages within the masks; a second fit, layers or optimizers replaced
-    mid-run, other pruning callbacks, frozen layers: see :class:`~pat_callbacks.callbacks._interplay.RunInterplay`.
+    With the rest of a run: the copy of the weights kept by Lightning's weight averaging
+    (``StochasticWeightAveraging``, ``WeightAveraging``, ``EMAWeightAveraging``) respects the masks, in any callback
+    order; a second ``fit`` of the same model continues from the masks reached (pruned weights stay pruned); a target
+    replaced mid-run by a tensor of the same shape is re-bound with a warning naming it, a removed one is an error;
+    an optimizer replaced mid-run by one not in :data:`ZERO_PRESERVING_OPTIMIZERS` turns ``remask_weights="auto"``
+    to re-masking; two pruning callbacks on the same parameters are refused at fit start (on disjoint ones they
+    coexist); weights frozen at fit start, which stay dense, are named in a warning; a checkpoint saved by another
+    pruning callback class is warned about. Each hook below shows where.
     """
 
     def __init__(
@@ -90,6 +147,7 @@ class PruningCallback(RunInterplay):
         self._matrices: dict[str, torch.nn.Parameter] = {}
         self._log_pending = True
         self._extra_metrics: dict[str, float] = {}
+        self._frozen_at_start: dict[str, torch.nn.Parameter] = {}  # left dense at fit start: adopted if unfrozen
 
     # ------------------------------------------------------------- subclass API
     @abstractmethod
@@ -99,6 +157,14 @@ class PruningCallback(RunInterplay):
     @abstractmethod
     def _resolve(self, trainer: pl.Trainer) -> None:
         """Turn epoch/fraction arguments into steps once the trainer knows the epoch length."""
+
+    def _follows_unfrozen(self) -> bool:
+        """Whether weights frozen at fit start join the targets once they train (the pruner is rebuilt over the
+        model's targets then, keeping the masks and history of the others)."""
+        return False
+
+    def _continue_fit(self) -> None:
+        """A new fit of the same model keeps the pruner and its masks (subclasses keep what they must)."""
 
     def _accumulating(self, step: int) -> bool:
         """Whether criteria with history accumulate at ``step`` (only while pruning is under way)."""
@@ -145,11 +211,17 @@ class PruningCallback(RunInterplay):
                 "use ModelParallelStrategy (FSDP2, fully_shard in configure_model) or DDP"
             )
         self._last_seen_step = -1
-        if not self._continues(pl_module):
+        name = type(self).__name__
+        if self._pending_state is None and guards.continues_fit(name, self.pruner, pl_module):
+            self._continue_fit()  # a second fit of the same model: keep the pruner and its masks
+        else:
             self.pruner = self._build_pruner(trainer, pl_module)
         self._matrices = weight_matrices(pl_module)
-        self._check_other_pruners(trainer)
-        self._warn_frozen(pl_module)
+        others = [(type(cb).__name__, cb.pruner.params) for cb in self._other_pruning_callbacks(trainer)]
+        guards.refuse_shared_targets(name, self.pruner.params, others)
+        self._frozen_at_start = guards.warn_frozen(
+            name, pl_module, target_roles(pl_module), self.pruner.params, self._follows_unfrozen()
+        )
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: what is pruned\n{describe_targets(pl_module, self.pruner.params)}")
         if self.pruner.needs_grad and not pl_module.automatic_optimization:
@@ -171,6 +243,16 @@ class PruningCallback(RunInterplay):
         pruner.to_devices()  # a checkpoint restore may have run before the strategy moved the model
         pruner.apply()
         self._refresh_sparsity()
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        guards.mask_averages(self.pruner, trainer.callbacks)  # SWA / EMA copies within the masks, in any order
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        guards.mask_averages(self.pruner, trainer.callbacks)
 
     @override
     def on_before_optimizer_step(
@@ -201,16 +283,39 @@ class PruningCallback(RunInterplay):
         if self._remask_after_step and (self._stepped or not pl_module.automatic_optimization):
             pruner.apply()
         self._stepped = False
-        self._mask_averages(trainer)
+        guards.mask_averages(pruner, trainer.callbacks)
         if self._log_pending:
             self._log_sparsity(trainer, pl_module)
             self._log_pending = False
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        guards.mask_averages(self.pruner, trainer.callbacks)
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner is not None:
+            guards.mask_averages(self.pruner, trainer.callbacks)
+            self.pruner.apply()  # the model or, once swapped in, the average
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.pruner is not None:
+            guards.mask_averages(self.pruner, trainer.callbacks)
+            self.pruner.apply()  # the model or, while swapped in, the average
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_targets(pl_module, trainer.global_step)
         self._require_pruner().apply()
-        self._mask_averages(trainer)
+        guards.mask_averages(self.pruner, trainer.callbacks)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After every callback's ``on_train_end`` (weight averaging copies its average over the model there)."""
+        if self.pruner is not None:
+            self.pruner.apply()
+            guards.mask_averages(self.pruner, trainer.callbacks)
 
     @override
     def on_load_checkpoint(
@@ -225,7 +330,8 @@ class PruningCallback(RunInterplay):
         states = checkpoint.get("callbacks") or {}
         key = saved_state_key(self, trainer.callbacks, states)
         if key is None:
-            self._warn_foreign_states(trainer, states)
+            claimed = [cb.state_key for cb in trainer.callbacks if isinstance(cb, Callback)]
+            guards.warn_foreign_states(type(self), guards.all_subclasses(PruningCallback), states, claimed)
         if key is None or key == self.state_key:
             return  # nothing saved, or Lightning restores it
         self._check_resumable(key, states[key])
@@ -254,6 +360,33 @@ class PruningCallback(RunInterplay):
             self._restore(state_dict)
 
     # ---------------------------------------------------------------- internals
+    def _other_pruning_callbacks(self, trainer: pl.Trainer) -> list[PruningCallback]:
+        others = [cb for cb in trainer.callbacks if cb is not self and isinstance(cb, PruningCallback)]
+        return [cb for cb in others if cb.pruner is not None]
+
+    def _check_targets(self, pl_module: pl.LightningModule, step: int) -> None:
+        """Re-bind targets replaced by a tensor of the same shape (refusing removed ones), then adopt weights
+        frozen at fit start that train now, if this callback follows them."""
+        if guards.rebind_replaced(type(self).__name__, self._require_pruner(), pl_module, step):
+            self._matrices = weight_matrices(pl_module)
+            self._refresh_sparsity()
+        unfrozen = [name for name, param in self._frozen_at_start.items() if param.requires_grad]
+        if unfrozen and self._follows_unfrozen():
+            self._adopt(unfrozen, pl_module, step)
+
+    def _adopt(self, unfrozen: list[str], pl_module: pl.LightningModule, step: int) -> None:
+        """Rebuild the pruner over the model's targets, now with ``unfrozen``, keeping the others' masks and history."""
+        old = self._require_pruner()
+        pruner = self._build_pruner(pl_module.trainer, pl_module)
+        if not set(old.params) <= set(pruner.params):
+            return  # targets changed in another way: keep the pruner as it is
+        pruner.load_state_dict(old.state_dict())
+        self.pruner = pruner
+        for name in unfrozen:
+            del self._frozen_at_start[name]
+        rank_zero_info(f"{type(self).__name__}: {unfrozen} train from step {step} on and are pruned from now on")
+        self._refresh_sparsity()
+
     def _restore(self, state: dict[str, Any]) -> None:
         self._require_pruner().load_state_dict(state)
         self.last_update_step = int(state.get("last_update_step", -1))

@@ -2,7 +2,7 @@
 
 Example:
     >>> dst = DynamicSparseTraining(sparsity=0.9, method="rigl", update_every=100, drop_fraction=0.3,
-    ...                             stop_fraction=0.75, allocation="erk")
+    ...                             end_fraction=0.75, allocation="erk")
     >>> dst.method_name, dst.final_sparsity
     ('rigl/erk', 0.9)
 """
@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core._rng import SeededGenerator
-from pat_callbacks.core._validation import check_choice, check_fraction, check_int
+from pat_callbacks.core._validation import check_choice, check_fraction, check_int, renamed
 from pat_callbacks.core.pruner import Pruner, PruningOptions
 from pat_callbacks.core.regrowth import DECAYS, GROWTH_METHODS, update_fraction
 from pat_callbacks.core.sharding import local
@@ -33,7 +33,8 @@ class DynamicSparseTraining(PruningCallback):
     """Train at a fixed sparsity from step 0 while dropping and regrowing connections.
 
     When training starts, each layer gets a random mask at the density chosen by ``allocation`` (ERK by default).
-    Every ``update_every`` steps until ``stop_fraction`` of training, ``f(t)`` of each layer's active weights with
+    Every ``update_every`` steps until ``end_fraction`` of training (the end of the window in which masks change,
+    the same word as :class:`~pat_callbacks.GradualPruning`'s), ``f(t)`` of each layer's active weights with
     the lowest magnitude are dropped and as many inactive ones regrown (see :mod:`pat_callbacks.core.regrowth`):
     by dense-gradient magnitude (``rigl``, read at the update step only, before gradient masking: no extra
     backward pass) or at random (``set``). ``static`` keeps the initial random mask (the baseline DST papers
@@ -45,9 +46,11 @@ class DynamicSparseTraining(PruningCallback):
         method: ``"rigl"``, ``"set"`` or ``"static"``.
         update_every: optimizer steps between connectivity updates.
         drop_fraction: ``f(0)``, the fraction of active weights swapped at the first update, in [0, 1].
-        decay: how ``f(t)`` decays to 0 at the stop step: ``"cosine"`` (RigL), ``"linear"``, ``"constant"``.
-        stop_fraction: fraction of training after which the mask is frozen.
-        stop_step: the same in optimizer steps (overrides ``stop_fraction``).
+        decay: how ``f(t)`` decays to 0 at the end step: ``"cosine"`` (RigL), ``"linear"``, ``"constant"``.
+        end_fraction: fraction of training after which the mask is frozen.
+        end_step: the same in optimizer steps (overrides ``end_fraction``).
+        stop_fraction, stop_step: the former names of ``end_fraction`` and ``end_step`` (a DeprecationWarning;
+            giving both names of one argument is an error).
         allocation: per-layer densities: ``"erk"``, ``"er"``, ``"uniform"``.
         seed: seed of the mask generator.
         include, exclude, keep_first, keep_last, layer_sparsity, allow_vectors: see
@@ -55,7 +58,7 @@ class DynamicSparseTraining(PruningCallback):
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
-        >>> DynamicSparseTraining(sparsity=0.8, method="set", stop_step=1000).method_name
+        >>> DynamicSparseTraining(sparsity=0.8, method="set", end_step=1000).method_name
         'set/erk'
         >>> DynamicSparseTraining(sparsity=0.8, method="deepr")
         Traceback (most recent call last):
@@ -71,7 +74,9 @@ class DynamicSparseTraining(PruningCallback):
         update_every: int = 100,
         drop_fraction: float = 0.3,
         decay: str = "cosine",
-        stop_fraction: float = 0.75,
+        end_fraction: float = 0.75,
+        end_step: int | None = None,
+        stop_fraction: float | None = None,
         stop_step: int | None = None,
         allocation: str = "erk",
         seed: int = 0,
@@ -107,16 +112,28 @@ class DynamicSparseTraining(PruningCallback):
         self.update_every = check_int("update_every", update_every, minimum=1)
         self.drop_fraction = check_fraction("drop_fraction", drop_fraction, allow_one=True)
         self.decay = check_choice("decay", decay, DECAYS)
-        self.stop_fraction = check_fraction("stop_fraction", stop_fraction, allow_one=True)
-        self.stop_step = None if stop_step is None else check_int("stop_step", stop_step, minimum=0)
+        end_fraction, fraction_key = renamed("stop_fraction", stop_fraction, "end_fraction", end_fraction, 0.75)
+        self.end_fraction = check_fraction(fraction_key, end_fraction, allow_one=True)
+        end_step, step_key = renamed("stop_step", stop_step, "end_step", end_step, None)
+        self.end_step = None if end_step is None else check_int(step_key, end_step, minimum=0)
         self.seed = check_int("seed", seed, minimum=0)
         self.rng = SeededGenerator(self.seed)
-        self._resolved_stop_step: int | None = self.stop_step
+        self._resolved_end_step: int | None = self.end_step
 
     @property
     def sparsity(self) -> float:
         """The constant sparsity (``final_sparsity`` is the same value, the name the other callbacks also answer to)."""
         return self.final_sparsity
+
+    @property
+    def stop_fraction(self) -> float:
+        """The former name of :attr:`end_fraction`."""
+        return self.end_fraction
+
+    @property
+    def stop_step(self) -> int | None:
+        """The former name of :attr:`end_step`."""
+        return self.end_step
 
     @property
     def method_name(self) -> str:
@@ -150,13 +167,13 @@ class DynamicSparseTraining(PruningCallback):
 
     @override
     def _resolve(self, trainer: pl.Trainer) -> None:
-        if self.stop_step is not None:
-            self._resolved_stop_step = self.stop_step
+        if self.end_step is not None:
+            self._resolved_end_step = self.end_step
             return
         total = trainer.estimated_stepping_batches
         if total == float("inf"):
-            raise ValueError("`stop_fraction` needs a finite training length (max_steps or max_epochs); give stop_step")
-        self._resolved_stop_step = math.floor(self.stop_fraction * int(total))
+            raise ValueError("`end_fraction` needs a finite training length (max_steps or max_epochs); give end_step")
+        self._resolved_end_step = math.floor(self.end_fraction * int(total))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -173,8 +190,8 @@ class DynamicSparseTraining(PruningCallback):
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
         if self.method == "static" or step == 0 or step % self.update_every:
             return False
-        stop = self._resolved_stop_step if self._resolved_stop_step is not None else 0
-        fraction = update_fraction(step, self.drop_fraction, stop, self.decay)
+        end = self._resolved_end_step if self._resolved_end_step is not None else 0
+        fraction = update_fraction(step, self.drop_fraction, end, self.decay)
         if fraction == 0.0:
             return False
         metrics = self._require_pruner().regrow(

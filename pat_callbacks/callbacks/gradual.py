@@ -11,16 +11,16 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import Unpack, override
 
-from pat_callbacks.callbacks._batches import cross_entropy, probe_batches
-from pat_callbacks.callbacks._rewind import Rewinding
+from pat_callbacks.callbacks._batches import module_loss_or_cross_entropy, probe_batches
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback, resolve_target
 from pat_callbacks.core._validation import check_fraction, check_int, renamed
 from pat_callbacks.core.criteria import Criterion, get_criterion
@@ -93,8 +93,9 @@ class GradualPruning(ScheduledPruningCallback):
         probe_sparsity: the sparsity each layer is pruned to, alone, to measure its sensitivity.
         sensitivity_batches: batches (validation batches if the run has any, else training batches) the
             sensitivity probe evaluates; measured once, at the first mask update.
-        loss_fn: ``loss_fn(pl_module, batch) -> loss`` for the sensitivity probe; default: cross-entropy of
-            ``pl_module(x)`` against ``y`` for ``(x, y)`` batches.
+        loss_fn: ``loss_fn(pl_module, batch) -> loss`` for the sensitivity probe; default: the module's own
+            ``loss(batch)`` if it defines one (e.g. ``LanguageModel``), else cross-entropy of ``pl_module(x)``
+            against ``y`` for ``(x, y)`` batches.
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
@@ -172,12 +173,12 @@ class GradualPruning(ScheduledPruningCallback):
         )
         self.options = options
         self.rewind_step = None if rewind_step is None else check_int("rewind_step", rewind_step, minimum=0)
-        self.rewinding = Rewinding(self.rewind_step) if self.rewind_step is not None else None
+        self.rewinding = _Rewinding(self.rewind_step) if self.rewind_step is not None else None
         self.probe_sparsity = check_fraction("probe_sparsity", probe_sparsity)
         self.sensitivity_batches = check_int("sensitivity_batches", sensitivity_batches, minimum=1)
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Expected `loss_fn` to be callable, but got {loss_fn!r}")
-        self.loss_fn = loss_fn or cross_entropy
+        self.loss_fn = loss_fn or module_loss_or_cross_entropy
 
     @property
     def regrow_fraction(self) -> float:
@@ -233,20 +234,17 @@ class GradualPruning(ScheduledPruningCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self._maybe_snapshot(trainer)
+        super().on_train_start(trainer, pl_module)  # window resolved, masks applied
+        if self.rewinding is not None:  # rewind_step=0: the snapshot of the weights training starts from
+            self.rewinding.maybe_snapshot(trainer.global_step, self._require_pruner())
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.rewinding is not None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # re-mask, averages, logging
+        if self.rewinding is not None:  # after the optimizer step: rewind if the last update asked, then snapshot
             self.rewinding.after_step(trainer.global_step, self._require_pruner(), trainer.optimizers)
-
-    def _maybe_snapshot(self, trainer: pl.Trainer) -> None:
-        if self.rewinding is not None:
-            self.rewinding.maybe_snapshot(trainer.global_step, self._require_pruner())
 
     @property
     def rewound_at_step(self) -> int | None:
@@ -266,7 +264,7 @@ class GradualPruning(ScheduledPruningCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.rewinding is not None:
             self.rewinding.load_state_dict(state_dict)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in Rewinding.KEYS})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in _Rewinding.KEYS})
 
     @override
     def _update_masks_at_end(self, trainer: pl.Trainer, target: float) -> bool:
@@ -295,3 +293,58 @@ class GradualPruning(ScheduledPruningCallback):
         if self.rewinding is not None and step >= self._require_schedule().end_step:
             self.rewinding.request()  # after this step's optimizer step, in on_train_batch_end
         return True
+
+
+class _Rewinding:
+    """Lottery-ticket rewinding: a snapshot at ``rewind_step``, restored once after the last update. When to
+    snapshot and when to rewind (the weights' side is :meth:`Pruner.snapshot` / :meth:`Pruner.rewind`).
+
+    Example:
+        >>> from torch import nn
+        >>> layer = nn.Linear(4, 4)
+        >>> pruner, rewinding = Pruner(layer), _Rewinding(0)
+        >>> rewinding.maybe_snapshot(0, pruner)
+        >>> _ = pruner.prune_to(0.5); rewinding.request(); rewinding.after_step(10, pruner, [])
+        >>> rewinding.rewound_at_step
+        10
+    """
+
+    KEYS: ClassVar[tuple[str, ...]] = ("rewind_to", "rewind_pending", "rewound_at_step")
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.snapshot: dict[str, Tensor] | None = None  # taken at `step`, freed once used
+        self.pending = False  # the last update was made: rewind after this optimizer step
+        self.rewound_at_step: int | None = None
+
+    def maybe_snapshot(self, global_step: int, pruner: Pruner) -> None:
+        if self.snapshot is None and self.rewound_at_step is None and global_step == self.step:
+            self.snapshot = pruner.snapshot()
+
+    def request(self) -> None:
+        if self.rewound_at_step is None:
+            self.pending = True
+
+    def after_step(self, global_step: int, pruner: Pruner, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Rewind if requested (surviving weights to the snapshot, optimizer state zeroed), then maybe snapshot."""
+        if self.pending:
+            self.pending = False
+            if self.snapshot is None:
+                rank_zero_warn(f"GradualPruning: no snapshot at rewind_step={self.step} (resumed past it?)")
+            else:
+                pruner.rewind(self.snapshot, optimizers)
+                self.rewound_at_step = global_step
+                self.snapshot = None
+        self.maybe_snapshot(global_step, pruner)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rewind_pending": self.pending, "rewound_at_step": self.rewound_at_step}
+        if self.snapshot is not None:
+            state["rewind_to"] = {name: value.cpu() for name, value in self.snapshot.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        snapshot = state.get("rewind_to")
+        self.snapshot = None if snapshot is None else {name: value.clone() for name, value in snapshot.items()}
+        self.pending = bool(state.get("rewind_pending", False))
+        self.rewound_at_step = state.get("rewound_at_step")

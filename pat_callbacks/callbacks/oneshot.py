@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from pat_callbacks.callbacks._batches import cross_entropy, first_nonempty
+from pat_callbacks.callbacks._batches import first_nonempty, module_loss_or_cross_entropy
 from pat_callbacks.callbacks._guards import warn_if_unreached
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core._validation import check_int
@@ -193,7 +193,7 @@ class OneShotPruning(PruningCallback):
             return
         pruner = self._require_pruner()
         batches = self._calibration_batches(trainer, pl_module)
-        forward = self.forward or cross_entropy
+        forward = self.forward or module_loss_or_cross_entropy
         with torch.random.fork_rng(devices=_cuda_devices(pl_module)):  # training's random stream stays as it was
             result = one_shot_prune(
                 pl_module,

@@ -140,6 +140,25 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
     assert message in str(excinfo.value)
 
 
+def test_end_step_and_end_fraction_are_the_window_words_and_the_former_names_still_work():
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(estimated_stepping_batches=200)
+    new = DynamicSparseTraining(sparsity=0.8, end_fraction=0.5)
+    with pytest.warns(DeprecationWarning, match="`stop_fraction` is now called `end_fraction`"):
+        old = DynamicSparseTraining(sparsity=0.8, stop_fraction=0.5)
+    for dst in (new, old):
+        dst._resolve(run)
+        assert (dst.end_fraction, dst.stop_fraction, dst._resolved_end_step) == (0.5, 0.5, 100)
+    with pytest.warns(DeprecationWarning, match="`stop_step` is now called `end_step`"):
+        old = DynamicSparseTraining(sparsity=0.8, stop_step=30)
+    assert (old.end_step, old.stop_step) == (30, 30) == (_dst(end_step=30, stop_step=None).end_step, 30)
+    with pytest.raises(ValueError, match="Give `end_step` \\(the new name of `stop_step`\\), not both"):
+        DynamicSparseTraining(sparsity=0.8, end_step=20, stop_step=30)
+    with pytest.raises(ValueError, match="`end_step` to be an integer >= 0, but got -1"):
+        DynamicSparseTraining(sparsity=0.8, end_step=-1)
+
+
 def test_non_finite_gradients_skip_the_rigl_update(fit):
     from tests.callbacks.test_gradual import GradientCorruptor, GradientRepair
 

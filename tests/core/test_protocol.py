@@ -18,7 +18,7 @@ from pat_callbacks.structured.pruner import StructuredPruner
 
 CALLBACKS = Path(pat_callbacks.__file__).parent / "callbacks"
 # The callbacks' shared machinery, which drives a Pruner and a StructuredPruner alike.
-SHARED = ("base.py", "_interplay.py", "scheduled.py", "_rewind.py")
+SHARED = ("base.py", "_guards.py", "scheduled.py")  # gradual.py and dynamic.py drive a Pruner only
 
 
 def _members() -> set[str]:
