@@ -330,12 +330,16 @@ class DistillationConf:
     _target_: str = "pat_callbacks.Distillation"
     temperature: float = 2.0
     alpha: float = 1.0
+    loss: str = "kl"  # or mse, cosine
+    output: Any = "logits"  # a field name or an index of the model's output
     hidden_layers: Any = field(default_factory=list)  # a list of names or {student: teacher}
     hidden_weight: float = 1.0
+    hidden_loss: str = "mse"
+    task_loss: bool = True
     teacher_step: Any = "pruning_start"  # or a step number
     teacher_dtype: Optional[str] = None
     teacher_device: Optional[str] = None
-    student_module: str = ""
+    student_module: Optional[str] = None
     save_teacher: bool = True
     log: bool = True
 

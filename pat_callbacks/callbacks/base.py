@@ -87,6 +87,14 @@ def saved_state_key(callback: Any, callbacks: Sequence[Any], states: dict[str, A
     return candidates[position] if position < len(candidates) else None
 
 
+def _teachers(trainer: pl.Trainer) -> list[set[int]]:
+    """The parameter ids of each distillation teacher among ``trainer``'s callbacks (given or copied)."""
+    from pat_callbacks.callbacks.distillation import Distillation  # it imports this module
+
+    teachers = [cb.teacher for cb in trainer.callbacks if isinstance(cb, Distillation)]
+    return [{id(p) for p in teacher.parameters()} for teacher in teachers if teacher is not None]
+
+
 class PruningCallback(Callback):
     """Base class: a :class:`~pat_callbacks.core.pruner.Pruner` driven by Lightning's hooks, with logging and
     checkpoint state.
@@ -219,9 +227,10 @@ class PruningCallback(Callback):
         self._matrices = weight_matrices(pl_module)
         others = [(type(cb).__name__, cb.pruner.params) for cb in self._other_pruning_callbacks(trainer)]
         guards.refuse_shared_targets(name, self.pruner.params, others)
-        self._frozen_at_start = guards.warn_frozen(
-            name, pl_module, target_roles(pl_module), self.pruner.params, self._follows_unfrozen()
-        )
+        roles = target_roles(pl_module)
+        for teacher in _teachers(trainer):  # a distillation teacher held by the module: frozen, never a target
+            roles = {n: r for n, r in roles.items() if id(pl_module.get_parameter(n)) not in teacher}
+        self._frozen_at_start = guards.warn_frozen(name, pl_module, roles, self.pruner.params, self._follows_unfrozen())
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: what is pruned\n{describe_targets(pl_module, self.pruner.params)}")
         if self.pruner.needs_grad and not pl_module.automatic_optimization:

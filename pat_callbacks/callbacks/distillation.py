@@ -53,9 +53,18 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from pat_callbacks.callbacks.oneshot import OneShotPruning
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
 from pat_callbacks.core._validation import check_int
-from pat_callbacks.recovery.distillation import Distiller, check_copyable, freeze, make_teacher
+from pat_callbacks.recovery.distillation import (
+    Distiller,
+    OutputSpec,
+    check_copyable,
+    check_hidden_layers,
+    check_teacher,
+    freeze,
+    make_teacher,
+)
 
 __all__ = ["Distillation"]
 
@@ -76,9 +85,18 @@ class Distillation(Callback):
     Args:
         teacher: the teacher module (it is called with the inputs of the watched student module); ``None``
             (default): a frozen deep copy of the watched module, made at ``teacher_step``.
-        temperature, alpha: ``T`` and ``alpha`` of ``alpha·T²·KL(softmax(t/T) ‖ softmax(s/T))`` on the logits.
-        hidden_layers: submodule names (of the watched module) whose outputs are matched by MSE, or
-            ``{student name: teacher name}``; ``hidden_weight`` is their weight ``β``.
+        temperature, alpha: ``T`` and ``alpha`` of ``alpha·T²·KL(softmax(t/T) ‖ softmax(s/T))`` on the logits
+            (``alpha=0``: hidden-state matching only; the output is never read).
+        loss: the output term: ``"kl"`` (default, on logits), ``"mse"`` or ``"cosine"`` (e.g. sentence embeddings).
+        output: what of the student's and teacher's outputs is compared: ``"logits"`` (default), a field name
+            (``"last_hidden_state"``), an index, or a function such as
+            :func:`~pat_callbacks.recovery.distillation.mean_pooled` (an encoder's mean-pooled embeddings).
+        hidden_layers: submodule names (of the watched module) whose outputs are matched by ``hidden_loss``, or
+            ``{student name: teacher name}``; ``hidden_weight`` is their weight ``β``. Checked at fit start.
+        hidden_loss: ``"mse"`` (default), ``"cosine"`` or ``"kl"`` for the hidden states.
+        task_loss: ``True`` (default): the distillation term is added to the loss ``training_step`` returns;
+            ``False``: the loss is the distillation term alone (no labels needed: ``training_step`` only has to
+            call the student; what it returns is ignored).
         teacher_step: optimizer step whose model the teacher copies: ``"pruning_start"`` (default: the start
             step of the first scheduled pruning callback, else the start of fit) or a step number (``0``: the
             model as fit starts, before any mask). Before it the loss is the task loss alone.
@@ -87,7 +105,9 @@ class Distillation(Callback):
         teacher_device: where the teacher runs (e.g. ``"cpu"`` to keep it off the accelerator); ``None``: the
             model's device. Inputs are moved to it and outputs back.
         student_module: the submodule of the LightningModule whose forward gives the logits (e.g. ``"net"`` if
-            ``training_step`` calls ``self.net(x)``); default ``""``: the LightningModule itself (``self(x)``).
+            ``training_step`` calls ``self.net(x)``); ``""``: the LightningModule itself (``self(x)``); ``None``
+            (default): the LightningModule if it defines ``forward``, else its one child module with parameters
+            (``self.net``), an error naming the candidates if there are several.
         save_teacher: keep a teacher copied from the model in checkpoints, so a resumed run distils from the same
             teacher (the model at pruning start no longer exists after it); ``False`` keeps checkpoints small and
             a resumed run then copies the model as it is.
@@ -108,12 +128,16 @@ class Distillation(Callback):
         *,
         temperature: float = 2.0,
         alpha: float = 1.0,
+        loss: str = "kl",
+        output: OutputSpec = "logits",
         hidden_layers: Sequence[str] | Mapping[str, str] = (),
         hidden_weight: float = 1.0,
+        hidden_loss: str = "mse",
+        task_loss: bool = True,
         teacher_step: int | Literal["pruning_start"] = "pruning_start",
         teacher_dtype: str | torch.dtype | None = None,
         teacher_device: str | torch.device | None = None,
-        student_module: str = "",
+        student_module: str | None = None,
         save_teacher: bool = True,
         log: bool = True,
     ) -> None:
@@ -127,8 +151,10 @@ class Distillation(Callback):
                 raise ValueError(
                     f"Expected `teacher_step` to be 'pruning_start' or an integer >= 0, but got {teacher_step!r}"
                 ) from None
-        if not isinstance(student_module, str):
-            raise ValueError(f"Expected `student_module` to be a submodule name, but got {student_module!r}")
+        if student_module is not None and not isinstance(student_module, str):
+            raise ValueError(f"Expected `student_module` to be a submodule name or None, but got {student_module!r}")
+        if not isinstance(task_loss, bool):
+            raise ValueError(f"Expected `task_loss` to be True or False, but got {task_loss!r}")
         self._given_teacher = teacher
         self.teacher_dtype = _dtype(teacher_dtype)
         self.teacher_device = torch.device(teacher_device) if teacher_device is not None else None
@@ -137,10 +163,14 @@ class Distillation(Callback):
             "alpha": alpha,
             "hidden_layers": dict(hidden_layers) if isinstance(hidden_layers, Mapping) else list(hidden_layers),
             "hidden_weight": hidden_weight,
+            "loss": loss,
+            "output": output,
+            "hidden_loss": hidden_loss,
         }
         Distiller(nn.Identity(), **{**self._loss_args, "hidden_layers": ()})  # validate the numbers now
         self._teacher_step_arg = teacher_step
         self.student_module = student_module
+        self.task_loss = task_loss
         self.save_teacher = bool(save_teacher)
         self.log_loss = bool(log)
 
@@ -156,6 +186,25 @@ class Distillation(Callback):
 
     # ------------------------------------------------------------------ teacher
     def _student(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The watched module: ``student_module``, or (``None``) the LightningModule if it defines ``forward``,
+        else its one child module with parameters other than a given teacher."""
+        if self.student_module is None:
+            if type(pl_module).forward is not pl.LightningModule.forward:
+                return pl_module
+            teacher_ids = {id(p) for p in self._given_teacher.parameters()} if self._given_teacher else set()
+            children = [
+                (name, child)
+                for name, child in pl_module.named_children()
+                if any(id(p) not in teacher_ids for p in child.parameters())
+            ]
+            if len(children) != 1:
+                raise ValueError(
+                    f"Distillation cannot tell which module of {type(pl_module).__name__} is the student: it defines "
+                    f"no forward and has {len(children)} child modules with parameters "
+                    f"({', '.join(name for name, _ in children) or 'none'}); set `student_module` to the one "
+                    "training_step calls (e.g. student_module='net')"
+                )
+            return children[0][1]
         if not self.student_module:
             return pl_module
         modules = dict(pl_module.named_modules())
@@ -166,6 +215,13 @@ class Distillation(Callback):
                 f"(submodules: {sample}, ...)"
             )
         return modules[self.student_module]
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (given, or copied once its step is reached; ``None`` before)."""
+        if self.distiller is not None:
+            return self.distiller.teacher
+        return self._given_teacher
 
     def _build(self, teacher: nn.Module, pl_module: pl.LightningModule) -> None:
         device = self.teacher_device or pl_module.device
@@ -182,7 +238,9 @@ class Distillation(Callback):
             return int(self._teacher_step_arg)
         starts = []
         for callback in trainer.callbacks:
-            if isinstance(callback, ScheduledPruningCallback):
+            if isinstance(callback, OneShotPruning):
+                starts.append(callback.at_step)
+            elif isinstance(callback, ScheduledPruningCallback):
                 schedule = callback.schedule
                 if schedule is None:
                     return None
@@ -191,11 +249,24 @@ class Distillation(Callback):
 
     # ---------------------------------------------------------------- Lightning hooks
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A given teacher is checked and frozen here, before any callback's ``on_fit_start``: a teacher held by the
+        LightningModule (``teacher=model.teacher``) is then never a pruning target, whatever the callback order."""
+        if stage != "fit" or self._given_teacher is None:
+            return
+        student = self._student(pl_module)
+        check_teacher(self._given_teacher, student)
+        check_hidden_layers(student, self._given_teacher, self._loss_args["hidden_layers"])
+        freeze(self._given_teacher)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         student = self._student(pl_module)  # a bad name fails before the first step
         if self._given_teacher is None:
             check_copyable(student)  # an FSDP2-sharded student fails here, not at the teacher's step
+            check_hidden_layers(student, student, self._loss_args["hidden_layers"])  # typos: before any step
         if self._given_teacher is not None:
+            check_teacher(self._given_teacher, student)
             self._build(self._given_teacher, pl_module)
             self.teacher_step = 0
         elif self._pending is not None and "teacher" in self._pending:  # resumed: the saved teacher
@@ -215,6 +286,18 @@ class Distillation(Callback):
             return self._training_step(trainer, pl_module, original, *args, **kwargs)
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """The teacher is copied as soon as the model has made ``teacher_step`` optimizer steps: here, before
+        any callback's hook of the next step can change the weights (``OneShotPruning(at_step=...)`` prunes in
+        ``on_train_batch_start``), whatever the callback order."""
+        if self.distiller is None and self._given_teacher is None:
+            step = self._resolve_step(trainer)
+            if step is not None and trainer.global_step >= step:
+                self._copy_teacher(pl_module, trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -244,12 +327,19 @@ class Distillation(Callback):
             raise RuntimeError("Distillation has no teacher")
         with distiller.watch(self._student(pl_module)) as call:
             out = original(*args, **kwargs)
-        if out is None:  # the step was skipped by the user's code
+        if out is None and (self.task_loss or not call.seen):  # the step was skipped by the user's code
             return out
-        loss = out["loss"] if isinstance(out, Mapping) else out
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"Distillation needs training_step to return a loss tensor, but got {type(out).__name__}")
         extra = distiller.loss(call)
+        if not self.task_loss:  # the distillation term is the whole loss: what training_step returned is ignored
+            loss = extra
+            out = {**out, "loss": extra} if isinstance(out, Mapping) else extra  # None or a tensor: replaced
+        else:
+            loss = out["loss"] if isinstance(out, Mapping) else out
+        if not isinstance(loss, Tensor):
+            raise TypeError(
+                f"Distillation needs training_step to return a loss tensor, but got {type(out).__name__} (with no "
+                "task loss, use task_loss=False)"
+            )
         if self.log_loss:
             batch = call.args[0] if call.args and isinstance(call.args[0], Tensor) else None
             pl_module.log(
@@ -259,6 +349,8 @@ class Distillation(Callback):
                 on_epoch=False,
                 batch_size=len(batch) if batch is not None and batch.dim() else None,
             )
+        if not self.task_loss:
+            return out
         total = loss + extra.to(loss.dtype)
         return {**out, "loss": total} if isinstance(out, Mapping) else total
 
