@@ -103,7 +103,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         "sparsity": overall,
         "sparsity_all": weight_sparsity(weight_matrices(model))[0],
         "layer_sparsity": per_layer,
-        "target_sparsity": float(named.final_sparsity) if named is not None else 0.0,
+        "target_sparsity": float(getattr(named, "final_sparsity", 0.0)) if named is not None else 0.0,
         "method": getattr(named, "method_name", type(named).__name__) if named is not None else "dense",
         "global_step": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 2),

@@ -15,6 +15,14 @@ Lightning wiring of :class:`~pat_callbacks.recovery.quantization.FakeQuantizer`:
 - ``on_train_end`` (``finalize=True``): the fake-quantized values become the weights, so the fitted model is
   exactly what :func:`~pat_callbacks.export.quantized.save_quantized` stores.
 
+Order: at ``setup`` the callback moves itself after the last pruning callback of ``trainer.callbacks``, so those
+write the weights first in ``on_train_batch_start`` (one-shot pruning and its SparseGPT update, applied masks) and
+QAT sets aside the weights they wrote: the result is the same whatever the list order. A ``start_step`` at or past
+the end of training is refused at ``on_train_start`` (it would never quantize). The quantized weights are
+:func:`~pat_callbacks.recovery.quantization.quantized_parameters` (frozen ones too), each with the spec
+:func:`~pat_callbacks.export.quantized.save_quantized` gives it (per channel where the group size does not divide
+its inputs, named in one info line): the exported file is the model QAT trained and evaluated.
+
 Masks are the pruning callbacks' (every :class:`~pat_callbacks.callbacks.base.PruningCallback` of the trainer,
 matched by parameter); symmetric quantization maps zero to zero anyway. Checkpoints hold the full-precision
 weights under their usual keys (ModelCheckpoint runs after the restore). DDP: the swap is on each rank's own
@@ -43,6 +51,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +59,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -69,7 +79,8 @@ class QuantizationAwareTraining(Callback):
             :class:`~pat_callbacks.recovery.quantization.FakeQuantizer` take it: ``"int8"`` or ``"int4"`` (one
             scale per output channel), ``"int8:g64"`` / ``"int4:g32"`` (one scale per 64 / 32 consecutive inputs of
             each output channel), or a :class:`~pat_callbacks.recovery.quantization.QuantSpec`.
-        start_step: first optimizer step trained quantized (e.g. the end of the pruning window).
+        start_step: first optimizer step trained quantized (e.g. the end of the pruning window); refused at train
+            start when training has no such step.
         include, exclude: which weights are quantized (see
             :func:`~pat_callbacks.core.targets.select_parameters`; default: the weights of Linear, Conv,
             MultiheadAttention and Hugging Face Conv1D layers; embeddings, norms and biases stay float).
@@ -147,6 +158,8 @@ class QuantizationAwareTraining(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.quantizer is None and stage != "fit":  # validate / test without fit: quantize for the loop
             self.quantizer = FakeQuantizer.from_model(pl_module, self.spec, include=self.include, exclude=self.exclude)
+        if stage == "fit":
+            trainer.callbacks = _after_weight_writers(trainer.callbacks, self)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -157,6 +170,23 @@ class QuantizationAwareTraining(Callback):
         sharded = [name for name, p in self.quantizer.params.items() if is_sharded(p)]
         if sharded:
             raise ValueError(f"QuantizationAwareTraining does not support sharded (FSDP2) parameters: {sharded[:3]}")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = trainer.estimated_stepping_batches
+        if not trainer.fast_dev_run and math.isfinite(total) and self.start_step >= total:
+            raise ValueError(
+                f"{type(self).__name__}: start_step={self.start_step}, but training has {int(total)} optimizer steps "
+                f"(max_steps={trainer.max_steps}): it would never quantize (and finalize nothing); give a start_step "
+                f"below {int(total)} or train longer"
+            )
+        quantizer = self._require()
+        if quantizer.per_channel:
+            rank_zero_info(
+                f"{type(self).__name__}: {self.spec}: the group size does not divide the inputs of "
+                f"{', '.join(quantizer.per_channel)}: quantized per channel ({QuantSpec(self.spec.bits)}), by "
+                "save_quantized too"
+            )
 
     @override
     def on_train_batch_start(
@@ -210,3 +240,25 @@ class QuantizationAwareTraining(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.quantizer is not None:
             self.quantizer.restore_()
+
+
+def _after_weight_writers(callbacks: list[Callback], qat: QuantizationAwareTraining) -> list[Callback]:
+    """``callbacks`` (a new list) with ``qat`` moved after the last pruning callback, if it came before it.
+
+    A pruning callback writes weights in ``on_train_batch_start`` (one-shot pruning, its SparseGPT update, masks
+    applied); QAT must set the full-precision weights aside after those writes, or its restore would bring back
+    the weights from before them. Moving QAT behind them makes the list order irrelevant.
+
+    Example:
+        >>> from pat_callbacks import OneShotPruning
+        >>> qat, prune = QuantizationAwareTraining(), OneShotPruning("magnitude", 0.5)
+        >>> [type(c).__name__ for c in _after_weight_writers([qat, prune], qat)]
+        ['OneShotPruning', 'QuantizationAwareTraining']
+    """
+    writers = [i for i, callback in enumerate(callbacks) if isinstance(callback, PruningCallback)]
+    here = next((i for i, callback in enumerate(callbacks) if callback is qat), None)
+    if here is None or not writers or here > writers[-1]:
+        return list(callbacks)
+    rest = [callback for callback in callbacks if callback is not qat]
+    last = rest.index(callbacks[writers[-1]])
+    return [*rest[: last + 1], qat, *rest[last + 1 :]]

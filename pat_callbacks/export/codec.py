@@ -139,7 +139,7 @@ def encode_tensor(
     if quant is not None:
         if not tensor.is_floating_point():
             raise ValueError(f"Only floating tensors are quantized, but got dtype {tensor.dtype}")
-        stored, scales = quantize_tensor(tensor.float(), quant, transposed=transposed)
+        stored, scales = quantize_tensor(tensor, quant, transposed=transposed)  # its dtype: see _scales
         entry.update(quant=sys.intern(str(quant)), scales=scales, transposed=bool(transposed))
     candidates = [_dense(stored)]
     sparse_able = (quant is not None or stored.is_floating_point()) and stored.numel() > 0

@@ -36,9 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pat_callbacks.core.targets import select_parameters, target_roles
 from pat_callbacks.export.checkpoint import FORMAT_VERSION, compress_state_dict, decompress_state_dict, load_sparse
-from pat_callbacks.recovery.quantization import QuantSpec
+from pat_callbacks.recovery.quantization import QuantSpec, layer_specs, quantized_parameters
 
 __all__ = [
     "FORMAT_VERSION",
@@ -59,8 +58,11 @@ def quantize_state_dict(
     sparse: bool = True,
 ) -> dict[str, Any]:
     """:func:`~pat_callbacks.export.checkpoint.compress_state_dict` of the model's state_dict with its weight
-    matrices quantized (by default those :func:`~pat_callbacks.core.targets.select_parameters` picks: Linear, Conv,
-    MultiheadAttention, Conv1D). ``sparse=False``: no sparse encoding (but of an all-zero tensor).
+    matrices quantized: those :func:`~pat_callbacks.recovery.quantization.quantized_parameters` picks, the weights
+    QAT fake-quantizes (Linear, Conv, MultiheadAttention, Conv1D, frozen ones included), each with
+    :meth:`~pat_callbacks.recovery.quantization.QuantSpec.for_inputs` of ``spec`` (per channel where the group size does
+    not divide a weight's inputs), recorded per tensor in the file. ``sparse=False``: no sparse encoding (but of an
+    all-zero tensor).
 
     Example:
         >>> layer = nn.Linear(4, 2)
@@ -68,15 +70,17 @@ def quantize_state_dict(
         >>> sorted(packed["tensors"]), packed["tensors"]["weight"]["quant"]
         (['bias', 'weight'], 'int8')
     """
-    spec = QuantSpec.parse(spec)
-    targets = select_parameters(model, include, exclude, include_frozen=True)
-    roles = target_roles(model)
+    targets, transposed_targets = quantized_parameters(model, include, exclude)
+    specs = layer_specs(targets, spec, transposed_targets)
     by_id = {id(p): name for name, p in targets.items()}
     state = model.state_dict(keep_vars=True)
     quantized = {name: by_id[id(tensor)] for name, tensor in state.items() if id(tensor) in by_id}
-    transposed = [name for name, target in quantized.items() if target in roles and roles[target].transposed]
+    transposed = [name for name, target in quantized.items() if target in transposed_targets]
     return compress_state_dict(
-        state, 0.0 if sparse else 1.0, quant=dict.fromkeys(quantized, spec), transposed=transposed
+        state,
+        0.0 if sparse else 1.0,
+        quant={name: specs[target] for name, target in quantized.items()},
+        transposed=transposed,
     )
 
 

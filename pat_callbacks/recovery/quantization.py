@@ -11,6 +11,22 @@ Scales are ``max|w| / qmax`` rounded *down* to a bfloat16 value (8 significant b
 256, and makes quantization idempotent: quantizing dequantized weights gives back the same ``q`` and ``s`` bit for
 bit, so a model whose weights were finalized (:meth:`FakeQuantizer.finalize_`) exports and loads back exactly.
 
+Half-precision weights (``bf16-true`` / ``16-true``) hold ``q · s`` rounded to their dtype (``q · s`` needs up to
+15 significant bits; bf16 has 8, fp16 11), and that rounding can move a group's largest weight below
+``qmax · s``, so that ``max|w| / qmax`` rounds down to the bf16 value below ``s``. A group of a bf16 / fp16 tensor
+whose values are exactly the dequantized values of the next bf16 scale up, and not of the rounded-down one, is
+therefore given that scale: quantizing the finalized weights gives back ``q`` and ``s``, and loading gives back
+the weights bit for bit, in float32 / float64, in bfloat16, and in float16 wherever every group's largest weight is
+a normal float16 (at least ``2**-14``, about 6.1e-5; below that fp16's subnormals cannot hold the codes). A fresh
+(not yet quantized) weight is on neither grid and gets the rounded-down scale, in every dtype.
+
+Which weights: :func:`quantized_parameters` (the weights of Linear, Conv, MultiheadAttention and Hugging Face
+Conv1D layers, frozen ones included, or ``include`` / ``exclude``), the one rule of both
+:class:`FakeQuantizer` (QAT) and :func:`~pat_callbacks.export.quantized.save_quantized`, so the exported model is
+the one QAT trained and evaluated. With a group size, a weight whose inputs per output channel the group does not
+divide (e.g. the 5 inputs of a first convolution with a kernel of 5) is quantized per channel by both
+(:meth:`QuantSpec.for_inputs`); :func:`quantize_tensor` itself refuses such a group size, naming the shape.
+
 Training: :class:`FakeQuantizer` writes the fake-quantized values into the weights before a forward / backward
 and the full-precision ("master") values back before the optimizer step. The gradient computed at ``ŵ`` is
 applied to ``w``: the straight-through estimator (``dŵ/dw := 1``; with absmax scales nothing is clipped, so it is
@@ -32,7 +48,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -41,7 +57,16 @@ from torch import Tensor, nn
 
 from pat_callbacks.core.targets import select_parameters, target_roles
 
-__all__ = ["FakeQuantizer", "QuantSpec", "dequantize_tensor", "fake_quantize", "quantize_tensor", "ste_fake_quantize"]
+__all__ = [
+    "FakeQuantizer",
+    "QuantSpec",
+    "dequantize_tensor",
+    "fake_quantize",
+    "layer_specs",
+    "quantize_tensor",
+    "quantized_parameters",
+    "ste_fake_quantize",
+]
 
 _BF16_MASK = -65536  # 0xFFFF0000 as int32: the bits a float32 keeps when truncated to bfloat16
 
@@ -92,6 +117,21 @@ class QuantSpec:
     def __str__(self) -> str:
         return f"int{self.bits}" + (f":g{self.group_size}" if self.group_size else "")
 
+    def for_inputs(self, inputs: int) -> QuantSpec:
+        """The spec a weight with ``inputs`` inputs per output channel is quantized with by
+        :class:`FakeQuantizer` and :func:`~pat_callbacks.export.quantized.save_quantized`: this one, or per channel
+        (no group) when the group size does not divide ``inputs`` (e.g. the 5 inputs of a first convolution with a
+        kernel of 5, or 75 = 15 channels x 5 under ``int4:g32``); the callback names those weights in one info line
+        and the file records the spec of each tensor.
+
+        Example:
+            >>> [str(QuantSpec.parse("int4:g32").for_inputs(n)) for n in (5, 64, 75)]
+            ['int4', 'int4:g32', 'int4']
+        """
+        if self.group_size is None or inputs % self.group_size == 0:
+            return self
+        return QuantSpec(self.bits)
+
 
 def _rows(weight: Tensor, transposed: bool) -> Tensor:
     """The weight as ``(output channels, inputs)`` (a view where possible)."""
@@ -107,17 +147,35 @@ def _grouped(rows: Tensor, spec: QuantSpec) -> Tensor:
     channels, inputs = rows.shape
     size = spec.group_size or inputs
     if inputs % size:
-        raise ValueError(f"group_size={spec.group_size} does not divide the {inputs} inputs of a weight")
+        raise ValueError(
+            f"{spec}: group_size={size} does not divide the {inputs} inputs of a weight of shape "
+            f"{tuple(rows.shape)} (outputs, inputs); give a group size that divides {inputs}, quantize it per channel "
+            f"({str(QuantSpec(spec.bits))!r}, what FakeQuantizer and save_quantized do for it) or exclude it"
+        )
     return rows.reshape(channels, inputs // size, size)
 
 
+def _on_grid(groups: Tensor, scales: Tensor, qmax: int) -> Tensor:
+    """Per group: whether its values are exactly ``q · s`` rounded to their dtype (shape ``(channels, groups, 1)``)."""
+    values = groups.detach().float()
+    q = torch.clamp(torch.round(values / scales), -qmax, qmax)
+    return ((q * scales).to(groups.dtype).float() == values).all(dim=-1, keepdim=True)
+
+
 def _scales(groups: Tensor, qmax: int) -> Tensor:
-    """``max|w| / qmax`` per group, rounded down to a bfloat16 value (float32, shape ``(channels, groups, 1)``)."""
+    """``max|w| / qmax`` per group, rounded down to a bfloat16 value (float32, shape ``(channels, groups, 1)``);
+    for a bf16 / fp16 tensor, the next bf16 value up where the group lies exactly on its grid (see the module
+    docstring)."""
     amax = groups.detach().abs().amax(dim=-1, keepdim=True).float()
     exact = amax / qmax
     down = (exact.view(torch.int32) & _BF16_MASK).view(torch.float32)  # truncation: round down for positives
     tiny = torch.finfo(torch.bfloat16).tiny
-    return torch.where(amax == 0, torch.ones_like(down), torch.where(down == 0, torch.full_like(down, tiny), down))
+    scales = torch.where(amax == 0, torch.ones_like(down), torch.where(down == 0, torch.full_like(down, tiny), down))
+    if groups.dtype in (torch.bfloat16, torch.float16):  # their rounding of q·s may have lowered max|w|
+        up = (scales.view(torch.int32) + 65536).view(torch.float32)  # the next bf16 value up
+        recovered = _on_grid(groups, up, qmax) & ~_on_grid(groups, scales, qmax) & (amax > 0)
+        scales = torch.where(recovered & torch.isfinite(up), up, scales)
+    return scales
 
 
 def quantize_tensor(weight: Tensor, spec: QuantSpec, *, transposed: bool = False) -> tuple[Tensor, Tensor]:
@@ -180,6 +238,40 @@ def ste_fake_quantize(weight: Tensor, spec: QuantSpec, *, transposed: bool = Fal
     return weight + (fake_quantize(weight, spec, transposed=transposed).to(weight.dtype) - weight).detach()
 
 
+def quantized_parameters(
+    model: nn.Module, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None
+) -> tuple[dict[str, nn.Parameter], list[str]]:
+    """``({name: parameter}, transposed names)`` of the weights that are quantized, the one rule of QAT
+    (:meth:`FakeQuantizer.from_model`) and of the quantized export
+    (:func:`~pat_callbacks.export.quantized.quantize_state_dict`): those
+    :func:`~pat_callbacks.core.targets.select_parameters` picks, frozen ones included (a frozen layer is quantized
+    in training's forward as in the file; nothing trains it, the others learn around its rounding).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> model[0].requires_grad_(False) and None
+        >>> list(quantized_parameters(model)[0])
+        ['0.weight', '1.weight']
+    """
+    params = select_parameters(model, include, exclude, include_frozen=True)
+    roles = target_roles(model)
+    return params, [name for name in params if name in roles and roles[name].transposed]
+
+
+def layer_specs(
+    params: Mapping[str, Tensor], spec: QuantSpec | str, transposed: Collection[str] = ()
+) -> dict[str, QuantSpec]:
+    """``{name: the spec it is quantized with}`` (:meth:`QuantSpec.for_inputs` of its inputs per output channel).
+
+    Example:
+        >>> specs = layer_specs({"conv": torch.zeros(8, 1, 5), "fc": torch.zeros(4, 64)}, "int4:g32")
+        >>> {name: str(s) for name, s in specs.items()}
+        {'conv': 'int4', 'fc': 'int4:g32'}
+    """
+    spec = QuantSpec.parse(spec)
+    return {name: spec.for_inputs(_rows(p.detach(), name in transposed).shape[1]) for name, p in params.items()}
+
+
 class FakeQuantizer:
     """Swaps fake-quantized values into parameters for a forward / backward, and their full-precision values
     back before the optimizer step (see the module docstring).
@@ -224,8 +316,7 @@ class FakeQuantizer:
         if unknown:
             raise ValueError(f"`transposed` names {unknown}, which are not among the quantized parameters")
         self.transposed = frozenset(transposed)
-        for name, param in self.params.items():
-            _grouped(_rows(param.detach(), name in self.transposed), self.spec)  # a group_size that fits, now
+        self.specs = layer_specs(self.params, self.spec, self.transposed)  # a group size that fits each, now
         self._masters: dict[str, Tensor] = {}
         self.swapped_in = False
         self.last_scales: dict[str, Tensor] = {}
@@ -239,19 +330,24 @@ class FakeQuantizer:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
     ) -> FakeQuantizer:
-        """Quantize the weights :func:`~pat_callbacks.core.targets.select_parameters` picks (by default those of
-        Linear, Conv, MultiheadAttention and Hugging Face Conv1D layers; embeddings stay float)."""
-        params = select_parameters(model, include, exclude)
-        roles = target_roles(model)
-        return cls(params, spec, transposed=[name for name in params if name in roles and roles[name].transposed])
+        """Quantize the weights :func:`quantized_parameters` picks (by default those of Linear, Conv,
+        MultiheadAttention and Hugging Face Conv1D layers, frozen ones included; embeddings stay float)."""
+        params, transposed = quantized_parameters(model, include, exclude)
+        return cls(params, spec, transposed=transposed)
+
+    @property
+    def per_channel(self) -> list[str]:
+        """The weights quantized per channel although ``spec`` has a group size (it does not divide their inputs)."""
+        return [name for name, spec in self.specs.items() if spec != self.spec]
 
     def __repr__(self) -> str:
         return f"FakeQuantizer({len(self.params)} parameters, {self.spec}, swapped_in={self.swapped_in})"
 
     def _fake(self, name: str, value: Tensor, masks: Mapping[str, Tensor] | None) -> Tensor:
-        q, scales = quantize_tensor(value, self.spec, transposed=name in self.transposed)
+        spec = self.specs[name]
+        q, scales = quantize_tensor(value, spec, transposed=name in self.transposed)
         self.last_scales[name] = scales
-        out = dequantize_tensor(q, scales, self.spec, transposed=name in self.transposed)
+        out = dequantize_tensor(q, scales, spec, transposed=name in self.transposed)
         mask = masks.get(name) if masks else None
         if mask is not None:
             out = out * mask.to(out.device, torch.bool)

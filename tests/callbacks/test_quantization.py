@@ -132,3 +132,64 @@ def test_one_spelling_for_every_entry_point(tmp_path) -> None:
     assert FakeQuantizer.from_model(layer, "int4:g32").spec == QuantizationAwareTraining("int4:g32").spec
     save_quantized(layer, tmp_path / "layer.pt", "int4:g32")
     assert torch.equal(load_quantized(tmp_path / "layer.pt")["weight"], fake_quantize(layer.weight, QuantSpec(4, 32)))
+
+
+def test_a_start_step_training_never_reaches_is_refused(fit) -> None:
+    """start_step=100 with max_steps=4 would never quantize: refused at train start, naming both numbers."""
+    with pytest.raises(ValueError, match=r"start_step=100, but training has 4 optimizer steps \(max_steps=4\)"):
+        fit([QuantizationAwareTraining("int8", start_step=100)], max_steps=4)
+
+
+@pytest.mark.parametrize("finalize", [True, False])
+def test_a_frozen_layer_is_quantized_in_training_and_in_the_file(fit, tmp_path, finalize) -> None:
+    """One rule: what QAT fake-quantized (a frozen layer too) is what save_quantized stores; outputs are equal."""
+    from pat_callbacks.export.quantized import load_quantized, save_quantized
+
+    module = make_module()
+    module.net.layers[0].requires_grad_(False)
+    frozen = module.net.layers[0].weight.detach().clone()
+    qat = QuantizationAwareTraining("int4:g16", start_step=0, finalize=finalize)
+    fit([qat], module=module, max_steps=4)
+    assert "net.layers.0.weight" in qat.quantizer.params
+    save_quantized(module, tmp_path / "model.pt", qat.spec)
+    reloaded = make_module(seed=1)
+    reloaded.load_state_dict(load_quantized(tmp_path / "model.pt"))
+    x = torch.randn(32, 64)
+    module.eval(), reloaded.eval()
+    with torch.no_grad(), qat.quantizer.swapped():  # the model as evaluated (validation swaps the same way)
+        evaluated = module(x)
+        assert torch.equal(module.net.layers[0].weight, fake_quantize(frozen, qat.spec))
+    assert torch.equal(reloaded(x).detach(), evaluated)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_half_precision_training_exports_bit_for_bit(fit, precision) -> None:
+    """Under bf16-true / 16-true the finalized weights are q·s rounded to the dtype; the file gives them back."""
+    pruning, qat = _two_four(), QuantizationAwareTraining("int8", start_step=2)
+    module = make_module(optimizer="sgd", lr=0.1)  # Adam's eps underflows in float16
+    _, model = fit([pruning, qat], module=module, max_steps=6, precision=precision)
+    assert pruning.store.sparsity() > 0
+    state = model.state_dict()
+    assert state["net.layers.0.weight"].dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float16)
+    loaded = dequantize_state_dict(quantize_state_dict(model, qat.spec))
+    differ = {k: int((loaded[k] != v).sum()) for k, v in state.items() if not torch.equal(loaded[k], v)}
+    assert differ == {}
+
+
+def test_order_of_callbacks_does_not_change_the_result(fit) -> None:
+    """[QAT, OneShotPruning('sparsegpt')] and the other order: the same weights, the same zeros (0.5)."""
+    from pat_callbacks import OneShotPruning
+
+    results = []
+    for qat_first in (True, False):
+        pruning = OneShotPruning("sparsegpt", 0.5, calibration_batches=2, verbose=False)
+        qat = QuantizationAwareTraining("int8", start_step=0)
+        trainer, model = fit([qat, pruning] if qat_first else [pruning, qat], module=make_module(), max_steps=5)
+        names = [type(c).__name__ for c in trainer.callbacks]
+        assert names.index("OneShotPruning") < names.index("QuantizationAwareTraining")
+        assert pruning.store.sparsity() == 0.5
+        for name, mask in pruning.store.masks.items():  # pruned weights are zero (a kept one may round to zero)
+            weight = pruning.store.params[name].detach()
+            assert float((~mask).float().mean()) == 0.5 and bool((weight[~mask] == 0).all()), name
+        results.append(model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
