@@ -39,7 +39,13 @@ T = TypeVar("T")
 
 class UnknownNameError(KeyError, ValueError):
     """A name that is not registered: a ``ValueError`` (a bad config value) and a ``KeyError`` (a missing key), so
-    both ``except ValueError`` and the ``dict`` habits (``registry.get(name)``, ``except KeyError``) work."""
+    both ``except ValueError`` and the ``dict`` habits (``registry.get(name)``, ``except KeyError``) work.
+
+    Example:
+        >>> error = UnknownNameError("Unknown `criterion` 'magnitud'; expected one of: 'magnitude'")
+        >>> isinstance(error, ValueError) and isinstance(error, KeyError), str(error)
+        (True, "Unknown `criterion` 'magnitud'; expected one of: 'magnitude'")
+    """
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
