@@ -254,7 +254,10 @@ class Distillation(Callback):
         LightningModule (``teacher=model.teacher``) is then never a pruning target, whatever the callback order."""
         if stage != "fit" or self._given_teacher is None:
             return
-        student = self._student(pl_module)
+        try:
+            student = self._student(pl_module)
+        except ValueError:  # layers built later (configure_model, FSDP2): checked and frozen at fit start
+            return
         check_teacher(self._given_teacher, student)
         check_hidden_layers(student, self._given_teacher, self._loss_args["hidden_layers"])
         freeze(self._given_teacher)
