@@ -190,3 +190,36 @@ def test_the_one_shot_block_returns_a_result_whose_pruner_keeps_the_zeros(tmp_pa
     result.pruner.mask_grads()  # what the README says keeps the zeros during recovery
     text = README.read_text()
     assert "returns a\n`Pruner`" not in text and "returns an `OneShotResult`" not in text
+
+
+def _documents_text() -> dict[str, str]:
+    return {str(path.relative_to(ROOT)): path.read_text() for path in DOCUMENTS}
+
+
+def test_every_tests_path_the_documents_cite_exists():
+    """recipes/README.md cited tests/test_train.py after it moved to tests/app/."""
+    missing = {
+        (where, path)
+        for where, text in _documents_text().items()
+        for path in re.findall(r"\b(tests/[\w/]+\.py)\b", text)
+        if not (ROOT / path).exists()
+    }
+    assert not missing, missing
+
+
+def test_the_group_table_lists_every_shipped_option():
+    """The README's Hydra group table omitted char_gpt, hf_gpt2 and shakespeare."""
+    text = README.read_text()
+    conf = ROOT / "pat_callbacks" / "conf"
+    for group in ("model", "datamodule", "trainer", "logger", "pruning", "recovery", "hparams_search"):
+        row = re.search(rf"^\| `{group}/` \|(.*)$", text, re.M)
+        assert row, group
+        missing = [p.stem for p in (conf / group).glob("*.yaml") if f"`{p.stem}`" not in row.group(1)]
+        assert not missing, f"{group}/: {missing} not in the README's table"
+
+
+def test_extras_are_installed_from_the_checkout_or_a_wheel_not_from_pypi():
+    """`pip install "pat-callbacks[hf]"` fails: the package is not on the package index."""
+    help_text = (ROOT / "pat_callbacks" / "conf" / "hydra" / "help" / "pat_callbacks_train.yaml").read_text()
+    for where, text in {**_documents_text(), "--help": help_text}.items():
+        assert 'pip install "pat-callbacks[' not in text, where
