@@ -223,3 +223,13 @@ def test_extras_are_installed_from_the_checkout_or_a_wheel_not_from_pypi():
     help_text = (ROOT / "pat_callbacks" / "conf" / "hydra" / "help" / "pat_callbacks_train.yaml").read_text()
     for where, text in {**_documents_text(), "--help": help_text}.items():
         assert 'pip install "pat-callbacks[' not in text, where
+
+
+def test_the_readme_gives_the_measured_effect_of_the_recovery_presets_on_a_run_from_scratch():
+    """`+recipe=lm_two_four +recovery=[distill,qat_int8]` ended worse than without recovery, with no word about it."""
+    section = README.read_text().split("## Recover after pruning")[1].split("\n## ")[0]
+    figures = r".*?(\d\.\d{3})" * 3
+    said = re.search(r"`python train\.py \+recipe=lm_two_four[^`]*`" + figures, section, re.S)
+    assert said, "no measured lm_two_four figures in 'Recover after pruning'"
+    without, distill, both = (float(x) for x in said.groups())
+    assert distill > without and both > without and "from scratch" in section
