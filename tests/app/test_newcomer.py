@@ -149,13 +149,29 @@ def _help_examples() -> list[str]:
     return re.findall(r"^  python train\.py (.*?)\s*(?:#.*)?$", _help_text(), re.M)
 
 
+def _readme_examples() -> list[str]:
+    """The ``python train.py ...`` lines of the README's "This repository's train.py" block (no sweeps, no <dir>)."""
+    section = (ROOT / "README.md").read_text().split("### This repository's `train.py`")[1]
+    block = section.split("```bash\n")[1].split("```")[0]
+    lines = re.findall(r"^python train\.py ?(.*?)\s*(?:#.*)?$", block, re.M)
+    return [line for line in lines if not line.startswith("-m") and "<" not in line]
+
+
 def test_help_examples_are_found():
     assert len(_help_examples()) >= 8
 
 
-@pytest.mark.parametrize("example", [e for e in _help_examples() if not e.startswith("-m ")])
+def test_readme_examples_are_found():
+    assert len(_readme_examples()) >= 7
+
+
+EXAMPLES = sorted({e for e in [*_help_examples(), *_readme_examples()] if not e.startswith("-m ")})
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
 def test_every_help_example_runs_a_few_steps(tmp_path, monkeypatch, example):
-    """Each ``python train.py ...`` line of ``--help`` as shown, for a few steps (sweeps: tests/app/test_train.py)."""
+    """Each ``python train.py ...`` line of ``--help`` and of the README's train.py block as shown, for a few steps
+    (sweeps: tests/app/test_train.py; the resume line: the SIGKILL test above)."""
     monkeypatch.chdir(ROOT)
     overrides = shlex.split(example)
     start = max((int(n) for n in re.findall(r"start_step=(\d+)", example)), default=0)
