@@ -769,7 +769,9 @@ def plot(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=None, help=f"a subset of: {'; '.join(METHODS)}")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help=f"a subset of: {'; '.join(METHODS)}".replace("%", "%%")
+    )
     parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES))
     parser.add_argument(
         "--structured-sparsities", type=float, nargs="+", default=list(STRUCTURED_SPARSITIES), help="StructuredPruning"

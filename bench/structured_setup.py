@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -32,4 +33,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help says what it measures
     main()

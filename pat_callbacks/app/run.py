@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from pat_callbacks.app.config import check_against_schema, check_trainer_keys
@@ -24,7 +24,7 @@ from pat_callbacks.app.weights import check_initial_weights, load_initial_weight
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core.targets import select_parameters, weight_matrices
 
-__all__ = ["CONF_DIR", "run_training"]
+__all__ = ["CONF_DIR", "check_resume_checkpoint", "run_training"]
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the Hydra configs shipped in the package
 
@@ -74,6 +74,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # e.g. trainer=tiny: Lightning refuses a bar then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    check_resume_checkpoint(cfg.get("ckpt_path"), callbacks)
     # A callback of another tool (bench/peers.py's ModelPruning) reports as the method if it names itself.
     named = pruning if pruning is not None else next((c for c in callbacks if hasattr(c, "method_name")), None)
     logger = instantiate(cfg.logger, save_dir=str(output_dir)) if cfg.get("logger") else False
@@ -103,7 +104,8 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
         "sparsity": overall,
         "sparsity_all": weight_sparsity(weight_matrices(model))[0],
         "layer_sparsity": per_layer,
-        "target_sparsity": float(getattr(named, "final_sparsity", 0.0)) if named is not None else 0.0,
+        # A recovery callback alone (+recovery=qat_int8) names the method but has no target: 0.
+        "target_sparsity": float(getattr(named, "final_sparsity", 0.0) or 0.0) if named is not None else 0.0,
         "method": getattr(named, "method_name", type(named).__name__) if named is not None else "dense",
         "global_step": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 2),
@@ -128,6 +130,43 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
             f"-> {output_dir / 'metrics.json'}"
         )
     return metrics
+
+
+def check_resume_checkpoint(ckpt_path: str | None, callbacks: list[pl.Callback]) -> None:
+    """Refuse ``ckpt_path="last"`` when no ``ModelCheckpoint`` directory holds a ``last*.ckpt`` to resume from.
+
+    Lightning only warns ("no last checkpoint available") and trains from step 0 again, which reads as a resumed run
+    that lost its progress; a run asked to resume stops here instead, naming the directory it searched.
+
+    Example:
+        >>> import tempfile
+        >>> saver = ModelCheckpoint(dirpath=tempfile.mkdtemp(), save_last=True, every_n_train_steps=500)
+        >>> check_resume_checkpoint(None, [saver])  # a new run: nothing to check
+        >>> check_resume_checkpoint("last", [saver])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: ckpt_path=last: nothing to resume, no last.ckpt in .../ (checkpoints are written every \
+500 steps: ...
+        >>> _ = (Path(saver.dirpath) / "last.ckpt").write_bytes(b"")
+        >>> check_resume_checkpoint("last", [saver])
+    """
+    if ckpt_path != "last":
+        return
+    savers = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath]
+    if not savers:
+        raise ValueError(
+            "ckpt_path=last: no ModelCheckpoint with save_last=true to resume from (callbacks.checkpoint was removed?)"
+        )
+    if any(any(Path(c.dirpath).glob("last*.ckpt")) for c in savers):
+        return
+    where = ", ".join(f"{c.dirpath}/" for c in savers)
+    every = ", ".join(str(c._every_n_train_steps) for c in savers if c._every_n_train_steps)
+    raise FileNotFoundError(
+        f"ckpt_path=last: nothing to resume, no last.ckpt in {where} "
+        f"(checkpoints are written {f'every {every} steps' if every else 'at epoch ends'}: "
+        "the run was stopped before its first one, or hydra.run.dir is not the interrupted run's directory); "
+        "rerun without ckpt_path=last to start from step 0"
+    )
 
 
 _STARTUP_NOISE = ("💡 Tip", "GPU available", "TPU available", "HPU available", "Seed set to", "`Trainer.fit` stopped")
