@@ -10,7 +10,17 @@ Layers are pruned in order, a layer group at a time (``sequential=True``, as bot
 each group (a transformer block, see :func:`~pat_callbacks.oneshot.owl.layer_groups`) is calibrated on the model
 whose earlier groups are already pruned, so it sees the inputs it will get; statistics exist for one group at a
 time. ``sequential=False`` calibrates every layer once, on the dense model (needed by the global allocations).
-Calibration costs one pass over the batches per group (plus one for OWL's outlier ratios, on the dense model).
+
+Where the groups are a model's repeated blocks (``pipeline="auto"``, see :mod:`~pat_callbacks.oneshot.blocks`), the
+model runs once up to its first block, and each block is calibrated from its cached inputs, pruned, and run once
+more to give the next block's inputs: two block forwards per batch per block, whatever the depth (the masks and
+weights those of whole-model passes, ``pipeline="whole"``, which forward every block once per group). With
+``offload`` the model stays where it is (e.g. in CPU memory) and one block at a time moves to ``device``, with the
+cached activations there. Groups outside the blocks (a head) take one whole-model pass each.
+
+Nothing changes unless everything is valid: the target names, and one dense forward of the first batch in which
+every target's module runs on finite inputs, are checked before any weight is touched (and the cached inputs of
+the first block for every batch, and each group's statistics, are checked finite before that group is pruned).
 
 Example:
     >>> import torch
@@ -27,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,12 +53,14 @@ from pat_callbacks.core.patterns import BlockPattern, NMPattern, Pattern, make_p
 from pat_callbacks.core.pruner import Pruner
 from pat_callbacks.core.registry import Registry, unknown_name_message
 from pat_callbacks.core.sharding import local
-from pat_callbacks.oneshot.calibration import Calibration
+from pat_callbacks.oneshot.blocks import BlockInputs, Blocks, check_forward, find_blocks, offloaded
+from pat_callbacks.oneshot.calibration import Calibration, input_readers
 from pat_callbacks.oneshot.sparsegpt import refuse_sharded, sparsegpt_prune
 from pat_callbacks.oneshot.wanda import row_masks, wanda_scores
 
 __all__ = [
     "ONE_SHOT_METHODS",
+    "PIPELINES",
     "MagnitudeMethod",
     "OneShotMethod",
     "OneShotOptions",
@@ -175,6 +188,13 @@ def one_shot_allocations() -> list[str]:
     return sorted(name for name, allocation in ALLOCATIONS.items() if not allocation.needs_sensitivities)
 
 
+PIPELINES = ("auto", "blocks", "whole")
+"""How sequential calibration runs: ``"blocks"`` (block by block from cached inputs), ``"whole"`` (the whole model
+per layer group), ``"auto"`` (blocks where the model has them, else whole, with an info line saying why)."""
+
+_log = logging.getLogger(__name__)
+
+
 def _planned_up_front(allocation: Allocation) -> bool:
     """Whether the allocation's per-layer sparsities are known before the method scores anything: from the layers'
     shapes, or from calibration statistics of the dense model (OWL). Else it compares all layers' scores at once."""
@@ -211,6 +231,10 @@ class OneShotOptions:
             N:M pattern). Comparing all layers' scores at once (``"global"``, ``"global_raw"``): they need
             ``per_row=False`` and ``sequential=False``, and not a method that updates weights (SparseGPT).
         sequential: prune layer group by layer group, each calibrated on the model pruned so far (see module doc).
+        pipeline: one of :data:`PIPELINES`: how ``sequential`` calibration runs (the results are the same).
+        offload: keep the model where it is and move one block at a time to ``device`` (``True``); ``"auto"``: when
+            ``device`` is given and the model is elsewhere (e.g. a model in CPU memory larger than the GPU).
+        device: where blocks are calibrated and pruned when offloading (default: ``"cuda"`` when available).
         block_size, damping: SparseGPT's lazy-update block (128) and Hessian damping (0.01 of its mean diagonal).
 
     Example:
@@ -234,6 +258,9 @@ time); leave per_row unset
     sequential: bool = True
     block_size: int = 128
     damping: float = 0.01
+    pipeline: str = "auto"
+    offload: bool | str = "auto"
+    device: str | None = None
 
     def __post_init__(self) -> None:
         self.method = ONE_SHOT_METHODS.check(self.method)
@@ -305,6 +332,21 @@ time); leave per_row unset
         if isinstance(self.pattern, NMPattern) and self.block_size % self.pattern.m:
             raise ValueError(f"Expected `block_size` to be a multiple of M={self.pattern.m}, but got {self.block_size}")
         self.damping = check_positive("damping", self.damping)
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"Expected `pipeline` in {PIPELINES}, but got {self.pipeline!r}")
+        if not (isinstance(self.offload, bool) or self.offload == "auto"):
+            raise ValueError(f"Expected `offload` to be True, False or 'auto', but got {self.offload!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"Expected `device` to name a torch device, but got {self.device!r}") from error
+            self.device = str(self.device)
+        if self.offload is True and (self.pipeline == "whole" or not self.sequential):
+            raise ValueError(
+                "offload=True moves one block at a time: it needs sequential=True and pipeline 'auto' or 'blocks', "
+                f"but got sequential={self.sequential!r}, pipeline={self.pipeline!r}"
+            )
 
     @property
     def needs_calibration(self) -> bool:
@@ -334,6 +376,8 @@ class OneShotResult:
         calibration_batches: batches read per calibration pass (0 for plain magnitude).
         passes: calibration passes over the batches.
         seconds: wall time.
+        pipeline: how the layer groups were calibrated: ``"blocks"`` (from cached block inputs), ``"whole"``
+            (whole-model passes) or ``""`` (no sequential calibration).
 
     Example:
         >>> from torch import nn
@@ -350,6 +394,7 @@ class OneShotResult:
     calibration_batches: int = 0
     passes: int = 0
     seconds: float = 0.0
+    pipeline: str = ""
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -423,6 +468,7 @@ def one_shot_prune(
     algorithm.check(pruner.params)
     batches = _batches(calibration, opts)
     optimizers = list(optimizers)
+    pipeline = _pipeline(model, pruner, opts, algorithm, batches, forward, optimizers)
     target = float(opts.sparsity)  # type: ignore[arg-type]
     passes = 0
     planned = _plan(model, pruner, opts, allocation, target, batches, forward)
@@ -434,7 +480,7 @@ def one_shot_prune(
         passes += 1
         _commit(pruner, opts, algorithm.scores(pruner.params, calib, pruner.transposed), planned, target, optimizers)
     else:
-        passes += _prune_by_groups(model, pruner, opts, algorithm, planned, batches, forward, optimizers)
+        passes += _prune_by_groups(model, pruner, opts, algorithm, planned, batches, forward, optimizers, pipeline)
     pruner.target_sparsity = target
     return OneShotResult(
         options=opts,
@@ -445,7 +491,14 @@ def one_shot_prune(
         calibration_batches=len(batches),
         passes=passes,
         seconds=time.perf_counter() - start,
+        pipeline=_pipeline_name(opts, algorithm, pipeline),
     )
+
+
+def _pipeline_name(opts: OneShotOptions, algorithm: OneShotMethod, pipeline: _Pipeline) -> str:
+    if not algorithm.statistics or not (opts.sequential or algorithm.updates_weights):
+        return ""
+    return "blocks" if pipeline.blocks is not None and opts.sequential else "whole"
 
 
 def _calibrate(
@@ -456,9 +509,134 @@ def _calibrate(
     forward: Callable[[nn.Module, Any], Any] | None,
 ) -> Calibration:
     """One calibration pass collecting ``statistics`` (``"norms"``, ``"hessians"``) of ``names``."""
-    return Calibration(model, names, norms="norms" in statistics, hessians="hessians" in statistics).collect(
-        batches, forward
-    )
+    calib = Calibration(model, names, norms="norms" in statistics, hessians="hessians" in statistics)
+    return _finite(calib.collect(batches, forward))
+
+
+def _finite(calib: Calibration) -> Calibration:
+    """``calib``, refused (naming the targets) when its statistics hold NaN or Inf."""
+    bad = [
+        name
+        for table in (calib.sq_norms, calib.hessians)
+        for name, value in table.items()
+        if not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"The calibration inputs of {sorted(set(bad))} hold NaN or Inf: the calibration data or the model's "
+            "activations are not finite"
+        )
+    return calib
+
+
+@dataclass
+class _Pipeline:
+    """How a sequential calibration runs: ``blocks`` (``None``: whole-model passes) and the ``device`` blocks move
+    to (``None``: none moves)."""
+
+    blocks: Blocks | None = None
+    device: torch.device | None = None
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _pipeline(
+    model: nn.Module,
+    pruner: Pruner,
+    opts: OneShotOptions,
+    algorithm: OneShotMethod,
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any] | None,
+    optimizers: list[torch.optim.Optimizer],
+) -> _Pipeline:
+    """Validate before anything changes (names; one dense forward of the first batch reaching every target on
+    finite inputs) and choose the pipeline: the model's blocks, or whole-model passes (with why)."""
+    if not batches:
+        return _Pipeline()
+    readers = input_readers(model, pruner.params)  # every target's input readable, or refused by name
+    blocks, why = None, ""
+    groups = _groups(list(pruner.params)) if opts.sequential else []
+    if opts.sequential and algorithm.statistics and opts.pipeline != "whole":
+        blocks, why = find_blocks(model, pruner.params)
+        if blocks is not None:
+            why = _layout_problem(groups, blocks)
+            blocks = None if why else blocks
+    chain = check_forward(model, readers, batches[0], forward, blocks)
+    if chain:
+        blocks, why = None, f"{type(model).__name__}'s blocks cannot be run one by one: {chain}"
+    device = _offload_device(model, opts)
+    if blocks is None and opts.sequential and algorithm.statistics and opts.pipeline != "whole":
+        if opts.pipeline == "blocks" or device is not None:
+            asked = "pipeline='blocks'" if opts.pipeline == "blocks" else f"offloading to {device}"
+            raise ValueError(f"{asked} needs the model's blocks, but {why}")
+        _log.info("one-shot calibration runs the whole model per layer group: %s", why)
+    if device is not None and optimizers:
+        raise ValueError("offloading keeps optimizer state where it is: give no `optimizers` when offloading")
+    return _Pipeline(blocks, device)
+
+
+def _offload_device(model: nn.Module, opts: OneShotOptions) -> torch.device | None:
+    """The device blocks move to one at a time, or ``None`` (the model is calibrated where it is)."""
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if opts.device is not None:
+        device = torch.device(opts.device)
+    else:
+        device = torch.device("cuda") if opts.offload is True and torch.cuda.is_available() else home
+    offload = (not _same_device(device, home)) if opts.offload == "auto" else bool(opts.offload)
+    if not offload:
+        if not _same_device(device, home):
+            raise ValueError(
+                f"device={opts.device!r}, but the model is on {home} and offload=False: move the model there, or "
+                "offload=True (one block at a time)"
+            )
+        return None
+    return device
+
+
+def _groups(names: list[str]) -> list[list[str]]:
+    """The layer groups of ``names``, in order (see :func:`~pat_callbacks.core.owl.layer_groups`)."""
+    by_group: dict[str, list[str]] = {}
+    for name, group in layer_groups(names).items():
+        by_group.setdefault(group, []).append(name)
+    return list(by_group.values())
+
+
+def _split(groups: list[list[str]], blocks: Blocks) -> tuple[list[list[str]], dict[int, list[str]], list[list[str]]]:
+    """Groups before the blocks, the groups of the blocks by index, groups after (see :func:`_layout_problem`)."""
+    index = {blocks.name(i): i for i in range(len(blocks.modules))}
+    before: list[list[str]] = []
+    inside: dict[int, list[str]] = {}
+    after: list[list[str]] = []
+    for group in groups:
+        at = index.get(layer_groups(group[:1])[group[0]])
+        if at is not None:
+            inside[at] = group
+        else:
+            (after if inside else before).append(group)
+    return before, inside, after
+
+
+def _layout_problem(groups: list[list[str]], blocks: Blocks) -> str:
+    """Why the layer groups are not ``[outside...] block groups in order [outside...]`` (``""`` when they are)."""
+    index = {blocks.name(i): i for i in range(len(blocks.modules))}
+    start = f"{blocks.prefix}." if blocks.prefix else ""
+    seen: list[int] = []
+    after = False
+    for group in groups:
+        at = index.get(layer_groups(group[:1])[group[0]])
+        if at is None:
+            if any(name.startswith(start) for name in group):
+                return f"the layer group of {group[0]!r} is not one of the blocks {blocks.prefix!r}"
+            after = after or bool(seen)
+            continue
+        if after or (seen and at <= seen[-1]):
+            return f"the layer groups are not in block order around {blocks.name(at)!r}"
+        seen.append(at)
+    if not seen:
+        return f"no target lies in the blocks {blocks.prefix!r}"
+    return ""
 
 
 def _plan(
@@ -540,27 +718,86 @@ def _prune_by_groups(
     batches: list[Any],
     forward: Callable[[nn.Module, Any], Any] | None,
     optimizers: list[torch.optim.Optimizer],
+    pipeline: _Pipeline | None = None,
 ) -> int:
-    """A calibrated method a layer group at a time (or all at once, ``sequential=False``); returns the calibration
-    passes made."""
+    """A calibrated method a layer group at a time (or all at once, ``sequential=False``), by whole-model passes
+    or block by block (``pipeline``); returns the calibration passes made (one per group)."""
     names = list(pruner.params)
-    if opts.sequential:
-        by_group: dict[str, list[str]] = {}
-        for name, group in layer_groups(names).items():
-            by_group.setdefault(group, []).append(name)
-        groups = list(by_group.values())
-    else:
-        groups = [names]
-    for group in groups:
-        calib = _calibrate(model, group, algorithm.statistics, batches, forward)
-        if algorithm.updates_weights:
-            masks = {name: algorithm.prune_layer(pruner, name, calib, planned[name], opts) for name in group}
-        else:
-            params = {name: pruner.params[name] for name in group}
-            masks = _masks(pruner, opts, algorithm.scores(params, calib, pruner.transposed), planned)
-        del calib
-        pruner.set_masks(masks, optimizers=optimizers)  # zeroes them: the next group calibrates on the pruned model
+    groups = _groups(names) if opts.sequential else [names]
+    blocks = pipeline.blocks if pipeline is not None else None
+    if blocks is None:
+        for group in groups:
+            _prune_group(
+                pruner,
+                opts,
+                algorithm,
+                planned,
+                group,
+                _calibrate(model, group, algorithm.statistics, batches, forward),
+                optimizers,
+            )
+        return len(groups)
+    device = pipeline.device if pipeline is not None else None
+    before, inside, after = _split(groups, blocks)
+    for group in before:
+        _prune_group(
+            pruner,
+            opts,
+            algorithm,
+            planned,
+            group,
+            _calibrate(model, group, algorithm.statistics, batches, forward),
+            optimizers,
+        )
+    inputs = BlockInputs.capture(model, blocks, batches, forward, device)
+    last = max(inside)
+    for index in range(last + 1):
+        block = blocks.modules[index]
+        with offloaded(block, device):
+            if index in inside:
+                group = inside[index]
+                calib = Calibration(
+                    model, group, norms="norms" in algorithm.statistics, hessians="hessians" in algorithm.statistics
+                )
+                calib.collect(
+                    range(len(batches)), lambda _, i, b=block: inputs.run(b, i), mask_of=inputs.masks.__getitem__
+                )
+                _prune_group(pruner, opts, algorithm, planned, group, _finite(calib), optimizers)
+            if index < last:
+                inputs.advance(block)  # the pruned block's outputs: the next block's inputs
+        if device is not None:
+            pruner.to_devices()  # the masks follow the block back
+    inputs.hidden, inputs.arguments = [], []  # the cached activations freed before the groups after the blocks
+    for group in after:
+        _prune_group(
+            pruner,
+            opts,
+            algorithm,
+            planned,
+            group,
+            _calibrate(model, group, algorithm.statistics, batches, forward),
+            optimizers,
+        )
     return len(groups)
+
+
+def _prune_group(
+    pruner: Pruner,
+    opts: OneShotOptions,
+    algorithm: OneShotMethod,
+    planned: Mapping[str, float],
+    group: list[str],
+    calib: Calibration,
+    optimizers: list[torch.optim.Optimizer],
+) -> None:
+    """Masks of one calibrated group, committed (the pruned weights zeroed: later groups calibrate on them)."""
+    if algorithm.updates_weights:
+        masks = {name: algorithm.prune_layer(pruner, name, calib, planned[name], opts) for name in group}
+    else:
+        params = {name: pruner.params[name] for name in group}
+        masks = _masks(pruner, opts, algorithm.scores(params, calib, pruner.transposed), planned)
+    del calib
+    pruner.set_masks(masks, optimizers=optimizers)
 
 
 @torch.no_grad()
