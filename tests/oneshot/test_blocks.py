@@ -126,7 +126,7 @@ def test_a_model_without_blocks_falls_back_saying_why(caplog):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     batches = [torch.randn(8, 8)]
-    with caplog.at_level(logging.INFO, logger="pat_callbacks.oneshot.prune"):
+    with caplog.at_level(logging.INFO, logger="pat_callbacks.oneshot.sequential"):
         result = one_shot_prune(model, "sparsegpt", 0.5, calibration=batches)
     assert result.pipeline == "whole"
     assert "Sequential has no nn.ModuleList of same-class blocks" in caplog.text
