@@ -265,7 +265,10 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "Wanda and SparseGPT to 50% (`sequential=True`, lm_head dense), each (depth, method, pipeline) in a fresh "
         "process. `whole`: the whole model runs for every block (before); `blocks`: block by block from cached "
         "inputs (after). Peak: resident memory during the call minus before (CPU) or peak allocated (CUDA). "
-        "`same`: the masks and the weights hash bitwise equal between the two pipelines.",
+        "`same`: the masks and the weights hash bitwise equal between the two pipelines. The peak includes the "
+        "masks the returned Pruner keeps (1 byte per target weight, growing with depth in both pipelines); the "
+        "cached block inputs are 512 tokens x hidden floats. Timings from a machine shared with other jobs (2 "
+        "cores; the fastest of 3 runs per row): read the ratios.",
         "",
         "| hidden | depth | method | ms/block whole | ms/block blocks | speed-up | peak MiB whole | peak MiB blocks "
         "| same masks / weights |",
