@@ -159,3 +159,44 @@ def test_bad_pipeline_options_are_refused_naming_the_value(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         OneShotOptions("wanda", 0.5, **kwargs)
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return torch.relu(self.fc(x)) * scale
+
+
+class _PerBlockArguments(nn.Module):
+    """Each block takes its own extra argument (as models with per-layer attention masks do)."""
+
+    def __init__(self, parallel: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Scaled() for _ in range(3))
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:  # every block reads the model input: block k's input is not block k-1's output
+            return sum(block(x) for block in self.blocks)
+        for index, block in enumerate(self.blocks):
+            x = block(x, scale=1.0 + index)
+        return x
+
+
+@pytest.mark.parametrize(
+    ("parallel", "why"),
+    [(False, "block 1 takes other arguments than block 0"), (True, "block 1 does not take block 0's output")],
+)
+def test_blocks_that_cannot_run_one_by_one_fall_back_to_whole_passes_saying_why(caplog, parallel, why):
+    torch.manual_seed(0)
+    model = _PerBlockArguments(parallel)
+    reference = copy.deepcopy(model)
+    batches = [torch.randn(4, 8), torch.randn(4, 8)]
+    with caplog.at_level(logging.INFO, logger="pat_callbacks.oneshot.sequential"):
+        result = one_shot_prune(model, "sparsegpt", 0.5, calibration=batches)
+    assert result.pipeline == "whole" and why in caplog.text
+    expected = one_shot_prune(reference, "sparsegpt", 0.5, calibration=batches, pipeline="whole")
+    _assert_same(model, reference, result, expected)
