@@ -5,7 +5,8 @@ For each layer (by default a transformer block: every target whose name shares t
 part, e.g. ``net.blocks.3.``; a parameter on its own where names have no index), the outlier ratio ``D`` is the
 fraction of its Wanda scores ``|W_ij| * ||X_j||`` above ``M`` times their mean over the layer. Ratios are mapped
 linearly onto ``[0, 2 * lambda]`` and shifted so that the mean density is ``1 - target``:
-``density = scaled D - mean(scaled D) + (1 - target)``, i.e. sparsities within ``[target - lambda, target + lambda]``.
+``density = scaled D - mean(scaled D) + (1 - target)``; where one layer's outliers dominate this could leave the band,
+so the sparsities are then shifted together and clipped to ``[target - lambda, target + lambda]``, the mean exact.
 The paper's defaults (LLaMA, 70%): ``M = 5``, ``lambda = 0.08``; here ``owl_m`` and ``owl_lambda``.
 
 OWL is an allocation (``allocation="owl"``, see :mod:`~pat_callbacks.core.allocation`): per-layer sparsities from
@@ -116,7 +117,9 @@ def owl_sparsities(
 
     Usable as ``PruningOptions(layer_sparsity=...)`` (names are glob patterns matching themselves), as the
     sparsities of :func:`~pat_callbacks.oneshot.wanda.row_masks`, or per layer in SparseGPT. Values are clipped to
-    ``[0, 1)``; the size-weighted mean is ``target`` unless clipping binds. ``lam`` and ``m``: the former names of
+    ``[target - owl_lambda, target + owl_lambda]`` (and ``[0, 1)``) keeping the size-weighted mean at ``target``:
+    where one layer's outliers dominate, the others would fall outside the band; then all are shifted together and
+    clipped to it (the layers' order kept). ``lam`` and ``m``: the former names of
     ``owl_lambda`` and ``owl_m``.
 
     Example:
@@ -143,4 +146,40 @@ def owl_sparsities(
     scaled = {g: (r - low) / (high - low) * 2 * lam for g, r in ratios.items()}
     mean = sum(scaled[g] * sizes[g] for g in scaled) / sum(sizes.values())
     density = {g: s - mean + (1.0 - target) for g, s in scaled.items()}
-    return {name: min(max(1.0 - density[groups[name]], 0.0), 1.0 - 1e-6) for name in scores}
+    sparsity = {g: 1.0 - d for g, d in density.items()}
+    low_s, high_s = max(target - lam, 0.0), min(target + lam, 1.0 - 1e-6)
+    if any(not low_s <= s <= high_s for s in sparsity.values()):
+        sparsity = _within_band(scaled, sizes, target, low_s, high_s)
+    return {name: sparsity[groups[name]] for name in scores}
+
+
+def _within_band(
+    scaled: Mapping[str, float], sizes: Mapping[str, int], target: float, low: float, high: float
+) -> dict[str, float]:
+    """Sparsities ``clip(target + shift - scaled, low, high)`` whose size-weighted mean is ``target``: the shift
+    found by bisection (the mean rises with it), so the order of the layers is kept, every layer lies in the band
+    ``[low, high]`` and the overall count stays the target (one layer's outliers dominating no longer pushes the
+    others out of ``target +- owl_lambda``).
+
+    Example:
+        >>> out = _within_band({"a": 0.0, "b": 0.0, "c": 0.16}, {"a": 1, "b": 1, "c": 1}, 0.9, 0.82, 0.98)
+        >>> {k: round(v, 6) for k, v in out.items()}
+        {'a': 0.94, 'b': 0.94, 'c': 0.82}
+    """
+    total = sum(sizes.values())
+
+    def at(shift: float) -> dict[str, float]:
+        return {g: min(max(target + shift - s, low), high) for g, s in scaled.items()}
+
+    def mean(shift: float) -> float:
+        values = at(shift)
+        return sum(values[g] * sizes[g] for g in values) / total
+
+    lo, hi = -2.0, 2.0 + max(scaled.values())
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mean(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return at((lo + hi) / 2)

@@ -8,8 +8,12 @@
   and N:M;
 - :mod:`~pat_callbacks.oneshot.owl`: OWL layer-wise sparsities from outlier ratios (``allocation="owl"``; the math
   lives in :mod:`pat_callbacks.core.owl`);
-- :mod:`~pat_callbacks.oneshot.prune`: :func:`one_shot_prune`, the entry point, and :data:`ONE_SHOT_METHODS`, the
-  registry of one-shot methods.
+- :mod:`~pat_callbacks.oneshot.blocks`: a model's repeated blocks run one at a time from cached block inputs
+  (calibration linear in depth; ``offload`` moves one block at a time to the device);
+- :mod:`~pat_callbacks.oneshot.sequential`: the layer groups calibrated and pruned in order, validated before any
+  weight changes;
+- :mod:`~pat_callbacks.oneshot.methods`: :data:`ONE_SHOT_METHODS`, the registry of one-shot methods;
+- :mod:`~pat_callbacks.oneshot.prune`: :func:`one_shot_prune`, the entry point.
 
 Recovery training keeps the masks: ``result.pruner.mask_grads()`` in a plain loop, or the
 :class:`~pat_callbacks.callbacks.oneshot.OneShotPruning` callback, which prunes at fit start and keeps them.
@@ -28,10 +32,18 @@ Example:
 from typing import Any
 
 from pat_callbacks.oneshot import prune as _prune
-from pat_callbacks.oneshot.calibration import Calibration, InputReader, default_forward, input_readers
+from pat_callbacks.oneshot.blocks import BlockInputs, Blocks, find_blocks
+from pat_callbacks.oneshot.calibration import (
+    Calibration,
+    InputReader,
+    attention_mask_of,
+    default_forward,
+    input_readers,
+)
 from pat_callbacks.oneshot.owl import OWL_LAMBDA, OWL_M, layer_groups, outlier_ratios, owl_sparsities
 from pat_callbacks.oneshot.prune import (
     ONE_SHOT_METHODS,
+    PIPELINES,
     MagnitudeMethod,
     OneShotMethod,
     OneShotOptions,
@@ -48,6 +60,9 @@ __all__ = [
     "ONE_SHOT_METHODS",
     "OWL_LAMBDA",
     "OWL_M",
+    "PIPELINES",
+    "BlockInputs",
+    "Blocks",
     "Calibration",
     "InputReader",
     "MagnitudeMethod",
@@ -56,7 +71,9 @@ __all__ = [
     "OneShotResult",
     "SparseGPTMethod",
     "WandaMethod",
+    "attention_mask_of",
     "default_forward",
+    "find_blocks",
     "input_readers",
     "layer_groups",
     "one_shot_allocations",

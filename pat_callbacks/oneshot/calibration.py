@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from pat_callbacks.core.sharding import local
 
-__all__ = ["Calibration", "InputReader", "default_forward", "input_readers"]
+__all__ = ["Calibration", "InputReader", "attention_mask_of", "default_forward", "input_readers"]
 
 
 @dataclass(frozen=True)
@@ -81,17 +81,44 @@ class InputReader:
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on a batch: ``model(batch[0])`` for ``(inputs, targets, ...)`` tuples, else ``model(batch)``.
+    """Run ``model`` on a batch: ``model(**batch)`` for mappings (a Hugging Face ``BatchEncoding``; ``labels``
+    left out: calibration needs no loss), ``model(batch[0])`` for ``(inputs, targets, ...)`` tuples, else
+    ``model(batch)``.
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> default_forward(nn.Identity(), (torch.ones(1), torch.zeros(1))).tolist()
         [1.0]
+        >>> class Net(nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None):
+        ...         return input_ids * attention_mask
+        >>> default_forward(Net(), {"input_ids": torch.ones(2), "attention_mask": torch.tensor([1, 0]),
+        ...                         "labels": torch.zeros(2)}).tolist()
+        [1.0, 0.0]
     """
+    if isinstance(batch, Mapping):
+        return model(**{key: value for key, value in batch.items() if key != "labels"})
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     return model(batch)
+
+
+def attention_mask_of(batch: Any) -> Tensor | None:
+    """The ``attention_mask`` a batch carries (a mapping's ``"attention_mask"``; ``None`` otherwise): positions where
+    it is 0 (padding) enter no statistics.
+
+    Example:
+        >>> import torch
+        >>> attention_mask_of({"input_ids": torch.ones(1, 2), "attention_mask": torch.tensor([[1, 0]])}).tolist()
+        [[1, 0]]
+        >>> attention_mask_of(torch.ones(2)) is None
+        True
+    """
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        return mask if isinstance(mask, Tensor) else None
+    return None
 
 
 def _refuse(name: str, why: str) -> ValueError:
@@ -260,6 +287,7 @@ class Calibration:
         self.hessians: dict[str, Tensor] = {}
         self.rows: dict[str, int] = {}
         self.batches = 0
+        self._token_mask: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.readers)} targets, {self.batches} batches)"
@@ -284,10 +312,25 @@ class Calibration:
         forward: Callable[[nn.Module, Any], Any] | None = None,
         *,
         only: Iterable[str] | None = None,
+        mask_of: Callable[[Any], Tensor | None] = attention_mask_of,
     ) -> Calibration:
         """Run ``forward(model, batch)`` on every batch (no gradients, every module in eval mode) with input hooks
         on the targets' modules (``only``: a subset of the targets), removed afterwards even if a batch raises; then
-        all-reduce the sums over ranks. Statistics add up over calls. Returns ``self``."""
+        all-reduce the sums over ranks. Statistics add up over calls. Returns ``self``.
+
+        ``mask_of(batch)``: the batch's ``[batch, tokens]`` attention mask (default: a mapping's
+        ``"attention_mask"``); the rows of padded positions (mask 0) are left out of the statistics of every input
+        laid out ``[batch, tokens, features]``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> layer = nn.Linear(2, 1)
+            >>> batch = {"input": torch.ones(1, 3, 2), "attention_mask": torch.tensor([[1, 1, 0]])}
+            >>> calib = Calibration(layer, ["weight"]).collect([batch], lambda m, b: m(b["input"]))
+            >>> calib.rows
+            {'weight': 2}
+        """
         forward = forward or default_forward
         names = list(self.readers) if only is None else list(only)
         unknown = sorted(set(names) - set(self.readers))
@@ -299,9 +342,12 @@ class Calibration:
             with self._hooks(names), torch.no_grad():
                 self.model.eval()
                 for batch in batches:
+                    mask = mask_of(batch)
+                    self._token_mask = None if mask is None else mask.detach().reshape(mask.shape[0], -1) != 0
                     forward(self.model, batch)
                     seen += 1
         finally:
+            self._token_mask = None
             for module, mode in modes.items():
                 module.training = mode
         if seen == 0:
@@ -340,15 +386,25 @@ class Calibration:
                         continue
                     if name.endswith("in_proj_weight") and not (call["query"] is call["key"] is call["value"]):
                         raise _refuse(name, "cross-attention: query, key and value differ")
-                    self._add(name, _features(call[kind], self.readers[name].columns))
+                    self._add(name, self._unpadded(call[kind], self.readers[name].columns, mod.batch_first))
                 return
             inputs = args[0] if args else next(iter(kwargs.values()))
             for name in targets:
                 reader = self.readers[name]
-                rows = _patches(mod, inputs) if reader.kind == "patches" else _features(inputs, reader.columns)
-                self._add(name, rows)
+                if reader.kind == "patches":
+                    self._add(name, _patches(mod, inputs))
+                else:
+                    self._add(name, self._unpadded(inputs, reader.columns))
 
         return hook
+
+    def _unpadded(self, inputs: Tensor, columns: int, batch_first: bool = True) -> Tensor:
+        """The input rows ``[-1, columns]``, those of padded positions left out when the batch has a mask."""
+        rows = _features(inputs, columns)
+        mask = self._token_mask
+        if mask is None or not batch_first or inputs.dim() < 3 or tuple(inputs.shape[:2]) != tuple(mask.shape):
+            return rows
+        return rows[mask.to(rows.device).reshape(-1).repeat_interleave(rows.shape[0] // mask.numel())]
 
     def _add(self, name: str, rows: Tensor) -> None:
         x = rows.float()

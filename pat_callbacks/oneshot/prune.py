@@ -10,7 +10,17 @@ Layers are pruned in order, a layer group at a time (``sequential=True``, as bot
 each group (a transformer block, see :func:`~pat_callbacks.oneshot.owl.layer_groups`) is calibrated on the model
 whose earlier groups are already pruned, so it sees the inputs it will get; statistics exist for one group at a
 time. ``sequential=False`` calibrates every layer once, on the dense model (needed by the global allocations).
-Calibration costs one pass over the batches per group (plus one for OWL's outlier ratios, on the dense model).
+
+Where the groups are a model's repeated blocks (``pipeline="auto"``, see :mod:`~pat_callbacks.oneshot.blocks`), the
+model runs once up to its first block, and each block is calibrated from its cached inputs, pruned, and run once
+more to give the next block's inputs: two block forwards per batch per block, whatever the depth (the masks and
+weights those of whole-model passes, ``pipeline="whole"``, which forward every block once per group). With
+``offload`` the model stays where it is (e.g. in CPU memory) and one block at a time moves to ``device``, with the
+cached activations there. Groups outside the blocks (a head) take one whole-model pass each.
+
+Nothing changes unless everything is valid: the target names, and one dense forward of the first batch in which
+every target's module runs on finite inputs, are checked before any weight is touched (and the cached inputs of
+the first block for every batch, and each group's statistics, are checked finite before that group is pruned).
 
 Example:
     >>> import torch
@@ -30,24 +40,30 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from pat_callbacks.core._validation import check_fraction, check_int, check_positive, deprecated
 from pat_callbacks.core.allocation import ALLOCATIONS, Allocation
-from pat_callbacks.core.owl import OWL_LAMBDA, OWL_M, check_owl_lambda, layer_groups
+from pat_callbacks.core.owl import OWL_LAMBDA, OWL_M, check_owl_lambda
 from pat_callbacks.core.patterns import BlockPattern, NMPattern, Pattern, make_pattern
 from pat_callbacks.core.pruner import Pruner
-from pat_callbacks.core.registry import Registry, unknown_name_message
-from pat_callbacks.core.sharding import local
-from pat_callbacks.oneshot.calibration import Calibration
-from pat_callbacks.oneshot.sparsegpt import refuse_sharded, sparsegpt_prune
-from pat_callbacks.oneshot.wanda import row_masks, wanda_scores
+from pat_callbacks.core.registry import unknown_name_message
+from pat_callbacks.oneshot.methods import (
+    ONE_SHOT_METHODS,
+    MagnitudeMethod,
+    OneShotMethod,
+    SparseGPTMethod,
+    WandaMethod,
+)
+from pat_callbacks.oneshot.sequential import _calibrate, _masks, _Pipeline, _pipeline, _prune_by_groups
+from pat_callbacks.oneshot.wanda import wanda_scores
 
 __all__ = [
     "ONE_SHOT_METHODS",
+    "PIPELINES",
     "MagnitudeMethod",
     "OneShotMethod",
     "OneShotOptions",
@@ -59,111 +75,6 @@ __all__ = [
 ]
 
 
-class OneShotMethod:
-    """A one-shot algorithm, with what it needs declared so :func:`one_shot_prune` never switches on its name.
-
-    A scoring method implements :meth:`scores` (higher = keep); the allocation and pattern then choose the masks
-    (per output row with ``per_row``). A method that selects its own masks and updates the kept weights (SparseGPT)
-    sets ``updates_weights`` and implements :meth:`prune_layer`.
-
-    Attributes:
-        name: the name used in configs (``method="wanda"``).
-        statistics: the calibration statistics it reads: ``()`` (weights only: no calibration), ``("norms",)``
-            (``||X_j||``, :meth:`Calibration.norms`) or ``("hessians",)`` (``X^T X``, :meth:`Calibration.pop_hessian`).
-        updates_weights: whether it selects its own masks, a layer at a time, and rewrites the kept weights (then
-            not ``per_row`` and no allocation that compares all layers' scores at once).
-        per_row: the default of ``per_row`` (compare scores within each output row).
-
-    Example:
-        >>> import torch
-        >>> sorted(ONE_SHOT_METHODS)
-        ['magnitude', 'sparsegpt', 'wanda']
-        >>> MagnitudeMethod().scores({"w": torch.tensor([[-2.0, 1.0]])}, None, ())
-        {'w': tensor([[2., 1.]])}
-    """
-
-    name: ClassVar[str] = ""
-    statistics: ClassVar[tuple[str, ...]] = ()
-    updates_weights: ClassVar[bool] = False
-    per_row: ClassVar[bool] = False
-
-    def check(self, params: Mapping[str, Tensor]) -> None:
-        """Refuse parameters the method cannot prune (e.g. sharded ones), before anything is read."""
-
-    def scores(
-        self, params: Mapping[str, Tensor], calibration: Calibration | None, transposed: Iterable[str]
-    ) -> dict[str, Tensor]:
-        """``{name: scores}`` in each parameter's shape (``transposed``: names stored ``in x out``)."""
-        raise NotImplementedError(f"{type(self).__name__} neither scores weights nor updates them")
-
-    def prune_layer(
-        self, pruner: Pruner, name: str, calibration: Calibration, sparsity: float, options: OneShotOptions
-    ) -> Tensor:
-        """Prune one parameter in place (updating its kept weights) and return its keep-mask."""
-        raise NotImplementedError(f"{type(self).__name__} declares updates_weights but has no prune_layer")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-class MagnitudeMethod(OneShotMethod):
-    """``|W|``: no calibration (Han et al. 2015).
-
-    Example:
-        >>> MagnitudeMethod.statistics
-        ()
-    """
-
-    name: ClassVar[str] = "magnitude"
-
-    def scores(self, params, calibration, transposed):
-        return {name: local(p).detach().abs().float() for name, p in params.items()}
-
-
-class WandaMethod(OneShotMethod):
-    """``|W_ij| * ||X_j||`` (Sun et al. 2024), compared per output row by default (see
-    :mod:`~pat_callbacks.oneshot.wanda`).
-
-    Example:
-        >>> WandaMethod.statistics, WandaMethod.per_row
-        (('norms',), True)
-    """
-
-    name: ClassVar[str] = "wanda"
-    statistics: ClassVar[tuple[str, ...]] = ("norms",)
-    per_row: ClassVar[bool] = True
-
-    def scores(self, params, calibration, transposed):
-        return wanda_scores(params, {n: calibration.norms(n) for n in params}, transposed)  # type: ignore[union-attr]
-
-
-class SparseGPTMethod(OneShotMethod):
-    """SparseGPT's OBS update from the input Hessian, blockwise (Frantar & Alistarh 2023, see
-    :mod:`~pat_callbacks.oneshot.sparsegpt`); not on sharded parameters.
-
-    Example:
-        >>> SparseGPTMethod.statistics, SparseGPTMethod.updates_weights
-        (('hessians',), True)
-    """
-
-    name: ClassVar[str] = "sparsegpt"
-    statistics: ClassVar[tuple[str, ...]] = ("hessians",)
-    updates_weights: ClassVar[bool] = True
-
-    def check(self, params):
-        refuse_sharded(dict(params))
-
-    def prune_layer(self, pruner, name, calibration, sparsity, options):
-        return _sparsegpt_layer(pruner, name, calibration.pop_hessian(name), sparsity, options)
-
-
-ONE_SHOT_METHODS: Registry[type[OneShotMethod]] = Registry("method", base=OneShotMethod)
-"""The one-shot methods by name; a new one is a :class:`OneShotMethod` subclass with a ``name`` and
-``@ONE_SHOT_METHODS.register``."""
-for _cls in (MagnitudeMethod, WandaMethod, SparseGPTMethod):
-    ONE_SHOT_METHODS.register(_cls)
-
-
 def one_shot_allocations() -> list[str]:
     """The allocations one-shot pruning takes: every registered one but those that need measured sensitivities (a
     loss); a view of :data:`~pat_callbacks.core.allocation.ALLOCATIONS`, not a second list.
@@ -173,6 +84,11 @@ def one_shot_allocations() -> list[str]:
         ['er', 'erk', 'global', 'global_raw', 'owl', 'uniform']
     """
     return sorted(name for name, allocation in ALLOCATIONS.items() if not allocation.needs_sensitivities)
+
+
+PIPELINES = ("auto", "blocks", "whole")
+"""How sequential calibration runs: ``"blocks"`` (block by block from cached inputs), ``"whole"`` (the whole model
+per layer group), ``"auto"`` (blocks where the model has them, else whole, with an info line saying why)."""
 
 
 def _planned_up_front(allocation: Allocation) -> bool:
@@ -211,6 +127,10 @@ class OneShotOptions:
             N:M pattern). Comparing all layers' scores at once (``"global"``, ``"global_raw"``): they need
             ``per_row=False`` and ``sequential=False``, and not a method that updates weights (SparseGPT).
         sequential: prune layer group by layer group, each calibrated on the model pruned so far (see module doc).
+        pipeline: one of :data:`PIPELINES`: how ``sequential`` calibration runs (the results are the same).
+        offload: keep the model where it is and move one block at a time to ``device`` (``True``); ``"auto"``: when
+            ``device`` is given and the model is elsewhere (e.g. a model in CPU memory larger than the GPU).
+        device: where blocks are calibrated and pruned when offloading (default: ``"cuda"`` when available).
         block_size, damping: SparseGPT's lazy-update block (128) and Hessian damping (0.01 of its mean diagonal).
 
     Example:
@@ -234,6 +154,9 @@ time); leave per_row unset
     sequential: bool = True
     block_size: int = 128
     damping: float = 0.01
+    pipeline: str = "auto"
+    offload: bool | str = "auto"
+    device: str | None = None
 
     def __post_init__(self) -> None:
         self.method = ONE_SHOT_METHODS.check(self.method)
@@ -305,6 +228,21 @@ time); leave per_row unset
         if isinstance(self.pattern, NMPattern) and self.block_size % self.pattern.m:
             raise ValueError(f"Expected `block_size` to be a multiple of M={self.pattern.m}, but got {self.block_size}")
         self.damping = check_positive("damping", self.damping)
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"Expected `pipeline` in {PIPELINES}, but got {self.pipeline!r}")
+        if not (isinstance(self.offload, bool) or self.offload == "auto"):
+            raise ValueError(f"Expected `offload` to be True, False or 'auto', but got {self.offload!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"Expected `device` to name a torch device, but got {self.device!r}") from error
+            self.device = str(self.device)
+        if self.offload is True and (self.pipeline == "whole" or not self.sequential):
+            raise ValueError(
+                "offload=True moves one block at a time: it needs sequential=True and pipeline 'auto' or 'blocks', "
+                f"but got sequential={self.sequential!r}, pipeline={self.pipeline!r}"
+            )
 
     @property
     def needs_calibration(self) -> bool:
@@ -334,6 +272,8 @@ class OneShotResult:
         calibration_batches: batches read per calibration pass (0 for plain magnitude).
         passes: calibration passes over the batches.
         seconds: wall time.
+        pipeline: how the layer groups were calibrated: ``"blocks"`` (from cached block inputs), ``"whole"``
+            (whole-model passes) or ``""`` (no sequential calibration).
 
     Example:
         >>> from torch import nn
@@ -350,6 +290,7 @@ class OneShotResult:
     calibration_batches: int = 0
     passes: int = 0
     seconds: float = 0.0
+    pipeline: str = ""
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -423,6 +364,7 @@ def one_shot_prune(
     algorithm.check(pruner.params)
     batches = _batches(calibration, opts)
     optimizers = list(optimizers)
+    pipeline = _pipeline(model, pruner, opts, algorithm, batches, forward, optimizers)
     target = float(opts.sparsity)  # type: ignore[arg-type]
     passes = 0
     planned = _plan(model, pruner, opts, allocation, target, batches, forward)
@@ -434,7 +376,7 @@ def one_shot_prune(
         passes += 1
         _commit(pruner, opts, algorithm.scores(pruner.params, calib, pruner.transposed), planned, target, optimizers)
     else:
-        passes += _prune_by_groups(model, pruner, opts, algorithm, planned, batches, forward, optimizers)
+        passes += _prune_by_groups(model, pruner, opts, algorithm, planned, batches, forward, optimizers, pipeline)
     pruner.target_sparsity = target
     return OneShotResult(
         options=opts,
@@ -445,20 +387,14 @@ def one_shot_prune(
         calibration_batches=len(batches),
         passes=passes,
         seconds=time.perf_counter() - start,
+        pipeline=_pipeline_name(opts, algorithm, pipeline),
     )
 
 
-def _calibrate(
-    model: nn.Module,
-    names: list[str],
-    statistics: Sequence[str],
-    batches: list[Any],
-    forward: Callable[[nn.Module, Any], Any] | None,
-) -> Calibration:
-    """One calibration pass collecting ``statistics`` (``"norms"``, ``"hessians"``) of ``names``."""
-    return Calibration(model, names, norms="norms" in statistics, hessians="hessians" in statistics).collect(
-        batches, forward
-    )
+def _pipeline_name(opts: OneShotOptions, algorithm: OneShotMethod, pipeline: _Pipeline) -> str:
+    if not algorithm.statistics or not (opts.sequential or algorithm.updates_weights):
+        return ""
+    return "blocks" if pipeline.blocks is not None and opts.sequential else "whole"
 
 
 def _plan(
@@ -495,23 +431,6 @@ def _batches(calibration: Iterable[Any] | None, opts: OneShotOptions) -> list[An
     return batches
 
 
-def _layer_mask(pruner: Pruner, name: str, scores: Tensor, sparsity: float) -> Tensor:
-    """The pattern's mask of one layer compared as a whole (N:M groups along the inputs of in x out matrices)."""
-    pattern: Pattern = pruner.options.pattern  # type: ignore[assignment]
-    if name in pruner.transposed and scores.dim() == 2:
-        return pattern.mask(scores.t(), sparsity).t()
-    return pattern.mask(scores, sparsity)
-
-
-def _masks(
-    pruner: Pruner, opts: OneShotOptions, scores: Mapping[str, Tensor], planned: Mapping[str, float]
-) -> dict[str, Tensor]:
-    """Masks of scored layers at their planned sparsities: per output row (unstructured ``per_row``) or per layer."""
-    if opts.per_row and not isinstance(opts.pattern, NMPattern):
-        return row_masks(scores, {n: planned[n] for n in scores}, pruner.transposed)
-    return {name: _layer_mask(pruner, name, layer, planned[name]) for name, layer in scores.items()}
-
-
 def _commit(
     pruner: Pruner,
     opts: OneShotOptions,
@@ -529,51 +448,3 @@ def _commit(
             )
         return
     pruner.set_masks(_masks(pruner, opts, scores, planned), optimizers=optimizers)
-
-
-def _prune_by_groups(
-    model: nn.Module,
-    pruner: Pruner,
-    opts: OneShotOptions,
-    algorithm: OneShotMethod,
-    planned: Mapping[str, float],
-    batches: list[Any],
-    forward: Callable[[nn.Module, Any], Any] | None,
-    optimizers: list[torch.optim.Optimizer],
-) -> int:
-    """A calibrated method a layer group at a time (or all at once, ``sequential=False``); returns the calibration
-    passes made."""
-    names = list(pruner.params)
-    if opts.sequential:
-        by_group: dict[str, list[str]] = {}
-        for name, group in layer_groups(names).items():
-            by_group.setdefault(group, []).append(name)
-        groups = list(by_group.values())
-    else:
-        groups = [names]
-    for group in groups:
-        calib = _calibrate(model, group, algorithm.statistics, batches, forward)
-        if algorithm.updates_weights:
-            masks = {name: algorithm.prune_layer(pruner, name, calib, planned[name], opts) for name in group}
-        else:
-            params = {name: pruner.params[name] for name in group}
-            masks = _masks(pruner, opts, algorithm.scores(params, calib, pruner.transposed), planned)
-        del calib
-        pruner.set_masks(masks, optimizers=optimizers)  # zeroes them: the next group calibrates on the pruned model
-    return len(groups)
-
-
-@torch.no_grad()
-def _sparsegpt_layer(pruner: Pruner, name: str, hessian: Tensor, sparsity: float, opts: OneShotOptions) -> Tensor:
-    """SparseGPT on one parameter: its updated weights written back, its keep-mask returned (the Hessian freed)."""
-    param = pruner.params[name]
-    weight = local(param).detach()
-    flipped = name in pruner.transposed
-    matrix = weight.t() if flipped else weight.reshape(weight.shape[0], -1)
-    nm = (opts.pattern.n, opts.pattern.m) if isinstance(opts.pattern, NMPattern) else None
-    new, mask = sparsegpt_prune(matrix, hessian, sparsity, nm=nm, block_size=opts.block_size, damping=opts.damping)
-    del hessian
-    if flipped:
-        new, mask = new.t(), mask.t()
-    weight.copy_(new.reshape(weight.shape).to(weight.dtype))
-    return mask.reshape(weight.shape)
