@@ -183,7 +183,10 @@ class OneShotPruningConf(_LoggingConf):
     """
 
     left_out: ClassVar[Dict[str, str]] = {"forward": "a callable"}
-    differs: ClassVar[Dict[str, str]] = {"sparsity": "a config states its target (in Python: N:M's, else required)"}
+    differs: ClassVar[Dict[str, str]] = {
+        "sparsity": "a config states its target (in Python: N:M's, else required)",
+        "calibration_batches": "a config calibrates on 16 batches of a loader (in Python: every batch of an iterable)",
+    }
 
     _target_: str = "pat_callbacks.OneShotPruning"
     method: str = "wanda"
@@ -200,6 +203,9 @@ class OneShotPruningConf(_LoggingConf):
     sequential: bool = True
     block_size: int = 128
     damping: float = 0.01
+    pipeline: str = "auto"  # auto | blocks | whole: block by block from cached inputs, or whole-model passes
+    offload: Any = "auto"  # true | false | auto: blocks moved one at a time to `device`
+    device: Optional[str] = None
     include: Optional[List[str]] = None
     exclude: Optional[List[str]] = None
     keep_first: bool = False

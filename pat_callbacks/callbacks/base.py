@@ -223,6 +223,9 @@ class PruningCallback(Callback):
         if self._pending_state is None and guards.continues_fit(name, self.pruner, pl_module):
             self._continue_fit()  # a second fit of the same model: keep the pruner and its masks
         else:
+            if self.pruner is not None and self._pending_state is None:  # reused on another model: start again
+                rank_zero_info(f"{name}: a new model (not the one of the previous fit): pruning starts again")
+                self.last_update_step = -1
             self.pruner = self._build_pruner(trainer, pl_module)
         self._matrices = weight_matrices(pl_module)
         others = [(type(cb).__name__, cb.pruner.params) for cb in self._other_pruning_callbacks(trainer)]

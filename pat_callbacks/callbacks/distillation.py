@@ -53,6 +53,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from pat_callbacks.callbacks._batches import network_of
 from pat_callbacks.callbacks.oneshot import OneShotPruning
 from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
 from pat_callbacks.core._validation import check_int
@@ -189,22 +190,14 @@ class Distillation(Callback):
         """The watched module: ``student_module``, or (``None``) the LightningModule if it defines ``forward``,
         else its one child module with parameters other than a given teacher."""
         if self.student_module is None:
-            if type(pl_module).forward is not pl.LightningModule.forward:
-                return pl_module
-            teacher_ids = {id(p) for p in self._given_teacher.parameters()} if self._given_teacher else set()
-            children = [
-                (name, child)
-                for name, child in pl_module.named_children()
-                if any(id(p) not in teacher_ids for p in child.parameters())
-            ]
-            if len(children) != 1:
+            ignore = {id(p) for p in self._given_teacher.parameters()} if self._given_teacher is not None else set()
+            try:
+                return network_of(pl_module, ignore)
+            except ValueError as error:
                 raise ValueError(
-                    f"Distillation cannot tell which module of {type(pl_module).__name__} is the student: it defines "
-                    f"no forward and has {len(children)} child modules with parameters "
-                    f"({', '.join(name for name, _ in children) or 'none'}); set `student_module` to the one "
-                    "training_step calls (e.g. student_module='net')"
-                )
-            return children[0][1]
+                    f"Distillation cannot tell the student: {error}; set `student_module` to the one training_step "
+                    "calls (e.g. student_module='net')"
+                ) from None
         if not self.student_module:
             return pl_module
         modules = dict(pl_module.named_modules())

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from pat_callbacks.callbacks._batches import first_nonempty, module_loss_or_cross_entropy
+from pat_callbacks.callbacks._batches import calibration_forward, first_nonempty
 from pat_callbacks.callbacks._guards import warn_if_unreached
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core._validation import check_int
@@ -42,12 +42,20 @@ class OneShotPruning(PruningCallback):
         sparsity: the target in (0, 1); with an N:M ``pattern``, ``1 - N/M`` (the default then).
         pattern: ``"unstructured"`` or ``"N:M"`` (e.g. ``"2:4"``).
         owl: OWL layer-wise sparsities (outlier-weighted, ``owl_lambda`` / ``owl_m``; unstructured only).
-        calibration_batches: how many batches calibrate (the first ones of the source).
+        calibration_batches: how many batches calibrate (the first ones of the source); ``None`` (default): 16 of
+            the training or validation loader, every batch of an iterable given as ``calibration`` (with a ``len``;
+            16 of one without, with a warning if it holds more).
         calibration: ``"train"`` (the training loader), ``"val"`` (the validation loader, or the datamodule's) or
             an iterable of batches (e.g. a ``DataLoader``).
         at_step: the optimizer step before which pruning happens (``0``: before the first).
-        forward: ``forward(pl_module, batch)`` running one calibration batch; default: the module's ``loss(batch)``
-            if it has one (e.g. ``LanguageModel``), else ``pl_module(x)`` of ``(x, y)`` batches.
+        forward: ``forward(pl_module, batch)`` running one calibration batch; default
+            (:func:`~pat_callbacks.callbacks._batches.calibration_forward`): activations only, no loss or labels: a
+            mapping batch as keywords, a module's own ``loss(batch)`` method (``LanguageModel``), else the inputs of
+            ``(x, y)`` batches through the module's forward, or through its one network (``self.net``) when it
+            defines none.
+        pipeline, offload, device: how sequential calibration runs (block by block from cached block inputs, or
+            whole-model passes; the same masks either way) and whether blocks move one at a time to ``device`` (see
+            :class:`~pat_callbacks.oneshot.OneShotOptions`).
         per_row, allocation, sequential, block_size, damping: see :class:`~pat_callbacks.oneshot.OneShotOptions`.
         include, exclude, keep_first, keep_last: which weights are pruned (see
             :class:`~pat_callbacks.core.pruner.PruningOptions`).
@@ -80,7 +88,7 @@ class OneShotPruning(PruningCallback):
         pattern: str = "unstructured",
         owl: bool = False,
         *,
-        calibration_batches: int = 16,
+        calibration_batches: int | None = None,
         calibration: str | Iterable[Any] = "train",
         at_step: int = 0,
         forward: Callable[[pl.LightningModule, Any], Any] | None = None,
@@ -91,6 +99,9 @@ class OneShotPruning(PruningCallback):
         sequential: bool = True,
         block_size: int = 128,
         damping: float = 0.01,
+        pipeline: str = "auto",
+        offload: bool | str = "auto",
+        device: str | None = None,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         keep_first: bool = False,
@@ -113,6 +124,9 @@ class OneShotPruning(PruningCallback):
             sequential=sequential,
             block_size=block_size,
             damping=damping,
+            pipeline=pipeline,
+            offload=offload,
+            device=device,
         )
         self.options = PruningOptions(
             criterion="magnitude",
@@ -123,7 +137,9 @@ class OneShotPruning(PruningCallback):
             keep_first=keep_first,
             keep_last=keep_last,
         )
-        self.calibration_batches = check_int("calibration_batches", calibration_batches, minimum=1)
+        self.calibration_batches = (
+            None if calibration_batches is None else check_int("calibration_batches", calibration_batches, minimum=1)
+        )
         if isinstance(calibration, str):
             if calibration not in CALIBRATION_SOURCES:
                 raise ValueError(
@@ -154,7 +170,10 @@ class OneShotPruning(PruningCallback):
 
     @property
     def final_sparsity(self) -> float:
-        """The target (for reports)."""
+        """The target (for reports): the configured one, or once pruned the one the masks were made for (a run
+        resumed with another ``sparsity`` keeps the checkpoint's masks)."""
+        if self.pruner is not None and self.last_update_step >= 0:
+            return float(self.pruner.target_sparsity)
         return float(self.one_shot.sparsity)  # type: ignore[arg-type]
 
     @property
@@ -177,6 +196,17 @@ class OneShotPruning(PruningCallback):
         return pruner
 
     @override
+    def _restore(self, state: dict[str, Any]) -> None:
+        super()._restore(state)
+        pruner = self._require_pruner()
+        if self.last_update_step >= 0 and abs(pruner.target_sparsity - float(self.one_shot.sparsity or 0)) > 1e-9:
+            rank_zero_warn(
+                f"{type(self).__name__}: resumed from a checkpoint pruned to {pruner.target_sparsity:g}; it does not "
+                f"prune again, so the run keeps that sparsity, not sparsity={self.one_shot.sparsity:g} (start a new "
+                "run to prune to another target)"
+            )
+
+    @override
     def _resolve(self, trainer: pl.Trainer) -> None:
         if not self.pruned:
             warn_if_unreached(type(self).__name__, trainer, self.at_step, what="one-shot pruning happens")
@@ -193,7 +223,7 @@ class OneShotPruning(PruningCallback):
             return
         pruner = self._require_pruner()
         batches = self._calibration_batches(trainer, pl_module)
-        forward = self.forward or module_loss_or_cross_entropy
+        forward = self.forward or calibration_forward
         with torch.random.fork_rng(devices=_cuda_devices(pl_module)):  # training's random stream stays as it was
             result = one_shot_prune(
                 pl_module,
@@ -230,11 +260,21 @@ class OneShotPruning(PruningCallback):
             loader = source
         if loader is None:
             raise RuntimeError(f"calibration={source!r}: the run has no such dataloader to calibrate on")
+        count = self.calibration_batches
+        if count is None:  # every batch given; 16 of a training / validation loader or of an unsized iterable
+            count = len(loader) if source not in CALIBRATION_SOURCES and hasattr(loader, "__len__") else 16
         batches = []
-        for batch in loader:
+        iterator = iter(loader)
+        for batch in iterator:
             batches.append(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
-            if len(batches) == self.calibration_batches:
+            if len(batches) == count:
                 break
+        given = self.calibration_batches is None and source not in CALIBRATION_SOURCES
+        if given and len(batches) == count and next(iterator, None) is not None:
+            rank_zero_warn(
+                f"{type(self).__name__}: calibrating on the first {count} batches of the given iterable, which "
+                "holds more; set calibration_batches to use more"
+            )
         if not batches:
             raise RuntimeError(f"calibration={source!r} yielded no batch to calibrate on")
         return batches

@@ -107,7 +107,7 @@ def test_the_student_of_a_module_without_forward_is_its_one_network(tmp_path, di
             super().__init__()
             self.head = nn.Linear(10, 10)
 
-    with pytest.raises(ValueError, match=r"cannot tell which module .* \(net, head\); set `student_module`"):
+    with pytest.raises(ValueError, match=r"cannot tell the student: .* \(net, head\); set `student_module`"):
         make_trainer(tmp_path, [Distillation()], max_steps=4).fit(TwoNets(), datamodule=digits)
 
 
