@@ -174,8 +174,8 @@ BASELINES = {
 # 1) and of the MLP's hidden neurons, cubic over our window, a mask update every 1% of the run; after training
 # ShrinkAndTime (below) removes them with structured.shrink, checks the result and times it.
 STRUCTURED: dict[str, list[str]] = {
-    "pat structured l2 (heads + FFN)": ["+pruning=structured", "pruning.schedule=cubic", "pruning.importance=l2"],
-    "pat structured gate (heads + FFN)": ["+pruning=structured", "pruning.schedule=cubic", "pruning.importance=gate"],
+    "pat structured l2 (heads + FFN)": ["+pruning=structured", "pruning.schedule=cubic", "pruning.criterion=l2"],
+    "pat structured gate (heads + FFN)": ["+pruning=structured", "pruning.schedule=cubic", "pruning.criterion=gate"],
 }
 STRUCTURED_SPARSITIES = (0.3, 0.5)
 METHODS = ["dense", *OURS, *TUNED, *NAIVE, *BASELINES, *STRUCTURED, *SCREENED]

@@ -74,12 +74,12 @@ class StructuredPruning(ScheduledPruningCallback):
             :class:`~pat_callbacks.GradualPruning`.
 
     Example:
-        >>> StructuredPruning(sparsity=0.5, criterion="group_taylor", start_step=0, end_step=10).importance
+        >>> StructuredPruning(sparsity=0.5, criterion="group_taylor", start_step=0, end_step=10).criterion
         GroupTaylorImportance()
         >>> StructuredPruning(sparsity=0.5, criterion="l3", start_step=0, end_step=10)
         Traceback (most recent call last):
         ...
-        ValueError: Unknown `importance` 'l3'; expected one of: 'gate', 'group_taylor', 'l1', 'l2'
+        ValueError: Unknown `criterion` 'l3'; expected one of: 'gate', 'group_taylor', 'l1', 'l2'
     """
 
     def __init__(
@@ -116,7 +116,7 @@ class StructuredPruning(ScheduledPruningCallback):
         )
         criterion, _ = renamed("importance", importance, "criterion", criterion, None)
         exclude, exclude_key = renamed("ignore", ignore, "exclude", exclude, None)
-        self.importance = get_structured_importance("l2" if criterion is None else criterion)
+        self.criterion = get_structured_importance("l2" if criterion is None else criterion)
         self.ignore = normalize_patterns(exclude_key, exclude)
         self.example_inputs = example_inputs
         if attention is not None and not all(isinstance(layout, Mapping) for layout in attention):
@@ -137,8 +137,8 @@ class StructuredPruning(ScheduledPruningCallback):
 
     @property
     def method_name(self) -> str:
-        """``schedule/structured-importance``."""
-        return f"{self.schedule_name}/structured-{self.importance.name}"
+        """``schedule/structured-criterion``."""
+        return f"{self.schedule_name}/structured-{self.criterion.name}"
 
     @property
     def groups(self) -> list:
@@ -150,7 +150,7 @@ class StructuredPruning(ScheduledPruningCallback):
         pruner = StructuredPruner(
             pl_module,
             self._example_inputs(trainer, pl_module),
-            criterion=self.importance,
+            criterion=self.criterion,
             exclude=self.ignore,
             attention=self.attention,
             heads=self.heads,

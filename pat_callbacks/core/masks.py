@@ -404,36 +404,6 @@ class MaskStore:
                 raise ValueError(f"Cannot flip {name!r}: it has no mask of shape {tuple(swapped.shape)}")
             mask.logical_xor_(swapped.to(mask.device))
 
-    # ------------------------------------------------------- former names (deprecated)
-    def prune_entries(self, entries: Mapping[str, Tensor], *, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
-        """The former name of :meth:`prune` (a :class:`DeprecationWarning`)."""
-        _renamed_method(self, "prune_entries", "prune")
-        self.prune(entries, optimizers=optimizers)
-
-    def sync_devices(self) -> None:
-        """The former name of :meth:`to_devices` (a :class:`DeprecationWarning`)."""
-        _renamed_method(self, "sync_devices", "to_devices")
-        self.to_devices()
-
-    @property
-    def store(self) -> MaskStore:
-        """The object itself: masks had a separate store before (a :class:`DeprecationWarning`)."""
-        warnings.warn(
-            f"`{type(self).__name__}.store` is the {type(self).__name__} itself now (it owns its masks): use it "
-            "directly",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self
-
-
-def _renamed_method(owner: object, old: str, new: str) -> None:
-    warnings.warn(
-        f"`{type(owner).__name__}.{old}` is now called `{new}`; the old name still works",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-
 
 def _foreach_mask_(tensors: list[Tensor], masks: list[Tensor]) -> None:
     """``t *= mask`` for each pair; a bool mask is read as uint8, which multiplies about 2x faster than bool."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +47,6 @@ __all__ = [
     "all_finite",
     "count_below",
     "layer_total",
-    "ordered_keys",
     "select_lowest",
     "select_lowest_kept",
     "select_lowest_streamed",
@@ -106,27 +104,6 @@ def uses_device_strategy(device: torch.device) -> bool:
     if strategy != "auto":
         return strategy == "device"
     return device.type == "cuda"
-
-
-def ordered_keys(values: Tensor) -> Tensor:
-    """Deprecated: :func:`signed_keys` with the sign bit flipped (int32 keys whose *unsigned* order is the float
-    order of ``values``); every selection now ranks by :func:`signed_keys`.
-
-    Example:
-        >>> import torch
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True):
-        ...     warnings.simplefilter("always")
-        ...     ordered_keys(torch.tensor([1.0])).tolist() == (signed_keys(torch.tensor([1.0])) ^ (-(2**31))).tolist()
-        True
-    """
-    warnings.warn(
-        "`ordered_keys` is deprecated: selections rank by `signed_keys` (ordered_keys(x) == signed_keys(x) ^ "
-        "0x80000000)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return signed_keys(values.detach().to(torch.float32)) ^ torch.iinfo(torch.int32).min
 
 
 def select_lowest(chunks: Sequence[Tensor], k: int, group: Any = None) -> list[Tensor]:

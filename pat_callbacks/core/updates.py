@@ -32,10 +32,8 @@ Example:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -90,25 +88,6 @@ class UpdateResult:
     def exact(self) -> bool:
         """Whether the exact path made whole new masks."""
         return self.masks is not None
-
-
-# The exceptions of the former update path: still importable (deprecated), never raised.
-_DEPRECATED = {
-    name: (type(name, (Exception,), {"__module__": __name__}), field)
-    for name, field in (("NeedsExactSelection", "fallback"), ("SkippedUpdate", "skipped"))
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _DEPRECATED:
-        error, field = _DEPRECATED[name]
-        warnings.warn(
-            f"`{name}` is no longer raised: `Selection.update` returns an `UpdateResult` (see its `{field}`)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return error
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Selection:

@@ -141,21 +141,21 @@ class GateImportance(StructuredImportance):
         return group.channel_sums(_products(params, grads), gates=True, device=params[group.root].device).abs()
 
 
-STRUCTURED_IMPORTANCES: Registry[type[StructuredImportance]] = Registry("importance", base=StructuredImportance)
+STRUCTURED_IMPORTANCES: Registry[type[StructuredImportance]] = Registry("criterion", base=StructuredImportance)
 """The structured importances by name; a new one is a :class:`StructuredImportance` subclass with a ``name`` and
 ``@STRUCTURED_IMPORTANCES.register``."""
 _RENAMED = {"taylor": "group_taylor"}  # former names, resolved by the one renaming helper
 
 
 def register_importance(cls: type[StructuredImportance]) -> type[StructuredImportance]:
-    """Register a structured importance under its ``name`` (usable as ``importance="NAME"``): the same as
+    """Register a structured importance under its ``name`` (usable as ``criterion="NAME"``): the same as
     ``STRUCTURED_IMPORTANCES.register(cls)``.
 
     Example:
         >>> register_importance(L2Importance)
         Traceback (most recent call last):
         ...
-        ValueError: importance 'l2' is already registered (L2Importance); pass replace=True to replace it
+        ValueError: criterion 'l2' is already registered (L2Importance); pass replace=True to replace it
     """
     return STRUCTURED_IMPORTANCES.register(cls)
 
@@ -173,7 +173,7 @@ def get_structured_importance(importance: str | StructuredImportance) -> Structu
         >>> get_structured_importance("l3")
         Traceback (most recent call last):
         ...
-        ValueError: Unknown `importance` 'l3'; expected one of: 'gate', 'group_taylor', 'l1', 'l2'
+        ValueError: Unknown `criterion` 'l3'; expected one of: 'gate', 'group_taylor', 'l1', 'l2'
     """
     if isinstance(importance, StructuredImportance):
         return importance

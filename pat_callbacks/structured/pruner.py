@@ -18,7 +18,7 @@ from pat_callbacks.structured.attention import HEAD_UNITS, HeadUnit, moe_blocks,
 from pat_callbacks.structured.channels import ChannelGroup
 from pat_callbacks.structured.groups import TRACE_SECONDS, _canonical_names, channel_groups
 from pat_callbacks.structured.hf import check_uniform
-from pat_callbacks.structured.importance import STRUCTURED_IMPORTANCES, StructuredImportance, get_structured_importance
+from pat_callbacks.structured.importance import StructuredImportance, get_structured_importance
 from pat_callbacks.structured.recurrent import rnn_groups
 
 
@@ -112,7 +112,7 @@ class StructuredPruner(MaskStore):
     ) -> None:
         criterion, _ = renamed("importance", importance, "criterion", criterion, None)
         ignore, ignore_key = renamed("ignore", ignore, "exclude", tuple(exclude), ())
-        self.criterion = _structured_criterion("l2" if criterion is None else criterion)
+        self.criterion = get_structured_importance("l2" if criterion is None else criterion)
         self.sensitivities: dict[str, float] | None = None  # no sensitivity allocation here
         self.heads = check_choice("heads", heads, HEAD_UNITS)
         if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
@@ -209,16 +209,6 @@ class StructuredPruner(MaskStore):
         """Always empty: structured criteria keep no history between steps."""
         return {}
 
-    @property
-    def importance(self) -> StructuredImportance:
-        """The former name of :attr:`criterion` (a :class:`DeprecationWarning`)."""
-        warnings.warn(
-            "`StructuredPruner.importance` is now called `criterion`; the old name still works",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.criterion
-
     def accumulate(self) -> None:
         """Nothing to accumulate: structured importances read this step's weights and gradients."""
 
@@ -303,16 +293,6 @@ to `sparsity` now; give the target as `sparsity`
             alive = torch.zeros(group.n_channels, device=mask.device).index_add_(0, owner, kept)
             result[group.root] = torch.nonzero(alive == 0).flatten().tolist()
         return result
-
-
-def _structured_criterion(criterion: str | StructuredImportance) -> StructuredImportance:
-    """The criterion instance for a registered name (or the instance given); an unknown name is refused as
-    ``criterion``, listing the registered names."""
-    try:
-        return get_structured_importance(criterion)
-    except ValueError:
-        check_choice("criterion", criterion, STRUCTURED_IMPORTANCES)  # the registry's own message says `importance`
-        raise
 
 
 def _require_forward(model: nn.Module) -> None:

@@ -78,7 +78,7 @@ def test_shrunk_model_matches_the_masked_one_and_round_trips_weights_only(tmp_pa
 
 
 def test_bad_structured_arguments():
-    with pytest.raises(ValueError, match="Unknown `importance` 'l3'"):
+    with pytest.raises(ValueError, match="Unknown `criterion` 'l3'"):
         StructuredPruning(final_sparsity=0.5, importance="l3", start_step=0, end_step=10)
     with pytest.raises(ValueError, match=r"`final_sparsity` to be a float in \[0, 1\), but got 1.0"):
         StructuredPruning(final_sparsity=1.0, start_step=0, end_step=10)
@@ -260,8 +260,7 @@ def test_criterion_is_the_word_importance_its_former_name():
     with pytest.warns(DeprecationWarning, match="`importance` is now called `criterion`"):
         old = StructuredPruning(sparsity=0.5, importance="l1", start_step=0, end_step=10)
     assert (
-        old.importance.name
-        == StructuredPruning(sparsity=0.5, criterion="l1", start_step=0, end_step=10).importance.name
+        old.criterion.name == StructuredPruning(sparsity=0.5, criterion="l1", start_step=0, end_step=10).criterion.name
     )
     with pytest.raises(ValueError, match="Give `criterion`"):
         StructuredPruning(sparsity=0.5, importance="l1", criterion="l2", start_step=0, end_step=10)

@@ -177,17 +177,3 @@ def test_state_dict_keeps_its_keys_and_a_state_without_a_target_loads():
     _, old = _store(seed=1)
     old.load_state_dict({"masks": state["masks"]})  # what a MaskStore of before saved: its sparsity is the target
     assert old.target_sparsity == pytest.approx(old.sparsity())
-
-
-def test_former_names_still_work_with_a_deprecation_warning():
-    model, store = _store()
-    with pytest.warns(DeprecationWarning, match="`MaskStore.prune_entries` is now called `prune`"):
-        store.prune_entries({"0.weight": torch.eye(5, 6, dtype=torch.bool)})
-    assert store.sparsity() == pytest.approx(5 / 45) and (model[0].weight.diagonal() == 0).all()
-    with pytest.warns(DeprecationWarning, match="`MaskStore.sync_devices` is now called `to_devices`"):
-        store.sync_devices()
-    with pytest.warns(DeprecationWarning, match=r"`MaskStore.store` is the MaskStore itself"):
-        assert store.store is store
-    with pytest.warns(DeprecationWarning, match="`pat_callbacks.core.masked.MaskedParameters` is now"):
-        from pat_callbacks.core.masked import MaskedParameters
-    assert MaskedParameters is MaskStore

@@ -139,13 +139,3 @@ def test_an_update_says_whether_it_streamed_fell_back_or_was_skipped():
     with pytest.warns(UserWarning, match="NaN or Inf"):
         skipped = _update(pruner, 0.9)
     assert skipped == UpdateResult(skipped=NON_FINITE)
-
-
-def test_the_former_update_exceptions_still_import_with_a_deprecation_warning():
-    import pat_callbacks.core.updates as updates
-
-    with pytest.warns(DeprecationWarning, match="`NeedsExactSelection` is no longer raised.*fallback"):
-        error = updates.NeedsExactSelection
-    assert issubclass(error, Exception)
-    with pytest.warns(DeprecationWarning, match="`SkippedUpdate`.*skipped"):
-        from pat_callbacks.core.updates import SkippedUpdate  # noqa: F401

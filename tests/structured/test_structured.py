@@ -157,8 +157,6 @@ def test_the_criterion_is_stored_as_criterion_and_an_unknown_one_is_refused_by_i
     with pytest.warns(DeprecationWarning, match="`importance` is now called `criterion`"):
         old = StructuredPruner(model, torch.zeros(1, 4), importance="gate")
     assert old.criterion.name == "gate"
-    with pytest.warns(DeprecationWarning, match="`StructuredPruner.importance` is now called `criterion`"):
-        assert old.importance is old.criterion
 
 
 def test_final_sparsity_is_refused_by_name_not_ignored():
