@@ -23,8 +23,8 @@ from pat_callbacks.callbacks._batches import calibration_forward, first_nonempty
 from pat_callbacks.callbacks._guards import warn_if_unreached
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core._validation import check_int
+from pat_callbacks.core.owl import OWL_LAMBDA, OWL_M
 from pat_callbacks.core.pruner import Pruner, PruningOptions
-from pat_callbacks.oneshot.owl import OWL_LAMBDA, OWL_M
 from pat_callbacks.oneshot.prune import OneShotOptions, one_shot_prune
 from pat_callbacks.oneshot.sparsegpt import refuse_sharded
 

@@ -6,8 +6,8 @@
   output row);
 - :mod:`~pat_callbacks.oneshot.sparsegpt`: SparseGPT's OBS update from the input Hessian, blockwise, unstructured
   and N:M;
-- :mod:`~pat_callbacks.oneshot.owl`: OWL layer-wise sparsities from outlier ratios (``allocation="owl"``; the math
-  lives in :mod:`pat_callbacks.core.owl`);
+- OWL layer-wise sparsities from outlier ratios are an allocation (``allocation="owl"``, :mod:`pat_callbacks.core.owl`,
+  re-exported here);
 - :mod:`~pat_callbacks.oneshot.blocks`: a model's repeated blocks run one at a time from cached block inputs
   (calibration linear in depth; ``offload`` moves one block at a time to the device);
 - :mod:`~pat_callbacks.oneshot.sequential`: the layer groups calibrated and pruned in order, validated before any
@@ -31,6 +31,7 @@ Example:
 
 from typing import Any
 
+from pat_callbacks.core.owl import OWL_LAMBDA, OWL_M, layer_groups, outlier_ratios, owl_sparsities
 from pat_callbacks.oneshot import prune as _prune
 from pat_callbacks.oneshot.blocks import BlockInputs, Blocks, find_blocks
 from pat_callbacks.oneshot.calibration import (
@@ -40,7 +41,6 @@ from pat_callbacks.oneshot.calibration import (
     default_forward,
     input_readers,
 )
-from pat_callbacks.oneshot.owl import OWL_LAMBDA, OWL_M, layer_groups, outlier_ratios, owl_sparsities
 from pat_callbacks.oneshot.prune import (
     ONE_SHOT_METHODS,
     PIPELINES,

@@ -7,7 +7,7 @@ A one-shot method is a :class:`OneShotMethod` in the :data:`ONE_SHOT_METHODS` re
 :func:`one_shot_prune` has no per-method branch and a new method is one registered class (``docs/extending.md``).
 
 Layers are pruned in order, a layer group at a time (``sequential=True``, as both reference implementations do):
-each group (a transformer block, see :func:`~pat_callbacks.oneshot.owl.layer_groups`) is calibrated on the model
+each group (a transformer block, see :func:`~pat_callbacks.core.owl.layer_groups`) is calibrated on the model
 whose earlier groups are already pruned, so it sees the inputs it will get; statistics exist for one group at a
 time. ``sequential=False`` calibrates every layer once, on the dense model (needed by the global allocations).
 
