@@ -204,30 +204,19 @@ def _prune_by_groups(
     names = list(pruner.params)
     groups = _groups(names) if opts.sequential else [names]
     blocks = pipeline.blocks if pipeline is not None else None
+
+    def by_whole_passes(group: list[str]) -> None:
+        stats = _calibrate(model, group, algorithm.statistics, batches, forward)
+        _prune_group(pruner, opts, algorithm, planned, group, stats, optimizers)
+
     if blocks is None:
         for group in groups:
-            _prune_group(
-                pruner,
-                opts,
-                algorithm,
-                planned,
-                group,
-                _calibrate(model, group, algorithm.statistics, batches, forward),
-                optimizers,
-            )
+            by_whole_passes(group)
         return len(groups)
     device = pipeline.device if pipeline is not None else None
     before, inside, after = _split(groups, blocks)
     for group in before:
-        _prune_group(
-            pruner,
-            opts,
-            algorithm,
-            planned,
-            group,
-            _calibrate(model, group, algorithm.statistics, batches, forward),
-            optimizers,
-        )
+        by_whole_passes(group)
     inputs = BlockInputs.capture(model, blocks, batches, forward, device)
     last = max(inside)
     for index in range(last + 1):
@@ -248,15 +237,7 @@ def _prune_by_groups(
             pruner.to_devices()  # the masks follow the block back
     inputs.hidden, inputs.arguments = [], []  # the cached activations freed before the groups after the blocks
     for group in after:
-        _prune_group(
-            pruner,
-            opts,
-            algorithm,
-            planned,
-            group,
-            _calibrate(model, group, algorithm.statistics, batches, forward),
-            optimizers,
-        )
+        by_whole_passes(group)
     return len(groups)
 
 
