@@ -158,5 +158,5 @@ def _sparsegpt_layer(pruner: Pruner, name: str, hessian: Tensor, sparsity: float
     if flipped:
         new, mask = new.t(), mask.t()
     weight.copy_(new.reshape(weight.shape).to(weight.dtype))
-    pruner.planner.warn_nearly_empty({name: 1.0 - int(mask.sum()) / mask.numel()}, None, owner="one_shot_prune")
+    pruner.planner.warn_nearly_empty({name: 1.0 - int(mask.sum()) / mask.numel()}, None, owner="SparseGPT")
     return mask.reshape(weight.shape)
