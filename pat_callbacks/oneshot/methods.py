@@ -137,15 +137,26 @@ for _cls in (MagnitudeMethod, WandaMethod, SparseGPTMethod):
 
 @torch.no_grad()
 def _sparsegpt_layer(pruner: Pruner, name: str, hessian: Tensor, sparsity: float, opts: OneShotOptions) -> Tensor:
-    """SparseGPT on one parameter: its updated weights written back, its keep-mask returned (the Hessian freed)."""
+    """SparseGPT on one parameter: its updated weights written back, its keep-mask returned (the Hessian freed).
+
+    A mask the pruner already holds (a second ``one_shot_prune(..., pruner=p)``) nests: its pruned entries are
+    pruned again and stay exactly zero. Like the Pruner, the layer keeps at least one weight and is warned about past
+    0.99."""
     param = pruner.params[name]
     weight = local(param).detach()
     flipped = name in pruner.transposed
     matrix = weight.t() if flipped else weight.reshape(weight.shape[0], -1)
+    previous = pruner.masks.get(name)
+    keep = None
+    if previous is not None:
+        keep = previous.t() if flipped else previous.reshape(matrix.shape)
     nm = (opts.pattern.n, opts.pattern.m) if isinstance(opts.pattern, NMPattern) else None
-    new, mask = sparsegpt_prune(matrix, hessian, sparsity, nm=nm, block_size=opts.block_size, damping=opts.damping)
+    new, mask = sparsegpt_prune(
+        matrix, hessian, sparsity, nm=nm, block_size=opts.block_size, damping=opts.damping, keep=keep
+    )
     del hessian
     if flipped:
         new, mask = new.t(), mask.t()
     weight.copy_(new.reshape(weight.shape).to(weight.dtype))
+    pruner.planner.warn_nearly_empty({name: 1.0 - int(mask.sum()) / mask.numel()}, None, owner="SparseGPT")
     return mask.reshape(weight.shape)

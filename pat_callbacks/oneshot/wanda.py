@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -94,7 +95,8 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
     (:func:`~pat_callbacks.core.radix.signed_keys`), ties in index order: a stable sort of each row, since a
     row-wise count does not batch into one selection. (Pruning ``round(sparsity * row size)`` in every row would
     miss the target whenever it rounds: 0.7 of 128 inputs is 89.6.) Above ``(width - 1) / width`` some rows lose
-    every weight. The sort costs about 3x the layer's bytes, one layer at a time; on FSDP2 row shards the count is
+    every weight, but the layer keeps at least one (the highest score of the row whose best is highest), as the
+    Pruner's layers do. The sort costs about 3x the layer's bytes, one layer at a time; on FSDP2 row shards the count is
     exact per shard.
 
     Example:
@@ -106,8 +108,8 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
     """
     rows = scores.detach().reshape(scores.shape[0], -1)
     n_rows, width = rows.shape
-    total = prune_count(rows.numel(), sparsity)
-    if total == 0:
+    total = min(prune_count(rows.numel(), sparsity), rows.numel() - 1)  # every layer keeps a weight
+    if total <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     base, extra = divmod(total, n_rows)
     order = torch.sort(signed_keys(rows.to(torch.float32)), dim=1, stable=True).indices  # ties to the lower input
@@ -125,7 +127,8 @@ def row_masks(
     scores: Mapping[str, Tensor], sparsities: Mapping[str, float], transposed: Iterable[str] = ()
 ) -> dict[str, Tensor]:
     """:func:`row_mask` of every layer at its own sparsity; ``in x out`` matrices compare along their columns
-    (their output rows). Every layer keeps at least one weight per row only if its sparsity leaves one.
+    (their output rows). Every layer keeps at least one weight (per row only if its sparsity leaves one), and a
+    layer pruned past 0.99 is warned about, as the Pruner does.
 
     Example:
         >>> import torch
@@ -139,4 +142,18 @@ def row_masks(
             masks[name] = row_mask(layer.t(), sparsities[name]).t()
         else:
             masks[name] = row_mask(layer, sparsities[name])
+        _warn_nearly_empty(name, masks[name])
     return masks
+
+
+def _warn_nearly_empty(name: str, mask: Tensor) -> None:
+    """The Pruner's warning about a layer pruned past 0.99, in its words."""
+    kept, numel = int(mask.sum()), mask.numel()
+    value = 1.0 - kept / numel
+    if value > 0.99:
+        warnings.warn(
+            f"Wanda: {name!r} is pruned to {value:.4g} (over 0.99), keeping {kept} of {numel} weights: the layer "
+            "nearly cuts the network off; pin it lower with `layer_sparsity` or leave it out with `exclude`",
+            UserWarning,
+            stacklevel=3,
+        )
