@@ -311,9 +311,10 @@ def warn_foreign_states(
         saver = key.split("{", 1)[0]
         rank_zero_warn(
             f"{name}: the checkpoint holds the pruning state of {saver} ({key}), "
-            f"which {name} does not read: its masks are not restored and pruning starts afresh "
-            f"(the weights keep their zeros until masks are made); resume with {saver} to continue, "
-            "or fine-tune with KeepSparsity to hold its zeros"
+            f"which {name} does not read: its masks are not restored and pruning starts afresh, so nothing holds "
+            f"its zeros: training updates them from the first step on, and {name} makes its own masks on its own "
+            f"schedule (e.g. at start_step); resume with {saver} to continue, or fine-tune with KeepSparsity "
+            "to hold its zeros"
         )
 
 
