@@ -4,10 +4,11 @@ another pruning callback, the teacher of Distillation under QAT."""
 from __future__ import annotations
 
 import pytest
+import torch
 from lightning.pytorch import Callback
 from torch import nn
 
-from pat_callbacks import GradualPruning, OneShotPruning
+from pat_callbacks import Distillation, GradualPruning, OneShotPruning, QuantizationAwareTraining
 from pat_callbacks.callbacks._guards import rebind_replaced
 from pat_callbacks.core.pruner import Pruner
 from tests.conftest import make_module, make_trainer
@@ -52,3 +53,27 @@ def test_resuming_a_one_shot_checkpoint_with_gradual_pruning_says_truly_that_its
         resumed.fit(make_module(), datamodule=digits, ckpt_path=checkpoint)
     assert seen[3] == pytest.approx(0.5, abs=1e-3)  # the checkpoint's zeros at resume ...
     assert seen[4] < 0.45  # ... are trained away before start_step, as the warning says
+
+
+def test_the_teacher_copies_full_precision_weights_while_qat_has_fake_quantized_ones_swapped_in(tmp_path, digits):
+    # resumed past teacher_step without a saved teacher, the copy is made in the first training_step, after QAT
+    # swapped its int4 values into the weights: the teacher must still be the full-precision model
+    first = make_trainer(tmp_path, [QuantizationAwareTraining("int4", finalize=False)], max_steps=3)
+    first.fit(make_module(), datamodule=digits)
+    checkpoint = tmp_path / "qat.ckpt"
+    first.save_checkpoint(checkpoint)
+    distill, qat = Distillation(teacher_step=2, save_teacher=False), QuantizationAwareTraining("int4", finalize=False)
+    masters: dict[str, torch.Tensor] = {}
+
+    class Snap(Callback):
+        def on_train_start(self, trainer, pl_module):
+            masters.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    make_trainer(tmp_path, [Snap(), qat, distill], max_steps=4).fit(
+        make_module(), datamodule=digits, ckpt_path=checkpoint
+    )
+    teacher = dict(distill.teacher.named_parameters())
+    assert distill.teacher_step == 3
+    assert teacher
+    for name, value in teacher.items():  # the full-precision model, not its int4 grid
+        assert torch.equal(value, masters[name] if name in masters else masters[f"net.{name}"]), name
