@@ -65,6 +65,11 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"init_weights={str(path)!r} holds objects that a weights-only load refuses (no code from a checkpoint "
             f"runs here); save the state_dict alone, e.g. torch.save(model.state_dict(), path): {error}"
         ) from None
+    except (EOFError, KeyError, RuntimeError, UnicodeDecodeError) as error:  # empty, text or truncated file
+        raise ValueError(
+            f"init_weights={str(path)!r} is not a file torch.load can read (empty, text or truncated: "
+            f"{type(error).__name__}: {error}); give a Lightning checkpoint or a file written by torch.save"
+        ) from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -99,10 +104,22 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> str:
     if isinstance(net, nn.Module):
         targets.append(("net", net, {k.removeprefix("net."): v for k, v in state.items()}))
     for where, module, candidate in targets:
-        if set(candidate) == set(module.state_dict()):
+        own_state = module.state_dict()
+        if set(candidate) == set(own_state):
+            # every shape is checked before any tensor is copied, so a misfit leaves the model as it was
+            wrong = [
+                f"{key}: file {tuple(value.shape)}, model {tuple(own_state[key].shape)}"
+                for key, value in candidate.items()
+                if value.shape != own_state[key].shape
+            ]
+            if wrong:
+                raise ValueError(
+                    f"init_weights={str(path)!r} does not fit the model: size mismatch for {len(wrong)} tensor(s) "
+                    f"({'; '.join(wrong[:5])}); is the model configured as the checkpoint was?"
+                )
             try:
                 module.load_state_dict(candidate, strict=True)
-            except RuntimeError as error:  # same keys, other shapes
+            except RuntimeError as error:  # same keys and shapes, yet refused
                 raise ValueError(f"init_weights={str(path)!r} does not fit the model: {error}") from None
             return where
     own = set(targets[-1][1].state_dict())

@@ -240,11 +240,7 @@ def rebind_replaced(owner: str, pruner: Any, model: nn.Module, step: int) -> boo
     """
     replaced, gone = stale(pruner.params, model)
     if gone:
-        raise RuntimeError(
-            f"{owner}: {gone} is no longer a parameter of the model (or has another shape) at step "
-            f"{step}: masks are bound to the parameters of fit start; replace a pruned layer by one of the same "
-            "shape, or start a new fit with a new callback"
-        )
+        raise RuntimeError(_gone_message(owner, pruner.params, model, gone, step))
     if not replaced:
         return False
     rank_zero_warn(
@@ -255,6 +251,28 @@ def rebind_replaced(owner: str, pruner: Any, model: nn.Module, step: int) -> boo
     pruner.params.update(replaced)
     pruner.apply()
     return True
+
+
+def _gone_message(owner: str, params: Mapping[str, Tensor], model: nn.Module, gone: list[str], step: int) -> str:
+    """What :func:`rebind_replaced` refuses: targets removed, and targets now of another shape (then and now), with
+    the ways on."""
+    live = dict(model.named_parameters())
+    removed = [name for name in gone if name not in live]
+    reshaped = [
+        f"{name!r} is now {tuple(live[name].shape)}, its mask {tuple(params[name].shape)}"
+        for name in gone
+        if name in live
+    ]
+    parts = [f"{removed} is no longer a parameter of the model"] if removed else []
+    if reshaped:
+        more = f" and {len(reshaped) - 5} more" if len(reshaped) > 5 else ""
+        parts.append(f"a replaced layer has another shape ({'; '.join(reshaped[:5])}{more})")
+    return (
+        f"{owner}: at step {step}, {'; '.join(parts)}. Masks are bound to the tensors of fit start and cannot "
+        "follow a layer of another shape: replace the layer before trainer.fit (e.g. in configure_model) so pruning "
+        "starts on it; or keep its shape (copy new values in with load_state_dict or weight.data.copy_); or finish "
+        "this fit and start a new one with a new pruning callback"
+    )
 
 
 def refuse_shared_targets(owner: str, params: Mapping[str, Tensor], others: Iterable[tuple[str, Any]]) -> None:
@@ -293,9 +311,10 @@ def warn_foreign_states(
         saver = key.split("{", 1)[0]
         rank_zero_warn(
             f"{name}: the checkpoint holds the pruning state of {saver} ({key}), "
-            f"which {name} does not read: its masks are not restored and pruning starts afresh "
-            f"(the weights keep their zeros until masks are made); resume with {saver} to continue, "
-            "or fine-tune with KeepSparsity to hold its zeros"
+            f"which {name} does not read: its masks are not restored and pruning starts afresh, so nothing holds "
+            f"its zeros: training updates them from the first step on, and {name} makes its own masks on its own "
+            f"schedule (e.g. at start_step); resume with {saver} to continue, or fine-tune with KeepSparsity "
+            "to hold its zeros"
         )
 
 

@@ -72,6 +72,17 @@ __all__ = ["Distillation"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _full_precision(trainer: pl.Trainer | None, student: nn.Module) -> dict[str, Tensor]:
+    """``{student parameter name: full-precision value}`` of the weights a quantization-aware callback has swapped
+    fake-quantized values into right now (empty when none is swapped in), whatever the callbacks' order."""
+    by_id: dict[int, Tensor] = {}
+    for callback in trainer.callbacks if trainer is not None else []:  # type: ignore[attr-defined]
+        quantizer = getattr(callback, "quantizer", None)
+        if quantizer is not None and getattr(quantizer, "swapped_in", False):
+            by_id.update({id(param): quantizer._masters[name] for name, param in quantizer.params.items()})
+    return {name: by_id[id(param)] for name, param in student.named_parameters() if id(param) in by_id}
+
+
 def _dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
@@ -221,8 +232,15 @@ class Distillation(Callback):
         freeze(teacher, dtype=self.teacher_dtype, device=device)
         self.distiller = Distiller(teacher, **self._loss_args)
 
-    def _copy_teacher(self, pl_module: pl.LightningModule, step: int) -> None:
-        self._build(make_teacher(self._student(pl_module)), pl_module)
+    def _copy_teacher(self, pl_module: pl.LightningModule, step: int, trainer: pl.Trainer | None = None) -> None:
+        student = self._student(pl_module)
+        teacher = make_teacher(student)
+        masters = _full_precision(trainer, student)
+        if masters:  # QAT has its fake-quantized values in the weights: the teacher takes the full-precision ones
+            with torch.no_grad():
+                for name, value in masters.items():
+                    teacher.get_parameter(name).copy_(value)
+        self._build(teacher, pl_module)
         self.teacher_step = step
 
     def _resolve_step(self, trainer: pl.Trainer) -> int | None:
@@ -273,7 +291,7 @@ class Distillation(Callback):
         elif self._teacher_step_arg == 0 or (
             self._teacher_step_arg == "pruning_start" and self._resolve_step(trainer) == 0
         ):
-            self._copy_teacher(pl_module, trainer.global_step)  # before on_train_start applies any mask
+            self._copy_teacher(pl_module, trainer.global_step, trainer)  # before on_train_start applies any mask
         self._pending = None
         self._original_step = pl_module.__dict__.get("training_step")
         original = pl_module.training_step
@@ -293,7 +311,7 @@ class Distillation(Callback):
         if self.distiller is None and self._given_teacher is None:
             step = self._resolve_step(trainer)
             if step is not None and trainer.global_step >= step:
-                self._copy_teacher(pl_module, trainer.global_step)
+                self._copy_teacher(pl_module, trainer.global_step, trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,7 +335,7 @@ class Distillation(Callback):
             step = self._resolve_step(trainer)
             if step is None or trainer.global_step < step:
                 return original(*args, **kwargs)
-            self._copy_teacher(pl_module, trainer.global_step)
+            self._copy_teacher(pl_module, trainer.global_step, trainer)  # QAT may have swapped in
         distiller = self.distiller
         if distiller is None:  # pragma: no cover - set just above
             raise RuntimeError("Distillation has no teacher")

@@ -125,11 +125,18 @@ class PruningSummary(pl.Callback):
     """
 
     def __init__(self, filename: str = "metrics.json", dirpath: str | Path | None = None) -> None:
-        if not isinstance(filename, str) or Path(filename).name != filename or filename in ("", ".", ".."):
+        if (
+            not isinstance(filename, str)
+            or Path(filename).name != filename
+            or filename in ("", ".", "..")
+            or "\x00" in filename
+        ):
             raise ValueError(
                 f"Expected `filename` to be a plain file name, but got {filename!r} (a name without a folder, not "
-                "'.' or '..')"
+                "'.' or '..', without a NUL character)"
             )
+        if dirpath is not None and "\x00" in str(dirpath):
+            raise ValueError(f"Expected `dirpath` to be a folder path, but got {str(dirpath)!r} (it holds a NUL)")
         self.filename = filename
         self.dirpath = dirpath
         self.metrics: dict[str, float] = {}

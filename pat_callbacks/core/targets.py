@@ -45,11 +45,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_MODULE_TYPES",
     "TargetRole",
+    "check_real_parameters",
     "describe_targets",
     "normalize_patterns",
     "parameter_aliases",
@@ -275,7 +276,33 @@ weight matrices to prune or pass allow_vectors=True
             "by default the weights that a Linear, Conv, MultiheadAttention, RNN/GRU/LSTM or Hugging Face Conv1D "
             "layer multiplies are pruned (embeddings, norms, biases and frozen parameters stay dense)"
         )
+    check_real_parameters(selected)
     return selected
+
+
+def check_real_parameters(params: Mapping[str, Tensor]) -> None:
+    """Refuse targets that are not real floating-point tensors (complex or integer), naming them and their dtype.
+
+    Scores, masks and sparsity compare magnitudes of real values; a complex weight would fail deep inside
+    training (``abs_`` of a complex tensor), so it is refused when the targets are chosen.
+
+    Example:
+        >>> import torch
+        >>> check_real_parameters({"0.weight": torch.zeros(2, 2)})
+        >>> check_real_parameters({"0.weight": torch.zeros(2, 2, dtype=torch.complex64)})
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected real floating-point parameters to prune, but 0.weight is torch.complex64; exclude \
+it (exclude=['0.weight']) or keep the layer real (float32, float16, bfloat16, float64)
+    """
+    bad = {name: p.dtype for name, p in params.items() if not p.is_floating_point()}
+    if bad:
+        described = ", ".join(f"{name} is {dtype}" for name, dtype in bad.items())
+        raise ValueError(
+            f"Expected real floating-point parameters to prune, but {described}; exclude "
+            f"{'it' if len(bad) == 1 else 'them'} (exclude={list(bad)}) or keep the layer real (float32, float16, "
+            "bfloat16, float64)"
+        )
 
 
 def _included_by_role(

@@ -112,3 +112,21 @@ def test_resuming_wins_over_init_weights_and_says_so(tmp_path, caplog):
         metrics = run_training(resumed, output_dir=tmp_path / "b")
     assert metrics["resumed_at_step"] == 10
     assert "is not loaded: resuming from ckpt_path" in caplog.text
+
+
+def test_a_misfit_leaves_the_model_as_it_was_and_names_every_shape(tmp_path):
+    path = tmp_path / "net.pt"
+    torch.save(Classifier(MLP(4, (3,), 2)).net.state_dict(), path)
+    model = Classifier(MLP(4, (3,), 5))  # the first layer fits, the last does not
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"net.pt.*size mismatch.*layers\.2\.weight: file \(2, 3\), model \(5, 3\)"):
+        load_initial_weights(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint\n"])
+def test_an_empty_or_text_file_is_refused_naming_the_file(tmp_path, content):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"init_weights='.*weights\.pt' is not a file torch\.load can read"):
+        load_initial_weights(Classifier(MLP(4, (3,), 2)), path)

@@ -115,3 +115,10 @@ def test_the_summary_counts_a_target_replaced_mid_run_as_the_model_holds_it(fit,
     summary = json.loads((tmp_path / "metrics.json").read_text())
     live = module.net.layers[2].weight
     assert summary["layer_sparsity"]["net.layers.2.weight"] == float((live == 0).float().mean())
+
+
+def test_a_nul_in_the_filename_or_dirpath_is_refused_at_construction_not_after_training():
+    with pytest.raises(ValueError, match=r"plain file name, but got 'a\\x00b'.*without a NUL"):
+        PruningSummary(filename="a\x00b")
+    with pytest.raises(ValueError, match=r"`dirpath` to be a folder path, but got 'runs\\x00'"):
+        PruningSummary(dirpath="runs\x00")

@@ -97,3 +97,18 @@ def test_a_pattern_covering_no_role_target_selects_what_it_names():
         select_parameters(model, include="embeddings.LayerNorm.*")
     everything = select_parameters(model, include="encoder.layer.0.output.*", allow_vectors=True)
     assert "encoder.layer.0.output.LayerNorm.weight" in everything and "encoder.layer.0.output.dense.bias" in everything
+
+
+def test_complex_weights_are_refused_when_the_pruner_is_built_naming_the_parameter():
+    import torch
+
+    from pat_callbacks.core import Pruner
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"real floating-point .* but 1\.weight is torch\.complex64; exclude it"):
+        Pruner(model)
+    with pytest.raises(ValueError, match=r"1\.weight is torch\.complex64"):
+        select_parameters(model)
+    assert list(select_parameters(model, exclude=["1.*"])) == ["0.weight"]  # the way out works
+    pruner = Pruner(model, exclude=["1.*"])
+    assert pruner.prune_to(0.5)
