@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
+from pat_callbacks.app._key_hints import unknown_key_hint
+
 __all__ = [
     "SCHEMAS",
     "DistillationConf",
@@ -408,45 +410,10 @@ pat_callbacks.GradualPruning; did you mean `sparsity` (the new name of `final_sp
     known = {f.name for f in fields(schema)}
     for name in node:
         if name not in known and name != "defaults":
-            hint = _unknown_key_hint(str(name), known)
+            hint = unknown_key_hint(str(name), known)
             raise ValueError(
                 f"Unknown key `{key}.{name}` (added with +?): not an argument of {node.get('_target_')}{hint}"
             )
-
-
-# Former argument names -> their new names (the callbacks' deprecated aliases, through `renamed`); a key close to a
-# former name is pointed at the new one, the name a config should use.
-_RENAMED_KEYS: Dict[str, str] = {
-    "final_sparsity": "sparsity",
-    "regrow_fraction": "drop_fraction",
-    "stop_fraction": "end_fraction",
-    "stop_step": "end_step",
-    "importance": "criterion",
-    "ignore": "exclude",
-}
-
-
-def _unknown_key_hint(name: str, known: set[str]) -> str:
-    """The hint for an unknown key ``name`` of a schema with fields ``known``: the closest field, or the new name of
-    the closest former name (``final_sparsty`` -> ``sparsity``, not ``initial_sparsity``), else the fields.
-
-    Example:
-        >>> _unknown_key_hint("final_sparsty", {"sparsity", "initial_sparsity"})
-        '; did you mean `sparsity` (the new name of `final_sparsity`)?'
-        >>> _unknown_key_hint("sparsty", {"sparsity", "initial_sparsity"})
-        '; did you mean `sparsity`?'
-        >>> _unknown_key_hint("zzz", {"sparsity"})
-        '; expected one of: sparsity'
-    """
-    if name == "final_sparsity" and "sparsity" in known:
-        return "; it is called `sparsity` in every pruning config"
-    former = {old: new for old, new in _RENAMED_KEYS.items() if new in known}
-    close = difflib.get_close_matches(name, sorted(known | set(former)), n=1)
-    if not close:
-        return f"; expected one of: {', '.join(sorted(known))}"
-    if close[0] in former:
-        return f"; did you mean `{former[close[0]]}` (the new name of `{close[0]}`)?"
-    return f"; did you mean `{close[0]}`?"
 
 
 # Each callback's schema, by its ConfigStore name (``schema/<group>/<name>``).
