@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
+from pat_callbacks.app._key_hints import unknown_key_hint
+
 __all__ = [
     "SCHEMAS",
     "DistillationConf",
@@ -386,6 +388,17 @@ def check_against_schema(node: Any, key: str = "pruning") -> None:
         ...
         ValueError: Unknown key `pruning.sparsty` (added with +?): not an argument of \
 pat_callbacks.GradualPruning; did you mean `sparsity`?
+
+        A close match of a renamed key suggests its new name:
+
+        >>> with open_dict(cfg):
+        ...     del cfg["sparsty"]
+        ...     cfg.final_sparsty = 0.9
+        >>> check_against_schema(cfg)
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown key `pruning.final_sparsty` (added with +?): not an argument of \
+pat_callbacks.GradualPruning; did you mean `sparsity` (the new name of `final_sparsity`)?
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -397,10 +410,7 @@ pat_callbacks.GradualPruning; did you mean `sparsity`?
     known = {f.name for f in fields(schema)}
     for name in node:
         if name not in known and name != "defaults":
-            close = difflib.get_close_matches(str(name), sorted(known), n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else f"; expected one of: {', '.join(sorted(known))}"
-            if name == "final_sparsity" and "sparsity" in known:
-                hint = "; it is called `sparsity` in every pruning config"
+            hint = unknown_key_hint(str(name), known)
             raise ValueError(
                 f"Unknown key `{key}.{name}` (added with +?): not an argument of {node.get('_target_')}{hint}"
             )

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from abc import abstractmethod
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import Unpack, override
 
 from pat_callbacks.callbacks._guards import warn_if_unreached
@@ -26,7 +27,7 @@ from pat_callbacks.core._validation import renamed
 from pat_callbacks.core.schedules import OneShotSchedule, Schedule
 from pat_callbacks.core.windows import ScheduleSpec, WindowArguments, check_window_arguments
 
-__all__ = ["ScheduledPruningCallback", "few_updates_message", "resolve_target"]
+__all__ = ["ScheduledPruningCallback", "default_update_every", "few_updates_message", "resolve_target"]
 
 
 class ScheduledPruningCallback(PruningCallback):
@@ -46,6 +47,10 @@ class ScheduledPruningCallback(PruningCallback):
     (a warning says so), so the smoke test runs the pruning path. A window that starts at or after the run's last
     optimizer step is refused when the trainer knows the run's length. A second ``fit`` of the same model with the
     same callback keeps the masks reached so far: the schedule's targets below that sparsity are raised to it.
+    When ``update_every`` is not given and the window is resolved from the run's length (fractions or epochs; the
+    default 10% to 70%), a window that the default of 100 steps would cover in fewer than :data:`MIN_UPDATES` mask
+    updates gets about 10 instead (:func:`default_update_every`, one info line); an explicit ``update_every``, or a
+    window given in steps, is kept and warned about.
 
     Example:
         >>> from pat_callbacks.core.pruner import Pruner
@@ -173,6 +178,16 @@ class ScheduledPruningCallback(PruningCallback):
                 "(e.g. start_fraction / end_fraction) or train longer"
             )
         warn_if_unreached(type(self).__name__, trainer, self.schedule.end_step)
+        if self.spec.fixed is None and "update_every" not in self.spec.schedule_args:
+            # Derived from the window alone, so a resumed run resolves the same value.
+            resolved = default_update_every(self.schedule)
+            if resolved.update_every != self.schedule.update_every:
+                rank_zero_info(
+                    f"{type(self).__name__}: update_every={resolved.update_every} (not the default "
+                    f"{self.schedule.update_every}): about 10 mask updates over the pruning window (steps "
+                    f"{resolved.start_step} to {resolved.end_step}); give update_every to choose"
+                )
+                self.schedule = resolved
         message = few_updates_message(self.schedule)
         if message:
             rank_zero_warn(f"{type(self).__name__}: {message}")
@@ -233,6 +248,23 @@ steps 3, 27), so the schedule is a single jump to 0.9; use update_every=2 or les
         f"so the schedule is {shape} to {schedule.final_sparsity:g}; use update_every={suggested} or less "
         "(about 10 updates over the window)"
     )
+
+
+def default_update_every(schedule: Schedule) -> Schedule:
+    """``schedule`` with about 10 mask updates over its window (``update_every = max(1, window // 10)``) if it
+    raises the target in fewer than :data:`MIN_UPDATES` (see :func:`few_updates_message`); else ``schedule`` itself.
+    What a callback does with its default ``update_every`` on a short run.
+
+    Example:
+        >>> from pat_callbacks.core.schedules import CubicSchedule
+        >>> default_update_every(CubicSchedule(final_sparsity=0.9, start_step=3, end_step=27)).update_every
+        2
+        >>> default_update_every(CubicSchedule(final_sparsity=0.9, start_step=600, end_step=4200)).update_every
+        100
+    """
+    if few_updates_message(schedule) is None:
+        return schedule
+    return dataclasses.replace(schedule, update_every=max(1, (schedule.end_step - schedule.start_step) // 10))
 
 
 def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> int:

@@ -16,7 +16,13 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from pat_callbacks.app.config import TrainerConf, check_trainer_keys, promote_swept_group_keys, register_configs
+from pat_callbacks.app.config import (
+    TrainerConf,
+    check_against_schema,
+    check_trainer_keys,
+    promote_swept_group_keys,
+    register_configs,
+)
 from pat_callbacks.app.run import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,3 +174,21 @@ def test_without_promotion_hydra_refuses_the_fixed_key(tmp_path):
     """Why train.py promotes: Hydra's sweep base config has no `pruning` node (documents Hydra 1.3's behaviour)."""
     done = _sweep(tmp_path, promote=False)
     assert done.returncode == 1 and "Key 'pruning' is not in struct" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_typo_of_a_renamed_key_suggests_its_new_name():
+    # `final_sparsty` is closest to the former name `final_sparsity`: the hint is its new name, not `initial_sparsity`
+    cfg = _compose("+pruning=cubic", "+pruning.final_sparsty=0.9")
+    with pytest.raises(ValueError) as excinfo:
+        check_against_schema(cfg.pruning)
+    message = str(excinfo.value)
+    assert "Unknown key `pruning.final_sparsty`" in message
+    assert "did you mean `sparsity` (the new name of `final_sparsity`)?" in message
+    assert "initial_sparsity" not in message
+    # a typo of a deprecated field of the schema points at the new name too
+    cfg = _compose("+pruning=cubic", "+pruning.regrow_fractin=0.1")
+    with pytest.raises(ValueError, match=r"did you mean `drop_fraction` \(the new name of `regrow_fraction`\)\?"):
+        check_against_schema(cfg.pruning)
+    cfg = _compose("+pruning=cubic", "+pruning.sparsty=0.9")  # a plain typo is unchanged
+    with pytest.raises(ValueError, match=r"did you mean `sparsity`\?$"):
+        check_against_schema(cfg.pruning)
