@@ -258,17 +258,18 @@ class Pruner(MaskStore):
     def regrow(
         self,
         drop_fraction: float,
-        method: str = "rigl",
+        regrowth: str = "rigl",
         *,
         generator: torch.Generator | None = None,
         optimizers: Iterable[torch.optim.Optimizer] = (),
         step: int | None = None,
+        method: str | None = None,
     ) -> dict[str, float] | None:
         """Swap ``drop_fraction`` of each masked layer's active weights for inactive ones (see
         :func:`~pat_callbacks.core.regrowth.swapped_entries`): drop the lowest |w|, regrow by dense-gradient
-        magnitude (``"rigl"``) or at random (``"set"``). Regrown entries restart at zero with zeroed optimizer state;
-        each layer's count is unchanged. Returns metrics, or ``None`` (with a warning) if weights or gradients are
-        not finite.
+        magnitude (``regrowth="rigl"``) or at random (``"set"``). Regrown entries restart at zero with zeroed
+        optimizer state; each layer's count is unchanged. Returns metrics, or ``None`` (with a warning) if weights or
+        gradients are not finite. ``method``: the former name of ``regrowth`` (deprecated).
 
         Example:
             >>> from torch import nn
@@ -279,17 +280,18 @@ class Pruner(MaskStore):
             >>> metrics["pruning/regrown"], metrics["pruning/dropped"], pruner.sparsity()
             (8.0, 8.0, 0.5)
         """
-        check_choice("method", method, GROWTH_METHODS)
+        regrowth, key = renamed("method", method, "regrowth", regrowth, "rigl")
+        check_choice(key, regrowth, GROWTH_METHODS)
         if not self.options.pattern.allows_regrowth:  # type: ignore[union-attr]
             raise ValueError(f"regrowth would break the {self.options.pattern!r} pattern")
         inputs: dict[str, Tensor | None] = {name: local(p) for name, p in self.params.items()}
-        if method == "rigl":
+        if regrowth == "rigl":
             inputs.update(
                 {f"{name} (grad)": None if p.grad is None else local(p.grad) for name, p in self.params.items()}
             )
         if not self.all_finite(inputs, step):
             return None
-        return regrow_in_place(self, drop_fraction, method, generator, optimizers)
+        return regrow_in_place(self, drop_fraction, regrowth, generator, optimizers)
 
     def to_devices(self) -> None:
         """Move masks and criterion history to their parameters' devices (after the model moved)."""
