@@ -103,7 +103,13 @@ class Pruner(MaskStore):
         self.criterion: Criterion = self.options.criterion  # type: ignore[assignment]
         frozen = [name for name, param in params.items() if not param.requires_grad]
         super().__init__(params)
-        self.scorer = Scorer(self.criterion, self.params, self.group)
+        self.scorer = Scorer(
+            self.criterion,
+            self.params,
+            self.group,
+            window=self.options.accumulate_window,
+            history_dtype=self.options.history_dtype,
+        )
         if frozen and self.criterion.needs_grad:
             raise ValueError(
                 f"criterion={self.scorer.name!r} reads gradients, but {frozen} are frozen (requires_grad=False) and "
@@ -131,12 +137,33 @@ class Pruner(MaskStore):
         return self.scorer.name
 
     # ------------------------------------------------------------------ scoring
-    def accumulate(self) -> None:
+    def accumulate(self, step: int | None = None, next_update: int | None = None) -> None:
         """Add this step's weights and dense gradients to the criterion's history (no-op without history).
 
-        Call after ``backward`` and before :meth:`mask_grads`, while pruning is under way.
+        Call after ``backward`` and before :meth:`mask_grads`, while pruning is under way. Given the ``step`` and
+        the ``next_update`` step, criteria averaged since the last update accumulate only over the
+        ``accumulate_window`` steps up to ``next_update`` (see :meth:`accumulates_at`); without them, every call.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> layer = nn.Linear(4, 2)
+            >>> pruner = Pruner(layer, criterion="taylor", accumulate_window=2)
+            >>> layer.weight.grad = torch.ones(2, 4)
+            >>> for step in (7, 8, 9, 10):
+            ...     pruner.accumulate(step, next_update=10)  # steps 9 and 10 only
+            >>> int(pruner.criterion_state["weight"]["count"])
+            2
+            >>> pruner.accumulate()  # no step given: every call
+            >>> int(pruner.criterion_state["weight"]["count"])
+            3
         """
-        self.scorer.accumulate()
+        self.scorer.accumulate(step, next_update)
+
+    def accumulates_at(self, step: int, next_update: int | None) -> bool:
+        """Whether :meth:`accumulate` at ``step`` adds to the history, the next update being at ``next_update``
+        (``None``: unknown, every step): a pure check, for a caller that skips the call altogether."""
+        return self.scorer.accumulates_at(step, next_update)
 
     def scores(self) -> dict[str, Tensor]:
         """Importance of every entry of every pruned parameter (higher = keep); this rank's rows when sharded."""
