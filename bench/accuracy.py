@@ -37,6 +37,7 @@ OURS: dict[str, list[str]] = {
     # the default with the accumulation window wired as the callbacks will (bench/window_wiring.py): |w*g| over the
     # 20 steps before each update, bfloat16 history; the row above ran before the window (every step, float32)
     "pat cubic taylor + global, window 20 + bfloat16": ["+pruning=cubic"],
+    "pat cubic taylor + global, window 40 + bfloat16": ["+pruning=cubic"],
     "pat cubic taylor + global + rewind 300": ["+pruning=cubic", "pruning.rewind_step=300"],
     "pat odd/even": ["+pruning=odd_even"],
     "pat rigl": ["+pruning=rigl"],
@@ -45,7 +46,10 @@ OURS: dict[str, list[str]] = {
     "one-shot magnitude, no fine-tune": ["+pruning=one_shot", "pruning.start_fraction=1.0"],
     "one-shot magnitude + fine-tune": ["+pruning=one_shot", "pruning.start_fraction=0.5"],
 }
-WINDOWED = {"pat cubic taylor + global, window 20 + bfloat16"}  # rows run with bench/window_wiring.install()
+WINDOWED = {  # rows run with bench/window_wiring.install(window)
+    "pat cubic taylor + global, window 20 + bfloat16": 20,
+    "pat cubic taylor + global, window 40 + bfloat16": 40,
+}
 PEERS = ("Lightning ModelPruning (cubic amounts)", "rigl-torch RigL")
 # torch.ao.pruning's WeightNormSparsifier raises on Conv1d/Conv2d weights ("shape '[1, 1, 125]' is invalid for input
 # of size 5"), so it cannot prune ConvBase's convolutions; it appears in bench/overhead.py (MLP) only.
@@ -67,7 +71,7 @@ def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict
     from bench.window_wiring import install, uninstall
 
     if method in WINDOWED:
-        install()
+        install(WINDOWED[method])
     else:
         uninstall()  # a pool's worker runs several rows
     overrides = [f"seed={seed}", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false", "~logger"]

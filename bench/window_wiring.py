@@ -27,12 +27,12 @@ def next_update_step(schedule: Any, step: int) -> int:
     return min(start + -(-(step - start) // every) * every, end)
 
 
-def install() -> None:
-    """Make every scheduled pruning callback accumulate only where ``Pruner.accumulates_at`` says (idempotent)."""
+def install(window: int | None = None) -> None:
+    """Make every scheduled pruning callback accumulate only where ``Pruner.accumulates_at`` says (idempotent);
+    ``window``: a window other than the pruner's ``accumulate_window`` (a benchmark row of another window)."""
     from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
 
-    if getattr(ScheduledPruningCallback, "_window_wired", False):
-        return
+    uninstall()
     original = ScheduledPruningCallback._accumulating
 
     def _accumulating(self: Any, step: int) -> bool:
@@ -41,6 +41,8 @@ def install() -> None:
         pruner = self._require_pruner()
         if self._retry or not hasattr(pruner, "accumulates_at"):
             return True
+        if window is not None:
+            pruner.scorer.window = window
         return pruner.accumulates_at(step, next_update_step(self._require_schedule(), step))
 
     ScheduledPruningCallback._accumulating = _accumulating  # type: ignore[method-assign]
