@@ -38,6 +38,8 @@ OURS: dict[str, list[str]] = {
     # 20 steps before each update, bfloat16 history; the row above ran before the window (every step, float32)
     "pat cubic taylor + global, window 20 + bfloat16": ["+pruning=cubic"],
     "pat cubic taylor + global, window 40 + bfloat16": ["+pruning=cubic"],
+    # the former default's history (every step, float32) rerun now, beside the rows above: a control
+    "pat cubic taylor + global, every step + float32 (rerun)": ["+pruning=cubic"],
     "pat cubic taylor + global + rewind 300": ["+pruning=cubic", "pruning.rewind_step=300"],
     "pat odd/even": ["+pruning=odd_even"],
     "pat rigl": ["+pruning=rigl"],
@@ -49,6 +51,7 @@ OURS: dict[str, list[str]] = {
 WINDOWED = {  # rows run with bench/window_wiring.install(window)
     "pat cubic taylor + global, window 20 + bfloat16": 20,
     "pat cubic taylor + global, window 40 + bfloat16": 40,
+    "pat cubic taylor + global, every step + float32 (rerun)": None,
 }
 PEERS = ("Lightning ModelPruning (cubic amounts)", "rigl-torch RigL")
 # torch.ao.pruning's WeightNormSparsifier raises on Conv1d/Conv2d weights ("shape '[1, 1, 125]' is invalid for input
@@ -71,7 +74,7 @@ def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict
     from bench.window_wiring import install, uninstall
 
     if method in WINDOWED:
-        install(WINDOWED[method])
+        install(WINDOWED[method], every_step_float32=WINDOWED[method] is None)
     else:
         uninstall()  # a pool's worker runs several rows
     overrides = [f"seed={seed}", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false", "~logger"]

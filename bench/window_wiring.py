@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 def next_update_step(schedule: Any, step: int) -> int:
     """The first update step of ``schedule`` at or after ``step`` (``start_step + k * update_every``, or
@@ -27,9 +29,10 @@ def next_update_step(schedule: Any, step: int) -> int:
     return min(start + -(-(step - start) // every) * every, end)
 
 
-def install(window: int | None = None) -> None:
+def install(window: int | None = None, every_step_float32: bool = False) -> None:
     """Make every scheduled pruning callback accumulate only where ``Pruner.accumulates_at`` says (idempotent);
-    ``window``: a window other than the pruner's ``accumulate_window`` (a benchmark row of another window)."""
+    ``window``: a window other than the pruner's ``accumulate_window`` (a benchmark row of another window);
+    ``every_step_float32``: the former history instead (every step, float32), as a control row."""
     from pat_callbacks.callbacks.scheduled import ScheduledPruningCallback
 
     uninstall()
@@ -43,6 +46,8 @@ def install(window: int | None = None) -> None:
             return True
         if window is not None:
             pruner.scorer.window = window
+        if every_step_float32:
+            pruner.scorer.window, pruner.scorer.dtype = None, torch.float32
         return pruner.accumulates_at(step, next_update_step(self._require_schedule(), step))
 
     ScheduledPruningCallback._accumulating = _accumulating  # type: ignore[method-assign]
