@@ -35,8 +35,8 @@ __all__ = ["ACCUMULATE_WINDOW", "PruningOptions"]
 
 ACCUMULATE_WINDOW = 40
 """The default ``accumulate_window``: Taylor and Fisher scores read the 40 steps before each update. Measured by
-``bench/accuracy.py`` (MNIST-1D ConvBase, updates every 100 steps, 3 seeds): 86.6 +- 0.5 % at 0.9 against 86.7 +- 0.9
-for every step in float32 rerun beside it, 72.6 +- 4.4 at 0.95 against 72.2 +- 8.0; 20 steps gave 86.0 +- 1.1 and
+``bench/accuracy.py`` (MNIST-1D ConvBase, updates every 100 steps, 3 seeds): 86.6 +- 0.5 % at 0.9 and 72.6 +- 4.4 at
+0.95, against 86.7 +- 0.9 and 69.3 +- 2.5 for every step in float32 rerun beside it; 20 steps gave 86.0 +- 1.1 and
 70.4 +- 4.6 (``bench/results/accuracy.md``)."""
 
 
