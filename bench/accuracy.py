@@ -34,6 +34,12 @@ OURS: dict[str, list[str]] = {
     "pat cubic taylor + sensitivity": ["+pruning=cubic", "pruning.criterion=taylor", "pruning.allocation=sensitivity"],
     "pat cubic magnitude + global": ["+pruning=cubic", "pruning.criterion=magnitude", "pruning.allocation=global"],
     "pat cubic taylor + global (default)": ["+pruning=cubic"],
+    # the default with the accumulation window wired as the callbacks will (bench/window_wiring.py): |w*g| over the
+    # 20 steps before each update, bfloat16 history; the row above ran before the window (every step, float32)
+    "pat cubic taylor + global, window 20 + bfloat16": ["+pruning=cubic"],
+    "pat cubic taylor + global, window 40 + bfloat16": ["+pruning=cubic"],
+    # the former default's history (every step, float32) rerun now, beside the rows above: a control
+    "pat cubic taylor + global, every step + float32 (rerun)": ["+pruning=cubic"],
     "pat cubic taylor + global + rewind 300": ["+pruning=cubic", "pruning.rewind_step=300"],
     "pat odd/even": ["+pruning=odd_even"],
     "pat rigl": ["+pruning=rigl"],
@@ -41,6 +47,11 @@ OURS: dict[str, list[str]] = {
     "pat static random": ["+pruning=static"],
     "one-shot magnitude, no fine-tune": ["+pruning=one_shot", "pruning.start_fraction=1.0"],
     "one-shot magnitude + fine-tune": ["+pruning=one_shot", "pruning.start_fraction=0.5"],
+}
+WINDOWED = {  # rows run with bench/window_wiring.install(window)
+    "pat cubic taylor + global, window 20 + bfloat16": 20,
+    "pat cubic taylor + global, window 40 + bfloat16": 40,
+    "pat cubic taylor + global, every step + float32 (rerun)": None,
 }
 PEERS = ("Lightning ModelPruning (cubic amounts)", "rigl-torch RigL")
 # torch.ao.pruning's WeightNormSparsifier raises on Conv1d/Conv2d weights ("shape '[1, 1, 125]' is invalid for input
@@ -60,6 +71,12 @@ def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict
     from pat_callbacks.app.run import CONF_DIR, run_training
 
     register_configs()
+    from bench.window_wiring import install, uninstall
+
+    if method in WINDOWED:
+        install(WINDOWED[method], every_step_float32=WINDOWED[method] is None)
+    else:
+        uninstall()  # a pool's worker runs several rows
     overrides = [f"seed={seed}", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false", "~logger"]
     overrides += [f"model={model}", "num_threads=1", "~callbacks.checkpoint"]
     start = time.perf_counter()
@@ -105,7 +122,7 @@ def job(method: str, model: str, sparsity: float, seed: int, steps: int) -> dict
 def plan(args: argparse.Namespace) -> list[tuple[str, str, float, int, int]]:
     jobs = [("dense", "convbase", 0.0, seed, args.steps) for seed in range(args.seeds)]
     for sparsity in args.sparsities:
-        for method in [*OURS, *PEERS]:
+        for method in args.methods or [*OURS, *PEERS]:
             jobs += [(method, "convbase", sparsity, seed, args.steps) for seed in range(args.seeds)]
     if args.wide:
         jobs += [("dense", "convbase_wide", 0.0, seed, args.steps) for seed in range(args.seeds)]
@@ -205,6 +222,7 @@ def main() -> None:
     parser.add_argument("--no-wide", dest="wide", action="store_false", help="skip the 4x-wider ConvBase")
     parser.add_argument("--quick", action="store_true", help="1 seed, sparsities 0.8 0.9, 2,000 steps, no wide")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--methods", nargs="+", choices=[*OURS, *PEERS], help="only these rows (and dense)")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.sparsities, args.steps, args.wide = 1, [0.8, 0.9], 2000, False

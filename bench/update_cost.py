@@ -5,7 +5,9 @@
   temporaries, a new count tensor per step), :meth:`Criterion.accumulate` now (one temporary, in place) and
   :meth:`Criterion.accumulate_many` (multi-tensor kernels over every parameter);
 - ``selection``: ``Pruner.prune_to`` 0.7 -> 0.8 (uniform, global) and RigL's ``regrow(0.3)`` under the host
-  strategy (the CPU's) and the device strategy (the GPU's, forced here), with one ``abs()`` pass as the unit.
+  strategy (the CPU's) and the device strategy (the GPU's, forced here), with one ``abs()`` pass as the unit;
+- ``regrowth``: ``regrow(0.3)`` (rigl, set) from one selection per layer now vs the two streamed selections before;
+- ``history dtype``: one step of ``Scorer.accumulate`` (taylor, fisher) into a float32 vs a bfloat16 history.
 
     python bench/update_cost.py                 # -> bench/results/update_cost.{md,csv}
     python bench/update_cost.py --width 512 --repeats 5
@@ -165,6 +167,84 @@ def selection_rows(width: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def regrowth_rows(width: int, repeats: int) -> list[dict[str, Any]]:
+    """``regrow(0.3)`` at 80% sparsity: one selection per layer (now) vs a drop and a grow selection (before)."""
+    from pat_callbacks import Pruner
+    from pat_callbacks.core import regrowth
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(4)])
+    generator = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=generator) for p in reference.parameters()]
+    limit = regrowth._ONE_SELECTION_LIMIT
+    rows = []
+    for rule in ("rigl", "set"):
+        times: dict[str, list[float]] = {"before": [], "now": []}
+        masks: dict[str, dict[str, torch.Tensor]] = {}
+        for round_ in range(repeats):
+            for variant in ("before", "now") if round_ % 2 == 0 else ("now", "before"):
+                model = _copy(reference)
+                pruner = Pruner(model)
+                pruner.prune_to(0.8)
+                for p, g in zip(model.parameters(), grads, strict=True):
+                    p.grad = g.clone()
+                regrowth._ONE_SELECTION_LIMIT = 0 if variant == "before" else limit
+                try:
+                    start = clock()
+                    pruner.regrow(0.3, rule, generator=torch.Generator().manual_seed(round_))
+                    times[variant].append(clock() - start)
+                finally:
+                    regrowth._ONE_SELECTION_LIMIT = limit
+                masks[variant] = {n: m.clone() for n, m in pruner.masks.items()}
+        before, now = statistics.median(times["before"]), statistics.median(times["now"])
+        rows.append(
+            {
+                "part": "regrowth",
+                "name": rule,
+                "before_ms": round(1e3 * before, 2),
+                "now_ms": round(1e3 * now, 2),
+                "now_over_before": round(now / before, 3),
+                "same_numbers": all(torch.equal(masks["before"][n], masks["now"][n]) for n in masks["now"]),
+            }
+        )
+    return rows
+
+
+def history_dtype_rows(width: int, repeats: int) -> list[dict[str, Any]]:
+    """One step's ``Scorer.accumulate`` into an existing float32 (before) vs bfloat16 (now) history."""
+    from pat_callbacks.core.criteria import get_criterion
+    from pat_callbacks.core.scoring import Scorer
+
+    generator = torch.Generator().manual_seed(0)
+    params = {f"{i}": nn.Parameter(torch.randn(width, width, generator=generator)) for i in range(4)}
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=generator)
+    rows = []
+    for name in ("taylor", "fisher"):
+        scorers = {
+            label: Scorer(get_criterion(name), params, history_dtype=dtype)
+            for label, dtype in (("before", "float32"), ("now", "bfloat16"))
+        }
+        for scorer in scorers.values():
+            scorer.accumulate()  # the history exists: the timed steps add to it in place
+        medians = interleaved({label: scorer.accumulate for label, scorer in scorers.items()}, repeats)
+        history_bytes = {
+            label: sum(t.numel() * t.element_size() for s in scorer.state.values() for t in s.values())
+            for label, scorer in scorers.items()
+        }
+        rows.append(
+            {
+                "part": "history dtype",
+                "name": name,
+                "before_ms": round(1e3 * medians["before"], 3),
+                "now_ms": round(1e3 * medians["now"], 3),
+                "now_over_before": round(medians["now"] / medians["before"], 3),
+                "same_numbers": round(history_bytes["now"] / history_bytes["before"], 3),
+            }
+        )
+    return rows
+
+
 def _copy(model: nn.Module) -> nn.Module:
     import copy
 
@@ -194,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = history_rows(args.width, args.repeats) + selection_rows(args.width, max(3, args.repeats // 4))
+    rows += regrowth_rows(args.width, max(3, args.repeats // 4)) + history_dtype_rows(args.width, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "update_cost.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -234,6 +315,30 @@ def main(argv: list[str] | None = None) -> None:
         f"{r['device_passes']} | {r['same_numbers']} |"
         for r in rows
         if r["part"] == "selection"
+    ]
+    lines += [
+        "",
+        "## Drop and grow: one selection per layer (now) vs a drop and a grow selection (before)",
+        "",
+        "| regrowth | before ms | now ms | now / before | same masks |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['before_ms']} | {r['now_ms']} | {r['now_over_before']} | {r['same_numbers']} |"
+        for r in rows
+        if r["part"] == "regrowth"
+    ]
+    lines += [
+        "",
+        "## One step of Scorer.accumulate into a float32 (before) vs a bfloat16 (now) history",
+        "",
+        "| criterion | float32 ms | bfloat16 ms | bfloat16 / float32 | history bytes bfloat16 / float32 |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['before_ms']} | {r['now_ms']} | {r['now_over_before']} | {r['same_numbers']} |"
+        for r in rows
+        if r["part"] == "history dtype"
     ]
     (args.out / "update_cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

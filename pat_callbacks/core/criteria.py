@@ -5,8 +5,11 @@ Higher score = keep. A criterion never sees the step or the target sparsity: it 
 Criteria that need gradients read the *real* training gradients: the callback calls :meth:`Criterion.accumulate`
 once per optimizer step (in ``on_before_optimizer_step``, before gradients are masked) while pruning is under
 way, so no extra forward or backward pass is ever run. History lives in a per-parameter ``state`` dict of
-tensors that the callback owns and checkpoints. Memory: one float32 buffer the size of the parameter for
-``taylor``, ``movement`` and ``fisher`` (plus a scalar step count); none for ``magnitude`` and ``random``.
+tensors that the callback owns and checkpoints. Memory: one buffer the size of the parameter for ``taylor``,
+``movement`` and ``fisher`` (plus a scalar step count); none for ``magnitude`` and ``random``. A criterion makes
+its history in float32 and adds to an existing one in place in the dtype it has: the
+:class:`~pat_callbacks.core.scoring.Scorer` keeps the histories averaged since the last update in bfloat16 and
+fills them only over a window of steps before each update (see :mod:`pat_callbacks.core.scoring`).
 
 | name | score | history |
 |---|---|---|
@@ -216,7 +219,7 @@ class TaylorCriterion(Criterion):
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         if "sum" in state:
-            return state["sum"] / state["count"]
+            return state["sum"].float() / state["count"]  # float32 scores from a bfloat16 history too
         if grad is None:
             raise ValueError("criterion='taylor' needs a gradient or accumulated history, but got neither")
         return (param.detach() * grad.detach()).abs().float()
@@ -300,7 +303,7 @@ class FisherCriterion(Criterion):
 
     def score(self, param: Tensor, grad: Tensor | None, state: dict[str, Tensor]) -> Tensor:
         if "sum_sq_grad" in state:
-            mean_sq = state["sum_sq_grad"] / state["count"]
+            mean_sq = state["sum_sq_grad"].float() / state["count"]
         elif grad is not None:
             mean_sq = grad.detach().float().square()
         else:

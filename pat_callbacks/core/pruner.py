@@ -103,7 +103,13 @@ class Pruner(MaskStore):
         self.criterion: Criterion = self.options.criterion  # type: ignore[assignment]
         frozen = [name for name, param in params.items() if not param.requires_grad]
         super().__init__(params)
-        self.scorer = Scorer(self.criterion, self.params, self.group)
+        self.scorer = Scorer(
+            self.criterion,
+            self.params,
+            self.group,
+            window=self.options.accumulate_window,
+            history_dtype=self.options.history_dtype,
+        )
         if frozen and self.criterion.needs_grad:
             raise ValueError(
                 f"criterion={self.scorer.name!r} reads gradients, but {frozen} are frozen (requires_grad=False) and "
@@ -131,12 +137,33 @@ class Pruner(MaskStore):
         return self.scorer.name
 
     # ------------------------------------------------------------------ scoring
-    def accumulate(self) -> None:
+    def accumulate(self, step: int | None = None, next_update: int | None = None) -> None:
         """Add this step's weights and dense gradients to the criterion's history (no-op without history).
 
-        Call after ``backward`` and before :meth:`mask_grads`, while pruning is under way.
+        Call after ``backward`` and before :meth:`mask_grads`, while pruning is under way. Given the ``step`` and
+        the ``next_update`` step, criteria averaged since the last update accumulate only over the
+        ``accumulate_window`` steps up to ``next_update`` (see :meth:`accumulates_at`); without them, every call.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> layer = nn.Linear(4, 2)
+            >>> pruner = Pruner(layer, criterion="taylor", accumulate_window=2)
+            >>> layer.weight.grad = torch.ones(2, 4)
+            >>> for step in (7, 8, 9, 10):
+            ...     pruner.accumulate(step, next_update=10)  # steps 9 and 10 only
+            >>> int(pruner.criterion_state["weight"]["count"])
+            2
+            >>> pruner.accumulate()  # no step given: every call
+            >>> int(pruner.criterion_state["weight"]["count"])
+            3
         """
-        self.scorer.accumulate()
+        self.scorer.accumulate(step, next_update)
+
+    def accumulates_at(self, step: int, next_update: int | None) -> bool:
+        """Whether :meth:`accumulate` at ``step`` adds to the history, the next update being at ``next_update``
+        (``None``: unknown, every step): a pure check, for a caller that skips the call altogether."""
+        return self.scorer.accumulates_at(step, next_update)
 
     def scores(self) -> dict[str, Tensor]:
         """Importance of every entry of every pruned parameter (higher = keep); this rank's rows when sharded."""
@@ -256,17 +283,18 @@ class Pruner(MaskStore):
     def regrow(
         self,
         drop_fraction: float,
-        method: str = "rigl",
+        regrowth: str = "rigl",
         *,
         generator: torch.Generator | None = None,
         optimizers: Iterable[torch.optim.Optimizer] = (),
         step: int | None = None,
+        method: str | None = None,
     ) -> dict[str, float] | None:
         """Swap ``drop_fraction`` of each masked layer's active weights for inactive ones (see
         :func:`~pat_callbacks.core.regrowth.swapped_entries`): drop the lowest |w|, regrow by dense-gradient
-        magnitude (``"rigl"``) or at random (``"set"``). Regrown entries restart at zero with zeroed optimizer state;
-        each layer's count is unchanged. Returns metrics, or ``None`` (with a warning) if weights or gradients are
-        not finite.
+        magnitude (``regrowth="rigl"``) or at random (``"set"``). Regrown entries restart at zero with zeroed
+        optimizer state; each layer's count is unchanged. Returns metrics, or ``None`` (with a warning) if weights or
+        gradients are not finite. ``method``: the former name of ``regrowth`` (deprecated).
 
         Example:
             >>> from torch import nn
@@ -277,17 +305,18 @@ class Pruner(MaskStore):
             >>> metrics["pruning/regrown"], metrics["pruning/dropped"], pruner.sparsity()
             (8.0, 8.0, 0.5)
         """
-        check_choice("method", method, GROWTH_METHODS)
+        regrowth, key = renamed("method", method, "regrowth", regrowth, "rigl")
+        check_choice(key, regrowth, GROWTH_METHODS)
         if not self.options.pattern.allows_regrowth:  # type: ignore[union-attr]
             raise ValueError(f"regrowth would break the {self.options.pattern!r} pattern")
         inputs: dict[str, Tensor | None] = {name: local(p) for name, p in self.params.items()}
-        if method == "rigl":
+        if regrowth == "rigl":
             inputs.update(
                 {f"{name} (grad)": None if p.grad is None else local(p.grad) for name, p in self.params.items()}
             )
         if not self.all_finite(inputs, step):
             return None
-        return regrow_in_place(self, drop_fraction, method, generator, optimizers)
+        return regrow_in_place(self, drop_fraction, regrowth, generator, optimizers)
 
     def to_devices(self) -> None:
         """Move masks and criterion history to their parameters' devices (after the model moved)."""

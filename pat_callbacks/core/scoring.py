@@ -6,6 +6,14 @@ keeps the history criteria such as Taylor or movement accumulate, and offers a l
 :class:`~pat_callbacks.core.selection.ScoredLayer` scored slice by slice (elementwise criteria), so an update never
 holds every layer's scores at once.
 
+**Where history is kept.** Criteria averaged since the last update (``resets_after_update``: Taylor, Fisher) only
+need the steps just before an update: given the step and the next update step, :meth:`Scorer.accumulate` adds to the
+history only over the last ``window`` steps up to and including the update step (:func:`in_window`), so the other
+steps cost nothing, and their history is kept in ``history_dtype`` (``PruningOptions`` default: bfloat16, half the
+bytes of float32; 99.9% of the mask entries it chooses equal a float32 history's, ``bench/history_precision.py``).
+Without a step (a plain loop that calls ``accumulate()`` every step) every call accumulates, as before. Criteria whose
+history spans the whole run (movement) accumulate at every call, in float32.
+
 Example:
     >>> import torch
     >>> from pat_callbacks.core.criteria import get_criterion
@@ -20,13 +28,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from pat_callbacks.core._validation import check_int
 from pat_callbacks.core.criteria import Criterion
 from pat_callbacks.core.selection import ScoredLayer
 from pat_callbacks.core.sharding import gather_full, local, local_rows
 
-__all__ = ["Scorer"]
+__all__ = ["HISTORY_DTYPES", "Scorer", "in_window"]
+
+HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The dtypes a history averaged since the last update may be kept in, by name."""
+
+
+def in_window(step: int, next_update: int, window: int | None) -> bool:
+    """Whether a history of the last ``window`` steps before ``next_update`` takes ``step``: the steps
+    ``next_update - window + 1`` to ``next_update`` (an update step accumulates, then scores). ``None``: every step.
+
+    Example:
+        >>> [step for step in range(95, 105) if in_window(step, 100, 3)]
+        [98, 99, 100]
+        >>> in_window(5, 100, None)
+        True
+    """
+    return window is None or next_update - window < step <= next_update
 
 
 class Scorer:
@@ -36,6 +62,10 @@ class Scorer:
         criterion: the importance criterion.
         params: ``{name: parameter}`` scored (local shards when sharded).
         group: the shard group of sharded (FSDP2) parameters: checkpoints hold whole history tensors.
+        window: the steps before each update whose gradients a criterion averaged since the last update reads
+            (``None``: every step since the last update); applies where :meth:`accumulate` is given the steps.
+        history_dtype: ``"bfloat16"`` or ``"float32"``, the dtype of a history averaged since the last update
+            (a history over the whole run, such as movement's, stays float32).
 
     Example:
         >>> import torch
@@ -48,10 +78,22 @@ class Scorer:
         tensor([0.5000, 1.0000])
     """
 
-    def __init__(self, criterion: Criterion, params: Mapping[str, nn.Parameter], group: Any = None) -> None:
+    def __init__(
+        self,
+        criterion: Criterion,
+        params: Mapping[str, nn.Parameter],
+        group: Any = None,
+        window: int | None = None,
+        history_dtype: str = "float32",
+    ) -> None:
         self.criterion = criterion
         self.params = params
         self.group = group
+        self.window = None if window is None else check_int("accumulate_window", window, minimum=1)
+        if history_dtype not in HISTORY_DTYPES:
+            raise ValueError(f"Unknown `history_dtype` {history_dtype!r}; expected one of: 'bfloat16', 'float32'")
+        # a history over the whole run sums thousands of steps: float32 keeps their small terms
+        self.dtype = HISTORY_DTYPES[history_dtype] if criterion.resets_after_update else torch.float32
         self.state: dict[str, dict[str, Tensor]] = {}  # per parameter: the criterion's history tensors
 
     @property
@@ -59,16 +101,54 @@ class Scorer:
         """The criterion's name, for messages and reports."""
         return self.criterion.name or type(self.criterion).__name__
 
-    def accumulate(self) -> None:
-        """Add this step's weights and dense gradients to the criterion's history (no-op without history)."""
+    def accumulates_at(self, step: int, next_update: int | None) -> bool:
+        """Whether :meth:`accumulate` at ``step`` adds to the history, the next update being at ``next_update``
+        (``None``: none known, every step is taken): always for a history over the whole run, else
+        :func:`in_window`; never for a criterion without history.
+
+        Example:
+            >>> import torch
+            >>> from pat_callbacks.core.criteria import get_criterion
+            >>> weight = torch.nn.Parameter(torch.ones(2))
+            >>> scorer = Scorer(get_criterion("taylor"), {"w": weight}, window=2)
+            >>> [step for step in range(0, 12) if scorer.accumulates_at(step, 10)]
+            [9, 10]
+        """
         if not self.criterion.needs_history:
+            return False
+        if next_update is None or not self.criterion.resets_after_update:
+            return True
+        return in_window(step, next_update, self.window)
+
+    def accumulate(self, step: int | None = None, next_update: int | None = None) -> None:
+        """Add this step's weights and dense gradients to the criterion's history, if :meth:`accumulates_at` says
+        so (without ``step``: every call). New history tensors are kept in the history's dtype; existing ones are
+        added to in place.
+
+        Example:
+            >>> import torch
+            >>> from pat_callbacks.core.criteria import get_criterion
+            >>> weight = torch.nn.Parameter(torch.ones(2))
+            >>> weight.grad = torch.tensor([1.0, -2.0])
+            >>> scorer = Scorer(get_criterion("fisher"), {"w": weight}, window=1, history_dtype="bfloat16")
+            >>> scorer.accumulate(8, next_update=10)  # outside the window: nothing
+            >>> scorer.accumulate(10, next_update=10)
+            >>> scorer.state["w"]["sum_sq_grad"], scorer.state["w"]["count"]
+            (tensor([1., 4.], dtype=torch.bfloat16), tensor(1.))
+        """
+        if not self.criterion.needs_history or (step is not None and not self.accumulates_at(step, next_update)):
             return
         names = [name for name, param in self.params.items() if param.grad is not None]
+        fresh = [name for name in names if not self.state.get(name)]
         self.criterion.accumulate_many(  # a few multi-tensor kernels per step for the gradient criteria
             [local(self.params[n]) for n in names],
             [local(self.params[n].grad) for n in names],
             [self.state.setdefault(n, {}) for n in names],
         )
+        if self.dtype != torch.float32:
+            for name in fresh:  # a new history: its per-entry tensors in the history's dtype from now on
+                values = self.state[name]
+                values.update({key: v.to(self.dtype) for key, v in values.items() if v.dim() and v.is_floating_point()})
 
     def score(self, name: str) -> Tensor:
         """The scores of every entry of ``name`` (this rank's rows when sharded)."""
