@@ -142,7 +142,7 @@ def variants() -> dict[str, Callable[[], list[Callback]]]:
             )
         ],
         "pat DynamicSparseTraining (rigl)": lambda: [
-            DynamicSparseTraining(sparsity=0.9, method="rigl", update_every=UPDATE_EVERY, stop_step=100_000)
+            DynamicSparseTraining(sparsity=0.9, regrowth="rigl", update_every=UPDATE_EVERY, end_step=100_000)
         ],
         "Lightning ModelPruning (l1_unstructured)": lambda: [
             ModelPruning("l1_unstructured", amount=lambda epoch: 0.5 if epoch == 0 else 0.0, verbose=0)

@@ -28,8 +28,8 @@ RUNS: dict[str, Callable[[], PruningCallback]] = {
     "taylor_global": lambda: GradualPruning(
         final_sparsity=0.8, start_step=5, end_step=60, update_every=10, criterion="taylor", allocation="global"
     ),
-    "rigl": lambda: DynamicSparseTraining(sparsity=0.8, method="rigl", update_every=10, stop_step=60),
-    "set": lambda: DynamicSparseTraining(sparsity=0.8, method="set", update_every=10, stop_step=60, seed=3),
+    "rigl": lambda: DynamicSparseTraining(sparsity=0.8, regrowth="rigl", update_every=10, end_step=60),
+    "set": lambda: DynamicSparseTraining(sparsity=0.8, regrowth="set", update_every=10, end_step=60, seed=3),
 }
 # Where each run is interrupted: step 23 lies in an odd/even recover phase (15..24), between DST updates, and for
 # Taylor mid-accumulation (updates at 15 and 25: the checkpoint holds the history of steps 16..22, so a resume that

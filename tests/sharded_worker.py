@@ -35,7 +35,7 @@ CASES: dict[str, Callable[[], PruningCallback]] = {
         final_sparsity=0.8, start_step=0, end_step=12, update_every=3, criterion="taylor", allocation="global"
     ),
     "two_four": lambda: GradualPruning(pattern="2:4", start_step=0, end_step=12, update_every=3, exclude="net.4.*"),
-    "rigl": lambda: DynamicSparseTraining(sparsity=0.8, method="rigl", update_every=3, stop_step=12),
+    "rigl": lambda: DynamicSparseTraining(sparsity=0.8, regrowth="rigl", update_every=3, end_step=12),
     "distill": lambda: GradualPruning(  # as "uniform", with Distillation from the dense start (EXTRA_CALLBACKS)
         sparsity=0.8, criterion="magnitude", allocation="uniform", start_step=0, end_step=12, update_every=3
     ),

@@ -129,12 +129,13 @@ class DynamicSparseTrainingConf(_CommonPruningConf):
 
     Example:
         >>> from omegaconf import OmegaConf
-        >>> OmegaConf.structured(DynamicSparseTrainingConf).method
+        >>> OmegaConf.structured(DynamicSparseTrainingConf).regrowth
         'rigl'"""
 
     _target_: str = "pat_callbacks.DynamicSparseTraining"
     sparsity: float = 0.9
-    method: str = "rigl"
+    regrowth: str = "rigl"
+    method: Optional[str] = None  # the former name of regrowth
     update_every: int = 100
     drop_fraction: float = 0.3
     decay: str = "cosine"

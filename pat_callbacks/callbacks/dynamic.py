@@ -1,7 +1,7 @@
 """DynamicSparseTraining: sparse from the first step, with connectivity that moves (RigL, SET) or not (static).
 
 Example:
-    >>> dst = DynamicSparseTraining(sparsity=0.9, method="rigl", update_every=100, drop_fraction=0.3,
+    >>> dst = DynamicSparseTraining(sparsity=0.9, regrowth="rigl", update_every=100, drop_fraction=0.3,
     ...                             end_fraction=0.75, allocation="erk")
     >>> dst.method_name, dst.final_sparsity
     ('rigl/erk', 0.9)
@@ -43,7 +43,8 @@ class DynamicSparseTraining(PruningCallback):
 
     Args:
         sparsity: the constant overall sparsity, in [0, 1).
-        method: ``"rigl"``, ``"set"`` or ``"static"``.
+        regrowth: how weights grow back: ``"rigl"``, ``"set"`` or ``"static"`` (formerly ``method``, still accepted
+            with a DeprecationWarning; ``method`` names a one-shot algorithm only).
         update_every: optimizer steps between connectivity updates.
         drop_fraction: ``f(0)``, the fraction of active weights swapped at the first update, in [0, 1].
         decay: how ``f(t)`` decays to 0 at the end step: ``"cosine"`` (RigL), ``"linear"``, ``"constant"``.
@@ -58,19 +59,20 @@ class DynamicSparseTraining(PruningCallback):
         remask_weights, log_per_layer, prog_bar, verbose: see :class:`~pat_callbacks.callbacks.base.PruningCallback`.
 
     Example:
-        >>> DynamicSparseTraining(sparsity=0.8, method="set", end_step=1000).method_name
+        >>> DynamicSparseTraining(sparsity=0.8, regrowth="set", end_step=1000).method_name
         'set/erk'
-        >>> DynamicSparseTraining(sparsity=0.8, method="deepr")
+        >>> DynamicSparseTraining(sparsity=0.8, regrowth="deepr")
         Traceback (most recent call last):
         ...
-        ValueError: Unknown `method` 'deepr'; expected one of: 'rigl', 'set', 'static'
+        ValueError: Unknown `regrowth` 'deepr'; expected one of: 'rigl', 'set', 'static'
     """
 
     def __init__(
         self,
         sparsity: float = 0.9,
-        method: str = "rigl",
+        regrowth: str = "rigl",
         *,
+        method: str | None = None,
         update_every: int = 100,
         drop_fraction: float = 0.3,
         decay: str = "cosine",
@@ -108,7 +110,8 @@ class DynamicSparseTraining(PruningCallback):
         )
         self.allocation = allocation
         self.final_sparsity = check_fraction("sparsity", sparsity)
-        self.method = check_choice("method", method, DST_METHODS)
+        regrowth, regrowth_key = renamed("method", method, "regrowth", regrowth, "rigl")
+        self.regrowth = check_choice(regrowth_key, regrowth, DST_METHODS)
         self.update_every = check_int("update_every", update_every, minimum=1)
         self.drop_fraction = check_fraction("drop_fraction", drop_fraction, allow_one=True)
         self.decay = check_choice("decay", decay, DECAYS)
@@ -138,11 +141,11 @@ class DynamicSparseTraining(PruningCallback):
     @property
     def method_name(self) -> str:
         """``method/allocation``, e.g. ``rigl/erk`` (for reports and metrics.json)."""
-        return f"{self.method}/{self.allocation}"
+        return f"{self.regrowth}/{self.allocation}"
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(sparsity=self.final_sparsity, method=self.method)
+        return self._generate_state_key(sparsity=self.final_sparsity, method=self.regrowth)  # key kept: old checkpoints
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -188,14 +191,14 @@ class DynamicSparseTraining(PruningCallback):
 
     @override
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
-        if self.method == "static" or step == 0 or step % self.update_every:
+        if self.regrowth == "static" or step == 0 or step % self.update_every:
             return False
         end = self._resolved_end_step if self._resolved_end_step is not None else 0
         fraction = update_fraction(step, self.drop_fraction, end, self.decay)
         if fraction == 0.0:
             return False
         metrics = self._require_pruner().regrow(
-            fraction, self.method, generator=self.rng.generator, optimizers=trainer.optimizers, step=step
+            fraction, self.regrowth, generator=self.rng.generator, optimizers=trainer.optimizers, step=step
         )
         if metrics is None:
             return False

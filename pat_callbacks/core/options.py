@@ -34,10 +34,11 @@ from pat_callbacks.core.targets import normalize_patterns, select_parameters
 __all__ = ["ACCUMULATE_WINDOW", "PruningOptions"]
 
 ACCUMULATE_WINDOW = 40
-"""The default ``accumulate_window``: Taylor and Fisher scores read the 40 steps before each update. Measured by
-``bench/accuracy.py`` (MNIST-1D ConvBase, updates every 100 steps, 3 seeds): 86.6 +- 0.5 % at 0.9 and 72.6 +- 4.4 at
-0.95, against 86.7 +- 0.9 and 69.3 +- 2.5 for every step in float32 rerun beside it; 20 steps gave 86.0 +- 1.1 and
-70.4 +- 4.6 (``bench/results/accuracy.md``)."""
+"""The window measured to lose nothing (not yet the default): Taylor and Fisher scores reading the 40 steps before
+each update reached, by ``bench/accuracy.py`` (MNIST-1D ConvBase, updates every 100 steps, 3 seeds), 86.6 +- 0.5 % at
+0.9 and 72.6 +- 4.4 at 0.95, against 86.7 +- 0.9 and 69.3 +- 2.5 for every step in float32 rerun beside it; 20 steps
+gave 86.0 +- 1.1 and 70.4 +- 4.6 (``bench/results/accuracy.md``). The default stays ``None`` (every step, float32)
+until the callbacks pass the next update step to ``accumulate`` and the README's numbers are re-run with it."""
 
 
 @dataclass
@@ -60,9 +61,11 @@ class PruningOptions:
         allow_vectors: let ``include`` select norm gains and biases (refused by default: rarely intended).
         accumulate_window: the steps before each update (the update step included) whose weights and gradients
             a criterion averaged since the last update (``taylor``, ``fisher``) accumulates, where the caller passes
-            the step and the next update step to ``accumulate`` (the callbacks do); ``None``: every step since the
-            last update. A plain loop calling ``accumulate()`` without steps accumulates every call.
-        history_dtype: ``"bfloat16"`` (half the bytes) or ``"float32"``: the dtype of those criteria's history
+            the step and the next update step to ``accumulate``; ``None`` (default): every step since the last update
+            (:data:`ACCUMULATE_WINDOW` is the window measured to lose nothing). A plain loop calling ``accumulate()``
+            without steps accumulates every call.
+        history_dtype: ``"float32"`` (default) or ``"bfloat16"`` (half the bytes; 99.9% of the same mask entries,
+            ``bench/history_precision.py``): the dtype of those criteria's history
             (movement's, summed over the whole run, stays float32).
 
     Example:
@@ -85,8 +88,8 @@ class PruningOptions:
     min_sparsity: float = 0.0
     max_sparsity: float = 1.0
     allow_vectors: bool = False
-    accumulate_window: int | None = ACCUMULATE_WINDOW
-    history_dtype: str = "bfloat16"
+    accumulate_window: int | None = None
+    history_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.include is not None and not isinstance(self.include, str) and len(tuple(self.include)) == 0:

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from pat_callbacks.core._validation import check_choice, renamed
-from pat_callbacks.core.selection import ScoredLayer, ordered_keys, select_lowest_kept, sum_over_ranks
+from pat_callbacks.core.radix import signed_keys
+from pat_callbacks.core.selection import ScoredLayer, select_lowest_kept, sum_over_ranks
 from pat_callbacks.core.sharding import local
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ def _one_selection(active: Tensor, drop_key: Tensor, grow_key: Tensor, n_active:
     numel = active.numel()
     first_band_active = n_active <= numel - n_active  # the smaller group first: fewer keys to sort
     scores = torch.where(active, drop_key, grow_key)
-    keys = ordered_keys(scores).to(torch.int64).bitwise_and_(0xFFFFFFFF).bitwise_left_shift_(_INDEX_BITS)
+    keys = (signed_keys(scores).to(torch.int64) + 2**31).bitwise_left_shift_(_INDEX_BITS)  # unsigned float order
     keys.bitwise_or_(torch.arange(numel, device=active.device))
     second_band = ~active if first_band_active else active
     keys.bitwise_or_(second_band.to(torch.int64).bitwise_left_shift_(61))

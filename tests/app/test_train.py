@@ -184,14 +184,15 @@ def test_two_units_for_one_bound_are_refused_naming_both_and_how_to_drop_one():
         _pruning_from(["+pruning=cubic", "pruning.start_step=5", "pruning.start_fraction=0.2"])
 
 
-def test_a_window_with_fewer_than_three_updates_is_warned_about_with_a_suggestion(tmp_path):
-    # trainer=tiny (30 steps here) with the shipped update_every=100: the cubic ramp would be one jump.
+def test_a_short_run_gets_about_ten_updates_and_an_explicit_coarse_interval_is_warned_about(tmp_path):
+    # trainer=tiny (30 steps here): the shipped config leaves update_every unset, so the window (steps 2 to 20) gets
+    # about 10 updates and no warning; an explicit update_every=100 would make the cubic ramp one jump: warned.
     cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic"]), tmp_path)
-    with pytest.warns(UserWarning, match=r"window \(steps 2 to 20\).*update_every=100.*single jump.*update_every=1 "):
-        run_training(cfg, output_dir=tmp_path)
-    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "pruning.update_every=3"]), tmp_path)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*mask update.*")
+        run_training(cfg, output_dir=tmp_path)
+    cfg = _without_hydra_paths(_compose([*TINY, "+pruning=cubic", "pruning.update_every=100"]), tmp_path)
+    with pytest.warns(UserWarning, match=r"window \(steps 2 to 20\).*update_every=100.*single jump.*update_every=1 "):
         run_training(cfg, output_dir=tmp_path)
 
 

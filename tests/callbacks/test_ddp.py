@@ -58,7 +58,7 @@ PRUNERS: dict[str, Any] = {
     "taylor_local_batches": lambda: GradualPruning(
         final_sparsity=0.8, start_step=0, end_step=20, update_every=5, criterion="taylor", allocation="global"
     ),
-    "set_random_regrowth": lambda: DynamicSparseTraining(sparsity=0.8, method="set", update_every=5, stop_step=20),
+    "set_random_regrowth": lambda: DynamicSparseTraining(sparsity=0.8, regrowth="set", update_every=5, end_step=20),
 }
 
 

@@ -40,7 +40,7 @@ class MaskHistory(Callback):
 
 
 def _dst(**kwargs) -> DynamicSparseTraining:
-    options = {"sparsity": 0.8, "method": "rigl", "update_every": 10, "drop_fraction": 0.3, "stop_step": 50}
+    options = {"sparsity": 0.8, "regrowth": "rigl", "update_every": 10, "drop_fraction": 0.3, "end_step": 50}
     options.update(kwargs)
     return DynamicSparseTraining(**options)
 
@@ -48,7 +48,7 @@ def _dst(**kwargs) -> DynamicSparseTraining:
 @pytest.mark.parametrize("method", ["rigl", "set"])
 @pytest.mark.parametrize("allocation", ["erk", "uniform"])
 def test_sparsity_is_constant_per_layer_and_drops_equal_regrowths(fit, method, allocation):
-    dst = _dst(method=method, allocation=allocation)
+    dst = _dst(regrowth=method, allocation=allocation)
     history = MaskHistory(dst)
     fit([dst, history], module=make_module(optimizer="adam"))
     steps = sorted(history.masks)
@@ -74,7 +74,7 @@ def test_sparsity_is_constant_per_layer_and_drops_equal_regrowths(fit, method, a
 
 
 def test_static_mask_never_changes_and_weights_stay_zero(fit):
-    dst = _dst(method="static")
+    dst = _dst(regrowth="static")
     history = MaskHistory(dst)
     _trainer, _module = fit([dst, history])
     first = history.masks[-1]
@@ -84,7 +84,7 @@ def test_static_mask_never_changes_and_weights_stay_zero(fit):
 
 
 def test_sgd_momentum_buffers_of_regrown_weights_are_zero(fit):
-    dst = _dst(method="set")
+    dst = _dst(regrowth="set")
     history = MaskHistory(dst)
     fit([dst, history], module=make_module(optimizer="sgd", lr=0.05))
     assert history.regrown_checks > 0
@@ -93,18 +93,18 @@ def test_sgd_momentum_buffers_of_regrown_weights_are_zero(fit):
 def test_same_seed_gives_identical_masks(fit):
     runs = []
     for _ in range(2):
-        dst = _dst(method="set", seed=7)
+        dst = _dst(regrowth="set", seed=7)
         fit([dst], module=make_module(seed=1))
         runs.append({k: v.clone() for k, v in dst.store.masks.items()})
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    dst = _dst(method="set", seed=8)
+    dst = _dst(regrowth="set", seed=8)
     fit([dst], module=make_module(seed=1))
     assert any(not torch.equal(runs[0][k], dst.store.masks[k]) for k in runs[0])
 
 
 @pytest.mark.parametrize("method", ["set", "rigl"])
 def test_resume_between_updates_gives_the_same_masks(tmp_path, digits, method):
-    kwargs = {"method": method, "stop_step": 60, "update_every": 10}
+    kwargs = {"regrowth": method, "end_step": 60, "update_every": 10}
     full = _dst(**kwargs)
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{step}")
     trainer = make_trainer(tmp_path, [full, every_epoch], max_steps=69, enable_checkpointing=True)
@@ -125,7 +125,7 @@ def test_resume_between_updates_gives_the_same_masks(tmp_path, digits, method):
     ("kwargs", "message"),
     [
         ({"sparsity": 1.0}, "`sparsity` to be a float in [0, 1), but got 1.0"),
-        ({"method": "snip"}, "Unknown `method` 'snip'; expected one of: 'rigl', 'set', 'static'"),
+        ({"regrowth": "snip"}, "Unknown `regrowth` 'snip'; expected one of: 'rigl', 'set', 'static'"),
         ({"drop_fraction": 1.5}, "`drop_fraction` to be a float in [0, 1], but got 1.5"),
         ({"update_every": 0}, "`update_every` to be an integer >= 1, but got 0"),
         ({"decay": "cos"}, "Unknown `decay` 'cos'"),
@@ -162,9 +162,17 @@ def test_end_step_and_end_fraction_are_the_window_words_and_the_former_names_sti
 def test_non_finite_gradients_skip_the_rigl_update(fit):
     from tests.callbacks.test_gradual import GradientCorruptor, GradientRepair
 
-    dst = _dst(method="rigl")
+    dst = _dst(regrowth="rigl")
     history = MaskHistory(dst)
     with pytest.warns(UserWarning, match="mask update is skipped"):
         fit([GradientCorruptor({20}, float("nan")), dst, GradientRepair(), history])
     assert all(torch.equal(history.masks[20][n], history.masks[19][n]) for n in history.masks[19])
     assert any(not torch.equal(history.masks[30][n], history.masks[29][n]) for n in history.masks[29])
+
+
+def test_method_is_the_former_name_of_regrowth():
+    with pytest.warns(DeprecationWarning, match="`method` is now called `regrowth`"):
+        old = DynamicSparseTraining(sparsity=0.8, method="set")
+    assert old.regrowth == "set" and old.method_name == "set/erk"
+    with pytest.raises(ValueError, match="Give `regrowth` \\(the new name of `method`\\), not both"):
+        DynamicSparseTraining(sparsity=0.8, regrowth="static", method="set")

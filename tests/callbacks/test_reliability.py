@@ -61,7 +61,7 @@ def test_impossible_budgets_are_refused_before_the_first_step(fit, kwargs, messa
 
 
 def test_dst_with_pinned_layers_refuses_an_unreachable_sparsity(fit):
-    pruning = DynamicSparseTraining(sparsity=0.9, layer_sparsity={LAYERS[0]: 0.0}, stop_step=40)
+    pruning = DynamicSparseTraining(sparsity=0.9, layer_sparsity={LAYERS[0]: 0.0}, end_step=40)
     with pytest.raises(ValueError, match=r"sparsity=0.9 cannot be reached .*reachable: \[0, 0.3956\]"):
         fit([NoTrainingStep(), pruning])
 
@@ -107,8 +107,8 @@ class WithTinyLayer(nn.Module):
     [
         lambda: GradualPruning(final_sparsity=0.9, start_step=0, end_step=20, update_every=10),
         lambda: GradualPruning(final_sparsity=0.95, allocation="global", start_step=0, end_step=20, update_every=10),
-        lambda: DynamicSparseTraining(sparsity=0.9, allocation="erk", stop_step=20, update_every=10),
-        lambda: DynamicSparseTraining(sparsity=0.9, allocation="uniform", stop_step=20, update_every=10),
+        lambda: DynamicSparseTraining(sparsity=0.9, allocation="erk", end_step=20, update_every=10),
+        lambda: DynamicSparseTraining(sparsity=0.9, allocation="uniform", end_step=20, update_every=10),
     ],
     ids=["uniform", "global", "dst_erk", "dst_uniform"],
 )
@@ -192,16 +192,16 @@ def test_resume_with_a_changed_final_sparsity_keeps_the_masks_and_reaches_the_ne
 
 
 def test_resume_of_dst_with_a_changed_sparsity_is_refused_naming_both_configs(tmp_path, digits):
-    ckpt, _ = _first_run(tmp_path, digits, DynamicSparseTraining(sparsity=0.8, update_every=10, stop_step=50))
-    pruning = DynamicSparseTraining(sparsity=0.5, update_every=10, stop_step=50)
+    ckpt, _ = _first_run(tmp_path, digits, DynamicSparseTraining(sparsity=0.8, update_every=10, end_step=50))
+    pruning = DynamicSparseTraining(sparsity=0.5, update_every=10, end_step=50)
     trainer = make_trainer(tmp_path, [pruning, NoTrainingStep()], max_steps=60)
     with pytest.raises(ValueError, match=r"'sparsity': 0.8.*'sparsity': 0.5"):
         trainer.fit(make_module(seed=5), datamodule=digits, ckpt_path=ckpt)
 
 
 def test_resume_of_dst_with_another_method_keeps_the_masks(tmp_path, digits):
-    ckpt, saved = _first_run(tmp_path, digits, DynamicSparseTraining(sparsity=0.8, update_every=10, stop_step=50))
-    pruning = DynamicSparseTraining(sparsity=0.8, method="static", update_every=10, stop_step=50)
+    ckpt, saved = _first_run(tmp_path, digits, DynamicSparseTraining(sparsity=0.8, update_every=10, end_step=50))
+    pruning = DynamicSparseTraining(sparsity=0.8, regrowth="static", update_every=10, end_step=50)
     trainer = make_trainer(tmp_path, [pruning], max_steps=40)
     with pytest.warns(UserWarning, match="saved under"):
         trainer.fit(make_module(seed=5), datamodule=digits, ckpt_path=ckpt)

@@ -106,7 +106,7 @@ def test_two_four_along_each_weights_inputs(tmp_path, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_rigl_keeps_every_layer_count_while_masks_move(tmp_path, name):
     case = ZOO[name]
-    dst = DynamicSparseTraining(sparsity=0.8, method="rigl", update_every=3, stop_step=10, verbose=False)
+    dst = DynamicSparseTraining(sparsity=0.8, regrowth="rigl", update_every=3, end_step=10, verbose=False)
     masks = {}
 
     class Snapshot(pl.Callback):
