@@ -36,10 +36,10 @@ OURS: dict[str, list[str]] = {
     "pat cubic taylor + global (default)": ["+pruning=cubic"],
     # the default with the accumulation window wired as the callbacks will (bench/window_wiring.py): |w*g| over the
     # 20 steps before each update, bfloat16 history; the row above ran before the window (every step, float32)
-    "pat cubic taylor + global, window 20 + bfloat16": ["+pruning=cubic"],
-    "pat cubic taylor + global, window 40 + bfloat16": ["+pruning=cubic"],
+    "pat cubic taylor + global + window 20 bfloat16": ["+pruning=cubic"],
+    "pat cubic taylor + global + window 40 bfloat16": ["+pruning=cubic"],
     # the former default's history (every step, float32) rerun now, beside the rows above: a control
-    "pat cubic taylor + global, every step + float32 (rerun)": ["+pruning=cubic"],
+    "pat cubic taylor + global + every step float32 (rerun)": ["+pruning=cubic"],
     "pat cubic taylor + global + rewind 300": ["+pruning=cubic", "pruning.rewind_step=300"],
     "pat odd/even": ["+pruning=odd_even"],
     "pat rigl": ["+pruning=rigl"],
@@ -49,9 +49,9 @@ OURS: dict[str, list[str]] = {
     "one-shot magnitude + fine-tune": ["+pruning=one_shot", "pruning.start_fraction=0.5"],
 }
 WINDOWED = {  # rows run with bench/window_wiring.install(window)
-    "pat cubic taylor + global, window 20 + bfloat16": 20,
-    "pat cubic taylor + global, window 40 + bfloat16": 40,
-    "pat cubic taylor + global, every step + float32 (rerun)": None,
+    "pat cubic taylor + global + window 20 bfloat16": 20,
+    "pat cubic taylor + global + window 40 bfloat16": 40,
+    "pat cubic taylor + global + every step float32 (rerun)": None,
 }
 PEERS = ("Lightning ModelPruning (cubic amounts)", "rigl-torch RigL")
 # torch.ao.pruning's WeightNormSparsifier raises on Conv1d/Conv2d weights ("shape '[1, 1, 125]' is invalid for input

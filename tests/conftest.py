@@ -15,6 +15,25 @@ import torch
 
 from pat_callbacks.app.data import DigitsDataModule
 from pat_callbacks.app.models import MLP, Classifier
+from pat_callbacks.core.allocation import ALLOCATIONS
+from pat_callbacks.core.criteria import CRITERIA
+from pat_callbacks.core.schedules import SCHEDULES
+from pat_callbacks.oneshot import ONE_SHOT_METHODS
+from pat_callbacks.structured.importance import STRUCTURED_IMPORTANCES
+
+REGISTRIES = (CRITERIA, SCHEDULES, ALLOCATIONS, STRUCTURED_IMPORTANCES, ONE_SHOT_METHODS)
+
+
+@pytest.fixture(autouse=True)
+def _registries_as_shipped():
+    """What a test (or a documented example it runs) registers is removed after it, so the names every other test
+    and doctest lists are the shipped ones, whatever the order."""
+    before = [set(registry.names()) for registry in REGISTRIES]
+    yield
+    for registry, names in zip(REGISTRIES, before, strict=True):
+        for name in set(registry.names()) - names:
+            del registry[name]
+
 
 torch.set_num_threads(1)
 

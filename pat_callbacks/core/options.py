@@ -29,7 +29,7 @@ from pat_callbacks.core.allocation import ALLOCATIONS
 from pat_callbacks.core.criteria import Criterion, get_criterion
 from pat_callbacks.core.patterns import BlockPattern, Pattern, make_pattern
 from pat_callbacks.core.scoring import HISTORY_DTYPES
-from pat_callbacks.core.targets import normalize_patterns, select_parameters
+from pat_callbacks.core.targets import check_real_parameters, normalize_patterns, select_parameters
 
 __all__ = ["ACCUMULATE_WINDOW", "PruningOptions"]
 
@@ -157,6 +157,7 @@ class PruningOptions:
                 model_or_params, include=self.include, exclude=self.exclude, allow_vectors=self.allow_vectors
             )
         else:
+            check_real_parameters(named)  # a module's targets are checked in select_parameters
             params = named
         names = list(params)
         dense = ({names[0]} if self.keep_first and names else set()) | (

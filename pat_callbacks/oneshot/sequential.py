@@ -174,6 +174,8 @@ def _layout_problem(groups: list[list[str]], blocks: Blocks) -> str:
 def _layer_mask(pruner: Pruner, name: str, scores: Tensor, sparsity: float) -> Tensor:
     """The pattern's mask of one layer compared as a whole (N:M groups along the inputs of in x out matrices)."""
     pattern: Pattern = pruner.options.pattern  # type: ignore[assignment]
+    if not isinstance(pattern, NMPattern):  # every layer keeps a weight, as the Pruner's and Wanda's rows do
+        sparsity = min(sparsity, (scores.numel() - 1) / scores.numel())
     if name in pruner.transposed and scores.dim() == 2:
         return pattern.mask(scores.t(), sparsity).t()
     return pattern.mask(scores, sparsity)
@@ -185,7 +187,9 @@ def _masks(
     """Masks of scored layers at their planned sparsities: per output row (unstructured ``per_row``) or per layer."""
     if opts.per_row and not isinstance(opts.pattern, NMPattern):
         return row_masks(scores, {n: planned[n] for n in scores}, pruner.transposed)
-    return {name: _layer_mask(pruner, name, layer, planned[name]) for name, layer in scores.items()}
+    masks = {name: _layer_mask(pruner, name, layer, planned[name]) for name, layer in scores.items()}
+    pruner.planner.warn_nearly_empty({n: 1 - int(m.sum()) / m.numel() for n, m in masks.items()}, None, owner=opts.name)
+    return masks
 
 
 def _prune_by_groups(

@@ -95,3 +95,33 @@ def test_every_batch_given_calibrates(tmp_path, digits):
     unsized = OneShotPruning("wanda", 0.5, calibration=iter(given), verbose=False)
     with pytest.warns(UserWarning, match="first 16 batches of the given iterable, which holds more"):
         assert len(unsized._calibration_batches(None, module)) == 16
+
+
+def test_the_readme_causal_lm_uses_one_shot_and_distillation_without_extra_arguments(tmp_path):
+    """The README's CausalLM (``self.net`` a GPT-2, no forward, token batches): OneShotPruning and Distillation find
+    the network themselves (no ``forward=`` or ``student_module=``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pat_callbacks import Distillation
+
+    class CausalLM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=96, n_positions=32)
+            self.net = GPT2LMHeadModel(config)
+
+        def training_step(self, batch, batch_idx):  # batch: [B, T + 1] token ids
+            logits = self.net(batch[:, :-1]).logits
+            return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    tokens = torch.randint(0, 96, (16, 17), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(tokens, batch_size=4)
+    module = CausalLM()
+    pruning, distill = OneShotPruning("wanda", 0.5, calibration_batches=2, verbose=False), Distillation()
+    make_trainer(tmp_path, [pruning, distill], max_steps=3).fit(module, loader)
+    assert pruning.store.sparsity() == 0.5 and type(distill.teacher).__name__ == "GPT2LMHeadModel"
+    assert float(module.trainer.callback_metrics["distill/loss"]) >= 0

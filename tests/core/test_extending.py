@@ -18,22 +18,18 @@ ADDED = ((CRITERIA, "row_normalised"), (ALLOCATIONS, "keep_last"), (ONE_SHOT_MET
 
 @pytest.fixture
 def example():
-    """The doc's two python blocks, run in one namespace; the registrations are removed afterwards."""
-    definitions, usage = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)[:2]
+    """The doc's python block (the additions, then their use), run as written; tests/conftest.py removes the
+    registrations afterwards."""
+    block = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)[0]
     namespace: dict = {}
-    exec(compile(definitions, str(DOC), "exec"), namespace)
-    try:
-        yield namespace, usage
-    finally:
-        for registry, name in ADDED:
-            del registry[name]
-
-
-def test_the_example_registers_each_addition_and_the_usage_block_runs(example):
-    namespace, usage = example
-    assert all(name in registry for registry, name in ADDED)
     torch.manual_seed(0)
-    exec(compile(usage, str(DOC), "exec"), dict(namespace))
+    exec(compile(block, str(DOC), "exec"), namespace)
+    return namespace
+
+
+def test_the_example_registers_each_addition_and_its_usage_runs(example):
+    namespace = example
+    assert all(name in registry for registry, name in ADDED)
     with pytest.raises(ValueError, match="'row_normalised' is already registered"):
         CRITERIA.register(namespace["RowNormalised"])
 

@@ -112,3 +112,14 @@ def test_complex_weights_are_refused_when_the_pruner_is_built_naming_the_paramet
     assert list(select_parameters(model, exclude=["1.*"])) == ["0.weight"]  # the way out works
     pruner = Pruner(model, exclude=["1.*"])
     assert pruner.prune_to(0.5)
+
+
+def test_a_complex_parameter_given_by_name_is_refused_too():
+    import pytest
+    import torch
+
+    from pat_callbacks.core.pruner import Pruner
+
+    weight = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"w is torch.complex64"):
+        Pruner({"w": weight})

@@ -61,3 +61,17 @@ def test_one_shot_wanda_at_0_999_keeps_one_weight_per_layer_and_warns_like_magni
         warned[method] = [str(w.message).split(": ", 1)[1] for w in caught if "over 0.99" in str(w.message)]
     assert warned["wanda"] == warned["magnitude"]
     assert len(warned["wanda"]) == 1 and "'0.weight' is pruned to 0.9922" in warned["wanda"][0]
+
+
+@pytest.mark.parametrize(("method", "options"), [("wanda", {"per_row": False}), ("magnitude", {"allocation": "owl"})])
+def test_a_layer_compared_as_a_whole_keeps_a_weight_at_0_999_with_a_warning(method, options):
+    from torch import nn
+
+    from pat_callbacks.oneshot import one_shot_prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    batches = [torch.randn(4, 8) for _ in range(2)]
+    with pytest.warns(UserWarning, match="0.99"):
+        one_shot_prune(model, method, 0.999, calibration=batches, **options)
+    assert all(int((layer.weight != 0).sum()) >= 1 for layer in (model[0], model[2]))

@@ -75,7 +75,7 @@ def test_merged_gpt2_computes_what_the_trained_masked_lora_model_did() -> None:
     tokens = torch.randint(0, 64, (3, 16))
     with torch.no_grad():
         trained = peft_model(input_ids=tokens).logits
-        merged = merge_lora(peft_model, masks=pruner.store)
+        merged = merge_lora(peft_model, masks=pruner)
         got = merged(input_ids=tokens).logits
     assert _relative_error(got, trained) < 1e-6
     params = dict(merged.named_parameters())
