@@ -29,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,31 +39,8 @@ PIPELINES = ("whole", "blocks")
 FIELDS = ("hidden", "depth", "method", "pipeline", "device", "seconds", "ms_per_block", "peak_mb", "masks", "weights")
 VOCAB = 256
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _Peak:
-    """Peak resident memory inside a ``with``, sampled every millisecond in a thread."""
-
-    def __enter__(self) -> _Peak:
-        self.start = self.peak = _rss()
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._running = False
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
+sys.path.insert(0, str(ROOT))  # this checkout's pat_callbacks and bench, whatever is installed
+from bench.scale import PeakRSS  # noqa: E402  (the same sampler as bench/scale.py)
 
 
 def build(depth: int, hidden: int) -> Any:
@@ -145,7 +121,7 @@ def _measure_once(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    with _Peak() as peak:
+    with PeakRSS() as peak:
         start = time.perf_counter()
         result = one_shot_prune(
             model, method, 0.5, calibration=calibration, pipeline=pipeline, exclude=["lm_head.weight"]
@@ -153,7 +129,7 @@ def _measure_once(
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    extra = (torch.cuda.max_memory_allocated() - before) if cuda else (peak.peak - peak.start)
+    extra = (torch.cuda.max_memory_allocated() - before) if cuda else (peak.peak - peak.before)
     if result.pipeline != pipeline:
         raise RuntimeError(f"asked for pipeline={pipeline!r}, but one_shot_prune ran {result.pipeline!r}")
     return {
@@ -368,5 +344,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))  # this checkout's pat_callbacks, whatever is installed
     main()
