@@ -22,7 +22,7 @@ from pat_callbacks.app.models import MLP, LanguageModel
 from pat_callbacks.structured import StructuredPruner, channel_groups, head_groups, shrink
 from pat_callbacks.structured.hf import LAYER_SIZES_KEY, from_pretrained_shrunk
 from tests.conftest import make_trainer
-from tests.zoo.models import CONTEXT, DECODERS, VOCAB_SIZE, text_data
+from tests.zoo.models import CONTEXT, DECODERS, VOCAB_SIZE, hf_qwen2_moe, text_data
 
 ATTENTION = "net.model.layers.{}.self_attn.{}"
 
@@ -141,21 +141,7 @@ def test_layers_of_different_sizes_are_refused_when_uniform_else_recorded_and_re
 
 
 def test_a_shared_expert_is_pruned_the_fused_experts_are_left_whole_and_it_reloads(tmp_path):
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
-
-    config = Qwen2MoeConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = hf_qwen2_moe()
     pruner = StructuredPruner(model, None)
     assert any("the experts of 2 mixture-of-experts blocks" in note for note in pruner.notes)
     assert {g.layout["module"] for g in pruner.groups if g.kind == "ffn"} == {

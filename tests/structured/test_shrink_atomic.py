@@ -9,28 +9,13 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pat_callbacks.structured import StructuredPruner, shrink
 from pat_callbacks.structured.cutting import shrink_transformer
+from tests.zoo.models import hf_qwen2_moe
 
 _COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "intermediate_size")
-
-
-def _qwen2_moe() -> Qwen2MoeForCausalLM:
-    config = Qwen2MoeConfig(
-        vocab_size=64,
-        hidden_size=64,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-    )
-    torch.manual_seed(0)
-    return Qwen2MoeForCausalLM(config).eval()
 
 
 def _llama() -> LlamaForCausalLM:
@@ -71,8 +56,8 @@ def _assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
     assert after["config"] == before["config"]
 
 
-def _qwen2_moe_pruned() -> tuple[Qwen2MoeForCausalLM, dict[str, list[int]]]:
-    model = _qwen2_moe()
+def _qwen2_moe_pruned() -> tuple[nn.Module, dict[str, list[int]]]:
+    model = hf_qwen2_moe()
     pruner = StructuredPruner(model, None)
     pruner.prune_to(0.5)
     pruned = pruner.pruned_channels()
@@ -100,7 +85,7 @@ def test_shrink_of_a_qwen2_moe_refused_as_not_uniform_cuts_nothing():
 
 def test_a_qwen2_moe_with_uniform_per_layer_is_refused_at_setup():
     with pytest.raises(ValueError, match="uniform_per_layer=True"):
-        StructuredPruner(_qwen2_moe(), None, uniform_per_layer=True)
+        StructuredPruner(hf_qwen2_moe(), None, uniform_per_layer=True)
 
 
 def test_query_heads_uneven_over_key_value_groups_are_refused_before_the_mlp_listed_first_is_cut():

@@ -236,6 +236,26 @@ def hf_decoder(kind: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(_decoder_config(kind))
 
 
+def hf_qwen2_moe() -> nn.Module:
+    """A tiny random Qwen2-MoE (2 layers, width 64, 4 experts of 32 neurons fused in 3D weights, a shared expert of
+    64 neurons), seeded and in eval mode."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 @dataclass
 class DecoderCase:
     kind: str
