@@ -129,7 +129,9 @@ class OneShotOptions:
         sequential: prune layer group by layer group, each calibrated on the model pruned so far (see module doc).
         pipeline: one of :data:`PIPELINES`: how ``sequential`` calibration runs (the results are the same).
         offload: keep the model where it is and move one block at a time to ``device`` (``True``); ``"auto"``: when
-            ``device`` is given and the model is elsewhere (e.g. a model in CPU memory larger than the GPU).
+            ``device`` is given and the model is elsewhere, or, with no ``device``, when the model is in CPU memory
+            (e.g. larger than the GPU), CUDA is available, its blocks are found and no optimizer is given (so not
+            from the Lightning callback, whose model is already where the Trainer put it).
         device: where blocks are calibrated and pruned when offloading (default: ``"cuda"`` when available).
         block_size, damping: SparseGPT's lazy-update block (128) and Hessian damping (0.01 of its mean diagonal).
 

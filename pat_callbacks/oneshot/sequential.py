@@ -98,7 +98,15 @@ def _pipeline(
     chain = check_forward(model, readers, batches[0], forward, blocks)
     if chain:
         blocks, why = None, f"{type(model).__name__}'s blocks cannot be run one by one: {chain}"
-    device = _offload_device(model, opts)
+    device, chosen = _offload_device(model, opts)
+    if chosen and (blocks is None or optimizers or not algorithm.statistics):
+        device = None  # the automatic offload applies only where it can run: the model stays where it is
+    elif chosen:
+        _log.info(
+            "one-shot: the model is in CPU memory and CUDA is available: its blocks are calibrated on %s one "
+            "at a time (offload=False calibrates it where it is)",
+            device,
+        )
     if blocks is None and opts.sequential and algorithm.statistics and opts.pipeline != "whole":
         if opts.pipeline == "blocks" or device is not None:
             asked = "pipeline='blocks'" if opts.pipeline == "blocks" else f"offloading to {device}"
@@ -109,13 +117,19 @@ def _pipeline(
     return _Pipeline(blocks, device)
 
 
-def _offload_device(model: nn.Module, opts: OneShotOptions) -> torch.device | None:
-    """The device blocks move to one at a time, or ``None`` (the model is calibrated where it is)."""
+def _offload_device(model: nn.Module, opts: OneShotOptions) -> tuple[torch.device | None, bool]:
+    """The device blocks move to one at a time (``None``: the model is calibrated where it is), and whether
+    ``offload="auto"`` chose it: a model held in CPU memory while CUDA is available (one too large for the GPU, or
+    left there) is calibrated on the GPU one block at a time."""
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    chosen = False
     if opts.device is not None:
         device = torch.device(opts.device)
+    elif opts.offload is True or (opts.offload == "auto" and home.type == "cpu"):
+        device = torch.device("cuda") if torch.cuda.is_available() else home
+        chosen = opts.offload == "auto" and device.type == "cuda"
     else:
-        device = torch.device("cuda") if opts.offload is True and torch.cuda.is_available() else home
+        device = home
     offload = (not _same_device(device, home)) if opts.offload == "auto" else bool(opts.offload)
     if not offload:
         if not _same_device(device, home):
@@ -123,8 +137,8 @@ def _offload_device(model: nn.Module, opts: OneShotOptions) -> torch.device | No
                 f"device={opts.device!r}, but the model is on {home} and offload=False: move the model there, or "
                 "offload=True (one block at a time)"
             )
-        return None
-    return device
+        return None, False
+    return device, chosen
 
 
 def _groups(names: list[str]) -> list[list[str]]:

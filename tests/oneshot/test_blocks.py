@@ -200,3 +200,31 @@ def test_blocks_that_cannot_run_one_by_one_fall_back_to_whole_passes_saying_why(
     assert result.pipeline == "whole" and why in caplog.text
     expected = one_shot_prune(reference, "sparsegpt", 0.5, calibration=batches, pipeline="whole")
     _assert_same(model, reference, result, expected)
+
+
+def test_auto_offload_picks_cuda_for_a_model_in_cpu_memory_only_where_it_can_run(monkeypatch):
+    """``offload="auto"`` with no device: a CPU-resident model goes to CUDA one block at a time when CUDA is there;
+    never without CUDA, with ``offload=False``, with optimizers (the Lightning callback) or without blocks."""
+    from pat_callbacks.oneshot import OneShotOptions
+    from pat_callbacks.oneshot.sequential import _offload_device
+
+    model = _llama()
+    assert _offload_device(model, OneShotOptions("wanda", 0.5)) == (None, False)  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _offload_device(model, OneShotOptions("wanda", 0.5)) == (torch.device("cuda"), True)
+    assert _offload_device(model, OneShotOptions("wanda", 0.5, offload=False)) == (None, False)
+    assert _offload_device(model, OneShotOptions("wanda", 0.5, device="cpu")) == (None, False)
+    assert _offload_device(model, OneShotOptions("wanda", 0.5, offload=True, device="cpu")) == (
+        torch.device("cpu"),
+        False,
+    )
+    # where the automatic choice cannot apply, the model is calibrated where it is (no CUDA call is made)
+    a, b = _pair("llama")
+    batches = _batches("llama")
+    optimizer = torch.optim.SGD(b.parameters(), lr=0.1)
+    plain = one_shot_prune(a, "wanda", 0.5, calibration=batches, offload=False)
+    kept = one_shot_prune(b, "wanda", 0.5, calibration=batches, optimizers=[optimizer])
+    _assert_same(a, b, plain, kept)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    assert one_shot_prune(mlp, "sparsegpt", 0.5, calibration=[torch.randn(8, 8)]).pipeline == "whole"
