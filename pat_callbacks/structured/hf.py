@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat_callbacks.structured.cutting import _owner, _shrink_ffn, shrink_transformer
-from pat_callbacks.structured.roles import _ffn_roles, _gqa_shape, _is_conv1d, ffn_groups, transformer_groups
+from pat_callbacks.structured.cutting import _owner, _shrink_ffn, _shrink_heads, shrink_transformer
+from pat_callbacks.structured.roles import _ffn_roles, _gqa_shape, _is_conv1d, ffn_groups, head_groups
 
 __all__ = ["LAYER_SIZES_KEY", "check_uniform", "from_pretrained_shrunk", "layer_sizes", "update_config"]
 
@@ -54,6 +54,7 @@ _HEADS = "attention_heads"  # BERT / GPT-2 heads: a count no config of theirs ho
 _WRITTEN = (*_HEAD_KEYS, "intermediate_size", "n_inner", "d_ff")  # the sizes a config holds, one per model
 _FFN_KEYS = {("c_fc", "c_proj"): "n_inner", ("intermediate.dense", "output.dense"): "intermediate_size"}
 # MLPs not found by role (Torch-Pruning traces them): (up, down) Linear layers -> the config key sizing them
+_FFN_WIDTHS = ("intermediate_size", "n_inner", _OTHER_FFN)  # the MLP widths from_pretrained_shrunk cuts back
 _TRACED_FFNS = {("ffn", "ffn_output"): "intermediate_size", ("wi", "wo"): "d_ff", ("wi_0", "wo"): "d_ff"}
 
 
@@ -283,6 +284,10 @@ def _unbuildable(hf_model: nn.Module) -> str | None:
     return "; ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
 
 
+def _wants(record: Mapping[str, Mapping[str, int]], keys: tuple[str, ...]) -> bool:
+    return any(key in wanted for wanted in record.values() for key in keys)
+
+
 def shrink_to_sizes(model: nn.Module, record: Mapping[str, Mapping[str, int]]) -> nn.Module:
     """Cut a model built from a shrunk config down to each layer's recorded sizes (keeping the first channels: the
     weights are loaded afterwards), in place. A recorded module that holds no attention or MLP of the recorded kind
@@ -293,26 +298,25 @@ def shrink_to_sizes(model: nn.Module, record: Mapping[str, Mapping[str, int]]) -
         >>> shrink_to_sizes(nn.ModuleDict({"mlp": glu}), {"mlp": {"intermediate_size": 3}}).mlp.up_proj.out_features
         3
     """
-    fixed = {}
-    if any(_HEADS in wanted for wanted in record.values()):
-        fixed = {_owner(g): g for g in transformer_groups(model, heads="kv_groups")[0] if g.layout["type"] != "mha"}
+    # the groups are found once (each cut changes only its own layer): BERT / GPT-2 heads and MLPs by their module
+    heads = {_owner(g): g for g in head_groups(model, "kv_groups")} if _wants(record, (_HEADS,)) else {}
+    ffn = {str(g.layout["module"]): g for g in ffn_groups(model)} if _wants(record, _FFN_WIDTHS) else {}
     for name, wanted in record.items():
         module = model.get_submodule(name)
         p = f"{name}." if name else ""
-        width = next((wanted[k] for k in ("intermediate_size", "n_inner", _OTHER_FFN) if k in wanted), None)
+        width = next((wanted[k] for k in _FFN_WIDTHS if k in wanted), None)
         if width is not None:
-            groups = [g for g in ffn_groups(model) if g.layout["module"] == name]
-            if len(groups) != 1:
+            if name not in ffn:
                 raise ValueError(f"{name!r} is recorded with an MLP width {width}, but holds no MLP found by role")
-            _shrink_ffn(model, groups[0], list(range(int(width))))
+            _shrink_ffn(model, ffn[name], list(range(int(width))))
             continue
         if _HEADS in wanted:
-            group = fixed.get(name)
-            if group is None:
+            group = heads.get(name)
+            if group is None or group.layout["type"] not in ("bert", "gpt2"):
                 raise ValueError(
-                    f"{name!r} is recorded with {wanted[_HEADS]} attention heads, but holds no attention found by role"
+                    f"{name!r} is recorded with {wanted[_HEADS]} attention heads, but holds no BERT / GPT-2 attention"
                 )
-            shrink_transformer(model, {group.root: list(range(int(wanted[_HEADS]), group.n_channels))})
+            _shrink_heads(model, group, list(range(int(wanted[_HEADS]))))
             continue
         heads, kv_heads, _ = _gqa_shape(module, name) or (0, 0, 0)
         want_kv = int(wanted.get("num_key_value_heads", kv_heads))

@@ -16,7 +16,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from pat_callbacks.structured import from_pretrained_shrunk, shrink  # noqa: E402
+from pat_callbacks.structured import StructuredPruner, from_pretrained_shrunk, shrink  # noqa: E402
 from pat_callbacks.structured.hf import LAYER_SIZES_KEY  # noqa: E402
 
 VOCAB = 32
@@ -182,6 +182,25 @@ def test_uniform_per_layer_refuses_bert_heads_before_any_cut():
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
     shrink(model, None, {_mlp("bert", layer): [2, 5] for layer in range(2)}, uniform_per_layer=True)  # MLPs: held
     assert model.config.intermediate_size == 30
+
+
+@pytest.mark.parametrize(("family", "attention"), [("bert", "*.attention"), ("gpt2", "*.attn")])
+def test_uniform_per_layer_refuses_heads_at_setup_and_prunes_mlps_only_for_plain_from_pretrained(
+    tmp_path, family, attention
+):
+    root = _heads(family, 0)
+    with pytest.raises(ValueError, match=rf"heads of '{root}' \(and 1 more\) would be pruned.*'\*\.attention'"):
+        StructuredPruner(BUILDS[family](), None, uniform_per_layer=True)
+    model = BUILDS[family]()
+    pruner = StructuredPruner(model, None, exclude=[attention], uniform_per_layer=True)  # MLPs only: accepted
+    pruner.prune_to(0.5)
+    masked = _output(model)
+    assert _shrink(model, pruner.pruned_channels(), uniform_per_layer=True) == []
+    assert getattr(model.config, UNIFORM[family][0]) == WIDTH[family] // 2
+    shrunk = _output(model)
+    assert torch.allclose(shrunk, masked, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert torch.allclose(_output(UNIFORM[family][1].from_pretrained(tmp_path)), shrunk, atol=1e-6, rtol=0)
 
 
 def test_what_no_loader_rebuilds_is_said_at_shrink_time():
