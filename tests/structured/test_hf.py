@@ -40,6 +40,20 @@ def _bert() -> nn.Module:
     return transformers.BertModel(config).eval()
 
 
+def _roberta() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        pad_token_id=1,
+    )
+    return transformers.RobertaModel(config).eval()
+
+
 def _gpt2() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
@@ -91,6 +105,7 @@ def _shrink(model: nn.Module, pruned: dict[str, list[int]], **kwargs: Any) -> li
 def _mlp(family: str, layer: int) -> str:
     return {
         "bert": f"encoder.layer.{layer}.intermediate.dense.weight",
+        "roberta": f"encoder.layer.{layer}.intermediate.dense.weight",
         "gpt2": f"transformer.h.{layer}.mlp.c_fc.weight",
         "t5": f"encoder.block.{layer}.layer.1.DenseReluDense.wi.weight",
         "albert": "encoder.albert_layer_groups.0.albert_layers.0.ffn.weight",  # one layer, shared by both
@@ -100,15 +115,23 @@ def _mlp(family: str, layer: int) -> str:
 def _heads(family: str, layer: int) -> str:
     return {
         "bert": f"encoder.layer.{layer}.attention.self.query.weight",
+        "roberta": f"encoder.layer.{layer}.attention.self.query.weight",
         "gpt2": f"transformer.h.{layer}.attn.c_attn.weight",
     }[family]
 
 
-BUILDS: dict[str, Callable[[], nn.Module]] = {"bert": _bert, "gpt2": _gpt2, "t5": _t5, "albert": _albert}
-WIDTH = {"bert": 32, "gpt2": 64, "t5": 32, "albert": 32}  # each MLP's neurons (GPT-2: 4 x 16)
+BUILDS: dict[str, Callable[[], nn.Module]] = {
+    "bert": _bert,
+    "roberta": _roberta,
+    "gpt2": _gpt2,
+    "t5": _t5,
+    "albert": _albert,
+}
+WIDTH = {"bert": 32, "roberta": 32, "gpt2": 64, "t5": 32, "albert": 32}  # each MLP's neurons (GPT-2: 4 x 16)
 # family -> (config key of the MLP width, the Auto class that rebuilds the same class)
 UNIFORM = {
     "bert": ("intermediate_size", transformers.AutoModel),
+    "roberta": ("intermediate_size", transformers.AutoModel),
     "gpt2": ("n_inner", transformers.AutoModelForCausalLM),
     "t5": ("d_ff", None),  # AutoModel builds the encoder-decoder T5Model: the family class reloads it
     "albert": ("intermediate_size", transformers.AutoModel),
@@ -149,20 +172,20 @@ def test_mlps_shrunk_differently_are_recorded_and_reload_through_from_pretrained
     assert torch.allclose(_output(reloaded), expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2"])
 def test_heads_pruned_are_recorded_said_and_reload_through_from_pretrained_shrunk(tmp_path, family):
     model = BUILDS[family]()
     pruned = {_heads(family, layer): [1] for layer in range(2)} | {_mlp(family, 1): [0, 1]}
     notes = _shrink(model, pruned)
     assert len(notes) == 2 and "cannot hold pruned attention heads" in notes[1], notes
-    attention = {"bert": "encoder.layer.{}.attention.self", "gpt2": "transformer.h.{}.attn"}[family]
+    attention = {"gpt2": "transformer.h.{}.attn"}.get(family, "encoder.layer.{}.attention.self")
     key = UNIFORM[family][0]
     config = model.config
     assert config.num_attention_heads == 4 and getattr(config, key) == WIDTH[family]  # head size: hidden / 4
     assert getattr(config, LAYER_SIZES_KEY) == {
         attention.format(0): {"attention_heads": 3},
         attention.format(1): {"attention_heads": 3},
-        {"bert": "encoder.layer.1", "gpt2": "transformer.h.1.mlp"}[family]: {key: WIDTH[family] - 2},
+        {"gpt2": "transformer.h.1.mlp"}.get(family, "encoder.layer.1"): {key: WIDTH[family] - 2},
     }
     expected = _output(model)
     model.save_pretrained(tmp_path)
