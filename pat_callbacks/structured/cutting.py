@@ -166,7 +166,9 @@ def _planned_sizes(plan: Sequence[tuple[ChannelGroup, list[int]]]) -> dict[str, 
     sizes: dict[str, dict[str, int]] = {}
     for group, keep in plan:
         if group.kind != "heads":
-            sizes[_owner(group)] = {"intermediate_size": len(keep), "ffn_size": len(keep)}
+            sizes[_owner(group)] = {"intermediate_size": len(keep), "ffn_size": len(keep), "n_inner": len(keep)}
+        elif group.layout["type"] in ("bert", "gpt2"):  # heads whose size their config gives as width / heads
+            sizes[_owner(group)] = {"attention_heads": len(keep)}
         elif "q" in group.layout:
             q_heads, kv_keep = _head_plan(group, keep)
             sizes[_owner(group)] = {"num_attention_heads": len(q_heads), "num_key_value_heads": len(kv_keep)}

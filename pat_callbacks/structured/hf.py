@@ -2,11 +2,17 @@
 ``save_pretrained`` + ``from_pretrained`` reload the smaller model, and a loader for what a config cannot express.
 
 A Llama / Qwen2 / Mistral / Gemma config has one ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` and
-``intermediate_size`` for every layer. :func:`update_config` reads the sizes off the shrunk weights: when every layer
-has the same ones (as uniform structured pruning leaves them), it writes them into the config and Hugging Face's own
-``from_pretrained`` rebuilds the model. When layers differ (a layer kept whole with ``ignore=``), the config keeps
-the largest sizes and records each layer's under ``pat_layer_sizes``; :func:`from_pretrained_shrunk` rebuilds that
-(and plain checkpoints too).
+``intermediate_size`` for every layer; a BERT (RoBERTa, MiniLM) config one ``intermediate_size``, a GPT-2 config one
+``n_inner``. :func:`update_config` reads the sizes off the shrunk weights: when every layer has the same ones (as
+uniform structured pruning leaves them), it writes them into the config and Hugging Face's own ``from_pretrained``
+rebuilds the model. When layers differ (a layer kept whole with ``ignore=``), the config keeps the largest sizes and
+records each layer's under ``pat_layer_sizes``; :func:`from_pretrained_shrunk` rebuilds that (and plain checkpoints
+too). BERT and GPT-2 attention has no head size of its own (it is the width over ``num_attention_heads``), so no
+config of theirs holds pruned heads: their counts are always recorded (``attention_heads``), the config keeps the
+original count, :func:`update_config` says so (``shrink`` warns) and :func:`from_pretrained_shrunk` rebuilds them.
+After writing, the config is checked: a model built from it (on the ``meta`` device, cut to the recorded sizes) must
+have the shrunk weights' shapes, or :func:`update_config` says which weights differ and that only ``shrink`` with
+the same ``pruned`` rebuilds the model.
 
 Example:
     >>> import tempfile
@@ -27,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping
@@ -35,14 +42,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat_callbacks.structured.cutting import _shrink_ffn, shrink_transformer
-from pat_callbacks.structured.roles import _ffn_roles, _gqa_shape, ffn_groups
+from pat_callbacks.structured.cutting import _owner, _shrink_ffn, _shrink_heads, shrink_transformer
+from pat_callbacks.structured.roles import _ffn_roles, _gqa_shape, _is_conv1d, ffn_groups, head_groups
 
 __all__ = ["LAYER_SIZES_KEY", "check_uniform", "from_pretrained_shrunk", "layer_sizes", "update_config"]
 
 LAYER_SIZES_KEY = "pat_layer_sizes"
 _HEAD_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim")
 _OTHER_FFN = "ffn_size"  # a gated MLP the config does not size by ``intermediate_size``: always recorded
+_HEADS = "attention_heads"  # BERT / GPT-2 heads: a count no config of theirs holds (head size = width / heads)
+_WRITTEN = (*_HEAD_KEYS, "intermediate_size", "n_inner", "d_ff")  # the sizes a config holds, one per model
+_FFN_KEYS = {("c_fc", "c_proj"): "n_inner", ("intermediate.dense", "output.dense"): "intermediate_size"}
+# MLPs not found by role (Torch-Pruning traces them): (up, down) Linear layers -> the config key sizing them
+_FFN_WIDTHS = ("intermediate_size", "n_inner", _OTHER_FFN)  # the MLP widths from_pretrained_shrunk cuts back
+_TRACED_FFNS = {("ffn", "ffn_output"): "intermediate_size", ("wi", "wo"): "d_ff", ("wi_0", "wo"): "d_ff"}
 
 
 def _pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -59,8 +72,34 @@ def _pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _fixed_width_heads(module: nn.Module) -> int | None:
+    """The head count of BERT-style self-attention (``query`` / ``key`` / ``value``) or GPT-2 self-attention
+    (``c_attn`` / ``c_proj``), whose head size their config gives only as the width over the head count."""
+    bert = all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value"))
+    if (
+        bert
+        and isinstance(getattr(module, "num_attention_heads", None), int)
+        and hasattr(module, "attention_head_size")
+    ):
+        return int(module.num_attention_heads)
+    gpt2 = _is_conv1d(getattr(module, "c_attn", None)) and _is_conv1d(getattr(module, "c_proj", None))
+    if gpt2 and not getattr(module, "is_cross_attention", False) and hasattr(module, "num_heads"):
+        return int(module.num_heads)
+    return None
+
+
+def _ffn_key(name: str, roles: tuple[str, str, str | None]) -> str | None:
+    """The config key sizing an MLP with these (up, down, gate) roles; None for MLPs no config sizes."""
+    if roles[2] is not None:  # a decoder layer's ``mlp`` is what ``intermediate_size`` sizes; any other is recorded
+        return "intermediate_size" if name.endswith("mlp") else _OTHER_FFN
+    return _FFN_KEYS.get(roles[:2])
+
+
 def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Per Llama-style attention and gated MLP of ``model`` (by module name), the sizes its weights have now.
+    """Per attention and MLP of ``model`` (by module name) the sizes its weights have now: Llama-style attention
+    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and gated MLPs (``intermediate_size``), BERT and
+    GPT-2 attention (``attention_heads``) and MLPs (``intermediate_size``, ``n_inner``), ALBERT and T5 MLPs
+    (``intermediate_size``, ``d_ff``).
 
     Example:
         >>> glu = nn.ModuleDict({n: nn.Linear(4, 8) for n in ("gate_proj", "up_proj")} | {"down_proj": nn.Linear(8, 4)})
@@ -72,16 +111,28 @@ def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
         shape = _gqa_shape(module, name)
         if shape is not None:
             sizes[name] = dict(zip(_HEAD_KEYS, shape, strict=True))
-        elif (roles := _ffn_roles(module)) is not None and roles[2] is not None:
-            # a decoder layer's ``mlp`` is what ``intermediate_size`` sizes; any other (a shared expert) is recorded
-            key = "intermediate_size" if name.endswith("mlp") else _OTHER_FFN
-            sizes[name] = {key: int(module.get_submodule(roles[0]).out_features)}
+        elif (heads := _fixed_width_heads(module)) is not None:
+            sizes[name] = {_HEADS: heads}
+        elif (roles := _ffn_roles(module)) is not None and (key := _ffn_key(name, roles)) is not None:
+            up = module.get_submodule(roles[0])
+            sizes[name] = {key: int(up.weight.shape[1] if _is_conv1d(up) else up.weight.shape[0])}
+        elif (traced := _traced_ffn(module)) is not None:
+            sizes[name] = dict([traced])
     return sizes
+
+
+def _traced_ffn(module: nn.Module) -> tuple[str, int] | None:
+    """(config key, width) of an ALBERT (``ffn`` / ``ffn_output``) or T5 (``wi`` or ``wi_0`` / ``wo``) MLP."""
+    for (up, down), key in _TRACED_FFNS.items():
+        first, last = getattr(module, up, None), getattr(module, down, None)
+        if isinstance(first, nn.Linear) and isinstance(last, nn.Linear):
+            return key, int(first.out_features)
+    return None
 
 
 def _config_values(sizes: Mapping[str, Mapping[str, int]]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """(every size per config key, the keys whose layers differ: one config cannot hold them) of ``sizes``."""
-    keys = [k for k in (*_HEAD_KEYS, "intermediate_size") if any(k in s for s in sizes.values())]
+    keys = [k for k in _WRITTEN if any(k in s for s in sizes.values())]
     values = {k: sorted({s[k] for s in sizes.values() if k in s}) for k in keys}
     uneven = {k: v for k, v in values.items() if len(v) > 1}
     if any(_OTHER_FFN in s for s in sizes.values()):
@@ -89,25 +140,42 @@ def _config_values(sizes: Mapping[str, Mapping[str, int]]) -> tuple[dict[str, li
     return values, uneven
 
 
+def _cut_heads(sizes: Mapping[str, Mapping[str, int]], config: Any) -> dict[str, int]:
+    """The BERT / GPT-2 attention modules in ``sizes`` with another head count than ``config`` gives."""
+    full = getattr(config, "num_attention_heads", None)
+    return {name: s[_HEADS] for name, s in sizes.items() if _HEADS in s and s[_HEADS] != full}
+
+
 def _not_uniform(prefix: str, hf_model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> str | None:
     """Why ``uniform_per_layer=True`` refuses these sizes of ``hf_model``, or None when one config holds them."""
     _, uneven = _config_values(sizes)
-    if not uneven:
-        return None
-    where = "; ".join(f"{k}: " + ", ".join(f"{n}={s[k]}" for n, s in sizes.items() if k in s) for k in uneven)
-    other = " (ffn_size: MLPs the config does not size by intermediate_size, such as shared experts)"
-    return (
-        f"uniform_per_layer=True, but the layers of {prefix or type(hf_model).__name__!r} differ ({where})"
-        f"{other if _OTHER_FFN in uneven else ''}; prune every layer alike (no layer in `exclude`) or shrink with "
-        "uniform_per_layer=False and reload with pat_callbacks.structured.from_pretrained_shrunk"
-    )
+    family = prefix or type(hf_model).__name__
+    fix = "shrink with uniform_per_layer=False and reload with pat_callbacks.structured.from_pretrained_shrunk"
+    if uneven:
+        where = "; ".join(f"{k}: " + ", ".join(f"{n}={s[k]}" for n, s in sizes.items() if k in s) for k in uneven)
+        other = " (ffn_size: MLPs the config does not size by intermediate_size, such as shared experts)"
+        return (
+            f"uniform_per_layer=True, but the layers of {family!r} differ ({where})"
+            f"{other if _OTHER_FFN in uneven else ''}; prune every layer alike (no layer in `exclude`) or {fix}"
+        )
+    cut = _cut_heads(sizes, hf_model.config)
+    if cut:
+        where = ", ".join(f"{n}={h}" for n, h in cut.items())
+        return (
+            f"uniform_per_layer=True, but the attention of {family!r} loses heads ({where}) and a "
+            f"{type(hf_model.config).__name__} cannot hold fewer heads of the same size (its head size is the width "
+            f"over num_attention_heads={hf_model.config.num_attention_heads}); prune MLP neurons only (the attention "
+            f"in `exclude`) or {fix}"
+        )
+    return None
 
 
 def check_uniform(model: nn.Module, planned: Mapping[str, Mapping[str, int]] | None = None) -> None:
     """Refuse (``ValueError`` naming the layers and sizes) Hugging Face models in ``model`` whose layers will not
-    all have the sizes one config holds, once the modules in ``planned`` (``{module name in model: {size key:
-    value}}``, keys as :func:`layer_sizes`) have the sizes given there. Changes nothing: the check
-    :func:`~pat_callbacks.structured.cutting.shrink_transformer` makes before its first cut.
+    all have the sizes one config holds (BERT / GPT-2 attention that loses heads included), once the modules in
+    ``planned`` (``{module name in model: {size key: value}}``, keys as :func:`layer_sizes`) have the sizes given
+    there. Changes nothing: the check :func:`~pat_callbacks.structured.cutting.shrink_transformer` makes before its
+    first cut.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -134,7 +202,9 @@ model.layers.0.mlp=32, model.layers.1.mlp=64); ...
 
 def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str]:
     """Write the sizes of the (shrunk) weights into every Hugging Face config in ``model``; return a note per model
-    whose layers differ (then reload it with :func:`from_pretrained_shrunk`).
+    that plain ``from_pretrained`` will not reload: layers that differ, or BERT / GPT-2 heads pruned (then reload it
+    with :func:`from_pretrained_shrunk`), or weights its config does not rebuild at all (then only
+    :func:`~pat_callbacks.structured.shrink` with the same ``pruned`` does).
 
     Args:
         model: a module holding Hugging Face models (or one).
@@ -150,42 +220,103 @@ def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str
     notes = []
     for prefix, hf_model in _pretrained_models(model):
         config = hf_model.config
+        family = prefix or type(hf_model).__name__
         sizes = layer_sizes(hf_model)
-        if not sizes:
-            continue
         values, uneven = _config_values(sizes)
+        cut = _cut_heads(sizes, config)
         for key, options in values.items():
             setattr(config, key, max(options))
-        if uneven:
-            largest = {k: max(v) for k, v in values.items()}
+        if uneven or cut:
+            largest = {k: max(v) for k, v in values.items()} | {_HEADS: getattr(config, "num_attention_heads", None)}
             record = {n: {k: v for k, v in s.items() if v != largest.get(k)} for n, s in sizes.items()}
             setattr(config, LAYER_SIZES_KEY, {n: s for n, s in record.items() if s})
-            notes.append(
-                f"{prefix or type(hf_model).__name__}: one config cannot hold every layer's {sorted(uneven)}; it holds "
-                f"the largest and `{LAYER_SIZES_KEY}` each layer's: reload with "
-                "pat_callbacks.structured.from_pretrained_shrunk"
-            )
         elif hasattr(config, LAYER_SIZES_KEY):
             delattr(config, LAYER_SIZES_KEY)
+        if (wrong := _unbuildable(hf_model)) is not None:
+            notes.append(
+                f"{family}: its config does not rebuild the shrunk weights ({wrong}); neither from_pretrained nor "
+                "from_pretrained_shrunk reloads it: keep `pruned` with the state_dict and rebuild the model with "
+                "pat_callbacks.structured.shrink (see its docstring)"
+            )
+            continue
+        if uneven:
+            notes.append(
+                f"{family}: one config cannot hold every layer's {sorted(uneven)}; it holds the largest and "
+                f"`{LAYER_SIZES_KEY}` each layer's: reload with pat_callbacks.structured.from_pretrained_shrunk"
+            )
+        if cut:
+            notes.append(
+                f"{family}: a {type(config).__name__} cannot hold pruned attention heads (its head size is the width "
+                f"over num_attention_heads, left at {config.num_attention_heads}); `{LAYER_SIZES_KEY}` records each "
+                "layer's heads: reload with pat_callbacks.structured.from_pretrained_shrunk (from_pretrained refuses "
+                "the smaller weights)"
+            )
     return notes
+
+
+def _unbuildable(hf_model: nn.Module) -> str | None:
+    """Which weights of ``hf_model`` a model built from its config (cut to the recorded sizes) would not hold, built
+    on the ``meta`` device (no memory, no initialization); None when all match or the class is not built from a
+    config alone."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the config's own remarks (token ids...) were made when the model was built
+    try:
+        with torch.device("meta"):
+            built = type(hf_model)(copy.deepcopy(hf_model.config))
+    except Exception:  # a class that takes more than its config (a wrapper): nothing to compare with
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    try:
+        shrink_to_sizes(built, getattr(hf_model.config, LAYER_SIZES_KEY, None) or {})
+    except Exception as error:  # whatever stops the cut, the config does not rebuild the model: said, not raised
+        return f"its recorded sizes do not apply: {error}"
+    held = {name: tuple(value.shape) for name, value in hf_model.state_dict().items()}
+    wrong = [
+        f"{name}: {held[name]} held, {tuple(value.shape)} built"
+        for name, value in built.state_dict().items()
+        if name in held and tuple(value.shape) != held[name]
+    ]
+    if not wrong:
+        return None
+    return "; ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+
+
+def _wants(record: Mapping[str, Mapping[str, int]], keys: tuple[str, ...]) -> bool:
+    return any(key in wanted for wanted in record.values() for key in keys)
 
 
 def shrink_to_sizes(model: nn.Module, record: Mapping[str, Mapping[str, int]]) -> nn.Module:
     """Cut a model built from a shrunk config down to each layer's recorded sizes (keeping the first channels: the
-    weights are loaded afterwards), in place.
+    weights are loaded afterwards), in place. A recorded module that holds no attention or MLP of the recorded kind
+    is a ``ValueError`` naming it.
 
     Example:
         >>> glu = nn.ModuleDict({n: nn.Linear(4, 8) for n in ("gate_proj", "up_proj")} | {"down_proj": nn.Linear(8, 4)})
         >>> shrink_to_sizes(nn.ModuleDict({"mlp": glu}), {"mlp": {"intermediate_size": 3}}).mlp.up_proj.out_features
         3
     """
+    # the groups are found once (each cut changes only its own layer): BERT / GPT-2 heads and MLPs by their module
+    heads = {_owner(g): g for g in head_groups(model, "kv_groups")} if _wants(record, (_HEADS,)) else {}
+    ffn = {str(g.layout["module"]): g for g in ffn_groups(model)} if _wants(record, _FFN_WIDTHS) else {}
     for name, wanted in record.items():
         module = model.get_submodule(name)
         p = f"{name}." if name else ""
-        width = wanted.get("intermediate_size", wanted.get(_OTHER_FFN))
+        width = next((wanted[k] for k in _FFN_WIDTHS if k in wanted), None)
         if width is not None:
-            (group,) = [g for g in ffn_groups(model) if g.layout["module"] == name]
-            _shrink_ffn(model, group, list(range(int(width))))
+            if name not in ffn:
+                raise ValueError(f"{name!r} is recorded with an MLP width {width}, but holds no MLP found by role")
+            _shrink_ffn(model, ffn[name], list(range(int(width))))
+            continue
+        if _HEADS in wanted:
+            group = heads.get(name)
+            if group is None or group.layout["type"] not in ("bert", "gpt2"):
+                raise ValueError(
+                    f"{name!r} is recorded with {wanted[_HEADS]} attention heads, but holds no BERT / GPT-2 attention"
+                )
+            _shrink_heads(model, group, list(range(int(wanted[_HEADS]))))
             continue
         heads, kv_heads, _ = _gqa_shape(module, name) or (0, 0, 0)
         want_kv = int(wanted.get("num_key_value_heads", kv_heads))
@@ -217,16 +348,28 @@ def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _saved_class(config: Any) -> Any:
+    """The class ``save_pretrained`` saved (the config's ``architectures``), else ``AutoModelForCausalLM``."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        found = getattr(transformers, str(name), None)
+        if found is not None:
+            return found
+    return transformers.AutoModelForCausalLM
+
+
 def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None, **kwargs: Any) -> nn.Module:
     """Load a model saved with ``save_pretrained`` after :func:`~pat_callbacks.structured.shrink`, from a local
     directory. A config without per-layer sizes goes to ``model_class.from_pretrained`` (Hugging Face's own); one
-    with them (layers shrunk differently) is loaded by ``from_pretrained`` at the config's (largest) sizes with the
-    smaller layers skipped, which are then cut to their recorded sizes and loaded from the directory's safetensors
-    files.
+    with them (layers shrunk differently, BERT / GPT-2 heads pruned) is loaded by ``from_pretrained`` at the
+    config's sizes with the smaller layers skipped, which are then cut to their recorded sizes and loaded from the
+    directory's safetensors files.
 
     Args:
         path: the directory ``save_pretrained`` wrote.
-        model_class: a Hugging Face model class (default ``AutoModelForCausalLM``).
+        model_class: a Hugging Face model class (default: the class that was saved, the first of the config's
+            ``architectures`` that ``transformers`` has; ``AutoModelForCausalLM`` if none).
         kwargs: passed to ``from_pretrained``.
 
     Example:
@@ -240,20 +383,20 @@ def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None
         "LlamaForCausalLM: one config cannot hold every layer's ['intermediate_size']"
         >>> with tempfile.TemporaryDirectory() as path:
         ...     model.save_pretrained(path)
-        ...     loaded = from_pretrained_shrunk(path, LlamaForCausalLM)
-        >>> [layer.mlp.up_proj.out_features for layer in loaded.model.layers]
-        [24, 64]
+        ...     loaded = from_pretrained_shrunk(path)
+        >>> type(loaded).__name__, [layer.mlp.up_proj.out_features for layer in loaded.model.layers]
+        ('LlamaForCausalLM', [24, 64])
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = os.fspath(path)
-    model_class = model_class or AutoModelForCausalLM
     config = AutoConfig.from_pretrained(path)
+    model_class = model_class or _saved_class(config)
     record = getattr(config, LAYER_SIZES_KEY, None)
     if not record:
         return model_class.from_pretrained(path, **kwargs)
     # Hugging Face loads (and converts) every weight whose shape the config gives; the layers recorded as smaller
-    # are then cut to size and take their own weights, which are plain Linear weights under their module names.
+    # are then cut to size and take their own weights, which are plain Linear / Conv1D weights under their names.
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -262,9 +405,11 @@ def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None
         model = model_class.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+    shapes = {name: value.shape for name, value in model.named_parameters()}
     shrink_to_sizes(model, record)
+    cut = {name for name, value in model.named_parameters() if value.shape != shapes.get(name)}
     saved = _state_dict_from(path)
-    wanted = {f"{name}.{p}" for name in record for p, _ in model.get_submodule(name).named_parameters()}
+    wanted = cut | {f"{name}.{p}" for name in record for p, _ in model.get_submodule(name).named_parameters()}
     absent = sorted(wanted - saved.keys())
     if absent:
         raise ValueError(f"{path}: the saved weights lack {absent} of the layers recorded in `{LAYER_SIZES_KEY}`")

@@ -337,13 +337,23 @@ def _check_round_to(groups: Sequence[ChannelGroup], round_to: int) -> None:
 
 
 def _check_uniform(found: Sequence[ChannelGroup], kept: Sequence[ChannelGroup]) -> None:
-    """``uniform_per_layer``: every attention block alike, every MLP alike, none kept whole."""
+    """``uniform_per_layer``: every attention block alike, every MLP alike, none kept whole while others of its kind
+    are pruned; no BERT / GPT-2 heads pruned (their config cannot hold fewer heads of the same size)."""
     kept_ids = {id(g) for g in kept}
-    whole = sorted(g.root for g in found if id(g) not in kept_ids)
+    pruned_kinds = {g.kind for g in kept}
+    whole = sorted(g.root for g in found if id(g) not in kept_ids and g.kind in pruned_kinds)
     if whole:
         raise ValueError(
             f"uniform_per_layer=True, but `exclude` keeps {whole} whole: the shrunk layers would differ in size; "
             "drop them from `exclude` or set uniform_per_layer=False"
+        )
+    fixed = [g.root for g in kept if g.kind == "heads" and g.layout.get("type") in ("bert", "gpt2")]
+    if fixed:
+        raise ValueError(
+            f"uniform_per_layer=True, but the heads of {fixed[0]!r} (and {len(fixed) - 1} more) would be pruned and "
+            "a BERT / GPT-2 config cannot hold fewer heads of the same size (its head size is the width over "
+            "num_attention_heads): put the attention in `exclude` (e.g. '*.attention') to prune MLP neurons only, or "
+            "set uniform_per_layer=False and reload with pat_callbacks.structured.from_pretrained_shrunk"
         )
     for kind in ("heads", "ffn"):
         sizes = {g.root: g.n_channels for g in kept if g.kind == kind}

@@ -41,7 +41,9 @@ def shrink(
     :func:`~pat_callbacks.structured.hf.update_config`): with the same heads and intermediate size in every layer,
     ``save_pretrained`` + ``from_pretrained`` reload the shrunk model; ``uniform_per_layer=True`` makes layers that
     differ an error (otherwise they are recorded in the config for
-    :func:`~pat_callbacks.structured.hf.from_pretrained_shrunk`).
+    :func:`~pat_callbacks.structured.hf.from_pretrained_shrunk`). BERT / GPT-2 heads, which their config cannot
+    hold, are always recorded (a ``UserWarning`` says so; ``uniform_per_layer=True`` refuses them), and a config
+    that would not rebuild the shrunk weights at all is a ``UserWarning`` naming them.
 
     Example:
         >>> import torch
