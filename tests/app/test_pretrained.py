@@ -175,3 +175,33 @@ def test_two_steps_of_minilm_one_shot_pruned_and_distilled(tmp_path):
     assert metrics["sparsity"] == 0.5 and len(metrics["layer_sparsity"]) == 6
     assert watch.zero_where_masked == [True, True] and len(watch.distill_losses) == 2
     assert 0.5 < metrics["test_fidelity"] < 1
+
+
+def test_an_encoder_distilled_from_a_bare_hugging_face_teacher_reports_its_fidelity(tmp_path):
+    """From Python the teacher may be the bare model (no ``mean_pooled`` field): the function pools both outputs."""
+    from transformers import AutoModel
+
+    from pat_callbacks import Distillation, KeepSparsity
+    from pat_callbacks.app.data import TokenizedLinesDataModule
+    from pat_callbacks.recovery.distillation import mean_pooled
+
+    folder = tiny_model_folder(tmp_path / "bert", "bert")
+    lines = [f"line {chr(97 + i % 26)}{chr(97 + i // 26)} of a small text" for i in range(40)]
+    data = TokenizedLinesDataModule(lines, str(folder), max_length=16, batch_size=8, val_size=8, test_size=8)
+    module = PretrainedModel(str(folder), lr=1e-2)
+    teacher = AutoModel.from_pretrained(folder, local_files_only=True)
+    distill = Distillation(teacher=teacher, loss="cosine", output=mean_pooled, task_loss=False)
+    trainer = pl.Trainer(
+        max_steps=3,
+        callbacks=[KeepSparsity(verbose=False), distill],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    assert float(trainer.callback_metrics["distill/loss"]) > 0
+    (result,) = trainer.test(module, datamodule=data, verbose=False)
+    assert 0 < result["test/fidelity"] < 1  # lr 1e-2 moved the student away from its dense start

@@ -190,8 +190,11 @@ class PretrainedModel(pl.LightningModule):
         teacher = self._teacher()
         if teacher is None:  # no dense model to compare with
             return
-        student = self(**batch)["mean_pooled"]
-        reference = teacher(**{k: v.to(next(teacher.parameters()).device) for k, v in batch.items()})["mean_pooled"]
+        mask = batch.get("attention_mask")
+        student = mean_pooled(self(**batch), attention_mask=mask)
+        device = next(teacher.parameters()).device
+        # A teacher given from Python may be the bare Hugging Face model: pooled here, whatever it returns.
+        reference = mean_pooled(teacher(**{k: v.to(device) for k, v in batch.items()}), attention_mask=mask)
         fidelity = F.cosine_similarity(student.float(), reference.to(student.device).float(), dim=-1).mean()
         self.log(f"{stage}/fidelity", fidelity, on_epoch=True, prog_bar=True, batch_size=size)
 
