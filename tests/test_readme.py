@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -107,6 +108,13 @@ def _pruning(description: str) -> Any:
     return GradualPruning(sparsity=0.5)
 
 
+def _model_folder(description: str) -> str:
+    """A tiny random BERT encoder and its tokenizer, written as ``save_pretrained`` writes them (no download)."""
+    from tests.app.hf_folders import tiny_model_folder
+
+    return str(tiny_model_folder(Path("hf-model").resolve(), "bert"))
+
+
 _GLUE: dict[str, Callable[[str], Any]] = {
     "model": _classifier,
     "module": _module,
@@ -115,6 +123,7 @@ _GLUE: dict[str, Callable[[str], Any]] = {
     "batches": _batches,
     "build_my_transformer": _transformer_factory,
     "pruning": _pruning,
+    "model_folder": _model_folder,
 }
 
 
@@ -233,3 +242,17 @@ def test_the_readme_gives_the_measured_effect_of_the_recovery_presets_on_a_run_f
     assert said, "no measured lm_two_four figures in 'Recover after pruning'"
     without, distill, both = (float(x) for x in said.groups())
     assert distill > without and both > without and "from scratch" in section
+
+
+def test_the_end_to_end_block_reloads_the_pruned_encoder_with_the_zeros_it_kept(tmp_path, monkeypatch):
+    """The block's reloaded model holds exactly the zeros KeepSparsity kept through recovery: 50% of each matrix."""
+    monkeypatch.chdir(tmp_path)
+    _quiet_trainers(monkeypatch)
+    code = _block_after("### End to end: a pretrained Hugging Face model")
+    namespace: dict[str, Any] = {name: _GLUE[name](text) for name, text in declared_glue(code).items()}
+    exec(compile(code, "README.md", "exec"), namespace)
+    masks = namespace["callbacks"][0].store.masks  # KeepSparsity's, named as in the LightningModule (net.)
+    reloaded = dict(namespace["reloaded"].named_parameters())
+    assert len(masks) == 12 and all(float((~mask).float().mean()) == 0.5 for mask in masks.values())
+    for name, mask in masks.items():
+        assert torch.equal(reloaded[name.removeprefix("net.")] == 0, ~mask), name

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from pat_callbacks.app.config import register_configs
 from pat_callbacks.app.run import CONF_DIR, run_training
+from tests.app.hf_folders import tiny_model_folder
 
 register_configs()
 
@@ -104,17 +105,23 @@ NEEDS: dict[str, list[str]] = {
     "datamodule/digits": ["model=mlp", "model.net.in_features=64"],
     "datamodule/shakespeare": ["model=char_gpt"],
     "pruning/two_four": ["model=mlp"],
+    "model/hf_pretrained": ["datamodule=shakespeare_lines"],
+    "datamodule/shakespeare_lines": ["model=hf_pretrained"],
+    "recovery/distill_embeddings": ["model=hf_pretrained", "datamodule=shakespeare_lines"],
 }
 GROUPS = ("model", "datamodule", "pruning", "recovery")
 CONF = ROOT / "pat_callbacks" / "conf"
 OPTIONS = [f"{group}/{path.stem}" for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 FEW_STEPS = ["trainer.enable_progress_bar=false", "num_threads=1"]
 SMALL_TEXT = ["datamodule.max_eval_windows=8", "datamodule.batch_size=4", "+trainer.limit_val_batches=1"]
+SMALL_LINES = ["datamodule.val_size=8", "datamodule.test_size=8", "datamodule.batch_size=4"]
 
 
 def _few_steps(overrides: list[str], steps: int = 8) -> list[str]:
     text = any(word in o for o in overrides for word in ("shakespeare", "recipe=lm_", "char_gpt", "hf_gpt2"))
-    return [*overrides, f"trainer.max_steps={steps}", *FEW_STEPS, *(SMALL_TEXT if text else [])]
+    lines = any("shakespeare_lines" in o for o in overrides)  # no windows: a few held-out lines instead
+    small = SMALL_LINES if lines else SMALL_TEXT if text else []
+    return [*overrides, f"trainer.max_steps={steps}", *FEW_STEPS, *small]
 
 
 def _help_text() -> str:
@@ -138,6 +145,9 @@ def test_every_config_group_option_runs_a_few_steps(tmp_path, monkeypatch, optio
         overrides += ["model.net.dim=32"]
     if option == "model/hf_gpt2":
         overrides += ["model.net.config.n_embd=32"]
+    if "model=hf_pretrained" in overrides or option == "model/hf_pretrained":  # a tiny folder: a GPT-2, or an encoder
+        kind = "bert" if option == "recovery/distill_embeddings" else "gpt2"
+        overrides += [f"model.path={tiny_model_folder(tmp_path / kind, kind)}", "datamodule.max_length=16"]
     cfg = _compose(_few_steps(overrides))
     cfg.callbacks.checkpoint.dirpath = str(tmp_path / "checkpoints")
     metrics = run_training(cfg, output_dir=tmp_path)
