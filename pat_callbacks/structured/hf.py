@@ -147,6 +147,30 @@ def _config_values(sizes: Mapping[str, Mapping[str, int]]) -> tuple[dict[str, li
     return values, uneven
 
 
+def _largest(sizes: Mapping[str, Mapping[str, int]], values: Mapping[str, list[int]]) -> dict[str, int]:
+    """The config sizes every layer of ``sizes`` can be cut down from: the largest of each, and as many query heads
+    as the most key/value heads times the most query heads per key/value head (a layer of 8 heads over 2 key/value
+    heads and one of 8 over 4 are both cut from 16 over 4)."""
+    largest = {key: max(options) for key, options in values.items()}
+    pairs = [(s["num_attention_heads"], s["num_key_value_heads"]) for s in sizes.values() if _HEAD_KEYS[1] in s]
+    if pairs:
+        largest["num_attention_heads"] = largest["num_key_value_heads"] * max(h // kv for h, kv in pairs)
+    return largest
+
+
+def _record(sizes: Mapping[str, Mapping[str, int]], built: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """``pat_layer_sizes``: per layer the sizes that differ from what the config builds; a layer whose attention
+    differs gets all its head counts, so the rebuild never infers one from another."""
+    record = {}
+    for name, layer in sizes.items():
+        differ = {key: value for key, value in layer.items() if value != built.get(key)}
+        if any(key in differ for key in _HEAD_KEYS):
+            differ |= {key: layer[key] for key in _HEAD_KEYS if key in layer}
+        if differ:
+            record[name] = differ
+    return record
+
+
 def _cut_heads(sizes: Mapping[str, Mapping[str, int]], config: Any) -> dict[str, int]:
     """The BERT / GPT-2 attention modules in ``sizes`` with another head count than ``config`` gives."""
     full = getattr(config, "num_attention_heads", None)
@@ -231,12 +255,12 @@ def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str
         sizes = layer_sizes(hf_model)
         values, uneven = _config_values(sizes)
         cut = _cut_heads(sizes, config)
-        for key, options in values.items():
-            setattr(config, key, max(options))
+        largest = _largest(sizes, values)
+        for key, value in largest.items():
+            setattr(config, key, value)
         if uneven or cut:
-            largest = {k: max(v) for k, v in values.items()} | {_HEADS: getattr(config, "num_attention_heads", None)}
-            record = {n: {k: v for k, v in s.items() if v != largest.get(k)} for n, s in sizes.items()}
-            setattr(config, LAYER_SIZES_KEY, {n: s for n, s in record.items() if s})
+            built = largest | {_HEADS: getattr(config, "num_attention_heads", None)}
+            setattr(config, LAYER_SIZES_KEY, _record(sizes, built))
         elif hasattr(config, LAYER_SIZES_KEY):
             delattr(config, LAYER_SIZES_KEY)
         if (wrong := _unbuildable(hf_model)) is not None:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat_callbacks.structured.cutting import _owner, _shrink_ffn, _shrink_heads, shrink_transformer
-from pat_callbacks.structured.roles import _gqa_shape, ffn_groups, head_groups
+from pat_callbacks.structured.cutting import _cut, _owner, _set_head_counts, _shrink_ffn, _shrink_heads
+from pat_callbacks.structured.roles import _gqa_shape, _rows, ffn_groups, head_groups
 
 __all__ = ["LAYER_SIZES_KEY", "from_pretrained_shrunk", "shrink_to_sizes"]
 
@@ -44,7 +44,6 @@ def shrink_to_sizes(model: nn.Module, record: Mapping[str, Mapping[str, int]]) -
     ffn = {str(g.layout["module"]): g for g in ffn_groups(model)} if _wants(record, _FFN_WIDTHS) else {}
     for name, wanted in record.items():
         module = model.get_submodule(name)
-        p = f"{name}." if name else ""
         width = next((wanted[k] for k in _FFN_WIDTHS if k in wanted), None)
         if width is not None:
             if name not in ffn:
@@ -59,19 +58,38 @@ def shrink_to_sizes(model: nn.Module, record: Mapping[str, Mapping[str, int]]) -
                 )
             _shrink_heads(model, group, list(range(int(wanted[_HEADS]))))
             continue
-        heads, kv_heads, _ = _gqa_shape(module, name) or (0, 0, 0)
-        want_kv = int(wanted.get("num_key_value_heads", kv_heads))
-        if want_kv < kv_heads:  # whole key/value groups: the k projection is the root
-            shrink_transformer(model, {f"{p}k_proj.weight": list(range(want_kv, kv_heads))})
-            heads, kv_heads = heads * want_kv // kv_heads, want_kv
-        want_heads = int(wanted.get("num_attention_heads", heads))
-        if want_heads < heads:  # query heads, the same count from every key/value group
-            per, keep = heads // kv_heads, want_heads // kv_heads
-            drop = [g * per + i for g in range(kv_heads) for i in range(keep, per)]
-            if kv_heads == heads:
-                drop = list(range(want_heads, heads))
-            shrink_transformer(model, {f"{p}q_proj.weight": drop})
+        if any(key in wanted for key in _HEAD_KEYS):  # other keys (T5 d_ff): no cut; update_config says so
+            _cut_gqa(module, name, wanted)
     return model
+
+
+def _cut_gqa(module: nn.Module, name: str, wanted: Mapping[str, int]) -> None:
+    """Cut Llama-style attention (built at the config's sizes) to ``wanted``'s query and key/value head counts,
+    keeping the first heads of the first key/value groups (the weights are loaded afterwards); a count it cannot
+    reach from there is a ``ValueError`` naming the module and the counts."""
+    shape = _gqa_shape(module, name)
+    if shape is None:
+        raise ValueError(f"{name!r} is recorded with attention heads {dict(wanted)}, but holds no q/k/v/o attention")
+    heads, kv_heads, head_dim = shape
+    want_heads = int(wanted.get("num_attention_heads", heads))
+    want_kv = int(wanted.get("num_key_value_heads", kv_heads))
+    per, keep_per = heads // kv_heads, want_heads // max(want_kv, 1)
+    if (
+        not 1 <= want_kv <= kv_heads
+        or want_heads % want_kv
+        or not 1 <= keep_per <= per
+        or int(wanted.get("head_dim", head_dim)) != head_dim
+    ):
+        raise ValueError(
+            f"{name!r} is recorded with {dict(wanted)}, which a layer of {heads} heads, {kv_heads} key/value heads "
+            f"and head_dim {head_dim} cannot be cut to (whole key/value groups, the same query heads from each)"
+        )
+    q_rows = _rows([g * per + i for g in range(want_kv) for i in range(keep_per)], head_dim)
+    _cut(module.q_proj, 0, q_rows, with_bias=True)
+    for projection in (module.k_proj, module.v_proj):
+        _cut(projection, 0, _rows(range(want_kv), head_dim), with_bias=True)
+    _cut(module.o_proj, 1, q_rows, with_bias=False)
+    _set_head_counts(module, want_heads, want_kv)
 
 
 def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
@@ -118,6 +136,7 @@ def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         ...                      num_attention_heads=4, num_key_value_heads=2)
+        >>> from pat_callbacks.structured.cutting import shrink_transformer
         >>> from pat_callbacks.structured.hf import update_config
         >>> model = LlamaForCausalLM(config)
         >>> _ = shrink_transformer(model, {"model.layers.0.mlp.up_proj.weight": list(range(40))})
