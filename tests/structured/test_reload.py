@@ -4,6 +4,7 @@ keyword arguments and messages. Every reload computes what the shrunk model comp
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -88,3 +89,111 @@ def test_layers_with_other_head_and_key_value_counts_reload(tmp_path):
         (32, 16),
     ]
     assert torch.allclose(_output(reloaded), expected, atol=1e-6, rtol=0)
+
+
+def _bert(config_class: Any = None, **kwargs: Any) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        **kwargs,
+    )
+    return (config_class or transformers.BertModel)(config).eval()
+
+
+def _shrunk_bert(prefix: str = "", config_class: Any = None, **kwargs: Any) -> nn.Module:
+    """A BERT with head 1 of layer 0 and MLP neurons 0, 1 of layer 1 cut: recorded in the config."""
+    model = _bert(config_class, **kwargs)
+    layer = f"{prefix}encoder.layer"
+    _quiet_shrink(
+        model, {f"{layer}.0.attention.self.query.weight": [1], f"{layer}.1.intermediate.dense.weight": [0, 1]}
+    )
+    assert getattr(model.config, LAYER_SIZES_KEY)
+    return model
+
+
+def _hidden(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_tokens(), output_hidden_states=True).hidden_states[-1]
+
+
+def test_a_base_model_loads_into_a_class_with_a_head_on_top_and_back(tmp_path):
+    base = _shrunk_bert()  # e.g. MiniLM pruned, then fine-tuned for classification
+    base.save_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match=r"initialised anew.*'classifier.bias', 'classifier.weight'"):
+        classifier = from_pretrained_shrunk(tmp_path / "base", transformers.BertForSequenceClassification)
+    assert classifier.bert.encoder.layer[0].attention.self.query.out_features == 12
+    assert torch.allclose(_hidden(classifier), _hidden(base), atol=1e-6, rtol=0)
+    with pytest.warns(UserWarning, match="cls.predictions"):  # a transformers class name too
+        masked_lm = from_pretrained_shrunk(tmp_path / "base", "AutoModelForMaskedLM")
+    assert torch.allclose(_hidden(masked_lm), _hidden(base), atol=1e-6, rtol=0)
+
+    headed = _shrunk_bert("bert.", transformers.BertForSequenceClassification, num_labels=3)
+    headed.save_pretrained(tmp_path / "headed")
+    for cls in (transformers.BertModel, transformers.AutoModel):
+        encoder = from_pretrained_shrunk(tmp_path / "headed", cls)
+        assert type(encoder) is transformers.BertModel
+        assert torch.allclose(_hidden(encoder), _hidden(headed), atol=1e-6, rtol=0)
+
+
+def test_a_llama_with_per_layer_sizes_loads_as_its_base_model(tmp_path):
+    model = _llama(num_key_value_heads=2)
+    _quiet_shrink(model, {"model.layers.0.mlp.up_proj.weight": list(range(10))})
+    model.save_pretrained(tmp_path)
+    base = from_pretrained_shrunk(tmp_path, transformers.AutoModel)
+    assert type(base) is transformers.LlamaModel
+    assert torch.allclose(_hidden(base), _hidden(model), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_folder_of_pytorch_model_bin_reloads(tmp_path, shards):
+    model = _shrunk_bert()
+    model.config.save_pretrained(tmp_path)
+    state = model.state_dict()
+    if shards == 1:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    else:  # the sharded layout: an index naming the file of each weight
+        names = sorted(state)
+        parts = {f"pytorch_model-0000{i + 1}-of-00002.bin": names[i::2] for i in range(2)}
+        for file, keys in parts.items():
+            torch.save({key: state[key] for key in keys}, tmp_path / file)
+        index = {"metadata": {}, "weight_map": {key: file for file, keys in parts.items() for key in keys}}
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    reloaded = from_pretrained_shrunk(tmp_path, transformers.BertModel)  # config.save_pretrained: no architectures
+    assert torch.allclose(_output(reloaded), _output(model), atol=1e-6, rtol=0)
+
+
+def test_keyword_arguments_subfolder_and_mismatched_sizes(tmp_path):
+    model = _shrunk_bert("bert.", transformers.BertForSequenceClassification, num_labels=3)
+    model.save_pretrained(tmp_path / "sub")
+    reloaded = from_pretrained_shrunk(tmp_path, subfolder="sub")
+    assert torch.allclose(_output(reloaded), _output(model), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"\['classifier.bias', 'classifier.weight'\] at other sizes.*num_labels"):
+        from_pretrained_shrunk(tmp_path / "sub", num_labels=5)
+    with pytest.warns(UserWarning, match="initialised anew"):
+        five = from_pretrained_shrunk(tmp_path / "sub", num_labels=5, ignore_mismatched_sizes=True)
+    assert five.classifier.out_features == 5
+    assert torch.allclose(_hidden(five), _hidden(model), atol=1e-6, rtol=0)
+
+
+def test_messages_name_the_folder_the_class_and_the_record_entry(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no such local folder: {tmp_path / 'nowhere'}"):
+        from_pretrained_shrunk(tmp_path / "nowhere")
+    model = _shrunk_bert()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_class 'BertModle' is no transformers model class"):
+        from_pretrained_shrunk(tmp_path, "BertModle")
+    config = json.loads((tmp_path / "config.json").read_text())
+    for entry, message in [
+        ({"encoder.layer.7": {"intermediate_size": 3}}, "'encoder.layer.7'.*names no module of BertModel"),
+        ({"encoder.layer.1": {"intermediate_size": 0}}, r"'encoder.layer.1'.*ints from 1 to the built model's \(32"),
+        ({"encoder.layer.1": {"attention_heads": 2}}, "'encoder.layer.1'.*holds no BERT / GPT-2 attention"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps(config | {LAYER_SIZES_KEY: entry}))
+        with pytest.raises(ValueError, match=f"`{LAYER_SIZES_KEY}` entry {message}"):
+            from_pretrained_shrunk(tmp_path)
