@@ -2,17 +2,17 @@
 ``save_pretrained`` + ``from_pretrained`` reload the smaller model, and a loader for what a config cannot express.
 
 A Llama / Qwen2 / Mistral / Gemma config has one ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` and
-``intermediate_size`` for every layer; a BERT (RoBERTa, MiniLM) config one ``intermediate_size``, a GPT-2 config one
-``n_inner``. :func:`update_config` reads the sizes off the shrunk weights: when every layer has the same ones (as
-uniform structured pruning leaves them), it writes them into the config and Hugging Face's own ``from_pretrained``
-rebuilds the model. When layers differ (a layer kept whole with ``ignore=``), the config keeps the largest sizes and
-records each layer's under ``pat_layer_sizes``; :func:`from_pretrained_shrunk` rebuilds that (and plain checkpoints
-too). BERT and GPT-2 attention has no head size of its own (it is the width over ``num_attention_heads``), so no
-config of theirs holds pruned heads: their counts are always recorded (``attention_heads``), the config keeps the
-original count, :func:`update_config` says so (``shrink`` warns) and :func:`from_pretrained_shrunk` rebuilds them.
-After writing, the config is checked: a model built from it (on the ``meta`` device, cut to the recorded sizes) must
-have the shrunk weights' shapes, or :func:`update_config` says which weights differ and that only ``shrink`` with
-the same ``pruned`` rebuilds the model.
+``intermediate_size`` for every layer; a BERT (RoBERTa, MiniLM, ALBERT) config one ``intermediate_size``, a GPT-2
+config one ``n_inner``. :func:`update_config` reads the sizes off the shrunk weights: when every layer has the same
+ones (as uniform structured pruning leaves them), it writes them into the config and Hugging Face's own
+``from_pretrained`` rebuilds the model. When layers differ (a layer kept whole with ``ignore=``), the config keeps the
+largest sizes and records each layer's under ``pat_layer_sizes``; :func:`from_pretrained_shrunk` rebuilds that (and
+plain checkpoints too). BERT (ALBERT) and GPT-2 attention has no head size of its own (it is the width over
+``num_attention_heads``), so no config of theirs holds pruned heads: their counts are always recorded
+(``attention_heads``), the config keeps the original count, :func:`update_config` says so (``shrink`` warns) and
+:func:`from_pretrained_shrunk` rebuilds them. After writing, the config is checked: a model built from it (on the
+``meta`` device, cut to the recorded sizes) must have the shrunk weights' shapes, or :func:`update_config` says which
+weights differ and that only ``shrink`` with the same ``pruned`` rebuilds the model.
 
 Example:
     >>> import tempfile
@@ -60,9 +60,13 @@ __all__ = [
 ]
 
 _WRITTEN = (*_HEAD_KEYS, "intermediate_size", "n_inner", "d_ff")  # the sizes a config holds, one per model
-_FFN_KEYS = {("c_fc", "c_proj"): "n_inner", ("intermediate.dense", "output.dense"): "intermediate_size"}
+_FFN_KEYS = {
+    ("c_fc", "c_proj"): "n_inner",
+    ("intermediate.dense", "output.dense"): "intermediate_size",
+    ("ffn", "ffn_output"): "intermediate_size",  # ALBERT
+}
 # MLPs not found by role (Torch-Pruning traces them): (up, down) Linear layers -> the config key sizing them
-_TRACED_FFNS = {("ffn", "ffn_output"): "intermediate_size", ("wi", "wo"): "d_ff", ("wi_0", "wo"): "d_ff"}
+_TRACED_FFNS = {("wi", "wo"): "d_ff", ("wi_0", "wo"): "d_ff"}
 
 
 def _pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -104,9 +108,9 @@ def _ffn_key(name: str, roles: tuple[str, str, str | None]) -> str | None:
 
 def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
     """Per attention and MLP of ``model`` (by module name) the sizes its weights have now: Llama-style attention
-    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and gated MLPs (``intermediate_size``), BERT and
-    GPT-2 attention (``attention_heads``) and MLPs (``intermediate_size``, ``n_inner``), ALBERT and T5 MLPs
-    (``intermediate_size``, ``d_ff``).
+    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and gated MLPs (``intermediate_size``), BERT,
+    ALBERT and GPT-2 attention (``attention_heads``) and MLPs (``intermediate_size``, ``n_inner``), T5 MLPs
+    (``d_ff``).
 
     Example:
         >>> glu = nn.ModuleDict({n: nn.Linear(4, 8) for n in ("gate_proj", "up_proj")} | {"down_proj": nn.Linear(8, 4)})
@@ -129,7 +133,7 @@ def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def _traced_ffn(module: nn.Module) -> tuple[str, int] | None:
-    """(config key, width) of an ALBERT (``ffn`` / ``ffn_output``) or T5 (``wi`` or ``wi_0`` / ``wo``) MLP."""
+    """(config key, width) of a T5 (``wi`` or ``wi_0`` / ``wo``) MLP."""
     for (up, down), key in _TRACED_FFNS.items():
         first, last = getattr(module, up, None), getattr(module, down, None)
         if isinstance(first, nn.Linear) and isinstance(last, nn.Linear):

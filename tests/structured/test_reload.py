@@ -197,3 +197,36 @@ def test_messages_name_the_folder_the_class_and_the_record_entry(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(config | {LAYER_SIZES_KEY: entry}))
         with pytest.raises(ValueError, match=f"`{LAYER_SIZES_KEY}` entry {message}"):
             from_pretrained_shrunk(tmp_path)
+
+
+@pytest.mark.parametrize("cls", ["AlbertModel", "AlbertForMaskedLM"])
+def test_albert_under_the_structured_pruner_loses_heads_and_mlp_neurons_only_and_reloads(tmp_path, cls):
+    # traced, it used to prune the hidden width under LayerNorm too: shrunk logits off the masked ones by 0.08
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(
+        vocab_size=VOCAB,
+        embedding_size=8,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    model = getattr(transformers, cls)(config).eval()
+    pruner = StructuredPruner(model, {"input_ids": _tokens()})
+    layer = f"{'albert.' if cls != 'AlbertModel' else ''}encoder.albert_layer_groups.0.albert_layers.0"
+    assert sorted(g.root for g in pruner.groups) == [
+        f"{layer}.attention.query.weight",
+        f"{layer}.ffn.weight",
+    ]
+    pruner.prune_to(0.5)
+    masked = _output(model)
+    _quiet_shrink(model, pruner.pruned_channels())
+    assert model.base_model.encoder.embedding_hidden_mapping_in.out_features == 16  # the width is left whole
+    assert torch.allclose(_output(model), masked, atol=1e-5)
+    assert getattr(model.config, LAYER_SIZES_KEY) == {f"{layer}.attention": {"attention_heads": 2}}
+    model.save_pretrained(tmp_path)
+    assert torch.allclose(_output(from_pretrained_shrunk(tmp_path)), _output(model), atol=1e-6, rtol=0)
