@@ -264,6 +264,8 @@ def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None
     folder = os.path.join(path, kwargs["subfolder"]) if kwargs.get("subfolder") else path
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"from_pretrained_shrunk: no such local folder: {folder}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"from_pretrained_shrunk: {folder} holds no config.json (save_pretrained writes one)")
     config = AutoConfig.from_pretrained(path, subfolder=kwargs.get("subfolder", ""))
     model_class = _model_class(model_class, config)
     record = getattr(config, LAYER_SIZES_KEY, None)

@@ -184,6 +184,8 @@ def test_keyword_arguments_subfolder_and_mismatched_sizes(tmp_path):
 def test_messages_name_the_folder_the_class_and_the_record_entry(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no such local folder: {tmp_path / 'nowhere'}"):
         from_pretrained_shrunk(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} holds no config.json"):
+        from_pretrained_shrunk(tmp_path)
     model = _shrunk_bert()
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="model_class 'BertModle' is no transformers model class"):
