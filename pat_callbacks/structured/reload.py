@@ -96,13 +96,14 @@ def _check_size(name: str, wanted: Mapping[str, int], size: int, full: int, what
 
 def _gqa_plan(module: nn.Module, name: str, wanted: Mapping[str, int]) -> tuple[list[int], int, int]:
     """(query heads kept, key/value heads kept, head_dim) cutting Llama-style attention built at the config's sizes
-    to ``wanted``'s counts: the first heads of the first key/value groups (the weights are loaded afterwards)."""
+    to ``wanted``'s counts: the first heads of the first key/value groups (the weights are loaded afterwards). A
+    record without ``num_attention_heads`` (written by hand) cuts whole key/value groups with their query heads."""
     shape = _gqa_shape(module, name)
     if shape is None:
         raise _entry(name, wanted, "attention heads, but the module holds no q/k/v/o attention")
     heads, kv_heads, head_dim = shape
-    want_heads = wanted.get("num_attention_heads", heads)
     want_kv = wanted.get("num_key_value_heads", kv_heads)
+    want_heads = wanted.get("num_attention_heads", heads * want_kv // kv_heads)  # unsaid: whole groups cut
     per, keep_per = heads // kv_heads, want_heads // max(want_kv, 1)
     if (
         not 1 <= want_kv <= kv_heads

@@ -57,6 +57,7 @@ def shrink(
     heads, ffn = transformer_groups(model, attention, heads="kv_groups")
     query_heads, _ = transformer_groups(model, attention, heads="query_heads")
     transformer_roots = {group.root for group in heads + query_heads + ffn}
+    pruned = _key_roots(pruned, heads)
     recurrent = rnn_groups(model)
     recurrent_roots = {group.root for group in recurrent}
     counts = {group.root: group.n_channels for group in heads + query_heads + ffn + recurrent}
@@ -92,6 +93,23 @@ def shrink(
             group.prune()
     _update_configs(model, uniform_per_layer)
     return model
+
+
+def _key_roots(pruned: Mapping[str, Sequence[int]], heads: Sequence[Any]) -> dict[str, Sequence[int]]:
+    """``pruned`` with a ``k_proj`` root of attention with as many key/value heads as query heads (Llama-2-7B,
+    whose key/value groups have the ``q_proj`` root) named by its group's root: the same heads."""
+    alias = {
+        f"{g.layout['k']}.weight": g.root
+        for g in heads
+        if g.layout.get("type") == "gqa" and g.root == f"{g.layout['q']}.weight"
+    }
+    renamed: dict[str, Sequence[int]] = {}
+    for root, channels in pruned.items():
+        name = alias.get(root, root)
+        if name in renamed:
+            raise ValueError(f"shrink got the heads of {name!r} twice (also as {root!r}); give one of them")
+        renamed[name] = channels
+    return renamed
 
 
 def _check_channels(model: nn.Module, pruned: Mapping[str, Sequence[int]], counts: Mapping[str, int]) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from pat_callbacks.structured import StructuredPruner, from_pretrained_shrunk, shrink  # noqa: E402
-from pat_callbacks.structured.hf import LAYER_SIZES_KEY  # noqa: E402
+from pat_callbacks.structured.hf import LAYER_SIZES_KEY, shrink_to_sizes  # noqa: E402
 
 VOCAB = 32
 
@@ -232,3 +232,23 @@ def test_albert_under_the_structured_pruner_loses_heads_and_mlp_neurons_only_and
     assert getattr(model.config, LAYER_SIZES_KEY) == {f"{layer}.attention": {"attention_heads": 2}}
     model.save_pretrained(tmp_path)
     assert torch.allclose(_output(from_pretrained_shrunk(tmp_path)), _output(model), atol=1e-6, rtol=0)
+
+
+def test_multi_head_attention_key_value_heads_by_k_proj_and_a_record_without_the_query_count():
+    model = _llama(num_key_value_heads=4)
+    by_q = _llama(num_key_value_heads=4)
+    _quiet_shrink(model, {"model.layers.0.self_attn.k_proj.weight": [1]})  # the group's root is q_proj: same heads
+    _quiet_shrink(by_q, {"model.layers.0.self_attn.q_proj.weight": [1]})
+    assert model.model.layers[0].self_attn.k_proj.out_features == 24
+    assert torch.equal(_output(model), _output(by_q))
+    with pytest.raises(ValueError, match=r"heads of 'model.layers.1.self_attn.q_proj.weight' twice"):
+        shrink(model, None, {f"model.layers.1.self_attn.{p}_proj.weight": [0] for p in "qk"})
+    fresh = _llama(num_key_value_heads=4)  # a record by hand, key/value heads only: whole groups with their queries
+    shrink_to_sizes(fresh, {"model.layers.0.self_attn": {"num_key_value_heads": 2}})
+    assert (
+        fresh.model.layers[0].self_attn.q_proj.out_features,
+        fresh.model.layers[0].self_attn.k_proj.out_features,
+    ) == (
+        16,
+        16,
+    )
