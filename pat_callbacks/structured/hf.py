@@ -241,6 +241,10 @@ def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str
     with :func:`from_pretrained_shrunk`), or weights its config does not rebuild at all (then only
     :func:`~pat_callbacks.structured.shrink` with the same ``pruned`` does).
 
+    When layers differ, the config holds the largest sizes (and as many query heads as the most key/value heads times
+    the most query heads per key/value head, so every layer can be cut from it) and ``pat_layer_sizes`` each layer
+    whose sizes differ from those, a layer whose attention differs with all its head counts.
+
     Args:
         model: a module holding Hugging Face models (or one).
         uniform_per_layer: require the same sizes in every layer (reloadable by ``from_pretrained``); layers that
