@@ -7,7 +7,8 @@
 - :mod:`~pat_callbacks.structured.importance`: one score per channel;
 - :mod:`~pat_callbacks.structured.pruner`: :class:`StructuredPruner`, the Trainer-free core;
 - :mod:`~pat_callbacks.structured.shrink`: :func:`shrink`, the physically smaller model;
-- :mod:`~pat_callbacks.structured.hf`: Hugging Face configs of shrunk models and :func:`from_pretrained_shrunk`.
+- :mod:`~pat_callbacks.structured.hf`: Hugging Face configs of shrunk models;
+  :mod:`~pat_callbacks.structured.reload`: :func:`from_pretrained_shrunk`, reloading them.
 
 Example:
     >>> import torch

@@ -2,17 +2,17 @@
 ``save_pretrained`` + ``from_pretrained`` reload the smaller model, and a loader for what a config cannot express.
 
 A Llama / Qwen2 / Mistral / Gemma config has one ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` and
-``intermediate_size`` for every layer; a BERT (RoBERTa, MiniLM) config one ``intermediate_size``, a GPT-2 config one
-``n_inner``. :func:`update_config` reads the sizes off the shrunk weights: when every layer has the same ones (as
-uniform structured pruning leaves them), it writes them into the config and Hugging Face's own ``from_pretrained``
-rebuilds the model. When layers differ (a layer kept whole with ``ignore=``), the config keeps the largest sizes and
-records each layer's under ``pat_layer_sizes``; :func:`from_pretrained_shrunk` rebuilds that (and plain checkpoints
-too). BERT and GPT-2 attention has no head size of its own (it is the width over ``num_attention_heads``), so no
-config of theirs holds pruned heads: their counts are always recorded (``attention_heads``), the config keeps the
-original count, :func:`update_config` says so (``shrink`` warns) and :func:`from_pretrained_shrunk` rebuilds them.
-After writing, the config is checked: a model built from it (on the ``meta`` device, cut to the recorded sizes) must
-have the shrunk weights' shapes, or :func:`update_config` says which weights differ and that only ``shrink`` with
-the same ``pruned`` rebuilds the model.
+``intermediate_size`` for every layer; a BERT (RoBERTa, MiniLM, ALBERT) config one ``intermediate_size``, a GPT-2
+config one ``n_inner``. :func:`update_config` reads the sizes off the shrunk weights: when every layer has the same
+ones (as uniform structured pruning leaves them), it writes them into the config and Hugging Face's own
+``from_pretrained`` rebuilds the model. When layers differ (a layer kept whole with ``ignore=``), the config keeps the
+largest sizes and records each layer's under ``pat_layer_sizes``; :func:`from_pretrained_shrunk` rebuilds that (and
+plain checkpoints too). BERT (ALBERT) and GPT-2 attention has no head size of its own (it is the width over
+``num_attention_heads``), so no config of theirs holds pruned heads: their counts are always recorded
+(``attention_heads``), the config keeps the original count, :func:`update_config` says so (``shrink`` warns) and
+:func:`from_pretrained_shrunk` rebuilds them. After writing, the config is checked: a model built from it (on the
+``meta`` device, cut to the recorded sizes) must have the shrunk weights' shapes, or :func:`update_config` says which
+weights differ and that only ``shrink`` with the same ``pruned`` rebuilds the model.
 
 Example:
     >>> import tempfile
@@ -34,28 +34,39 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from pat_callbacks.structured.cutting import _owner, _shrink_ffn, _shrink_heads, shrink_transformer
-from pat_callbacks.structured.roles import _ffn_roles, _gqa_shape, _is_conv1d, ffn_groups, head_groups
+from pat_callbacks.structured.reload import (
+    _HEAD_KEYS,
+    _HEADS,
+    _OTHER_FFN,
+    LAYER_SIZES_KEY,
+    from_pretrained_shrunk,
+    shrink_to_sizes,
+)
+from pat_callbacks.structured.roles import _ffn_roles, _gqa_shape, _is_conv1d
 
-__all__ = ["LAYER_SIZES_KEY", "check_uniform", "from_pretrained_shrunk", "layer_sizes", "update_config"]
+__all__ = [
+    "LAYER_SIZES_KEY",
+    "check_uniform",
+    "from_pretrained_shrunk",
+    "layer_sizes",
+    "shrink_to_sizes",
+    "update_config",
+]
 
-LAYER_SIZES_KEY = "pat_layer_sizes"
-_HEAD_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim")
-_OTHER_FFN = "ffn_size"  # a gated MLP the config does not size by ``intermediate_size``: always recorded
-_HEADS = "attention_heads"  # BERT / GPT-2 heads: a count no config of theirs holds (head size = width / heads)
 _WRITTEN = (*_HEAD_KEYS, "intermediate_size", "n_inner", "d_ff")  # the sizes a config holds, one per model
-_FFN_KEYS = {("c_fc", "c_proj"): "n_inner", ("intermediate.dense", "output.dense"): "intermediate_size"}
+_FFN_KEYS = {
+    ("c_fc", "c_proj"): "n_inner",
+    ("intermediate.dense", "output.dense"): "intermediate_size",
+    ("ffn", "ffn_output"): "intermediate_size",  # ALBERT
+}
 # MLPs not found by role (Torch-Pruning traces them): (up, down) Linear layers -> the config key sizing them
-_FFN_WIDTHS = ("intermediate_size", "n_inner", _OTHER_FFN)  # the MLP widths from_pretrained_shrunk cuts back
-_TRACED_FFNS = {("ffn", "ffn_output"): "intermediate_size", ("wi", "wo"): "d_ff", ("wi_0", "wo"): "d_ff"}
+_TRACED_FFNS = {("wi", "wo"): "d_ff", ("wi_0", "wo"): "d_ff"}
 
 
 def _pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -97,9 +108,9 @@ def _ffn_key(name: str, roles: tuple[str, str, str | None]) -> str | None:
 
 def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
     """Per attention and MLP of ``model`` (by module name) the sizes its weights have now: Llama-style attention
-    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and gated MLPs (``intermediate_size``), BERT and
-    GPT-2 attention (``attention_heads``) and MLPs (``intermediate_size``, ``n_inner``), ALBERT and T5 MLPs
-    (``intermediate_size``, ``d_ff``).
+    (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``) and gated MLPs (``intermediate_size``), BERT,
+    ALBERT and GPT-2 attention (``attention_heads``) and MLPs (``intermediate_size``, ``n_inner``), T5 MLPs
+    (``d_ff``).
 
     Example:
         >>> glu = nn.ModuleDict({n: nn.Linear(4, 8) for n in ("gate_proj", "up_proj")} | {"down_proj": nn.Linear(8, 4)})
@@ -122,7 +133,7 @@ def layer_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def _traced_ffn(module: nn.Module) -> tuple[str, int] | None:
-    """(config key, width) of an ALBERT (``ffn`` / ``ffn_output``) or T5 (``wi`` or ``wi_0`` / ``wo``) MLP."""
+    """(config key, width) of a T5 (``wi`` or ``wi_0`` / ``wo``) MLP."""
     for (up, down), key in _TRACED_FFNS.items():
         first, last = getattr(module, up, None), getattr(module, down, None)
         if isinstance(first, nn.Linear) and isinstance(last, nn.Linear):
@@ -138,6 +149,30 @@ def _config_values(sizes: Mapping[str, Mapping[str, int]]) -> tuple[dict[str, li
     if any(_OTHER_FFN in s for s in sizes.values()):
         uneven[_OTHER_FFN] = sorted({s[_OTHER_FFN] for s in sizes.values() if _OTHER_FFN in s})
     return values, uneven
+
+
+def _largest(sizes: Mapping[str, Mapping[str, int]], values: Mapping[str, list[int]]) -> dict[str, int]:
+    """The config sizes every layer of ``sizes`` can be cut down from: the largest of each, and as many query heads
+    as the most key/value heads times the most query heads per key/value head (a layer of 8 heads over 2 key/value
+    heads and one of 8 over 4 are both cut from 16 over 4)."""
+    largest = {key: max(options) for key, options in values.items()}
+    pairs = [(s["num_attention_heads"], s["num_key_value_heads"]) for s in sizes.values() if _HEAD_KEYS[1] in s]
+    if pairs:
+        largest["num_attention_heads"] = largest["num_key_value_heads"] * max(h // kv for h, kv in pairs)
+    return largest
+
+
+def _record(sizes: Mapping[str, Mapping[str, int]], built: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """``pat_layer_sizes``: per layer the sizes that differ from what the config builds; a layer whose attention
+    differs gets all its head counts, so the rebuild never infers one from another."""
+    record = {}
+    for name, layer in sizes.items():
+        differ = {key: value for key, value in layer.items() if value != built.get(key)}
+        if any(key in differ for key in _HEAD_KEYS):
+            differ |= {key: layer[key] for key in _HEAD_KEYS if key in layer}
+        if differ:
+            record[name] = differ
+    return record
 
 
 def _cut_heads(sizes: Mapping[str, Mapping[str, int]], config: Any) -> dict[str, int]:
@@ -206,6 +241,10 @@ def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str
     with :func:`from_pretrained_shrunk`), or weights its config does not rebuild at all (then only
     :func:`~pat_callbacks.structured.shrink` with the same ``pruned`` does).
 
+    When layers differ, the config holds the largest sizes (and as many query heads as the most key/value heads times
+    the most query heads per key/value head, so every layer can be cut from it) and ``pat_layer_sizes`` each layer
+    whose sizes differ from those, a layer whose attention differs with all its head counts.
+
     Args:
         model: a module holding Hugging Face models (or one).
         uniform_per_layer: require the same sizes in every layer (reloadable by ``from_pretrained``); layers that
@@ -224,12 +263,12 @@ def update_config(model: nn.Module, uniform_per_layer: bool = False) -> list[str
         sizes = layer_sizes(hf_model)
         values, uneven = _config_values(sizes)
         cut = _cut_heads(sizes, config)
-        for key, options in values.items():
-            setattr(config, key, max(options))
+        largest = _largest(sizes, values)
+        for key, value in largest.items():
+            setattr(config, key, value)
         if uneven or cut:
-            largest = {k: max(v) for k, v in values.items()} | {_HEADS: getattr(config, "num_attention_heads", None)}
-            record = {n: {k: v for k, v in s.items() if v != largest.get(k)} for n, s in sizes.items()}
-            setattr(config, LAYER_SIZES_KEY, {n: s for n, s in record.items() if s})
+            built = largest | {_HEADS: getattr(config, "num_attention_heads", None)}
+            setattr(config, LAYER_SIZES_KEY, _record(sizes, built))
         elif hasattr(config, LAYER_SIZES_KEY):
             delattr(config, LAYER_SIZES_KEY)
         if (wrong := _unbuildable(hf_model)) is not None:
@@ -282,136 +321,3 @@ def _unbuildable(hf_model: nn.Module) -> str | None:
     if not wrong:
         return None
     return "; ".join(wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
-
-
-def _wants(record: Mapping[str, Mapping[str, int]], keys: tuple[str, ...]) -> bool:
-    return any(key in wanted for wanted in record.values() for key in keys)
-
-
-def shrink_to_sizes(model: nn.Module, record: Mapping[str, Mapping[str, int]]) -> nn.Module:
-    """Cut a model built from a shrunk config down to each layer's recorded sizes (keeping the first channels: the
-    weights are loaded afterwards), in place. A recorded module that holds no attention or MLP of the recorded kind
-    is a ``ValueError`` naming it.
-
-    Example:
-        >>> glu = nn.ModuleDict({n: nn.Linear(4, 8) for n in ("gate_proj", "up_proj")} | {"down_proj": nn.Linear(8, 4)})
-        >>> shrink_to_sizes(nn.ModuleDict({"mlp": glu}), {"mlp": {"intermediate_size": 3}}).mlp.up_proj.out_features
-        3
-    """
-    # the groups are found once (each cut changes only its own layer): BERT / GPT-2 heads and MLPs by their module
-    heads = {_owner(g): g for g in head_groups(model, "kv_groups")} if _wants(record, (_HEADS,)) else {}
-    ffn = {str(g.layout["module"]): g for g in ffn_groups(model)} if _wants(record, _FFN_WIDTHS) else {}
-    for name, wanted in record.items():
-        module = model.get_submodule(name)
-        p = f"{name}." if name else ""
-        width = next((wanted[k] for k in _FFN_WIDTHS if k in wanted), None)
-        if width is not None:
-            if name not in ffn:
-                raise ValueError(f"{name!r} is recorded with an MLP width {width}, but holds no MLP found by role")
-            _shrink_ffn(model, ffn[name], list(range(int(width))))
-            continue
-        if _HEADS in wanted:
-            group = heads.get(name)
-            if group is None or group.layout["type"] not in ("bert", "gpt2"):
-                raise ValueError(
-                    f"{name!r} is recorded with {wanted[_HEADS]} attention heads, but holds no BERT / GPT-2 attention"
-                )
-            _shrink_heads(model, group, list(range(int(wanted[_HEADS]))))
-            continue
-        heads, kv_heads, _ = _gqa_shape(module, name) or (0, 0, 0)
-        want_kv = int(wanted.get("num_key_value_heads", kv_heads))
-        if want_kv < kv_heads:  # whole key/value groups: the k projection is the root
-            shrink_transformer(model, {f"{p}k_proj.weight": list(range(want_kv, kv_heads))})
-            heads, kv_heads = heads * want_kv // kv_heads, want_kv
-        want_heads = int(wanted.get("num_attention_heads", heads))
-        if want_heads < heads:  # query heads, the same count from every key/value group
-            per, keep = heads // kv_heads, want_heads // kv_heads
-            drop = [g * per + i for g in range(kv_heads) for i in range(keep, per)]
-            if kv_heads == heads:
-                drop = list(range(want_heads, heads))
-            shrink_transformer(model, {f"{p}q_proj.weight": drop})
-    return model
-
-
-def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(os.path.join(path, file)))
-    return state
-
-
-def _saved_class(config: Any) -> Any:
-    """The class ``save_pretrained`` saved (the config's ``architectures``), else ``AutoModelForCausalLM``."""
-    import transformers
-
-    for name in getattr(config, "architectures", None) or ():
-        found = getattr(transformers, str(name), None)
-        if found is not None:
-            return found
-    return transformers.AutoModelForCausalLM
-
-
-def from_pretrained_shrunk(path: str | os.PathLike[str], model_class: Any = None, **kwargs: Any) -> nn.Module:
-    """Load a model saved with ``save_pretrained`` after :func:`~pat_callbacks.structured.shrink`, from a local
-    directory. A config without per-layer sizes goes to ``model_class.from_pretrained`` (Hugging Face's own); one
-    with them (layers shrunk differently, BERT / GPT-2 heads pruned) is loaded by ``from_pretrained`` at the
-    config's sizes with the smaller layers skipped, which are then cut to their recorded sizes and loaded from the
-    directory's safetensors files.
-
-    Args:
-        path: the directory ``save_pretrained`` wrote.
-        model_class: a Hugging Face model class (default: the class that was saved, the first of the config's
-            ``architectures`` that ``transformers`` has; ``AutoModelForCausalLM`` if none).
-        kwargs: passed to ``from_pretrained``.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        ...                      num_attention_heads=4, num_key_value_heads=2)
-        >>> model = LlamaForCausalLM(config)
-        >>> _ = shrink_transformer(model, {"model.layers.0.mlp.up_proj.weight": list(range(40))})
-        >>> update_config(model)[0].split(";")[0]
-        "LlamaForCausalLM: one config cannot hold every layer's ['intermediate_size']"
-        >>> with tempfile.TemporaryDirectory() as path:
-        ...     model.save_pretrained(path)
-        ...     loaded = from_pretrained_shrunk(path)
-        >>> type(loaded).__name__, [layer.mlp.up_proj.out_features for layer in loaded.model.layers]
-        ('LlamaForCausalLM', [24, 64])
-    """
-    from transformers import AutoConfig
-
-    path = os.fspath(path)
-    config = AutoConfig.from_pretrained(path)
-    model_class = model_class or _saved_class(config)
-    record = getattr(config, LAYER_SIZES_KEY, None)
-    if not record:
-        return model_class.from_pretrained(path, **kwargs)
-    # Hugging Face loads (and converts) every weight whose shape the config gives; the layers recorded as smaller
-    # are then cut to size and take their own weights, which are plain Linear / Conv1D weights under their names.
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its table of the skipped (smaller) layers: expected here
-    try:
-        model = model_class.from_pretrained(path, ignore_mismatched_sizes=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    shapes = {name: value.shape for name, value in model.named_parameters()}
-    shrink_to_sizes(model, record)
-    cut = {name for name, value in model.named_parameters() if value.shape != shapes.get(name)}
-    saved = _state_dict_from(path)
-    wanted = cut | {f"{name}.{p}" for name in record for p, _ in model.get_submodule(name).named_parameters()}
-    absent = sorted(wanted - saved.keys())
-    if absent:
-        raise ValueError(f"{path}: the saved weights lack {absent} of the layers recorded in `{LAYER_SIZES_KEY}`")
-    model.load_state_dict({key: saved[key] for key in wanted}, strict=False)
-    return model.eval()

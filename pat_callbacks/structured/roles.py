@@ -141,9 +141,11 @@ def head_groups(model: nn.Module, heads: HeadUnit = "auto") -> list[ChannelGroup
             groups.append(
                 _heads_group(f"{p}c_attn.weight", heads, gpt2_slices, gpt2_gate, 1, {"type": "gpt2", "module": name})
             )
-        elif (self_attention := _bert_self_attention(module)) is not None:
-            heads, width = int(self_attention.num_attention_heads), int(self_attention.attention_head_size)
-            q, k, v, o = (f"{p}self.query", f"{p}self.key", f"{p}self.value", f"{p}output.dense")
+        elif (self_attention := _bert_self_attention(module)) is not None or _is_albert_attention(module):
+            attention = self_attention or module
+            heads, width = int(attention.num_attention_heads), int(attention.attention_head_size)
+            s, o = ("self.", f"{p}output.dense") if self_attention is not None else ("", f"{p}dense")
+            q, k, v = (f"{p}{s}query", f"{p}{s}key", f"{p}{s}value")
             layout = {"type": "bert", "module": name, "q": q, "k": k, "v": v, "out": o}
             groups.append(_projection_group(model, layout, heads, width))
     return groups
@@ -160,6 +162,13 @@ def _bert_self_attention(module: nn.Module) -> nn.Module | None:
     if not hasattr(self_attention, "num_attention_heads") or not hasattr(self_attention, "attention_head_size"):
         return None
     return self_attention
+
+
+def _is_albert_attention(module: nn.Module) -> bool:
+    """ALBERT attention: BERT's ``query`` / ``key`` / ``value`` and output ``dense`` in one module."""
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value", "dense")) and all(
+        isinstance(getattr(module, n, None), int) for n in ("num_attention_heads", "attention_head_size")
+    )
 
 
 _GQA_ROLES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "o_proj"}
@@ -410,6 +419,9 @@ def _ffn_pair(module: nn.Module) -> tuple[str, str] | None:
         return "linear1", "linear2"
     if _is_conv1d(getattr(module, "c_fc", None)) and _is_conv1d(getattr(module, "c_proj", None)):
         return "c_fc", "c_proj"
+    up, down = getattr(module, "ffn", None), getattr(module, "ffn_output", None)  # ALBERT's layer
+    if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and up.out_features == down.in_features:
+        return "ffn", "ffn_output"
     intermediate = getattr(getattr(module, "intermediate", None), "dense", None)
     output = getattr(getattr(module, "output", None), "dense", None)
     if (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,7 +57,18 @@ def shrink(
     heads, ffn = transformer_groups(model, attention, heads="kv_groups")
     query_heads, _ = transformer_groups(model, attention, heads="query_heads")
     transformer_roots = {group.root for group in heads + query_heads + ffn}
-    recurrent_roots = {group.root for group in rnn_groups(model)}
+    pruned = _key_roots(pruned, heads)
+    recurrent = rnn_groups(model)
+    recurrent_roots = {group.root for group in recurrent}
+    counts = {group.root: group.n_channels for group in heads + query_heads + ffn + recurrent}
+    traced = [root for root, channels in pruned.items() if root not in counts and channels]
+    _check_channels(model, pruned, counts)
+    if traced and example_inputs is None:
+        raise ValueError(
+            f"shrink needs `example_inputs` to trace {type(model).__name__}'s channel couplings of "
+            f"{', '.join(repr(r) for r in traced[:3])}{' ...' if len(traced) > 3 else ''} (no attention heads, MLP "
+            "neurons or recurrent units found by role); give the inputs the pruner traced, e.g. {'input_ids': ...}"
+        )
     shrink_transformer(
         model,
         {root: c for root, c in pruned.items() if root in transformer_roots},
@@ -81,6 +93,49 @@ def shrink(
             group.prune()
     _update_configs(model, uniform_per_layer)
     return model
+
+
+def _key_roots(pruned: Mapping[str, Sequence[int]], heads: Sequence[Any]) -> dict[str, Sequence[int]]:
+    """``pruned`` with a ``k_proj`` root of attention with as many key/value heads as query heads (Llama-2-7B,
+    whose key/value groups have the ``q_proj`` root) named by its group's root: the same heads."""
+    alias = {
+        f"{g.layout['k']}.weight": g.root
+        for g in heads
+        if g.layout.get("type") == "gqa" and g.root == f"{g.layout['q']}.weight"
+    }
+    renamed: dict[str, Sequence[int]] = {}
+    for root, channels in pruned.items():
+        name = alias.get(root, root)
+        if name in renamed:
+            raise ValueError(f"shrink got the heads of {name!r} twice (also as {root!r}); give one of them")
+        renamed[name] = channels
+    return renamed
+
+
+def _check_channels(model: nn.Module, pruned: Mapping[str, Sequence[int]], counts: Mapping[str, int]) -> None:
+    """Refuse (``ValueError`` naming the weight, the index and the valid range) channel indices that are not ints in
+    ``range(channels)`` of their group (``counts``, else the weight's output channels): before any cut."""
+    for root, channels in pruned.items():
+        n = counts.get(root)
+        if n is None:
+            weight = model.get_parameter(root)
+            n = int(weight.shape[0])
+        bad = [c for c in channels if not _is_index(c, n)]
+        if bad:
+            raise ValueError(
+                f"shrink: {root!r} has channels 0 to {n - 1}, but `pruned` gives {bad[:5]}"
+                f"{' ...' if len(bad) > 5 else ''}; give ints in that range"
+            )
+
+
+def _is_index(channel: Any, n: int) -> bool:
+    """Whether ``channel`` is an int (a Python, NumPy or 0-d integer tensor one; not a bool) in ``range(n)``."""
+    if isinstance(channel, bool):
+        return False
+    try:
+        return 0 <= operator.index(channel) < n
+    except TypeError:
+        return False
 
 
 def _update_configs(model: nn.Module, uniform_per_layer: bool) -> None:

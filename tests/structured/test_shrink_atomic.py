@@ -4,12 +4,14 @@ weights, module sizes, head counts and config are exactly as they were (issue: Q
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
 
 from pat_callbacks.structured import StructuredPruner, shrink
 from pat_callbacks.structured.cutting import shrink_transformer
@@ -134,3 +136,38 @@ def test_uniform_cuts_are_still_made_and_the_model_still_computes_what_the_maske
     assert (model.config.num_key_value_heads, model.config.intermediate_size) == (1, 64)
     with torch.no_grad():
         assert torch.allclose(model(tokens).logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("root", "bad", "channels"),
+    [
+        ("model.layers.0.self_attn.k_proj.weight", [1, 7], "0 to 1"),  # 2 key/value groups: 7 used to be skipped
+        ("model.layers.0.self_attn.k_proj.weight", [-1], "0 to 1"),
+        ("model.layers.1.mlp.up_proj.weight", [128], "0 to 127"),
+        ("model.layers.1.mlp.up_proj.weight", ["3"], "0 to 127"),
+        ("model.layers.1.mlp.up_proj.weight", [2.0], "0 to 127"),
+        ("model.layers.1.mlp.up_proj.weight", [True], "0 to 127"),
+    ],
+)
+def test_channel_indices_out_of_range_or_not_ints_are_refused_before_any_cut(root, bad, channels):
+    model = _llama()
+    before = _snapshot(model)
+    pruned = {"model.layers.0.mlp.up_proj.weight": [0, 1], root: bad}  # a valid cut listed first
+    said = bad[1:] if len(bad) > 1 else bad  # the valid index 1 of [1, 7] is not named
+    with pytest.raises(ValueError, match=re.escape(f"'{root}' has channels {channels}, but `pruned` gives {said!r}")):
+        shrink(model, None, pruned)
+    _assert_unchanged(model, before)
+    with pytest.warns(UserWarning, match="pat_layer_sizes"):  # ints of NumPy and 0-d tensors are ints
+        shrink(model, None, {root: [1], "model.layers.0.mlp.up_proj.weight": [torch.tensor(0), np.int64(1)]})
+    assert model.model.layers[0].mlp.up_proj.out_features == 126
+
+
+def test_shrink_of_a_traced_mlp_without_example_inputs_says_so_before_any_cut():
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, pad_token_id=0)
+    model = T5EncoderModel(config).eval()
+    before = _snapshot(model)
+    root = "encoder.block.0.layer.1.DenseReluDense.wi.weight"  # T5's MLP is not found by role: Torch-Pruning traces it
+    with pytest.raises(ValueError, match=rf"shrink needs `example_inputs` to trace T5EncoderModel's .* of '{root}'"):
+        shrink(model, None, {root: [0]})
+    _assert_unchanged(model, before)

@@ -82,6 +82,12 @@ def test_heads_and_neurons_pruned_shrink_and_reload_through_from_pretrained_shru
     assert type(reloaded) is transformers.BertModel
     assert reloaded.encoder.layer[5].attention.self.query.out_features == 32 * HEADS * 3 // 4
     assert torch.allclose(_output(reloaded), shrunk, atol=1e-6, rtol=0)
+    # fine-tuning the pruned encoder for classification: its names gain `bert.`, its new classifier is said
+    with pytest.warns(UserWarning, match=r"initialised anew.*\['classifier.bias', 'classifier.weight'\]"):
+        classifier = from_pretrained_shrunk(tmp_path, transformers.BertForSequenceClassification, num_labels=3)
+    with torch.no_grad():
+        encoded = classifier(**_inputs(), output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(encoded, shrunk, atol=1e-6, rtol=0)
 
 
 def test_neurons_pruned_alike_reload_through_plain_auto_model(minilm_model, tmp_path):
