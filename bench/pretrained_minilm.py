@@ -575,6 +575,62 @@ def verdicts(rows: list[dict[str, Any]], targets: list[str]) -> list[str]:
     return lines
 
 
+def reading(rows: list[dict[str, Any]], targets: list[str]) -> list[str]:
+    """Bullets computed from the rows: the recovery's last gain, OWL's effect, PAT against the one-shot starts,
+    the export ratios."""
+    final = _final(rows)
+    lines = []
+    recovered = [r for r in final if r["row"] in ("kd", "pat + kd", "structured + kd")]
+    gains = []
+    for r in recovered:
+        curve = {int(x["step"]): float(x["spearman"]) for x in rows if key(x) == key(r)}
+        last = int(r["step"])
+        if last - EVAL_EVERY in curve:
+            gains.append(curve[last] - curve[last - EVAL_EVERY])
+    if gains:
+        lines.append(
+            f"- Still rising at the last evaluation: every recovered row gained {min(gains):+.3f} to {max(gains):+.3f} "
+            f"Spearman over its last {EVAL_EVERY} steps (learning rate already decayed towards 10%), so the targets "
+            "need a longer budget than measured here; where each would be reached is not measured."
+        )
+    deltas = []
+    for t in targets:
+        for m in METHODS:
+            plain = [float(r["spearman"]) for r in final if r["row"] == "one-shot" and r["method"] == m
+                     and r["target"] == t and str(r["owl"]) != "True"]  # fmt: skip
+            owl = [float(r["spearman"]) for r in final if r["row"] == "one-shot" and r["method"] == m
+                   and r["target"] == t and str(r["owl"]) == "True"]  # fmt: skip
+            if plain and owl:
+                deltas.append(statistics.mean(owl) - statistics.mean(plain))
+    if deltas:
+        lines.append(
+            f"- OWL changes the one-shot Spearman by {min(deltas):+.3f} to {max(deltas):+.3f} (mean over seeds, every "
+            "method and unstructured target): no consistent gain on this 6-layer encoder."
+        )
+    for t in targets:
+        pat = [float(r["spearman"]) for r in final if r["row"] == "pat + kd" and r["target"] == t]
+        starts = {r["method"]: float(r["spearman"]) for r in final if r["row"] == "kd" and r["target"] == t}
+        if pat and starts:
+            below = sorted(m for m, v in starts.items() if v > pat[0])
+            lines.append(
+                f"- {_percent(t)}: gradual PAT + kd from dense (magnitude) ends at {pat[0]:.3f}, below "
+                + (", ".join(f"{m} + kd" for m in below) or "no one-shot start + kd")
+                + " at the same budget (its curve before the end of the pruning window is at a lower sparsity)."
+            )
+    dense = next((r for r in rows if r["row"] == "dense"), None)
+    best = [r for r in final if r["row"] == "kd" and r["method"] == "sparsegpt" and r["target"] == "0.5"]
+    if dense and best and best[0].get("bytes_model_dense"):
+        r = best[0]
+        lines.append(
+            f"- Export at 50% (SparseGPT + kd): the encoder (the 36 pruned matrices with their biases and norms) is "
+            f"{int(r['bytes_encoder_sparse']) / int(r['bytes_encoder_dense']):.2f}x its fp32 bytes sparse and "
+            f"{int(r['bytes_encoder_sparse_int8']) / int(r['bytes_encoder_dense']):.2f}x sparse + int8; the whole "
+            f"file only {int(r['bytes_model_sparse_int8']) / int(r['bytes_model_dense']):.2f}x, since the word "
+            "embeddings (30522 x 384, dense fp32: neither pruned nor quantized here) are most of it."
+        )
+    return lines
+
+
 def write_report(rows: list[dict[str, Any]], out: Path, header: list[str], targets: list[str]) -> str:
     final = _final(rows)
     lines = [*header, "", "## Fidelity on held-out sentences: Spearman of pairwise similarities (mean cosine)", ""]
@@ -604,6 +660,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: list[str], targe
             cells.append(_cell(chosen) + steps if chosen else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets (issue #31)", "", *verdicts(rows, targets)]
+    lines += ["", "## Reading", "", *reading(rows, targets)]
     structured = sorted((r for r in final if r["row"] == "structured + kd"), key=lambda r: float(r["target"]))
     timing = {r["target"]: r for r in rows if r["row"] == "latency"}
     dense = next((r for r in rows if r["row"] == "dense"), None)
@@ -669,8 +726,9 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         points = sorted(
             (int(r["step"]), float(r["spearman"])) for r in curves if (_label(r), r["target"]) == (label, target)
         )
-        prefix = "structured " if label == "structured + kd" else ""
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{prefix}{_percent(target)} {label}")
+        name = f"structured {_percent(target)} + kd" if label == "structured + kd" else f"{_percent(target)} {label}"
+        style = "--" if target == "2:4" else ":" if label == "structured + kd" else "-"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=name)
     ax.set_xlabel("recovery steps")
     ax.set_ylabel("Spearman of pairwise similarities (held out)")
     ax.grid(alpha=0.3)
@@ -768,11 +826,18 @@ def main(argv: list[str] | None = None) -> int:
             record(timed)
     minutes = (time.perf_counter() - wall) / 60
     run_minutes = sum(float(r["seconds"]) for r in rows if r.get("seconds") not in ("", None)) / 60
-    command = "python bench/pretrained_minilm.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--report-only", "--latency-only")]
+    command = "python bench/pretrained_minilm.py " + " ".join(given)
+    again = " --report-only" if args.report_only else " --latency-only" if args.latency_only else ""
+    timing = (
+        f"the report rewritten from its CSV by `{command.strip()}{again}`"
+        if again
+        else f"{len(left)} in this invocation, {minutes:.1f} min wall"
+    )
     header = [
         "# Real pretrained weights: all-MiniLM-L6-v2 (one-shot, recovery by embedding distillation, structured)",
         "",
-        f"Command: `{command.strip()}` ({len(jobs)} jobs: {len(left)} in this invocation, {minutes:.1f} min wall; "
+        f"Command: `{command.strip()}` ({len(jobs)} jobs; {timing}; "
         f"{run_minutes:.1f} min of job time summed; {args.workers} process(es) of 1 thread on 2 CPU cores shared "
         "with other jobs; the latency rows: 2 threads, interleaved, after the jobs).",
         "",
