@@ -10,7 +10,8 @@ Blocks: ``demo`` (the table of bench/results/demo.md, `make demo` over 3 seeds, 
 ``overhead`` (the table of bench/results/overhead.md), ``accuracy-reading`` (the best method per sparsity and
 Lightning ModelPruning's gap to it, computed from bench/results/accuracy.csv with the rounding of its table),
 ``pretrained`` and ``recovery`` (the table and the verdicts on the issue's targets of bench/results/pretrained.md
-and recovery.md).
+and recovery.md), ``minilm`` (the fidelity table and the verdicts on issue #31's targets of
+bench/results/pretrained_minilm.md).
 
     python bench/readme_tables.py            # rewrite README.md
     python bench/readme_tables.py --check    # exit 1 if README.md differs from what the results files give
@@ -155,6 +156,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "accuracy-reading": lambda results: accuracy_reading(_read_csv(results / "accuracy.csv")),
     "pretrained": _table_and_bullets("pretrained.md", "## Does the published ordering reproduce?"),
     "recovery": _table_and_bullets("recovery.md", "Targets (issue 23"),
+    "minilm": _table_and_bullets("pretrained_minilm.md", "## Targets (issue #31)"),
 }
 
 

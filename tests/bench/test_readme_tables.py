@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_readme_matches_the_results_files():
     text = (ROOT / "README.md").read_text()
     names = re.findall(r"<!-- BEGIN bench/readme_tables.py: ([\w-]+) -->", text)
-    assert sorted(names) == ["accuracy-reading", "demo", "overhead", "pretrained", "recovery"]
+    assert sorted(names) == ["accuracy-reading", "demo", "minilm", "overhead", "pretrained", "recovery"]
     assert readme_tables.render(text) == text, "README.md is out of date: run python bench/readme_tables.py"
 
 
 def test_a_changed_results_file_changes_its_block(tmp_path):
-    for name in ("demo.md", "overhead.md", "accuracy.csv", "pretrained.md", "recovery.md"):
+    for name in ("demo.md", "overhead.md", "accuracy.csv", "pretrained.md", "recovery.md", "pretrained_minilm.md"):
         (tmp_path / name).write_text((ROOT / "bench" / "results" / name).read_text())
     overhead = (tmp_path / "overhead.md").read_text()
     (tmp_path / "overhead.md").write_text(overhead.replace("| mlp | dense |", "| mlp | dense (edited) |", 1))
@@ -40,7 +40,8 @@ def test_a_begin_marker_without_its_end_and_an_unknown_block_are_errors(tmp_path
     with pytest.raises(ValueError, match="README block 'overhead' has a BEGIN marker without its END marker"):
         readme_tables.render(begin.format("overhead") + "x\n", tmp_path)
     with pytest.raises(
-        ValueError, match="Unknown README block 'nope'; known: accuracy-reading, demo, overhead, pretrained, recovery"
+        ValueError,
+        match="Unknown README block 'nope'; known: accuracy-reading, demo, minilm, overhead, pretrained, recovery",
     ):
         readme_tables.render(begin.format("nope") + "x\n" + end.format("nope"), tmp_path)
 
