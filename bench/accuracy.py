@@ -45,7 +45,7 @@ OURS: dict[str, list[str]] = {
     "pat cubic taylor + global + window 20 bfloat16": ["+pruning=cubic", "pruning.accumulate_window=20"],
     # the former default's history (every step since the last update, float32) rerun beside the default: a control
     "pat cubic taylor + global + every step float32 (rerun)": ["+pruning=cubic", *FORMER_HISTORY],
-    "pat cubic taylor + global + rewind 300": ["+pruning=cubic", "pruning.rewind_step=300"],
+    "pat cubic taylor + global + rewind 300": ["+pruning=cubic", "pruning.rewind_step=300", *FORMER_HISTORY],
     "pat odd/even": ["+pruning=odd_even"],
     "pat rigl": ["+pruning=rigl"],
     "pat set": ["+pruning=set"],
