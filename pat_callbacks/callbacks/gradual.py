@@ -69,8 +69,8 @@ class GradualPruning(ScheduledPruningCallback):
             target sparsity still holds per layer. ``0`` (default): a pruned weight never returns. The same word as
             :class:`~pat_callbacks.DynamicSparseTraining`'s ``drop_fraction`` and :meth:`Pruner.regrow`'s.
         regrow_fraction: the former name of ``drop_fraction`` (a DeprecationWarning; giving both is an error).
-        criterion: ``"taylor"`` (default: ``|w * g|`` averaged over the training steps since the last update, no
-            extra pass; it needs automatic optimization), ``"magnitude"``, ``"movement"``, ``"fisher"``,
+        criterion: ``"taylor"`` (default: ``|w * g|`` averaged over the ``accumulate_window`` steps before each update,
+            no extra pass; it needs automatic optimization), ``"magnitude"``, ``"movement"``, ``"fisher"``,
             ``"random"`` or a :class:`~pat_callbacks.core.criteria.Criterion`. Left unset on a module with manual
             optimization (e.g. a GAN), the default becomes ``"magnitude"`` (one info line), since no hook sees every
             gradient there; ``criterion="taylor"`` given explicitly is refused there instead, with the reason.
