@@ -39,7 +39,6 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.window_wiring import install as wire_accumulation_window  # noqa: E402
 from pat_callbacks import DynamicSparseTraining, GradualPruning  # noqa: E402
 from pat_callbacks.callbacks.base import PruningCallback  # noqa: E402
 
@@ -126,16 +125,20 @@ def variants() -> dict[str, Callable[[], list[Callback]]]:
                 allocation="uniform",
             )
         ],
-        # the default as it was: Taylor scores keep one float32 history buffer per weight (+1.0x parameter bytes)
-        # and accumulate |w*g| at every step
+        # the default before the window: Taylor scores keep one float32 history buffer per weight (+1.0x parameter
+        # bytes) and accumulate |w*g| at every step (a control row)
         "pat GradualPruning (cubic, default taylor + global, before: every step, float32)": lambda: [
-            _every_step_float32(
-                GradualPruning(
-                    sparsity=0.9, initial_sparsity=0.5, start_step=0, end_step=100_000, update_every=UPDATE_EVERY
-                )
+            GradualPruning(
+                sparsity=0.9,
+                initial_sparsity=0.5,
+                start_step=0,
+                end_step=100_000,
+                update_every=UPDATE_EVERY,
+                accumulate_window=None,
+                history_dtype="float32",
             )
         ],
-        # the default now: |w*g| over the 20 steps before each update only, in a bfloat16 history (0.5x)
+        # the default: |w*g| over the 40 steps before each update only, in a bfloat16 history (0.5x)
         "pat GradualPruning (cubic, default taylor + global)": lambda: [
             GradualPruning(
                 sparsity=0.9, initial_sparsity=0.5, start_step=0, end_step=100_000, update_every=UPDATE_EVERY
@@ -149,13 +152,6 @@ def variants() -> dict[str, Callable[[], list[Callback]]]:
         ],
         "torch.ao WeightNormSparsifier + CubicSL": lambda: [TorchAOSparsifier(0.5)],
     }
-
-
-def _every_step_float32(callback: GradualPruning) -> GradualPruning:
-    """The former default's history: every step since the last update, float32."""
-    callback.options.accumulate_window = None
-    callback.options.history_dtype = "float32"
-    return callback
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -212,7 +208,6 @@ def extra_bytes(module: nn.Module, callbacks: list[Callback]) -> int:
 
 
 def fit(model_name: str, variant: str, steps: int, warmup: int, seed: int) -> tuple[StepTimer, int]:
-    wire_accumulation_window()  # the step the callbacks will pass to Pruner.accumulate (bench/window_wiring.py)
     make_net, shape = MODELS[model_name]
     torch.manual_seed(seed)
     data = TensorDataset(torch.randn(BATCH * 10, *shape), torch.randint(0, 10, (BATCH * 10,)))

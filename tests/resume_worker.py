@@ -28,13 +28,22 @@ RUNS: dict[str, Callable[[], PruningCallback]] = {
     "taylor_global": lambda: GradualPruning(
         final_sparsity=0.8, start_step=5, end_step=60, update_every=10, criterion="taylor", allocation="global"
     ),
+    "taylor_window": lambda: GradualPruning(
+        final_sparsity=0.8,
+        start_step=5,
+        end_step=60,
+        update_every=10,
+        criterion="taylor",
+        accumulate_window=4,
+        history_dtype="bfloat16",
+    ),
     "rigl": lambda: DynamicSparseTraining(sparsity=0.8, regrowth="rigl", update_every=10, end_step=60),
     "set": lambda: DynamicSparseTraining(sparsity=0.8, regrowth="set", update_every=10, end_step=60, seed=3),
 }
 # Where each run is interrupted: step 23 lies in an odd/even recover phase (15..24), between DST updates, and for
 # Taylor mid-accumulation (updates at 15 and 25: the checkpoint holds the history of steps 16..22, so a resume that
-# lost it would choose other masks at step 25).
-RESUME_STEP = {"cubic": 46, "odd_even_recover": 23, "taylor_global": 23, "rigl": 23, "set": 46}
+# lost it would choose other masks at step 25), and inside a 4-step window (steps 22..25: it holds step 22's).
+RESUME_STEP = {"cubic": 46, "odd_even_recover": 23, "taylor_global": 23, "taylor_window": 23, "rigl": 23, "set": 46}
 
 
 def run(name: str, root: Path, ckpt_path: Path | None = None) -> dict[str, torch.Tensor]:

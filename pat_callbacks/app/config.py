@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 
+from pat_callbacks.app._choices import HistoryDtype
 from pat_callbacks.app._key_hints import unknown_key_hint
 
 __all__ = [
@@ -108,6 +109,7 @@ class GradualPruningConf(_CommonPruningConf, _ScheduleWindowConf):
     differs: ClassVar[Dict[str, str]] = {
         "criterion": "'taylor' spelled out: a config with manual optimization is refused with the reason, where the "
         "unset Python default falls back to magnitude",
+        "history_dtype": "an enum of 'bfloat16' / 'float32', so a bad value fails when the config is composed",
     }
 
     _target_: str = "pat_callbacks.GradualPruning"
@@ -118,6 +120,8 @@ class GradualPruningConf(_CommonPruningConf, _ScheduleWindowConf):
     allocation: Optional[str] = None  # global; uniform with an N:M pattern
     min_sparsity: float = 0.0
     max_sparsity: float = 1.0
+    accumulate_window: Optional[int] = 40  # steps of Taylor / Fisher history before each update; null: every step
+    history_dtype: HistoryDtype = HistoryDtype.bfloat16  # or float32 (the former history)
     probe_sparsity: float = 0.9
     sensitivity_batches: int = 4
     rewind_step: Optional[int] = None

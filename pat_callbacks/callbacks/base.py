@@ -13,8 +13,8 @@ callback does there, in order (the checks about the rest of the run are the func
 - ``on_train_batch_start`` / ``on_train_epoch_start`` / ``on_train_epoch_end``: mask the copies of Lightning's
   weight averaging (SWA, EMA);
 - ``on_before_optimizer_step``: once per step, re-bind replaced targets (and adopt unfrozen ones), feed criteria
-  with history, let the subclass update masks with the *dense* gradients of this step; then zero the gradients of
-  pruned weights;
+  with history (Taylor / Fisher only over the ``accumulate_window`` steps before each update: elsewhere nothing),
+  let the subclass update masks with the *dense* gradients of this step; then zero the gradients of pruned weights;
 - ``on_train_batch_end``: re-mask weights if the optimizer is not known to keep zeros at zero, mask the averaged
   copies, and log overall / per-layer sparsity (progress bar too) after a mask change;
 - ``on_validation_epoch_start`` / ``_end``, ``on_train_end``, ``on_fit_end``: mask the model (or, once swapped in,
@@ -175,8 +175,14 @@ class PruningCallback(Callback):
         """A new fit of the same model keeps the pruner and its masks (subclasses keep what they must)."""
 
     def _accumulating(self, step: int) -> bool:
-        """Whether criteria with history accumulate at ``step`` (only while pruning is under way)."""
+        """Whether criteria with history accumulate at ``step`` (only while pruning is under way, and for criteria
+        averaged since the last update only over the pruner's ``accumulate_window`` steps before the next one)."""
         return False
+
+    def _next_update(self, step: int) -> int | None:
+        """The step of the next mask update at or after ``step``, passed to ``pruner.accumulate`` (``None``: not
+        known, every step accumulates)."""
+        return None
 
     @abstractmethod
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:
@@ -278,8 +284,8 @@ class PruningCallback(Callback):
             self._last_seen_step = step
             self._check_targets(pl_module, step)  # may rebind the pruner (targets replaced or unfrozen)
             pruner = self._require_pruner()
-            if self._accumulating(step):
-                pruner.accumulate()
+            if self._accumulating(step):  # else no per-step work for the criterion at all
+                pruner.accumulate(step, self._next_update(step))
             if self._on_step(trainer, step):
                 self.last_update_step = step
                 self._refresh_sparsity()

@@ -24,7 +24,7 @@ from typing_extensions import Unpack, override
 from pat_callbacks.callbacks._guards import warn_if_unreached
 from pat_callbacks.callbacks.base import PruningCallback
 from pat_callbacks.core._validation import renamed
-from pat_callbacks.core.schedules import OneShotSchedule, Schedule
+from pat_callbacks.core.schedules import OneShotSchedule, Schedule, next_update_step
 from pat_callbacks.core.windows import ScheduleSpec, WindowArguments, check_window_arguments
 
 __all__ = ["ScheduledPruningCallback", "default_update_every", "few_updates_message", "resolve_target"]
@@ -115,7 +115,15 @@ class ScheduledPruningCallback(PruningCallback):
     @override
     def _accumulating(self, step: int) -> bool:
         schedule = self._require_schedule()
-        return self._retry or schedule.start_step - schedule.update_every <= step <= schedule.end_step
+        if self._retry:  # a skipped update is retried at every step: its history takes every step, as before
+            return True
+        if not schedule.start_step - schedule.update_every <= step <= schedule.end_step:
+            return False
+        return self._require_pruner().accumulates_at(step, self._next_update(step))
+
+    @override
+    def _next_update(self, step: int) -> int | None:
+        return None if self._retry else next_update_step(self._require_schedule(), step)
 
     @override
     def _on_step(self, trainer: pl.Trainer, step: int) -> bool:

@@ -34,11 +34,10 @@ from pat_callbacks.core.targets import check_real_parameters, normalize_patterns
 __all__ = ["ACCUMULATE_WINDOW", "PruningOptions"]
 
 ACCUMULATE_WINDOW = 40
-"""The window measured to lose nothing (not yet the default): Taylor and Fisher scores reading the 40 steps before
-each update reached, by ``bench/accuracy.py`` (MNIST-1D ConvBase, updates every 100 steps, 3 seeds), 86.6 +- 0.5 % at
-0.9 and 72.6 +- 4.4 at 0.95, against 86.7 +- 0.9 and 69.3 +- 2.5 for every step in float32 rerun beside it; 20 steps
-gave 86.0 +- 1.1 and 70.4 +- 4.6 (``bench/results/accuracy.md``). The default stays ``None`` (every step, float32)
-until the callbacks pass the next update step to ``accumulate`` and the README's numbers are re-run with it."""
+"""The default window: Taylor and Fisher scores reading the 40 steps before each update (bfloat16 history) reached,
+by ``bench/accuracy.py`` (MNIST-1D ConvBase, updates every 100 steps, 3 seeds), 86.6 +- 0.5 % at 0.9 and
+72.6 +- 4.4 at 0.95, against 86.7 +- 0.9 and 69.3 +- 2.5 for every step in float32 rerun beside it; 20 steps gave
+86.0 +- 1.1 and 70.4 +- 4.6 (``bench/results/accuracy.md``)."""
 
 
 @dataclass
@@ -61,12 +60,12 @@ class PruningOptions:
         allow_vectors: let ``include`` select norm gains and biases (refused by default: rarely intended).
         accumulate_window: the steps before each update (the update step included) whose weights and gradients
             a criterion averaged since the last update (``taylor``, ``fisher``) accumulates, where the caller passes
-            the step and the next update step to ``accumulate``; ``None`` (default): every step since the last update
-            (:data:`ACCUMULATE_WINDOW` is the window measured to lose nothing). A plain loop calling ``accumulate()``
-            without steps accumulates every call.
-        history_dtype: ``"float32"`` (default) or ``"bfloat16"`` (half the bytes; 99.9% of the same mask entries,
-            ``bench/history_precision.py``): the dtype of those criteria's history
-            (movement's, summed over the whole run, stays float32).
+            the step and the next update step to ``accumulate`` (the scheduled callbacks do); default
+            :data:`ACCUMULATE_WINDOW` (40, measured to lose nothing); ``None``: every step since the last update
+            (the former behaviour). A plain loop calling ``accumulate()`` without steps accumulates every call.
+        history_dtype: ``"bfloat16"`` (default: half the bytes; 99.9% of the same mask entries as float32,
+            ``bench/history_precision.py``) or ``"float32"`` (the former behaviour): the dtype of those criteria's
+            history (movement's, summed over the whole run, stays float32).
 
     Example:
         >>> PruningOptions(allocation="global", max_sparsity=0.95).allocation
@@ -88,8 +87,8 @@ class PruningOptions:
     min_sparsity: float = 0.0
     max_sparsity: float = 1.0
     allow_vectors: bool = False
-    accumulate_window: int | None = None
-    history_dtype: str = "float32"
+    accumulate_window: int | None = ACCUMULATE_WINDOW
+    history_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.include is not None and not isinstance(self.include, str) and len(tuple(self.include)) == 0:
@@ -106,7 +105,8 @@ class PruningOptions:
         self.allow_vectors = bool(self.allow_vectors)
         if self.accumulate_window is not None:
             self.accumulate_window = check_int("accumulate_window", self.accumulate_window, minimum=1)
-        self.history_dtype = check_choice("history_dtype", self.history_dtype, HISTORY_DTYPES)
+        dtype = getattr(self.history_dtype, "value", self.history_dtype)  # a Hydra config's enum: its value
+        self.history_dtype = check_choice("history_dtype", dtype, HISTORY_DTYPES)
         if self.layer_sparsity is not None and not isinstance(self.layer_sparsity, Mapping):
             raise ValueError(
                 f"Expected `layer_sparsity` to be a mapping of pattern -> sparsity, got {self.layer_sparsity!r}"

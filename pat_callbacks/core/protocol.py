@@ -71,8 +71,14 @@ class MaskingPruner(Protocol):
         """The criterion's history per parameter (empty for criteria without history)."""
         ...
 
-    def accumulate(self) -> None:
-        """Add this step's weights and gradients to the criterion's history (after ``backward``)."""
+    def accumulate(self, step: int | None = None, next_update: int | None = None) -> None:
+        """Add this step's weights and gradients to the criterion's history (after ``backward``); given ``step``
+        and the ``next_update`` step, only where :meth:`accumulates_at` says so."""
+        ...
+
+    def accumulates_at(self, step: int, next_update: int | None) -> bool:
+        """Whether :meth:`accumulate` at ``step`` adds anything, the next update being at ``next_update``
+        (``None``: unknown); a caller skips the call (and its per-step work) where it does not."""
         ...
 
     def after_update(self) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "Schedule",
     "as_schedule",
     "make_schedule",
+    "next_update_step",
     "register_schedule",
 ]
 
@@ -118,6 +119,28 @@ class Schedule(ABC):
         if step >= self.end_step:
             return 1.0
         return (step - self.start_step) / (self.end_step - self.start_step)
+
+
+def next_update_step(schedule: Schedule, step: int) -> int | None:
+    """The first update step of ``schedule`` at or after ``step``: ``start_step + k * update_every`` or the final
+    update at ``end_step``; ``None`` past ``end_step`` (no update ahead). A phased schedule updates at each phase
+    boundary (its ``update_every`` is ``phase_steps``); a window given in epochs or fractions is resolved to steps
+    first (:meth:`~pat_callbacks.core.windows.ScheduleSpec.resolve`), so this sees steps only.
+
+    Example:
+        >>> schedule = CubicSchedule(final_sparsity=0.9, start_step=10, end_step=35, update_every=10)
+        >>> [next_update_step(schedule, step) for step in (0, 10, 11, 30, 31, 35, 36)]
+        [10, 10, 20, 30, 35, 35, None]
+        >>> phases = OddEvenSchedule(final_sparsity=0.9, start_step=100, end_step=450, phase_steps=100)
+        >>> [next_update_step(phases, step) for step in (150, 201, 420)]
+        [200, 300, 450]
+    """
+    start, every, end = schedule.start_step, schedule.update_every, schedule.end_step
+    if step > end:
+        return None
+    if step <= start:
+        return start
+    return min(start + -(-(step - start) // every) * every, end)
 
 
 @dataclass(frozen=True)

@@ -209,8 +209,12 @@ class StructuredPruner(MaskStore):
         """Always empty: structured criteria keep no history between steps."""
         return {}
 
-    def accumulate(self) -> None:
+    def accumulate(self, step: int | None = None, next_update: int | None = None) -> None:
         """Nothing to accumulate: structured importances read this step's weights and gradients."""
+
+    def accumulates_at(self, step: int, next_update: int | None) -> bool:
+        """Never: no history (the callbacks skip :meth:`accumulate` altogether)."""
+        return False
 
     def after_update(self) -> None:
         """Nothing to restart after an update (no history)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-NOT_SCRIPTS = {"__init__.py", "peers.py", "window_wiring.py"}  # modules the others import
+NOT_SCRIPTS = {"__init__.py", "peers.py"}  # modules the others import
 SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.name not in NOT_SCRIPTS)
 
 

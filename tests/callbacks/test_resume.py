@@ -92,3 +92,14 @@ def test_the_taylor_case_resumes_mid_accumulation(tmp_path):
     (state,) = [s for key, s in checkpoint["callbacks"].items() if key.startswith("GradualPruning")]
     counts = {name: int(values["count"]) for name, values in state["criterion_state"].items() if "count" in values}
     assert counts and all(count >= 2 for count in counts.values()), counts
+
+
+def test_the_windowed_taylor_case_is_interrupted_inside_its_window(tmp_path):
+    """The checkpoint of the windowed run holds a started window: step 22's bfloat16 history, which a resume must keep
+    (the resume above ends bit for bit like the uninterrupted run)."""
+    run("taylor_window", tmp_path)
+    checkpoint = torch.load(tmp_path / "taylor_window" / f"step={RESUME_STEP['taylor_window']}.ckpt", weights_only=True)
+    (state,) = [s for key, s in checkpoint["callbacks"].items() if key.startswith("GradualPruning")]
+    history = {name: values for name, values in state["criterion_state"].items() if values}
+    assert history and all(int(values["count"]) == 1 for values in history.values()), history
+    assert all(values["sum"].dtype == torch.bfloat16 for values in history.values())

@@ -201,5 +201,7 @@ def test_window_and_dtype_are_validated_with_the_bad_value():
         PruningOptions(accumulate_window=0)
     with pytest.raises(ValueError, match="Unknown `history_dtype` 'float16'"):
         PruningOptions(history_dtype="float16")
-    assert PruningOptions().accumulate_window is None and ACCUMULATE_WINDOW == 40  # measured, opt-in for now
-    assert PruningOptions().history_dtype == "float32"
+    assert PruningOptions().accumulate_window == ACCUMULATE_WINDOW == 40  # measured: the default
+    assert PruningOptions().history_dtype == "bfloat16"
+    former = PruningOptions(accumulate_window=None, history_dtype="float32")  # the former history, still given so
+    assert (former.accumulate_window, former.history_dtype) == (None, "float32")

@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 
+from pat_callbacks.callbacks.scheduled import default_update_every
 from pat_callbacks.core.schedules import (
     SCHEDULES,
     ConstantSchedule,
@@ -14,7 +15,9 @@ from pat_callbacks.core.schedules import (
     PolynomialSchedule,
     Schedule,
     make_schedule,
+    next_update_step,
 )
+from pat_callbacks.core.windows import ScheduleSpec
 
 EXAMPLES: dict[str, Schedule] = {
     "constant": ConstantSchedule(final_sparsity=0.6, start_step=10, end_step=90, update_every=20),
@@ -128,3 +131,31 @@ def test_make_schedule_refuses_unknown_names_and_foreign_arguments():
         make_schedule("linear", final_sparsity=0.5, start_step=0)
     with pytest.raises(ValueError, match="`phase_steps` to be an integer >= 1, but got 0"):
         make_schedule("odd_even", final_sparsity=0.5, start_step=0, end_step=10, phase_steps=0)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        CubicSchedule(final_sparsity=0.9, start_step=10, end_step=35, update_every=10),  # final update off the grid
+        CubicSchedule(final_sparsity=0.9, start_step=0, end_step=40, update_every=10),
+        OddEvenSchedule(final_sparsity=0.9, start_step=5, end_step=47, phase_steps=7),  # prune and recover phases
+        OneShotSchedule(final_sparsity=0.5, start_step=12),
+        ScheduleSpec("cubic", final_sparsity=0.8, start_epoch=1, end_epoch=4, update_every=6).resolve(9, 50),
+        default_update_every(CubicSchedule(final_sparsity=0.9, start_step=3, end_step=27)),  # update_every auto: 2
+    ],
+    ids=["off_grid_end", "on_grid", "odd_even", "one_shot", "epochs", "auto_update_every"],
+)
+def test_next_update_step_is_the_first_update_step_at_or_after_the_step(schedule):
+    updates = schedule.update_steps()
+    assert all(schedule.is_update_step(step) for step in updates)
+    for step in range(schedule.end_step + 20):
+        expected = next((update for update in updates if update >= step), None)
+        assert next_update_step(schedule, step) == expected, step
+
+
+def test_next_update_step_of_windows_resolved_from_epochs_and_auto_update_every():
+    resolved = ScheduleSpec("cubic", final_sparsity=0.8, start_epoch=1, end_epoch=4, update_every=6).resolve(9, 50)
+    assert (resolved.start_step, resolved.end_step) == (9, 36)
+    assert [next_update_step(resolved, step) for step in (0, 9, 10, 33, 34, 36, 37)] == [9, 9, 15, 33, 36, 36, None]
+    auto = default_update_every(CubicSchedule(final_sparsity=0.9, start_step=3, end_step=27))
+    assert auto.update_every == 2 and [next_update_step(auto, step) for step in (4, 26, 27)] == [5, 27, 27]
