@@ -239,6 +239,8 @@ def few_updates_message(schedule: Schedule) -> str | None:
 steps 3, 27), so the schedule is a single jump to 0.9; use update_every=2 or less (about 10 updates over the window)
         >>> few_updates_message(CubicSchedule(final_sparsity=0.9, start_step=0, end_step=300, update_every=100)) is None
         True
+        >>> few_updates_message(CubicSchedule(final_sparsity=0.5, start_step=0, end_step=1, update_every=1))[-44:]
+        'a window of at least 3 steps gives 3 updates'
     """
     if not schedule.takes_update_every or schedule.single_bound or schedule.end_step <= schedule.start_step:
         return None
@@ -247,14 +249,18 @@ steps 3, 27), so the schedule is a single jump to 0.9; use update_every=2 or les
     raises = sum(1 for before, after in itertools.pairwise(targets) if after > before)
     if raises >= MIN_UPDATES:
         return None
-    suggested = max(1, (schedule.end_step - schedule.start_step) // 10)
+    window = schedule.end_step - schedule.start_step
+    suggested = max(1, window // 10)
     shape = "a single jump" if raises <= 1 else f"{raises} jumps"
     at = ", ".join(str(step) for step in steps[:6]) + (", ..." if len(steps) > 6 else "")
+    if suggested < schedule.update_every:
+        advice = f"use update_every={suggested} or less (about 10 updates over the window)"
+    else:  # updates already as frequent as the window allows: only a longer window gives more
+        advice = f"a window of at least {MIN_UPDATES * schedule.update_every} steps gives {MIN_UPDATES} updates"
     return (
         f"the pruning window (steps {schedule.start_step} to {schedule.end_step}) raises the target in {raises} "
         f"mask update{'s' if raises != 1 else ''} with update_every={schedule.update_every} (updates at steps {at}), "
-        f"so the schedule is {shape} to {schedule.final_sparsity:g}; use update_every={suggested} or less "
-        "(about 10 updates over the window)"
+        f"so the schedule is {shape} to {schedule.final_sparsity:g}; {advice}"
     )
 
 
