@@ -284,6 +284,7 @@ def test_a_train_py_checkpoint_becomes_a_hugging_face_folder(tmp_path):
     cfg = _compose([*overrides, f"callbacks.checkpoint.dirpath={tmp_path / 'run' / 'checkpoints'}"])
     metrics = run_training(cfg, output_dir=tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2  # the README: saved at the final step too
     PretrainedModel.load_from_checkpoint(ckpt, weights_only=True).net.save_pretrained(tmp_path / "pruned")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)
     weights = {f"net.{n}": p for n, p in reloaded.named_parameters() if f"net.{n}" in metrics["layer_sparsity"]}
