@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from pat_callbacks.app.config import check_against_schema, check_trainer_keys
+from pat_callbacks.app.models.pretrained import check_pretrained_config
 from pat_callbacks.app.report import weight_sparsity
 from pat_callbacks.app.weights import check_initial_weights, load_initial_weights
 from pat_callbacks.callbacks.base import PruningCallback
@@ -51,6 +52,7 @@ def run_training(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[
     if cfg.get("pruning"):
         check_against_schema(cfg.pruning, "pruning")
     check_trainer_keys(cfg.trainer, "trainer")
+    check_pretrained_config(cfg)  # model=hf_pretrained: model.path and the datamodule, named before anything is built
     init_weights = check_initial_weights(cfg.get("init_weights"))  # a missing file fails before anything is built
     # Noise from Lightning internals: an absent validation split is intended, and LeafSpec is its own deprecation.
     warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")

