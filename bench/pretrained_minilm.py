@@ -745,6 +745,37 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: list[str], targe
     return text
 
 
+def summarize_probes(folder: Path) -> str:
+    """One line per probe (a sub-folder of ``folder`` holding a run's CSV and report): its command and the Spearman
+    and cosine of every evaluated step of its recovered rows; written to ``folder/probes.csv`` and returned as a
+    markdown table (``--summarize-probes``)."""
+    lines = ["| probe | target | command | Spearman by step | final Spearman (cosine) |", "|---|---|---|---|---|"]
+    table = []
+    for sub in sorted(p for p in folder.iterdir() if (p / "pretrained_minilm.csv").exists()):
+        report = (sub / "pretrained_minilm.md").read_text().splitlines()
+        command = next((line.split("`")[1] for line in report if line.startswith("Command: `")), "")
+        with open(sub / "pretrained_minilm.csv") as handle:
+            rows = [r for r in csv.DictReader(handle) if r["row"] == "kd"]
+        for target in sorted({r["target"] for r in rows}):
+            curve = sorted((int(r["step"]), r) for r in rows if r["target"] == target)
+            last = curve[-1][1]
+            steps = ", ".join(f"{step}: {float(r['spearman']):.3f}" for step, r in curve)
+            lines.append(
+                f"| {sub.name} | {_percent(target)} | `{command}` | {steps} | "
+                f"{float(last['spearman']):.3f} ({float(last['cosine']):.3f}) |"
+            )
+            for step, r in curve:
+                table.append({"probe": sub.name, "target": target, "step": step, "steps": r["steps"],
+                              "spearman": r["spearman"], "cosine": r["cosine"], "command": command})  # fmt: skip
+    with open(folder / "probes.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["probe", "target", "step", "steps", "spearman", "cosine", "command"]
+        )
+        writer.writeheader()
+        writer.writerows(table)
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
     """Spearman against recovery steps, one line per recovered job (pretrained_minilm.png)."""
     import matplotlib
@@ -804,9 +835,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-only", action="store_true", help="no new job: measure the latency of the cached shrunk models"
     )
+    parser.add_argument(
+        "--summarize-probes", type=Path, default=None, help="no run: the table of the probe runs under this folder"
+    )
     parser.add_argument("--smoke", action="store_true", help="layer 0, SparseGPT, 2 steps, 50%% / 25%%, no OWL")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results (--smoke: outputs/)")
     args = parser.parse_args(argv)
+    if args.summarize_probes is not None:
+        print(summarize_probes(args.summarize_probes))
+        return 0
     include = INCLUDE
     if args.smoke:
         args.targets, args.structured, args.seeds, args.steps, args.eval_every = ["0.5"], ["0.25"], 1, 2, 2
