@@ -751,7 +751,10 @@ def summarize_probes(folder: Path) -> str:
     markdown table (``--summarize-probes``)."""
     lines = ["| probe | target | command | Spearman by step | final Spearman (cosine) |", "|---|---|---|---|---|"]
     table = []
-    for sub in sorted(p for p in folder.iterdir() if (p / "pretrained_minilm.csv").exists()):
+    finished = [
+        p for p in folder.iterdir() if (p / "pretrained_minilm.csv").exists() and (p / "pretrained_minilm.md").exists()
+    ]
+    for sub in sorted(finished):  # a probe still running has no report yet
         report = (sub / "pretrained_minilm.md").read_text().splitlines()
         command = next((line.split("`")[1] for line in report if line.startswith("Command: `")), "")
         with open(sub / "pretrained_minilm.csv") as handle:
