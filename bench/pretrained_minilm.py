@@ -428,7 +428,7 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
     else:  # structured
         pruning = StructuredPruning(
             sparsity=float(target), criterion="l2", start_step=0, end_step=end, update_every=every,
-            uniform_per_layer=True, verbose=False,
+            uniform_per_layer=False, verbose=False,  # a check only: the same cut per layer either way
         )  # fmt: skip
     teacher = copy.deepcopy(dense)
     model.train()
@@ -443,7 +443,7 @@ def job(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
         pruned = pruning.pruned_channels()
         masked = embed(model, held)
-        shrink(model, None, pruned, uniform_per_layer=True)
+        shrink(model, None, pruned)  # BERT heads: recorded, reload with from_pretrained_shrunk
         shrunk = embed(model, held)
         final["zeros_exact"] = bool(torch.allclose(shrunk, masked, atol=1e-4))  # the shrunk model computes the same
         final["params"] = sum(p.numel() for p in model.parameters())
@@ -484,7 +484,7 @@ def latency(cache: Path, targets: list[str], repeats: int, threads: int = 2, bat
     models = {"dense": dense}
     for target in targets:
         saved = torch.load(cache / f"structured_{target}.pt", weights_only=True)
-        small = shrink(copy.deepcopy(dense), None, saved["pruned"], uniform_per_layer=True)
+        small = shrink(copy.deepcopy(dense), None, saved["pruned"])
         small.load_state_dict(saved["state_dict"])
         models[target] = small.eval()
     times: dict[str, list[float]] = {name: [] for name in models}
