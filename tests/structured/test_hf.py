@@ -18,26 +18,11 @@ transformers = pytest.importorskip("transformers")
 
 from pat_callbacks.structured import StructuredPruner, from_pretrained_shrunk, shrink  # noqa: E402
 from pat_callbacks.structured.hf import LAYER_SIZES_KEY  # noqa: E402
-
-VOCAB = 32
+from tests.structured.hf_models import VOCAB, tiny_albert, tiny_bert  # noqa: E402
 
 
 def _tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
-
-
-def _bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        pad_token_id=0,
-    )
-    return transformers.BertModel(config).eval()
 
 
 def _roberta() -> nn.Module:
@@ -68,23 +53,6 @@ def _t5() -> nn.Module:
         vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1
     )
     return transformers.T5EncoderModel(config).eval()
-
-
-def _albert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.AlbertConfig(
-        vocab_size=VOCAB,
-        embedding_size=8,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    return transformers.AlbertModel(config).eval()
 
 
 def _output(model: nn.Module) -> torch.Tensor:
@@ -121,11 +89,11 @@ def _heads(family: str, layer: int) -> str:
 
 
 BUILDS: dict[str, Callable[[], nn.Module]] = {
-    "bert": _bert,
+    "bert": tiny_bert,
     "roberta": _roberta,
     "gpt2": _gpt2,
     "t5": _t5,
-    "albert": _albert,
+    "albert": tiny_albert,
 }
 WIDTH = {"bert": 32, "roberta": 32, "gpt2": 64, "t5": 32, "albert": 32}  # each MLP's neurons (GPT-2: 4 x 16)
 # family -> (config key of the MLP width, the Auto class that rebuilds the same class)
@@ -196,7 +164,7 @@ def test_heads_pruned_are_recorded_said_and_reload_through_from_pretrained_shrun
 
 
 def test_uniform_per_layer_refuses_bert_heads_before_any_cut():
-    model = _bert()
+    model = tiny_bert()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     pruned = {_heads("bert", layer): [1] for layer in range(2)}
     with pytest.raises(ValueError, match=r"loses heads .*BertConfig cannot hold fewer heads.*from_pretrained_shrunk"):

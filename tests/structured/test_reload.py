@@ -16,8 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from pat_callbacks.structured import StructuredPruner, from_pretrained_shrunk, shrink  # noqa: E402
 from pat_callbacks.structured.hf import LAYER_SIZES_KEY, shrink_to_sizes  # noqa: E402
-
-VOCAB = 32
+from tests.structured.hf_models import VOCAB, tiny_albert, tiny_bert  # noqa: E402
 
 
 def _tokens() -> torch.Tensor:
@@ -91,24 +90,9 @@ def test_layers_with_other_head_and_key_value_counts_reload(tmp_path):
     assert torch.allclose(_output(reloaded), expected, atol=1e-6, rtol=0)
 
 
-def _bert(config_class: Any = None, **kwargs: Any) -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        pad_token_id=0,
-        **kwargs,
-    )
-    return (config_class or transformers.BertModel)(config).eval()
-
-
 def _shrunk_bert(prefix: str = "", config_class: Any = None, **kwargs: Any) -> nn.Module:
     """A BERT with head 1 of layer 0 and MLP neurons 0, 1 of layer 1 cut: recorded in the config."""
-    model = _bert(config_class, **kwargs)
+    model = tiny_bert(config_class, **kwargs)
     layer = f"{prefix}encoder.layer"
     _quiet_shrink(
         model, {f"{layer}.0.attention.self.query.weight": [1], f"{layer}.1.intermediate.dense.weight": [0, 1]}
@@ -204,20 +188,7 @@ def test_messages_name_the_folder_the_class_and_the_record_entry(tmp_path):
 @pytest.mark.parametrize("cls", ["AlbertModel", "AlbertForMaskedLM"])
 def test_albert_under_the_structured_pruner_loses_heads_and_mlp_neurons_only_and_reloads(tmp_path, cls):
     # traced, it used to prune the hidden width under LayerNorm too: shrunk logits off the masked ones by 0.08
-    torch.manual_seed(0)
-    config = transformers.AlbertConfig(
-        vocab_size=VOCAB,
-        embedding_size=8,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    model = getattr(transformers, cls)(config).eval()
+    model = tiny_albert(getattr(transformers, cls))
     pruner = StructuredPruner(model, {"input_ids": _tokens()})
     layer = f"{'albert.' if cls != 'AlbertModel' else ''}encoder.albert_layer_groups.0.albert_layers.0"
     assert sorted(g.root for g in pruner.groups) == [
