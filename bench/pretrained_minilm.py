@@ -325,7 +325,6 @@ def _recover(
     """Train ``student`` (a BertModel) ``steps`` steps with ``pruning`` and cosine distillation of the mean-pooled
     embeddings from ``teacher`` (plus, with ``hidden_loss``, ``hidden_weight`` times that loss between every
     layer's output and the teacher's); return (step, cosine, spearman) at step 0 and every ``eval_every`` steps."""
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
     from pat_callbacks import Distillation
@@ -355,18 +354,9 @@ def _recover(
     )
     import torch
 
-    trainer = pl.Trainer(
-        max_steps=steps,
-        callbacks=[pruning, distill, Curve()],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    from bench.recovery import _trainer  # the same quiet CPU Trainer as the recovery benchmark's
+
+    trainer = _trainer(steps, [pruning, distill, Curve()])
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(module, loader)
     student.eval()
