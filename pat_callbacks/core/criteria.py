@@ -42,6 +42,7 @@ from torch import Tensor
 
 from pat_callbacks.core._rng import SeededGenerator
 from pat_callbacks.core._validation import check_int
+from pat_callbacks.core.elementwise import aligned_pieces, piece_size
 from pat_callbacks.core.registry import Registry
 
 __all__ = [
@@ -157,8 +158,9 @@ def _accumulate_many(
         criterion.accumulate(params[i], grads[i], states[i])
     if not ready:
         return
-    values = terms([params[i].detach() for i in ready], [grads[i].detach() for i in ready])
-    torch._foreach_add_([states[i][key] for i in ready], values)
+    rows = [(params[i].detach(), grads[i].detach(), states[i][key]) for i in ready]
+    for weights, gradients, histories in aligned_pieces(rows, piece_size(rows[0][0].device)):
+        torch._foreach_add_(histories, terms(weights, gradients))  # cache-sized pieces on a CPU: the same numbers
     if counted:
         torch._foreach_add_([states[i]["count"] for i in ready], 1.0)
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from pat_callbacks.core.distributed import broadcast_masks
+from pat_callbacks.core.elementwise import multiply_by_masks_
 from pat_callbacks.core.selection import all_finite, sum_over_ranks
 from pat_callbacks.core.sharding import gather_full, local, local_rows, shard_group
 
@@ -199,7 +200,7 @@ class MaskStore:
             return
         names = list(self.masks)
         tensors = [local(self.params[n].data) for n in names]
-        _foreach_mask_(tensors, [self.masks[n] for n in names])
+        multiply_by_masks_(tensors, [self.masks[n] for n in names])
         torch._foreach_add_(tensors, 0.0)
 
     @torch.no_grad()
@@ -215,7 +216,7 @@ class MaskStore:
                 grads.append(local(grad))
                 masks.append(mask)
         if grads:
-            _foreach_mask_(grads, masks)
+            multiply_by_masks_(grads, masks)
 
     @torch.no_grad()
     def reset_optimizer_state(
@@ -403,8 +404,3 @@ class MaskStore:
             if mask is None or tuple(swapped.shape) != tuple(mask.shape):
                 raise ValueError(f"Cannot flip {name!r}: it has no mask of shape {tuple(swapped.shape)}")
             mask.logical_xor_(swapped.to(mask.device))
-
-
-def _foreach_mask_(tensors: list[Tensor], masks: list[Tensor]) -> None:
-    """``t *= mask`` for each pair; a bool mask is read as uint8, which multiplies about 2x faster than bool."""
-    torch._foreach_mul_(tensors, [m.view(torch.uint8) if m.dtype == torch.bool else m for m in masks])
