@@ -26,15 +26,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pat_callbacks.core.options import ACCUMULATE_WINDOW  # noqa: E402  the steps up to each update that accumulate
+
 VARIANTS = (
     "pat GradualPruning (cubic)",
     "pat GradualPruning (cubic, default taylor + global, before: every step, float32)",
     "pat GradualPruning (cubic, default taylor + global)",
 )
-WINDOW = 40  # the default accumulate_window: steps UPDATE_EVERY - WINDOW + 1 .. UPDATE_EVERY of each cycle
 
 
-def place(step: int, update_every: int, window: int = WINDOW) -> str | None:
+def place(step: int, update_every: int, window: int = ACCUMULATE_WINDOW) -> str | None:
     """``"outside"`` / ``"inside"`` the window of the next update (at a multiple of ``update_every``), ``None`` for
     an update step.
 

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.hook_cost import place  # noqa: E402
 from pat_callbacks import DynamicSparseTraining, GradualPruning  # noqa: E402
 from pat_callbacks.callbacks.base import PruningCallback  # noqa: E402
 
@@ -185,7 +186,11 @@ class StepTimer(Callback):
         if step < self.warmup:
             return
         self.all_times.append(elapsed)
-        (self.update_times if step % UPDATE_EVERY == 0 else self.times).append(elapsed)
+        where = place(step, UPDATE_EVERY)
+        if where is None:
+            self.update_times.append(elapsed)
+        elif where == "outside":  # the same step indices for every variant, dense included
+            self.times.append(elapsed)
 
 
 def extra_bytes(module: nn.Module, callbacks: list[Callback]) -> int:
@@ -336,9 +341,10 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"'update step extra': the extra time of a mask-update step, in normal steps (updates every {UPDATE_EVERY} "
         f"steps, so it adds that / {UPDATE_EVERY} to the average step). 'extra memory': masks, criterion state and "
         "reparametrised copies over the dense parameter bytes, at the last step and at the step before an update "
-        "(a windowed history at its fullest). 'x dense' compares median steps (a step outside any accumulation "
-        "window); 'mean x dense' compares the means over every timed step, the update and the steps of the "
-        "accumulation window before it included.",
+        "(a windowed history at its fullest). 'step ms' and 'x dense' are medians over the steps outside the "
+        "default accumulation window (the 40 steps up to each update; the same step indices for every variant); "
+        "'mean x dense' compares the means over every timed step, the update and the steps of the accumulation "
+        "window before it included.",
         "",
         "| model | variant | step ms | x dense | mean x dense | update step extra | extra memory / param bytes "
         "| before an update | RSS at end MiB |",
