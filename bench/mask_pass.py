@@ -40,12 +40,14 @@ from pat_callbacks.core.elementwise import multiply_by_masks_  # noqa: E402
 VARIANTS = ("dense", "uint8 multiply", "pieces (the library)", "float32 mask")
 
 
-def make_step(model_name: str, variant: str, seed: int = 0) -> Callable[[], None]:
-    """One training step of ``model_name`` with ``variant``'s gradient-mask pass, on fixed random data.
+def make_step(model_name: str, variant: str, seed: int = 0) -> Callable[[], float]:
+    """One training step of ``model_name`` with ``variant``'s gradient-mask pass, on fixed random data; returns the
+    seconds the pass itself took (0 for dense).
 
     Example:
         >>> step = make_step("mlp", "pieces (the library)")
-        >>> step()
+        >>> step() > 0
+        True
     """
     make_net, shape = MODELS[model_name]
     torch.manual_seed(seed)
@@ -60,17 +62,20 @@ def make_step(model_name: str, variant: str, seed: int = 0) -> Callable[[], None
     as_uint8 = [m.view(torch.uint8) for m in masks]
     as_float = [m.float() for m in masks]
 
-    def step() -> None:
+    def step() -> float:
         optimizer.zero_grad()
         nn.functional.cross_entropy(net(inputs), labels).backward()
         grads = [w.grad for w in weights]
+        start = time.perf_counter()
         if variant == "uint8 multiply":
             torch._foreach_mul_(grads, as_uint8)
         elif variant == "pieces (the library)":
             multiply_by_masks_(grads, masks)
         elif variant == "float32 mask":
             torch._foreach_mul_(grads, as_float)
+        elapsed = time.perf_counter() - start if variant != "dense" else 0.0
         optimizer.step()
+        return elapsed
 
     return step
 
@@ -78,6 +83,7 @@ def make_step(model_name: str, variant: str, seed: int = 0) -> Callable[[], None
 def measure(model_name: str, steps: int, warmup: int, rounds: int) -> list[dict[str, object]]:
     """Median and mean step of every variant, taking turns step by step; ``rounds`` times with fresh models."""
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    passes: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     by_round: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for round_index in range(rounds):
         runners = {variant: make_step(model_name, variant, seed=round_index) for variant in VARIANTS}
@@ -85,9 +91,10 @@ def measure(model_name: str, steps: int, warmup: int, rounds: int) -> list[dict[
         for index in range(warmup + steps):
             for variant, step in runners.items():
                 start = time.perf_counter()
-                step()
+                pass_seconds = step()
                 if index >= warmup:
                     these[variant].append(time.perf_counter() - start)
+                    passes[variant].append(pass_seconds)
         for variant in VARIANTS:
             times[variant] += these[variant]
             by_round[variant].append(statistics.median(these[variant]) / statistics.median(these["dense"]))
@@ -97,6 +104,7 @@ def measure(model_name: str, steps: int, warmup: int, rounds: int) -> list[dict[
             "model": model_name,
             "variant": variant,
             "step_ms": round(statistics.median(times[variant]) * 1e3, 2),
+            "pass_ms": round(statistics.median(passes[variant]) * 1e3, 2),
             "ratio_to_dense": round(statistics.median(times[variant]) / dense_median, 3),
             "ratio_each_round": " / ".join(f"{r:.3f}" for r in by_round[variant]),
             "mean_ratio_to_dense": round(statistics.fmean(times[variant]) / dense_mean, 3),
@@ -129,13 +137,15 @@ def main() -> None:
         f"timed steps per variant, the variants taking turns step by step, batch {BATCH}, SGD momentum, 90% of "
         f"each weight matrix masked, {args.threads} threads, torch "
         f"{torch.__version__}, {platform.processor() or platform.machine()}). Ratios: median / mean step over "
-        "dense's in the same run; 'each round': within each round, its spread (this machine's noise).",
+        "dense's in the same run; 'each round': within each round, its spread (this machine's noise); 'the pass "
+        "alone': the median wall time of the mask multiply itself, between backward and the optimizer step.",
         "",
-        "| model | variant | step ms | x dense | x dense, each round | mean x dense |",
-        "|---|---|---|---|---|---|",
+        "| model | variant | step ms | the pass alone, ms | x dense | x dense, each round | mean x dense |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['model']} | {r['variant']} | {r['step_ms']} | {r['ratio_to_dense']} | {r['ratio_each_round']} "
+        f"| {r['model']} | {r['variant']} | {r['step_ms']} | {r['pass_ms']} | {r['ratio_to_dense']} "
+        f"| {r['ratio_each_round']} "
         f"| {r['mean_ratio_to_dense']} |"
         for r in rows
     ]
