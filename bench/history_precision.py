@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             dict(driver.params),
             criterion="taylor",
             allocation="global",
-            accumulate_window=window,
+            # "all": every step since the last update, as a window of UPDATE_EVERY + 1 steps (the first update's
+            # history starts UPDATE_EVERY steps before it): a bounded window, so bfloat16 stays bfloat16
+            accumulate_window=window or UPDATE_EVERY + 1,
             history_dtype=history_dtype,
         )
         for history_dtype in ("float32", "bfloat16")

@@ -205,7 +205,7 @@ class TaylorCriterion(Criterion):
     resets_after_update: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
-        product = torch.mul(param.detach(), grad.detach())
+        product = torch.mul(param.detach().float(), grad.detach().float())  # float32: fp16 products underflow
         _add_owned(state, "sum", product.abs_())  # |w * g| in place: one temporary per step, the same numbers
         _count(state)
 
@@ -213,7 +213,7 @@ class TaylorCriterion(Criterion):
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]]
     ) -> None:
         def terms(w: list[Tensor], g: list[Tensor]) -> list[Tensor]:
-            products = torch._foreach_mul(w, g)
+            products = torch._foreach_mul([x.float() for x in w], [x.float() for x in g])  # float32, as above
             torch._foreach_abs_(products)
             return products
 
@@ -224,7 +224,7 @@ class TaylorCriterion(Criterion):
             return state["sum"].float() / state["count"]  # float32 scores from a bfloat16 history too
         if grad is None:
             raise ValueError("criterion='taylor' needs a gradient or accumulated history, but got neither")
-        return (param.detach() * grad.detach()).abs().float()
+        return (param.detach().float() * grad.detach().float()).abs()
 
 
 class MovementCriterion(Criterion):
@@ -248,13 +248,13 @@ class MovementCriterion(Criterion):
     needs_history: ClassVar[bool] = True
 
     def accumulate(self, param: Tensor, grad: Tensor, state: dict[str, Tensor]) -> None:
-        _add_owned(state, "sum", torch.mul(param.detach(), grad.detach()).neg_())
+        _add_owned(state, "sum", torch.mul(param.detach().float(), grad.detach().float()).neg_())
 
     def accumulate_many(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict[str, Tensor]]
     ) -> None:
         def terms(w: list[Tensor], g: list[Tensor]) -> list[Tensor]:
-            products = torch._foreach_mul(w, g)
+            products = torch._foreach_mul([x.float() for x in w], [x.float() for x in g])
             torch._foreach_neg_(products)
             return products
 
@@ -265,7 +265,7 @@ class MovementCriterion(Criterion):
             return state["sum"].clone()
         if grad is None:
             raise ValueError("criterion='movement' needs a gradient or accumulated history, but got neither")
-        return -(param.detach() * grad.detach()).float()
+        return -(param.detach().float() * grad.detach().float())
 
 
 class FisherCriterion(Criterion):

@@ -65,7 +65,10 @@ class PruningOptions:
             (the former behaviour). A plain loop calling ``accumulate()`` without steps accumulates every call.
         history_dtype: ``"bfloat16"`` (default: half the bytes; 99.9% of the same mask entries as float32,
             ``bench/history_precision.py``) or ``"float32"`` (the former behaviour): the dtype of those criteria's
-            history (movement's, summed over the whole run, stays float32).
+            history (movement's, summed over the whole run, stays float32). bfloat16 applies only to a history a
+            window bounds (at most 256 steps before a known update); without a window, without steps (a plain
+            loop's ``accumulate()``) or with a longer window the history is float32: a bfloat16 sum of equal terms
+            stops growing after 256 of them.
 
     Example:
         >>> PruningOptions(allocation="global", max_sparsity=0.95).allocation

@@ -39,6 +39,8 @@ from pat_callbacks.core.sharding import gather_full, local, local_rows
 __all__ = ["HISTORY_DTYPES", "Scorer", "in_window"]
 
 HISTORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BFLOAT16_MAX_TERMS = 256
+"""The longest window kept in bfloat16: a bfloat16 sum of equal terms stops growing after 2**8 of them."""
 """The dtypes a history averaged since the last update may be kept in, by name."""
 
 
@@ -145,10 +147,21 @@ class Scorer:
             [local(self.params[n].grad) for n in names],
             [self.state.setdefault(n, {}) for n in names],
         )
-        if self.dtype != torch.float32:
+        if self.dtype != torch.float32 and self._bounded(step, next_update):
             for name in fresh:  # a new history: its per-entry tensors in the history's dtype from now on
                 values = self.state[name]
                 values.update({key: v.to(self.dtype) for key, v in values.items() if v.dim() and v.is_floating_point()})
+
+    def _bounded(self, step: int | None, next_update: int | None) -> bool:
+        """Whether a history started now sums at most :data:`BFLOAT16_MAX_TERMS` steps (a window before a known
+        update), so a bfloat16 history keeps its terms; otherwise (no step, no next update, no or a longer window)
+        it stays float32: a bfloat16 sum of equal terms stops growing after 256 of them."""
+        return (
+            step is not None
+            and next_update is not None
+            and self.window is not None
+            and (self.window <= BFLOAT16_MAX_TERMS)
+        )
 
     def score(self, name: str) -> Tensor:
         """The scores of every entry of ``name`` (this rank's rows when sharded)."""
@@ -224,5 +237,8 @@ class Scorer:
         return local_rows(value, self.params[name])
 
     def _require_grad(self, name: str) -> None:
-        if self.criterion.needs_grad and self.params[name].grad is None:
-            raise RuntimeError(f"criterion={self.name!r} needs a gradient, but {name!r} has none")
+        if self.criterion.needs_grad and self.params[name].grad is None and not self.state.get(name):
+            raise RuntimeError(
+                f"criterion={self.name!r} needs a gradient or its history, but {name!r} has neither (no gradient "
+                "reached it at this update and none in the steps it accumulates)"
+            )

@@ -277,7 +277,31 @@ weight matrices to prune or pass allow_vectors=True
             "layer multiplies are pruned (embeddings, norms, biases and frozen parameters stay dense)"
         )
     check_real_parameters(selected)
+    check_dense_gradients(model, selected)
     return selected
+
+
+def check_dense_gradients(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    """Refuse targets owned by an embedding with ``sparse=True``: their sparse gradients fit no mask pass,
+    criterion history or regrowth score, and would fail at the first update instead of here.
+
+    Example:
+        >>> check_dense_gradients(nn.Embedding(4, 2, sparse=True), {"weight": nn.Linear(2, 4).weight})  # not its
+        >>> model = nn.Embedding(4, 2, sparse=True)
+        >>> check_dense_gradients(model, {"weight": model.weight})
+        Traceback (most recent call last):
+        ...
+        ValueError: Cannot prune 'weight': its Embedding has sparse=True (sparse gradients); build it with ...
+    """
+    ids = {id(p): name for name, p in params.items()}
+    for module in model.modules():
+        if isinstance(module, _EMBEDDING_TYPES) and getattr(module, "sparse", False):
+            for param in module.parameters(recurse=False):
+                if id(param) in ids:
+                    raise ValueError(
+                        f"Cannot prune {ids[id(param)]!r}: its {type(module).__name__} has sparse=True (sparse "
+                        "gradients); build it with sparse=False or leave it out of `include`"
+                    )
 
 
 def check_real_parameters(params: Mapping[str, Tensor]) -> None:

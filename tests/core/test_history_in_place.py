@@ -10,9 +10,9 @@ from pat_callbacks.core.options import ACCUMULATE_WINDOW, PruningOptions
 from pat_callbacks.core.pruner import Pruner
 from pat_callbacks.core.scoring import Scorer
 
-FORMULAS = {  # the history's key and one step's term, as written before the in-place accumulation
-    "taylor": ("sum", lambda w, g: (w * g).abs().float()),
-    "movement": ("sum", lambda w, g: (-(w * g)).float()),
+FORMULAS = {  # the history's key and one step's term (w * g in float32: half-precision products underflow)
+    "taylor": ("sum", lambda w, g: (w.float() * g.float()).abs()),
+    "movement": ("sum", lambda w, g: -(w.float() * g.float())),
     "fisher": ("sum_sq_grad", lambda w, g: g.float().square()),
 }
 
@@ -123,14 +123,15 @@ def test_movement_sums_every_step_in_float32_whatever_the_window():
 @pytest.mark.parametrize("name", ["taylor", "fisher"])
 def test_bfloat16_history_is_the_float32_sum_rounded_step_by_step_and_scores_in_float32(name):
     weight, grads = _layer_with_grads(seed=5)
-    cheap = Scorer(get_criterion(name), {"w": weight}, history_dtype="bfloat16")
-    exact = Scorer(get_criterion(name), {"w": weight}, history_dtype="float32")
+    window = len(grads)  # bfloat16 is kept for a history a window bounds: every step in one window here
+    cheap = Scorer(get_criterion(name), {"w": weight}, window=window, history_dtype="bfloat16")
+    exact = Scorer(get_criterion(name), {"w": weight}, window=window, history_dtype="float32")
     key = "sum" if name == "taylor" else "sum_sq_grad"
     naive = None  # the float32 step terms added into a bfloat16 sum, one rounding per step
-    for grad in grads:
+    for step, grad in enumerate(grads):
         weight.grad = grad
-        cheap.accumulate()
-        exact.accumulate()
+        cheap.accumulate(step, next_update=window - 1)
+        exact.accumulate(step, next_update=window - 1)
         term = FORMULAS[name][1](weight.detach(), grad)
         naive = term.to(torch.bfloat16) if naive is None else naive.add_(term)
     assert torch.equal(cheap.state["w"][key], naive)
@@ -174,16 +175,17 @@ def test_bfloat16_history_keeps_the_masks_of_a_trained_model():
 def test_a_bfloat16_history_round_trips_a_checkpoint_bit_for_bit_and_old_float32_ones_still_load():
     weight, grads = _layer_with_grads()
     first = Pruner({"w": weight}, criterion="taylor", history_dtype="bfloat16")
-    for grad in grads[:5]:
+    next_update = len(grads) - 1  # inside the default window before this update: a bfloat16 history
+    for step, grad in enumerate(grads[:5]):
         weight.grad = grad
-        first.accumulate()
+        first.accumulate(step, next_update)
     state = first.state_dict()
     second = Pruner({"w": weight}, criterion="taylor", history_dtype="bfloat16")
     second.load_state_dict(state)
-    for grad in grads[5:]:
+    for step, grad in enumerate(grads[5:], start=5):
         weight.grad = grad
-        first.accumulate()
-        second.accumulate()
+        first.accumulate(step, next_update)
+        second.accumulate(step, next_update)
     assert torch.equal(first.criterion_state["w"]["sum"], second.criterion_state["w"]["sum"])
     assert second.criterion_state["w"]["sum"].dtype == torch.bfloat16
 
