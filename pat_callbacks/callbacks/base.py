@@ -244,9 +244,8 @@ class PruningCallback(Callback):
             rank_zero_info(f"{type(self).__name__}: what is pruned\n{describe_targets(pl_module, self.pruner.params)}")
         if self.pruner.needs_grad and not pl_module.automatic_optimization:
             raise ValueError(
-                f"criterion={self.pruner.scorer_name!r} reads gradients in on_before_optimizer_step, which manual "
-                "optimization must reach through `self.optimizers().step()`; use automatic optimization or "
-                "criterion='magnitude'"
+                f"criterion={self.pruner.scorer_name!r} reads gradients, which is not supported under manual "
+                "optimization (automatic_optimization=False); use automatic optimization or criterion='magnitude'"
             )
         if self._pending_state is not None:
             self._restore(self._pending_state)
