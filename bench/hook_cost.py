@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pat_callbacks.core.options import ACCUMULATE_WINDOW  # noqa: E402  the steps up to each update that accumulate
+from pat_callbacks.core.scoring import in_window  # noqa: E402
 
 VARIANTS = (
     "pat GradualPruning (cubic)",
@@ -43,10 +44,10 @@ def place(step: int, update_every: int, window: int = ACCUMULATE_WINDOW) -> str 
         >>> [place(step, 100) for step in (100, 101, 160, 161, 199)]
         [None, 'outside', 'outside', 'inside', 'inside']
     """
-    offset = step % update_every
-    if offset == 0:
+    if step % update_every == 0:
         return None
-    return "inside" if offset > update_every - window else "outside"
+    next_update = step + update_every - step % update_every
+    return "inside" if in_window(step, next_update, window) else "outside"  # the library's own rule
 
 
 def instrument(times: dict[tuple[str, str, str], list[float]], current: dict[str, Any]) -> None:

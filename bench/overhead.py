@@ -114,40 +114,26 @@ class TorchAOSparsifier(Callback):
             self.scheduler.step()
 
 
+def gradual(**options: Any) -> GradualPruning:
+    """GradualPruning to 0.9 from 0.5 at step 0, updates every UPDATE_EVERY steps over a window longer than any run
+    here (the sparsity keeps rising), with ``options`` (criterion, history) added."""
+    return GradualPruning(
+        sparsity=0.9, initial_sparsity=0.5, start_step=0, end_step=100_000, update_every=UPDATE_EVERY, **options
+    )
+
+
 def variants() -> dict[str, Callable[[], list[Callback]]]:
     return {
         "dense": lambda: [],
         # magnitude + uniform: like for like with ModelPruning's l1_unstructured (and with earlier runs)
-        "pat GradualPruning (cubic)": lambda: [
-            GradualPruning(
-                sparsity=0.9,
-                initial_sparsity=0.5,
-                start_step=0,
-                end_step=100_000,
-                update_every=UPDATE_EVERY,
-                criterion="magnitude",
-                allocation="uniform",
-            )
-        ],
+        "pat GradualPruning (cubic)": lambda: [gradual(criterion="magnitude", allocation="uniform")],
         # the default before the window: Taylor scores keep one float32 history buffer per weight (+1.0x parameter
         # bytes) and accumulate |w*g| at every step (a control row)
         "pat GradualPruning (cubic, default taylor + global, before: every step, float32)": lambda: [
-            GradualPruning(
-                sparsity=0.9,
-                initial_sparsity=0.5,
-                start_step=0,
-                end_step=100_000,
-                update_every=UPDATE_EVERY,
-                accumulate_window=None,
-                history_dtype="float32",
-            )
+            gradual(accumulate_window=None, history_dtype="float32")
         ],
         # the default: |w*g| over the 40 steps before each update only, in a bfloat16 history (0.5x)
-        "pat GradualPruning (cubic, default taylor + global)": lambda: [
-            GradualPruning(
-                sparsity=0.9, initial_sparsity=0.5, start_step=0, end_step=100_000, update_every=UPDATE_EVERY
-            )
-        ],
+        "pat GradualPruning (cubic, default taylor + global)": lambda: [gradual()],
         "pat DynamicSparseTraining (rigl)": lambda: [
             DynamicSparseTraining(sparsity=0.9, regrowth="rigl", update_every=UPDATE_EVERY, end_step=100_000)
         ],
